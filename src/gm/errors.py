@@ -1,0 +1,123 @@
+"""The typed exceptions of greatmemory.
+
+Every error a caller can act on is a subclass of :class:`GMError` carrying a stable
+snake_case ``code`` (the HTTP API puts it in its error body) and a message that says
+what to do next. The HTTP status for each class is the ``status`` attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GMError(Exception):
+    """Base of every greatmemory error."""
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, *, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class InvalidInput(GMError):
+    """A value of the wrong shape or out of range (HTTP 422). ``details['path']`` names it."""
+
+    code = "invalid_input"
+    status = 422
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message, details={"path": path} if path else None)
+        self.path = path
+
+
+class InvalidFilter(InvalidInput):
+    """A metadata filter that does not parse (HTTP 422)."""
+
+    code = "invalid_filter"
+
+
+class NotFound(GMError):
+    """No memory with that id (or it has expired) (HTTP 404)."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(GMError):
+    """A client-chosen id already names a memory with other content (HTTP 409)."""
+
+    code = "conflict"
+    status = 409
+
+
+class StoreClosed(GMError):
+    """The store was closed; open a new one with :func:`gm.open`."""
+
+    code = "store_closed"
+    status = 503
+
+
+class NotReady(GMError):
+    """The store is still starting or migrating (HTTP 503)."""
+
+    code = "not_ready"
+    status = 503
+
+
+class ModelError(GMError):
+    """Base of embedding-model problems."""
+
+    code = "model_error"
+    status = 500
+
+
+class ModelNotFound(ModelError):
+    """The model files (``model.onnx``, ``tokenizer.json``) are missing."""
+
+    code = "model_not_found"
+
+
+class ModelMismatch(ModelError):
+    """The database's vectors came from another model than the one configured."""
+
+    code = "model_mismatch"
+
+
+class SchemaError(GMError):
+    """Base of schema / migration problems."""
+
+    code = "schema_error"
+    status = 503
+
+
+class SchemaTooNew(SchemaError):
+    """The database was written by a newer release; this one refuses to touch it."""
+
+    code = "schema_too_new"
+
+
+class MigrationFailed(SchemaError):
+    """A migration step failed and was rolled back; the database is at the last good version."""
+
+    code = "migration_failed"
+
+    def __init__(self, message: str, *, step: int, name: str) -> None:
+        super().__init__(message, details={"step": step, "name": name})
+        self.step = step
+        self.name = name
+
+
+class StorageUnavailable(GMError):
+    """The database cannot be reached or read (HTTP 503)."""
+
+    code = "storage_unavailable"
+    status = 503

@@ -1,0 +1,324 @@
+"""What a memory is: the typed results (Memory, SearchHit, HistoryEntry, Stats), the
+validation of memory inputs, time-ordered ids and the RFC 3339 time format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+
+from gm.errors import InvalidInput
+
+MAX_TEXT_CHARS = 32_000
+MAX_METADATA_BYTES = 64 * 1024
+MAX_SCOPE_CHARS = 256
+MAX_BATCH = 1000
+DEFAULT_NAMESPACE = "default"
+_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
+
+Mode = Literal["hybrid", "vector", "keyword"]
+MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """One stored memory. Times are milliseconds since the Unix epoch (UTC)."""
+
+    id: str
+    namespace: str
+    user_id: str | None
+    agent_id: str | None
+    session_id: str | None
+    text: str
+    metadata: dict[str, Any]
+    created_at: int
+    updated_at: int
+    expires_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The contract's JSON shape, with RFC 3339 times."""
+        return {
+            "id": self.id,
+            "namespace": self.namespace,
+            "user_id": self.user_id,
+            "agent_id": self.agent_id,
+            "session_id": self.session_id,
+            "text": self.text,
+            "metadata": self.metadata,
+            "created_at": format_time(self.created_at),
+            "updated_at": format_time(self.updated_at),
+            "expires_at": format_time(self.expires_at) if self.expires_at is not None else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A search result: the memory and its score (higher is better; comparable within one response)."""
+
+    memory: Memory
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory.to_dict(), "score": self.score}
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One change of a memory: ``op`` is add, update or delete; text and metadata as after it."""
+
+    op: str
+    at: int
+    text: str | None
+    metadata: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "at": format_time(self.at), "text": self.text, "metadata": self.metadata}
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of :meth:`gm.Store.list`; pass ``next_cursor`` back for the next one."""
+
+    memories: list[Memory]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts and facts about a store."""
+
+    memories: int
+    namespaces: dict[str, int]
+    schema_version: int
+    backend: str
+    model: str
+    database_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "memories": self.memories,
+            "namespaces": self.namespaces,
+            "schema_version": self.schema_version,
+            "backend": self.backend,
+            "model": self.model,
+            "database_bytes": self.database_bytes,
+            **self.extra,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which memories an operation sees: a namespace and optional user/agent/session."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    user_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+
+
+@dataclass(slots=True)
+class NewMemory:
+    """A validated memory input, before it gets its vector and row."""
+
+    id: str
+    client_id: bool
+    scope: Scope
+    text: str
+    metadata: dict[str, Any]
+    expires_at: int | None
+    vector: bytes = b""
+
+    def same_content(self, other: Memory) -> bool:
+        return (
+            self.text == other.text
+            and self.metadata == other.metadata
+            and self.scope.namespace == other.namespace
+            and self.scope.user_id == other.user_id
+            and self.scope.agent_id == other.agent_id
+            and self.scope.session_id == other.session_id
+        )
+
+
+# -- time ---------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def format_time(ms: int) -> str:
+    """Milliseconds since the epoch as RFC 3339 UTC, e.g. ``2026-11-29T16:20:00.123Z``."""
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def parse_time(value: Any, path: str) -> int:
+    """An RFC 3339 string (or a datetime) as milliseconds since the epoch."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise InvalidInput(
+                f"{path} must be an RFC 3339 time such as 2026-11-29T16:20:00Z", path=path
+            ) from None
+    else:
+        raise InvalidInput(f"{path} must be an RFC 3339 time string", path=path)
+    if moment.tzinfo is None:
+        raise InvalidInput(f"{path} needs a time zone, e.g. a trailing Z for UTC", path=path)
+    return int(moment.timestamp() * 1000)
+
+
+# -- ids ------------------------------------------------------------------------------
+
+_id_lock = threading.Lock()
+_last_id_ms = 0
+_last_id_seq = 0
+
+
+def new_id() -> str:
+    """A time-ordered id (UUIDv7 layout, lowercase hex with dashes); sorts by creation."""
+    global _last_id_ms, _last_id_seq
+    with _id_lock:
+        ms = now_ms()
+        if ms <= _last_id_ms:
+            ms = _last_id_ms
+            _last_id_seq += 1
+            if _last_id_seq >= 0x1000:
+                ms += 1
+                _last_id_seq = 0
+        else:
+            _last_id_seq = int.from_bytes(os.urandom(2), "big") & 0x3FF
+        _last_id_ms = ms
+        seq = _last_id_seq
+    rand = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def check_id(value: Any, path: str = "id") -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidInput(
+            f"{path} must be 1-128 characters of A-Z a-z 0-9 . _ : -", path=path
+        )
+    return value
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+def check_text(value: Any, path: str = "text") -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{path} must be a string", path=path)
+    if not value.strip():
+        raise InvalidInput(f"{path} must not be empty", path=path)
+    if len(value) > MAX_TEXT_CHARS:
+        raise InvalidInput(
+            f"{path} is {len(value)} characters; the limit is {MAX_TEXT_CHARS}. "
+            "Split it into several memories.",
+            path=path,
+        )
+    return value
+
+
+def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{path} must be a JSON object", path=path)
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError as exc:
+        raise InvalidInput(f"{path} must hold only JSON values: {exc}", path=path) from None
+    if len(encoded) > MAX_METADATA_BYTES:
+        raise InvalidInput(
+            f"{path} is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}", path=path
+        )
+    decoded: dict[str, Any] = orjson.loads(encoded)
+    return decoded
+
+
+def check_scope_value(value: Any, path: str, *, required: bool = False) -> str | None:
+    if value is None:
+        if required:
+            raise InvalidInput(f"{path} is required", path=path)
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_SCOPE_CHARS:
+        raise InvalidInput(f"{path} must be a non-empty string of at most {MAX_SCOPE_CHARS} characters", path=path)
+    return value
+
+
+def check_scope(
+    namespace: Any = None,
+    user_id: Any = None,
+    agent_id: Any = None,
+    session_id: Any = None,
+    *,
+    prefix: str = "",
+) -> Scope:
+    ns = check_scope_value(namespace, prefix + "namespace") or DEFAULT_NAMESPACE
+    return Scope(
+        ns,
+        check_scope_value(user_id, prefix + "user_id"),
+        check_scope_value(agent_id, prefix + "agent_id"),
+        check_scope_value(session_id, prefix + "session_id"),
+    )
+
+
+def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") -> int | None:
+    if expires_at is not None and ttl_seconds is not None:
+        raise InvalidInput("give expires_at or ttl_seconds, not both", path=prefix + "ttl_seconds")
+    if ttl_seconds is not None:
+        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or ttl_seconds <= 0:
+            raise InvalidInput("ttl_seconds must be a positive number", path=prefix + "ttl_seconds")
+        return now + int(ttl_seconds * 1000)
+    if expires_at is not None:
+        return parse_time(expires_at, prefix + "expires_at")
+    return None
+
+
+def check_limit(value: Any, *, default: int, maximum: int, path: str = "limit") -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InvalidInput(f"{path} must be an integer from 1 to {maximum}", path=path)
+    return value
+
+
+def check_mode(value: Any) -> str:
+    if value is None:
+        return "hybrid"
+    if value not in MODES:
+        raise InvalidInput("mode must be one of hybrid, vector, keyword", path="mode")
+    return str(value)
+
+
+def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
+    """Validate one memory input (the contract's fields) into a :class:`NewMemory`."""
+    known = {"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at", "ttl_seconds"}
+    for key in data:
+        if key not in known:
+            raise InvalidInput(f"unknown field {prefix}{key}", path=prefix + key)
+    if "text" not in data:
+        raise InvalidInput(f"{prefix}text is required", path=prefix + "text")
+    text = check_text(data["text"], prefix + "text")
+    client_id = data.get("id") is not None
+    mem_id = check_id(data["id"], prefix + "id") if client_id else new_id()
+    scope = check_scope(
+        data.get("namespace"), data.get("user_id"), data.get("agent_id"), data.get("session_id"), prefix=prefix
+    )
+    metadata = check_metadata(data.get("metadata"), prefix + "metadata")
+    expires_at = check_expiry(data.get("expires_at"), data.get("ttl_seconds"), now, prefix)
+    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at)

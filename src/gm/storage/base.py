@@ -1,0 +1,144 @@
+"""What every backend provides: the write operations (messages for its Writer), the
+index changes a committed write produces, and the read queries the store needs.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from gm.filters import Filter
+from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
+
+UNSET: Any = object()
+
+
+@dataclass(slots=True)
+class AddMemories:
+    """Insert all items or none; a client id seen before with the same content is returned as is."""
+
+    items: list[NewMemory]
+    now: int
+
+
+@dataclass(slots=True)
+class UpdateMemory:
+    id: str
+    now: int
+    text: str | None = None
+    vector: bytes | None = None
+    metadata: dict[str, Any] | None = None
+    expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
+
+
+@dataclass(slots=True)
+class DeleteMemory:
+    id: str
+    now: int
+
+
+@dataclass(slots=True)
+class DeleteWhere:
+    scope: Scope
+    filter: Filter | None
+    now: int
+
+
+@dataclass(slots=True)
+class PurgeExpired:
+    now: int
+
+
+@dataclass(slots=True)
+class RecordModel:
+    """Record the model identity of the vectors, or fail with ModelMismatch if another one holds data."""
+
+    identity: str
+
+
+WriteOp = Union[AddMemories, UpdateMemory, DeleteMemory, DeleteWhere, PurgeExpired, RecordModel]
+
+
+@dataclass(slots=True)
+class IndexChange:
+    """One committed change the in-process vector index must follow.
+
+    ``vector`` None with ``remove`` False means only ``expires_at`` changed.
+    """
+
+    rowid: int
+    remove: bool = False
+    vector: bytes | None = None
+    scope: Scope | None = None
+    expires_at: int | None = None
+
+
+@dataclass(slots=True)
+class WriteResult:
+    value: Any
+    changes: list[IndexChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class VectorRow:
+    rowid: int
+    scope: Scope
+    expires_at: int | None
+    vector: bytes
+
+
+class Backend(abc.ABC):
+    """One database: migrations, one Writer, concurrent readers."""
+
+    name: str
+    schema_version: int
+    phase: str  # starting | migrating | ready | unavailable | failed
+    ready: asyncio.Event
+
+    @abc.abstractmethod
+    async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
+        """Migrate, then start the Writer; ``on_commit`` sees each batch's index changes
+        after it is durable and before any caller hears back."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def write(self, op: WriteOp) -> Any: ...
+
+    @abc.abstractmethod
+    async def get(self, memory_id: str, now: int) -> Memory | None: ...
+
+    @abc.abstractmethod
+    async def get_many(self, rowids: list[int], now: int) -> dict[int, Memory]: ...
+
+    @abc.abstractmethod
+    async def list(
+        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int
+    ) -> Page: ...
+
+    @abc.abstractmethod
+    async def history(self, memory_id: str) -> list[HistoryEntry]: ...
+
+    @abc.abstractmethod
+    async def keyword_search(
+        self, terms: list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> list[tuple[int, float]]: ...
+
+    @abc.abstractmethod
+    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> list[int]: ...
+
+    @abc.abstractmethod
+    def vectors(self) -> AsyncIterator[list[VectorRow]]: ...
+
+    @abc.abstractmethod
+    async def counts(self, now: int) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def model_identity(self) -> str | None: ...
+
+    def size_bytes(self) -> int | None:
+        return None

@@ -1,0 +1,400 @@
+"""The SQLite backend: the Writer actor that owns the only write connection (WAL,
+group commit), a pool of read-only connections, and the queries behind every read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import orjson
+
+from gm.actor import Actor, Envelope
+from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.filters import Filter, to_sqlite
+from gm.memory import HistoryEntry, Memory, Page, Scope
+from gm.migrator import Migrator
+from gm.storage import sqlite_migrations
+from gm.storage.base import (
+    UNSET,
+    AddMemories,
+    Backend,
+    DeleteMemory,
+    DeleteWhere,
+    IndexChange,
+    PurgeExpired,
+    RecordModel,
+    UpdateMemory,
+    VectorRow,
+    WriteOp,
+    WriteResult,
+)
+
+log = logging.getLogger(__name__)
+
+COLUMNS = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+READERS = 4
+
+
+def memory_from_row(row: Any) -> Memory:
+    return Memory(
+        id=row[1],
+        namespace=row[2],
+        user_id=row[3],
+        agent_id=row[4],
+        session_id=row[5],
+        text=row[6],
+        metadata=orjson.loads(row[7]),
+        created_at=row[8],
+        updated_at=row[9],
+        expires_at=row[10],
+    )
+
+
+def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -> tuple[str, list[Any]]:
+    """A WHERE clause for live memories in ``scope`` matching ``filter``."""
+    clauses = [f"{prefix}namespace = ?", f"({prefix}expires_at IS NULL OR {prefix}expires_at > ?)"]
+    params: list[Any] = [scope.namespace, now]
+    for column in ("user_id", "agent_id", "session_id"):
+        value = getattr(scope, column)
+        if value is not None:
+            clauses.append(f"{prefix}{column} = ?")
+            params.append(value)
+    if filter is not None:
+        sql, filter_params = to_sqlite(filter, f"{prefix}metadata")
+        clauses.append(sql)
+        params.extend(filter_params)
+    return " AND ".join(clauses), params
+
+
+def encode_cursor(memory: Memory, rowid: int) -> str:
+    return f"{memory.created_at}.{rowid}"
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    try:
+        created, rowid = cursor.split(".")
+        return int(created), int(rowid)
+    except ValueError:
+        raise InvalidInput("cursor is not one this server gave out; start again without it", path="cursor") from None
+
+
+class Writer(Actor[WriteOp]):
+    """Owns the database's only write connection. Drains its mailbox into one
+    transaction (group commit; each message in its own savepoint so one failure does not
+    spoil the others), commits, lets the index follow, then replies: a reply is durable."""
+
+    name = "writer"
+
+    def __init__(self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None]) -> None:
+        super().__init__(max_batch=512)
+        self.conn = conn
+        self.on_commit = on_commit
+
+    async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
+        outcomes: list[WriteResult | BaseException] = []
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            for envelope in batch:
+                await self.conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append(await self.apply(envelope.msg))
+                    await self.conn.execute("RELEASE op")
+                except (GMError, sqlite3.IntegrityError) as exc:
+                    await self.conn.execute("ROLLBACK TO op")
+                    await self.conn.execute("RELEASE op")
+                    outcomes.append(exc if isinstance(exc, GMError) else InvalidInput(str(exc)))
+            await self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                await self.conn.execute("ROLLBACK")
+            error = StorageUnavailable(f"the database refused the write: {exc}")
+            for envelope in batch:
+                envelope.fail(error)
+            return
+        changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
+        if changes:
+            self.on_commit(changes)
+        for envelope, outcome in zip(batch, outcomes):
+            if isinstance(outcome, WriteResult):
+                envelope.answer(outcome.value)
+            else:
+                envelope.fail(outcome)
+
+    async def on_stop(self) -> None:
+        await self.conn.close()
+
+    async def apply(self, op: WriteOp) -> WriteResult:
+        if isinstance(op, AddMemories):
+            return await self._add(op)
+        if isinstance(op, UpdateMemory):
+            return await self._update(op)
+        if isinstance(op, DeleteMemory):
+            return await self._delete_where("id = ? AND " + LIVE, [op.id, op.now], op.now, missing=op.id)
+        if isinstance(op, DeleteWhere):
+            where, params = scope_sql(op.scope, op.filter, op.now)
+            return await self._delete_where(where, params, op.now)
+        if isinstance(op, PurgeExpired):
+            return await self._delete_where("expires_at <= ?", [op.now], op.now)
+        if isinstance(op, RecordModel):
+            return await self._record_model(op)
+        raise TypeError(f"unknown write {op!r}")
+
+    async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
+        return list(await self.conn.execute_fetchall(sql, params))
+
+    async def _add(self, op: AddMemories) -> WriteResult:
+        out: list[tuple[Memory, bool]] = []
+        changes: list[IndexChange] = []
+        for item in op.items:
+            if item.client_id:
+                await self.conn.execute("DELETE FROM memories WHERE id = ? AND expires_at <= ?", [item.id, op.now])
+            meta = orjson.dumps(item.metadata).decode()
+            s = item.scope
+            rows = await self._fetch(
+                "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
+                "created_at, updated_at, expires_at, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (id) DO NOTHING RETURNING rowid",
+                [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
+                 op.now, op.now, item.expires_at, item.vector],
+            )
+            if not rows:
+                existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
+                memory = memory_from_row(existing[0])
+                if not item.same_content(memory):
+                    raise Conflict(
+                        f"id {item.id!r} already names a memory with other content; "
+                        "choose another id or update that memory"
+                    )
+                out.append((memory, False))
+                continue
+            rowid = rows[0][0]
+            await self.conn.execute(
+                "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'add', ?, ?, ?)",
+                [item.id, op.now, item.text, meta],
+            )
+            memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
+                            item.metadata, op.now, op.now, item.expires_at)
+            out.append((memory, True))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+        return WriteResult(out, changes)
+
+    async def _update(self, op: UpdateMemory) -> WriteResult:
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [op.id, op.now])
+        if not rows:
+            raise NotFound(f"no memory with id {op.id!r}")
+        rowid, old = rows[0][0], memory_from_row(rows[0])
+        text = op.text if op.text is not None else old.text
+        metadata = op.metadata if op.metadata is not None else old.metadata
+        expires_at = old.expires_at if op.expires_at is UNSET else op.expires_at
+        meta = orjson.dumps(metadata).decode()
+        assignments = "text = ?, metadata = ?, expires_at = ?, updated_at = ?"
+        params: list[Any] = [text, meta, expires_at, op.now]
+        if op.vector is not None:
+            assignments += ", embedding = ?"
+            params.append(op.vector)
+        await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
+        await self.conn.execute(
+            "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'update', ?, ?, ?)",
+            [op.id, op.now, text, meta],
+        )
+        scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
+        memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
+                        old.created_at, op.now, expires_at)
+        change = IndexChange(rowid, vector=op.vector, scope=scope, expires_at=expires_at)
+        return WriteResult(memory, [change])
+
+    async def _delete_where(self, where: str, params: list[Any], now: int, missing: str | None = None) -> WriteResult:
+        rows = await self._fetch(f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata", params)
+        if missing is not None and not rows:
+            raise NotFound(f"no memory with id {missing!r}")
+        if rows:
+            await self.conn.executemany(
+                "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'delete', ?, ?, ?)",
+                [(r[1], now, r[2], r[3]) for r in rows],
+            )
+        return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
+
+    async def _record_model(self, op: RecordModel) -> WriteResult:
+        rows = await self._fetch("SELECT value FROM meta WHERE key = 'model'", [])
+        if rows and rows[0][0] != op.identity:
+            if await self._fetch("SELECT 1 FROM memories LIMIT 1", []):
+                raise ModelMismatch(
+                    f"this database's vectors were made by model {rows[0][0]!r} but the configured "
+                    f"model is {op.identity!r}; set GM_MODEL_DIR to the model the database was built "
+                    "with, or export and re-import its memories into a new database"
+                )
+        await self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('model', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [op.identity],
+        )
+        return WriteResult(op.identity)
+
+
+class SQLiteBackend(Backend):
+    """A SQLite file in WAL mode: one Writer, ``READERS`` read-only connections."""
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        steps: tuple[sqlite_migrations.Step, ...] = sqlite_migrations.STEPS,
+        target_version: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.steps = steps
+        self.target_version = target_version
+        self.schema_version = 0
+        self.migrator = Migrator(self._migrate)
+        self.ready = self.migrator.ready
+        self.writer: Writer | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers: list[aiosqlite.Connection] = []
+
+    @property
+    def phase(self) -> str:  # type: ignore[override]
+        return self.migrator.phase
+
+    async def _migrate(self, on_phase: Callable[[str], None]) -> int:
+        return await asyncio.to_thread(
+            sqlite_migrations.migrate, self.path, self.steps, self.target_version, on_phase
+        )
+
+    async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
+        self.schema_version = await self.migrator.run()
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+            for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
+                await conn.execute(f"PRAGMA {pragma}")
+            uri = f"file:{self.path.resolve()}?mode=ro"
+            for _ in range(READERS):
+                reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+                await reader.execute("PRAGMA busy_timeout = 10000")
+                self._all_readers.append(reader)
+                self._readers.put_nowait(reader)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from None
+        self.writer = Writer(conn, on_commit)
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.migrator.stop()
+        if self.writer is not None:
+            await self.writer.stop()
+        for reader in self._all_readers:
+            await reader.close()
+        self._all_readers.clear()
+
+    async def write(self, op: WriteOp) -> Any:
+        if self.writer is None:
+            raise StorageUnavailable("the database is not open yet")
+        return await self.writer.ask(op)
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
+        async with self._reader() as conn:
+            try:
+                return list(await conn.execute_fetchall(sql, params))
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(f"reading {self.path} failed: {exc}") from None
+
+    async def get(self, memory_id: str, now: int) -> Memory | None:
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [memory_id, now])
+        return memory_from_row(rows[0]) if rows else None
+
+    async def get_many(self, rowids: list[int], now: int) -> dict[int, Memory]:
+        if not rowids:
+            return {}
+        marks = ",".join("?" * len(rowids))
+        rows = await self._fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE rowid IN ({marks}) AND {LIVE}", [*rowids, now]
+        )
+        return {row[0]: memory_from_row(row) for row in rows}
+
+    async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
+        where, params = scope_sql(scope, filter, now)
+        if cursor:
+            created, rowid = decode_cursor(cursor)
+            where += " AND (created_at < ? OR (created_at = ? AND rowid < ?))"
+            params += [created, created, rowid]
+        rows = await self._fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            [*params, limit + 1],
+        )
+        memories = [memory_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+
+    async def history(self, memory_id: str) -> list[HistoryEntry]:
+        rows = await self._fetch(
+            "SELECT op, at, text, metadata FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
+        )
+        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None) for r in rows]
+
+    async def keyword_search(
+        self, terms: list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> list[tuple[int, float]]:
+        if not terms:
+            return []
+        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        where, params = scope_sql(scope, filter, now, prefix="m.")
+        rows = await self._fetch(
+            "SELECT m.rowid, bm25(memories_fts) AS rank FROM memories_fts "
+            "JOIN memories m ON m.rowid = memories_fts.rowid "
+            f"WHERE memories_fts MATCH ? AND {where} ORDER BY rank LIMIT ?",
+            [match, *params, limit],
+        )
+        return [(r[0], -float(r[1])) for r in rows]
+
+    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> list[int]:
+        where, params = scope_sql(scope, filter, now)
+        return [r[0] for r in await self._fetch(f"SELECT rowid FROM memories WHERE {where}", params)]
+
+    async def vectors(self) -> AsyncIterator[list[VectorRow]]:  # type: ignore[override]
+        last = 0
+        while True:
+            rows = await self._fetch(
+                "SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, embedding "
+                "FROM memories WHERE rowid > ? ORDER BY rowid LIMIT 20000",
+                [last],
+            )
+            if not rows:
+                return
+            yield [VectorRow(r[0], Scope(r[1], r[2], r[3], r[4]), r[5], r[6]) for r in rows]
+            last = rows[-1][0]
+
+    async def counts(self, now: int) -> dict[str, int]:
+        rows = await self._fetch(
+            f"SELECT namespace, count(*) FROM memories WHERE {LIVE} GROUP BY namespace ORDER BY namespace", [now]
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def model_identity(self) -> str | None:
+        rows = await self._fetch("SELECT value FROM meta WHERE key = 'model'", [])
+        return rows[0][0] if rows else None
+
+    def size_bytes(self) -> int | None:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except FileNotFoundError:
+                pass
+        return total

@@ -1,0 +1,417 @@
+"""The store: the embedded library's handle on a memory database. It validates inputs,
+asks the Embedder for vectors, sends writes to the backend's Writer, and answers reads and
+searches from the readers and the vector index. The HTTP server is a thin layer over it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gm import filters, search
+from gm.embedding import Embedder, ModelSpec
+from gm.errors import InvalidInput, NotFound, NotReady, StoreClosed
+from gm.index import VectorIndex
+from gm.memory import (
+    MAX_BATCH,
+    HistoryEntry,
+    Memory,
+    Page,
+    SearchHit,
+    Stats,
+    check_expiry,
+    check_id,
+    check_limit,
+    check_metadata,
+    check_mode,
+    check_scope,
+    check_text,
+    new_memory,
+    now_ms,
+)
+from gm.storage.base import (
+    UNSET,
+    AddMemories,
+    Backend,
+    DeleteMemory,
+    DeleteWhere,
+    IndexChange,
+    PurgeExpired,
+    RecordModel,
+    UpdateMemory,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_SEARCH_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+PURGE_SECONDS = float(os.environ.get("GM_PURGE_SECONDS", "60"))
+
+
+class Store:
+    """A memory database opened for use; create it with :func:`gm.open`.
+
+    Example::
+
+        async with gm.open("mem.db") as mem:
+            await mem.add("Prefers window seats.", user_id="u1", metadata={"topic": "travel"})
+            for hit in await mem.search("where does she like to sit?", user_id="u1", limit=5):
+                print(hit.score, hit.memory.text)
+    """
+
+    def __init__(self, backend: Backend, model: ModelSpec) -> None:
+        self.backend = backend
+        self.model = model
+        self.embedder = Embedder(model)
+        self.index = VectorIndex()
+        self._index_ready = asyncio.Event()
+        self._pending: list[IndexChange] | None = []  # changes committed while the index loads
+        self._tasks: list[asyncio.Task[None]] = []
+        self._opened = False
+        self._closed = False
+        self.opened_in: float | None = None
+
+    # -- life cycle -----------------------------------------------------------------
+
+    async def open(self) -> "Store":
+        """Migrate and open the database, check the model; the model itself stays unloaded."""
+        started = time.perf_counter()
+        await self.backend.open(self._on_commit)
+        await self.backend.write(RecordModel(self.model.identity))
+        self._opened = True
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._load_index(), name="gm-index-load"))
+        self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
+        self.opened_in = time.perf_counter() - started
+        return self
+
+    async def close(self) -> None:
+        """Finish queued writes and close. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.embedder.stop()
+        await self.backend.close()
+
+    async def __aenter__(self) -> "Store":
+        if not self._opened:
+            await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._opened and not self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed; open it again with gm.open()")
+        if not self._opened:
+            raise NotReady(f"the store is still {self.backend.phase}; try again shortly")
+
+    def _on_commit(self, changes: list[IndexChange]) -> None:
+        if self._pending is not None:
+            self._pending.extend(changes)
+        else:
+            self.index.apply(changes)
+
+    async def _load_index(self) -> None:
+        started = time.perf_counter()
+        async for rows in self.backend.vectors():
+            self.index.load(rows)
+        pending, self._pending = self._pending or [], None
+        self.index.apply(pending)  # replaying is idempotent: each change is a final state
+        self._index_ready.set()
+        log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
+
+    async def _purge_forever(self) -> None:
+        while True:
+            try:
+                await self.purge_expired()
+            except Exception:
+                log.exception("purging expired memories failed; will retry")
+            await asyncio.sleep(PURGE_SECONDS)
+
+    async def wait_index(self) -> None:
+        """Wait until the vector index holds every stored vector (searches do this themselves)."""
+        await self._index_ready.wait()
+
+    # -- writes ---------------------------------------------------------------------
+
+    async def add(
+        self,
+        text: str,
+        *,
+        namespace: str | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        id: str | None = None,
+        expires_at: str | None = None,
+        ttl_seconds: float | None = None,
+    ) -> Memory:
+        """Store one memory and return it. With a client ``id``, adding the same content
+        again returns the stored memory; other content raises :class:`gm.errors.Conflict`.
+
+        >>> await mem.add("Allergic to peanuts.", user_id="u1", metadata={"topic": "health"})
+        """
+        data = {
+            "text": text, "namespace": namespace, "user_id": user_id, "agent_id": agent_id,
+            "session_id": session_id, "metadata": metadata, "id": id, "expires_at": expires_at,
+            "ttl_seconds": ttl_seconds,
+        }
+        [(memory, _)] = await self.add_inputs([{k: v for k, v in data.items() if v is not None}], batch=False)
+        return memory
+
+    async def add_many(self, inputs: list[dict[str, Any]]) -> list[Memory]:
+        """Store a batch all-or-nothing; each input has the contract's fields (``text``,
+        ``user_id``, ``metadata``, ...). Returns the memories in input order."""
+        return [memory for memory, _ in await self.add_inputs(inputs)]
+
+    async def add_inputs(self, inputs: list[Any], *, batch: bool = True) -> list[tuple[Memory, bool]]:
+        """Like :meth:`add_many`, with a flag per memory: True if this call created it,
+        False if a retry with the same client id and content found it stored."""
+        self._check_open()
+        if not isinstance(inputs, list) or not inputs:
+            raise InvalidInput("memories must be a non-empty list", path="memories")
+        if len(inputs) > MAX_BATCH:
+            raise InvalidInput(f"a batch holds at most {MAX_BATCH} memories; split it", path="memories")
+        now = now_ms()
+        items = []
+        for i, data in enumerate(inputs):
+            prefix = f"memories[{i}]." if batch else ""
+            if not isinstance(data, dict):
+                raise InvalidInput(f"{prefix or 'memory '}must be a JSON object", path=prefix.rstrip(".") or None)
+            items.append(new_memory(data, now, prefix))
+        vectors = await self.embedder.embed_many([item.text for item in items])
+        for item, vector in zip(items, vectors):
+            item.vector = vector.tobytes()
+        result: list[tuple[Memory, bool]] = await self.backend.write(AddMemories(items, now))
+        return result
+
+    async def update(
+        self,
+        id: str,
+        *,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        expires_at: Any = UNSET,
+    ) -> Memory:
+        """Change a memory's text (re-embedded), metadata (replaced whole) and/or
+        ``expires_at`` (an RFC 3339 time, or None to never expire). Raises NotFound.
+
+        >>> await mem.update(memory.id, metadata={"topic": "travel", "confirmed": True})
+        """
+        self._check_open()
+        check_id(id)
+        if text is None and metadata is None and expires_at is UNSET:
+            raise InvalidInput("give at least one of text, metadata, expires_at")
+        now = now_ms()
+        op = UpdateMemory(id, now)
+        if text is not None:
+            op.text = check_text(text)
+            op.vector = (await self.embedder.embed(op.text)).tobytes()
+        if metadata is not None:
+            op.metadata = check_metadata(metadata)
+        if expires_at is not UNSET:
+            op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
+        memory: Memory = await self.backend.write(op)
+        return memory
+
+    async def delete(self, id: str) -> None:
+        """Delete one memory; raises :class:`gm.errors.NotFound` if there is none."""
+        self._check_open()
+        await self.backend.write(DeleteMemory(check_id(id), now_ms()))
+
+    async def delete_many(
+        self,
+        *,
+        namespace: str | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        filter: dict[str, Any] | None = None,
+    ) -> int:
+        """Delete every memory in a scope that matches ``filter``; returns how many.
+
+        >>> await mem.delete_many(user_id="u1", filter={"topic": "travel"})
+        """
+        self._check_open()
+        scope = check_scope(namespace, user_id, agent_id, session_id)
+        deleted: int = await self.backend.write(DeleteWhere(scope, filters.parse(filter), now_ms()))
+        return deleted
+
+    async def purge_expired(self) -> int:
+        """Delete expired memories now (the store also does this every GM_PURGE_SECONDS)."""
+        self._check_open()
+        purged: int = await self.backend.write(PurgeExpired(now_ms()))
+        return purged
+
+    # -- reads ----------------------------------------------------------------------
+
+    async def get(self, id: str) -> Memory:
+        """The memory with this id; raises :class:`gm.errors.NotFound` (also once expired)."""
+        self._check_open()
+        memory = await self.backend.get(check_id(id), now_ms())
+        if memory is None:
+            raise NotFound(f"no memory with id {id!r}")
+        return memory
+
+    async def list(
+        self,
+        *,
+        namespace: str | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        filter: dict[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """Memories of a scope, newest first, ``limit`` (default 50) a page.
+
+        >>> page = await mem.list(user_id="u1")
+        >>> more = await mem.list(user_id="u1", cursor=page.next_cursor)
+        """
+        self._check_open()
+        scope = check_scope(namespace, user_id, agent_id, session_id)
+        size = check_limit(limit, default=50, maximum=MAX_LIST_LIMIT)
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidInput("cursor must be a string", path="cursor")
+        return await self.backend.list(scope, filters.parse(filter), size, cursor, now_ms())
+
+    async def history(self, id: str) -> list[HistoryEntry]:
+        """Every add/update/delete of a memory, oldest first; NotFound if it never existed."""
+        self._check_open()
+        entries = await self.backend.history(check_id(id))
+        if not entries:
+            raise NotFound(f"no memory with id {id!r} has ever existed")
+        return entries
+
+    async def search(
+        self,
+        query: str,
+        *,
+        namespace: str | None = None,
+        user_id: str | None = None,
+        agent_id: str | None = None,
+        session_id: str | None = None,
+        filter: dict[str, Any] | None = None,
+        limit: int | None = None,
+        mode: str | None = None,
+    ) -> list[SearchHit]:
+        """The memories of a scope most relevant to ``query``, best first.
+
+        ``mode`` is ``hybrid`` (default: reciprocal rank fusion of both rankings),
+        ``vector`` (score = cosine similarity) or ``keyword`` (score = BM25).
+
+        >>> hits = await mem.search("seat preference", user_id="u1", limit=5)
+        >>> hits[0].memory.text, hits[0].score
+        """
+        self._check_open()
+        query = check_text(query, "query")
+        scope = check_scope(namespace, user_id, agent_id, session_id)
+        size = check_limit(limit, default=10, maximum=MAX_SEARCH_LIMIT)
+        chosen = check_mode(mode)
+        parsed = filters.parse(filter)
+        now = now_ms()
+        depth = size if chosen != "hybrid" else search.candidates(size)
+        rankings = await asyncio.gather(
+            self._vector_ranking(query, scope, parsed, depth, now) if chosen != "keyword" else _empty(),
+            self.backend.keyword_search(search.keyword_terms(query), scope, parsed, depth, now)
+            if chosen != "vector"
+            else _empty(),
+        )
+        ranked = search.fuse(list(rankings), size) if chosen == "hybrid" else rankings[chosen == "keyword"]
+        found = await self.backend.get_many([rowid for rowid, _ in ranked], now)
+        return [SearchHit(found[rowid], score) for rowid, score in ranked if rowid in found]
+
+    async def _vector_ranking(
+        self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
+    ) -> list[tuple[int, float]]:
+        vector, _ = await asyncio.gather(self.embedder.embed(query), self._index_ready.wait())
+        allowed: Iterable[int] | None = None
+        if parsed is not None:
+            allowed = await self.backend.matching_rowids(scope, parsed, now)
+        return await asyncio.to_thread(self.index.search, np.asarray(vector), scope, now, depth, allowed)
+
+    async def stats(self) -> Stats:
+        """Counts per namespace, schema version, backend and model (does not load the model)."""
+        self._check_open()
+        counts = await self.backend.counts(now_ms())
+        return Stats(
+            memories=sum(counts.values()),
+            namespaces=counts,
+            schema_version=self.backend.schema_version,
+            backend=self.backend.name,
+            model=self.model.identity,
+            database_bytes=self.backend.size_bytes(),
+            extra={"model_loaded": self.embedder.loaded, "index_ready": self._index_ready.is_set()},
+        )
+
+
+async def _empty() -> list[tuple[int, float]]:
+    return []
+
+
+def open(
+    target: str | os.PathLike[str] = "greatmemory.db",
+    *,
+    model_dir: str | os.PathLike[str] | None = None,
+    **backend_options: Any,
+) -> "_Opening":
+    """Open (creating and migrating as needed) a memory database.
+
+    Use it as ``async with gm.open("mem.db") as mem:`` (closes on exit) or
+    ``mem = await gm.open("mem.db")`` (then ``await mem.close()``). ``model_dir`` (or
+    ``GM_MODEL_DIR``) names a folder with ``model.onnx`` and ``tokenizer.json`` to use
+    instead of the default all-MiniLM-L6-v2.
+    """
+    return _Opening(target, model_dir, backend_options)
+
+
+class _Opening:
+    """Awaitable and async context manager returned by :func:`open`."""
+
+    def __init__(self, target: str | os.PathLike[str], model_dir: Any, options: dict[str, Any]) -> None:
+        self.target = target
+        self.model_dir = model_dir
+        self.options = options
+        self.store: Store | None = None
+
+    def build(self) -> Store:
+        model = ModelSpec.from_dir(self.model_dir) if self.model_dir else ModelSpec.from_env()
+        text = os.fspath(self.target)
+        if text.startswith(("postgres://", "postgresql://")):
+            raise InvalidInput("the Postgres backend is not available in this release yet; use a SQLite file path")
+        from gm.storage.sqlite import SQLiteBackend
+
+        return Store(SQLiteBackend(Path(text), **self.options), model)
+
+    def __await__(self) -> Any:
+        return self.__aenter__().__await__()
+
+    async def __aenter__(self) -> Store:
+        self.store = self.build()
+        try:
+            return await self.store.open()
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.store is not None:
+            await self.store.close()
