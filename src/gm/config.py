@@ -1,0 +1,100 @@
+"""Server configuration: command-line flags over ``GM_*`` environment variables over
+defaults. Every variable is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from gm.errors import InvalidInput
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8420
+DEFAULT_DB = "greatmemory.db"
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_DRAIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One accepted key; ``namespace`` set means it may only touch that namespace."""
+
+    secret: str = field(repr=False)
+    namespace: str | None = None
+
+
+def parse_api_keys(raw: str | None) -> tuple[ApiKey, ...]:
+    """``GM_API_KEYS``: comma-separated keys; ``KEY@NAMESPACE`` binds a key to a namespace."""
+    keys = []
+    for part in (raw or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        secret, _, namespace = part.partition("@")
+        if len(secret) < 16:
+            raise InvalidInput("every key in GM_API_KEYS must be at least 16 characters (try `gmem keys new`)")
+        keys.append(ApiKey(secret, namespace or None))
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    db: str = DEFAULT_DB
+    database_url: str | None = None
+    model_dir: str | None = None
+    api_keys: tuple[ApiKey, ...] = ()
+    host_explicit: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    drain_seconds: float = DEFAULT_DRAIN_SECONDS
+    log_format: str = "text"
+
+    @classmethod
+    def load(cls, flags: Mapping[str, object], env: Mapping[str, str] = os.environ) -> "ServerConfig":
+        """Flags (None = not given) win over the environment, which wins over defaults."""
+
+        def pick(flag: str, var: str, default: object) -> object:
+            value = flags.get(flag)
+            if value is not None:
+                return value
+            return env.get(var, default)
+
+        try:
+            port = int(str(pick("port", "GM_PORT", DEFAULT_PORT)))
+            max_body = int(str(pick("max_body_bytes", "GM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)))
+            drain = float(str(pick("drain_seconds", "GM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)))
+        except ValueError as exc:
+            raise InvalidInput(f"bad number in configuration: {exc}") from None
+        if not 0 <= port <= 65535:
+            raise InvalidInput(f"port {port} is not a TCP port (0-65535)")
+        log_format = str(pick("log_format", "GM_LOG_FORMAT", "text"))
+        if log_format not in ("text", "json"):
+            raise InvalidInput("log format must be text or json")
+        api_keys = parse_api_keys(env.get("GM_API_KEYS"))
+        flag_host = flags.get("host")
+        host = str(flag_host or env.get("GM_HOST") or DEFAULT_HOST)
+        if not api_keys and flag_host is None and not is_loopback(host):
+            host = DEFAULT_HOST  # no keys: only --host itself may open the server beyond loopback
+        return cls(
+            host=host,
+            port=port,
+            db=str(pick("db", "GM_DB", DEFAULT_DB)),
+            database_url=_opt(pick("database_url", "GM_DATABASE_URL", None)),
+            model_dir=_opt(pick("model_dir", "GM_MODEL_DIR", None)),
+            api_keys=api_keys,
+            host_explicit=flag_host is not None,
+            max_body_bytes=max_body,
+            drain_seconds=drain,
+            log_format=log_format,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _opt(value: object) -> str | None:
+    return str(value) if value else None

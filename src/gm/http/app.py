@@ -1,0 +1,371 @@
+"""The v1 routes. Handlers only parse HTTP into store calls and render the results;
+readiness, draining and API keys are middlewares in front of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gm.config import ApiKey
+from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
+from gm.http.errors import Handler, error_middleware, error_response, json_response
+from gm.http.openapi import openapi_document
+from gm.memory import Memory
+from gm.store import Store
+
+log = logging.getLogger("gm.http")
+
+PROBES = frozenset({"/v1/healthz", "/v1/readyz"})
+STATE_KEY = web.AppKey("gm_state", "ServerState")
+NAMESPACE_KEY = "gm_key_namespace"
+
+
+class ServerState:
+    """What the middlewares and handlers share: the store, its phase, the keys, in-flight count."""
+
+    def __init__(self, make_store: Callable[[], Store], api_keys: Iterable[ApiKey] = ()) -> None:
+        self.make_store = make_store
+        self.store = make_store()
+        self.api_keys = tuple(api_keys)
+        self.draining = False
+        self.failure: GMError | None = None
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def phase(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.failure is not None:
+            return "unavailable"
+        if self.store.ready:
+            return "ready"
+        phase = self.store.backend.phase
+        return phase if phase in ("starting", "migrating") else "starting"
+
+    async def open_store(self, retry_seconds: float = 0.5, max_retry_seconds: float = 10.0) -> None:
+        """Open the store; transient storage faults are retried with backoff (readyz says
+        ``unavailable`` meanwhile); any other failure is kept and re-raised."""
+        delay = retry_seconds
+        while True:
+            try:
+                await self.store.open()
+                self.failure = None
+                return
+            except StorageUnavailable as exc:
+                self.failure = exc
+                log.warning("storage unavailable, retrying in %.1fs: %s", delay, exc.message)
+                await self.store.close()
+                await asyncio.sleep(delay)
+                self.store = self.make_store()
+                delay = min(delay * 2, max_retry_seconds)
+            except GMError as exc:
+                self.failure = exc
+                raise
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait for in-flight requests to finish; False if some were still running at ``timeout``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE_KEY]
+
+
+@web.middleware
+async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Probes always pass; other requests get 503 while starting, migrating or draining."""
+    if request.path in PROBES:
+        return await handler(request)
+    state = _state(request)
+    if state.draining:
+        response = error_response(503, "draining", "this instance is shutting down; retry on another")
+        response.headers["Connection"] = "close"
+        return response
+    if not state.store.ready:
+        reason = state.failure.message if state.failure else f"the server is {state.phase}; retry shortly"
+        response = error_response(503, "not_ready", reason)
+        response.headers["Retry-After"] = "1"
+        return response
+    state.enter()
+    try:
+        return await handler(request)
+    finally:
+        state.leave()
+
+
+def _presented_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("X-API-Key")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state = _state(request)
+    if not state.api_keys or request.path in PROBES:
+        return await handler(request)
+    presented = (_presented_key(request) or "").encode()
+    match: ApiKey | None = None
+    for key in state.api_keys:  # compare with every key so timing does not tell which matched
+        if hmac.compare_digest(presented, key.secret.encode()) and match is None:
+            match = key
+    if match is None:
+        raise Unauthorized(
+            "a valid API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+        )
+    request[NAMESPACE_KEY] = match.namespace
+    return await handler(request)
+
+
+# -- request parsing ----------------------------------------------------------------
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise _BadJson(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object")
+    return body
+
+
+class _BadJson(GMError):
+    code = "malformed_json"
+    status = 400
+
+
+def _namespace(request: web.Request, given: Any) -> Any:
+    """The namespace a request acts on: the key's own when it is bound and none is given;
+    a different one than the key's is refused."""
+    bound = request.get(NAMESPACE_KEY)
+    if bound is None:
+        return given
+    if given is None:
+        return bound
+    if given != bound:
+        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
+    return given
+
+
+def _check_owner(request: web.Request, memory: Memory) -> None:
+    bound = request.get(NAMESPACE_KEY)
+    if bound is not None and memory.namespace != bound:
+        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
+
+
+def _only(body: dict[str, Any], allowed: Iterable[str]) -> None:
+    names = set(allowed)
+    for key in body:
+        if key not in names:
+            raise InvalidInput(f"unknown field {key}", path=key)
+
+
+def _query_int(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"{name} must be an integer", path=name) from None
+
+
+def _query_filter(request: web.Request) -> Any:
+    raw = request.query.get("filter")
+    if raw is None:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput("filter must be a JSON object (URL-encoded)", path="filter") from None
+
+
+# -- handlers ---------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = _state(request)
+    phase = state.phase
+    if phase == "ready":
+        backend = state.store.backend
+        return json_response({"status": "ready", "schema_version": backend.schema_version, "backend": backend.name})
+    body: dict[str, Any] = {"status": phase}
+    if state.failure is not None:
+        body["reason"] = state.failure.message
+    return json_response(body, 503)
+
+
+async def stats(request: web.Request) -> web.Response:
+    result = (await _state(request).store.stats()).to_dict()
+    bound = request.get(NAMESPACE_KEY)
+    if bound is not None:
+        result["namespaces"] = {bound: result["namespaces"].get(bound, 0)}
+        result["memories"] = result["namespaces"][bound]
+    return json_response(result)
+
+
+async def add_memories(request: web.Request) -> web.Response:
+    store = _state(request).store
+    body = await _body(request)
+    if "memories" in body:
+        _only(body, ["memories"])
+        inputs = body["memories"]
+        if isinstance(inputs, list):
+            for item in inputs:
+                if isinstance(item, dict):
+                    item["namespace"] = _namespace(request, item.get("namespace"))
+        added = await store.add_inputs(inputs)
+        return json_response({"memories": [m.to_dict() for m, _ in added]}, 201)
+    body["namespace"] = _namespace(request, body.get("namespace"))
+    [(memory, created)] = await store.add_inputs([body], batch=False)
+    return json_response(memory.to_dict(), 201 if created else 200)
+
+
+async def get_memory(request: web.Request) -> web.Response:
+    memory = await _state(request).store.get(request.match_info["id"])
+    _check_owner(request, memory)
+    return json_response(memory.to_dict())
+
+
+async def list_memories(request: web.Request) -> web.Response:
+    q = request.query
+    page = await _state(request).store.list(
+        namespace=_namespace(request, q.get("namespace")),
+        user_id=q.get("user_id"),
+        agent_id=q.get("agent_id"),
+        session_id=q.get("session_id"),
+        filter=_query_filter(request),
+        limit=_query_int(request, "limit"),
+        cursor=q.get("cursor"),
+    )
+    return json_response({"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor})
+
+
+async def update_memory(request: web.Request) -> web.Response:
+    store = _state(request).store
+    body = await _body(request)
+    _only(body, ["text", "metadata", "expires_at"])
+    memory_id = request.match_info["id"]
+    _check_owner(request, await store.get(memory_id))
+    changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
+    if "expires_at" in body:
+        changes["expires_at"] = body["expires_at"]
+    if "metadata" in body and body["metadata"] is None:
+        raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
+    if "text" in body and body["text"] is None:
+        raise InvalidInput("text must be a non-empty string", path="text")
+    memory = await store.update(memory_id, **changes)
+    return json_response(memory.to_dict())
+
+
+async def delete_memory(request: web.Request) -> web.Response:
+    store = _state(request).store
+    memory_id = request.match_info["id"]
+    _check_owner(request, await store.get(memory_id))
+    await store.delete(memory_id)
+    return web.Response(status=204)
+
+
+async def memory_history(request: web.Request) -> web.Response:
+    entries = await _state(request).store.history(
+        request.match_info["id"], namespace=request.get(NAMESPACE_KEY)
+    )
+    return json_response({"history": [e.to_dict() for e in entries]})
+
+
+async def search_memories(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    body = await _body(request)
+    _only(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode"])
+    if "query" not in body:
+        raise InvalidInput("query is required", path="query")
+    hits = await _state(request).store.search(
+        body["query"],
+        namespace=_namespace(request, body.get("namespace")),
+        user_id=body.get("user_id"),
+        agent_id=body.get("agent_id"),
+        session_id=body.get("session_id"),
+        filter=body.get("filter"),
+        limit=body.get("limit"),
+        mode=body.get("mode"),
+    )
+    took = (time.perf_counter() - started) * 1000
+    return json_response({"hits": [h.to_dict() for h in hits], "took_ms": round(took, 3)})
+
+
+async def delete_many(request: web.Request) -> web.Response:
+    body = await _body(request)
+    _only(body, ["namespace", "user_id", "agent_id", "session_id", "filter"])
+    namespace = _namespace(request, body.get("namespace"))
+    if namespace is None:
+        raise InvalidInput("namespace is required for a bulk delete", path="namespace")
+    deleted = await _state(request).store.delete_many(
+        namespace=namespace,
+        user_id=body.get("user_id"),
+        agent_id=body.get("agent_id"),
+        session_id=body.get("session_id"),
+        filter=body.get("filter"),
+    )
+    return json_response({"deleted": deleted})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
+    ("GET", "/v1/healthz", healthz),
+    ("GET", "/v1/readyz", readyz),
+    ("GET", "/v1/stats", stats),
+    ("POST", "/v1/memories", add_memories),
+    ("GET", "/v1/memories", list_memories),
+    ("POST", "/v1/memories/search", search_memories),
+    ("POST", "/v1/memories/delete", delete_many),
+    ("GET", "/v1/memories/{id}", get_memory),
+    ("PATCH", "/v1/memories/{id}", update_memory),
+    ("DELETE", "/v1/memories/{id}", delete_memory),
+    ("GET", "/v1/memories/{id}/history", memory_history),
+    ("GET", "/v1/openapi.json", openapi),
+)
+
+
+def make_app(state: ServerState, *, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
+    """The aiohttp application for ``state``; the caller opens the store (``state.open_store``)."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware, lifecycle_middleware], client_max_size=max_body_bytes
+    )
+    app[STATE_KEY] = state
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app
+
