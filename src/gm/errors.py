@@ -45,6 +45,20 @@ class InvalidFilter(InvalidInput):
     code = "invalid_filter"
 
 
+class Unauthorized(GMError):
+    """No API key, or not a key this server knows (HTTP 401)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(GMError):
+    """The API key is bound to another namespace (HTTP 403)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(GMError):
     """No memory with that id (or it has expired) (HTTP 404)."""
 

@@ -9,11 +9,11 @@ be a dotted path into nested metadata (``{"trip.city": "Oslo"}``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from gm.errors import InvalidFilter
 
-Scalar = Union[str, int, float, bool, None]
+Scalar = str | int | float | bool | None
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
 LOGICAL = ("$and", "$or", "$not")
 
@@ -27,20 +27,20 @@ class Condition:
 
 @dataclass(frozen=True, slots=True)
 class All:
-    parts: tuple["Filter", ...]
+    parts: tuple[Filter, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class AnyOf:
-    parts: tuple["Filter", ...]
+    parts: tuple[Filter, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Not:
-    part: "Filter"
+    part: Filter
 
 
-Filter = Union[Condition, All, AnyOf, Not]
+Filter = Condition | All | AnyOf | Not
 
 
 def parse(raw: Any, path: str = "filter") -> Filter | None:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -78,6 +78,7 @@ class HistoryEntry:
     at: int
     text: str | None
     metadata: dict[str, Any] | None
+    namespace: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.op, "at": format_time(self.at), "text": self.text, "metadata": self.metadata}
@@ -157,7 +158,7 @@ def now_ms() -> int:
 
 def format_time(ms: int) -> str:
     """Milliseconds since the epoch as RFC 3339 UTC, e.g. ``2026-11-29T16:20:00.123Z``."""
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z"
     )
 

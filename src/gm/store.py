@@ -6,6 +6,7 @@ searches from the readers and the vector index. The HTTP server is a thin layer 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import time
@@ -80,7 +81,7 @@ class Store:
 
     # -- life cycle -----------------------------------------------------------------
 
-    async def open(self) -> "Store":
+    async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
         started = time.perf_counter()
         await self.backend.open(self._on_commit)
@@ -103,7 +104,7 @@ class Store:
         await self.embedder.stop()
         await self.backend.close()
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         if not self._opened:
             await self.open()
         return self
@@ -197,7 +198,7 @@ class Store:
                 raise InvalidInput(f"{prefix or 'memory '}must be a JSON object", path=prefix.rstrip(".") or None)
             items.append(new_memory(data, now, prefix))
         vectors = await self.embedder.embed_many([item.text for item in items])
-        for item, vector in zip(items, vectors):
+        for item, vector in zip(items, vectors, strict=True):
             item.vector = vector.tobytes()
         result: list[tuple[Memory, bool]] = await self.backend.write(AddMemories(items, now))
         return result
@@ -293,7 +294,7 @@ class Store:
             raise InvalidInput("cursor must be a string", path="cursor")
         return await self.backend.list(scope, filters.parse(filter), size, cursor, now_ms())
 
-    async def history(self, id: str) -> list[HistoryEntry]:
+    async def history(self, id: str) -> builtins.list[HistoryEntry]:
         """Every add/update/delete of a memory, oldest first; NotFound if it never existed."""
         self._check_open()
         entries = await self.backend.history(check_id(id))
@@ -312,7 +313,7 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         mode: str | None = None,
-    ) -> list[SearchHit]:
+    ) -> builtins.list[SearchHit]:
         """The memories of a scope most relevant to ``query``, best first.
 
         ``mode`` is ``hybrid`` (default: reciprocal rank fusion of both rankings),
@@ -341,7 +342,7 @@ class Store:
 
     async def _vector_ranking(
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
-    ) -> list[tuple[int, float]]:
+    ) -> builtins.list[tuple[int, float]]:
         vector, _ = await asyncio.gather(self.embedder.embed(query), self._index_ready.wait())
         allowed: Iterable[int] | None = None
         if parsed is not None:
@@ -372,7 +373,7 @@ def open(
     *,
     model_dir: str | os.PathLike[str] | None = None,
     **backend_options: Any,
-) -> "_Opening":
+) -> _Opening:
     """Open (creating and migrating as needed) a memory database.
 
     Use it as ``async with gm.open("mem.db") as mem:`` (closes on exit) or

@@ -16,16 +16,15 @@ from aiohttp import web
 
 from gm.config import ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
-from gm.http.errors import Handler, error_middleware, error_response, json_response
+from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.openapi import openapi_document
-from gm.memory import Memory
 from gm.store import Store
 
 log = logging.getLogger("gm.http")
 
 PROBES = frozenset({"/v1/healthz", "/v1/readyz"})
 STATE_KEY = web.AppKey("gm_state", "ServerState")
-NAMESPACE_KEY = "gm_key_namespace"
+NAMESPACE_KEY = web.RequestKey("gm_key_namespace", "str | None")
 
 
 class ServerState:
@@ -173,9 +172,9 @@ def _namespace(request: web.Request, given: Any) -> Any:
     return given
 
 
-def _check_owner(request: web.Request, memory: Memory) -> None:
+def _check_owner(request: web.Request, namespace: str) -> None:
     bound = request.get(NAMESPACE_KEY)
-    if bound is not None and memory.namespace != bound:
+    if bound is not None and namespace != bound:
         raise Forbidden(f"this API key may only be used on namespace {bound!r}")
 
 
@@ -253,7 +252,7 @@ async def add_memories(request: web.Request) -> web.Response:
 
 async def get_memory(request: web.Request) -> web.Response:
     memory = await _state(request).store.get(request.match_info["id"])
-    _check_owner(request, memory)
+    _check_owner(request, memory.namespace)
     return json_response(memory.to_dict())
 
 
@@ -276,7 +275,7 @@ async def update_memory(request: web.Request) -> web.Response:
     body = await _body(request)
     _only(body, ["text", "metadata", "expires_at"])
     memory_id = request.match_info["id"]
-    _check_owner(request, await store.get(memory_id))
+    _check_owner(request, (await store.get(memory_id)).namespace)
     changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
@@ -291,15 +290,14 @@ async def update_memory(request: web.Request) -> web.Response:
 async def delete_memory(request: web.Request) -> web.Response:
     store = _state(request).store
     memory_id = request.match_info["id"]
-    _check_owner(request, await store.get(memory_id))
+    _check_owner(request, (await store.get(memory_id)).namespace)
     await store.delete(memory_id)
     return web.Response(status=204)
 
 
 async def memory_history(request: web.Request) -> web.Response:
-    entries = await _state(request).store.history(
-        request.match_info["id"], namespace=request.get(NAMESPACE_KEY)
-    )
+    entries = await _state(request).store.history(request.match_info["id"])
+    _check_owner(request, entries[0].namespace)
     return json_response({"history": [e.to_dict() for e in entries]})
 
 
@@ -365,6 +363,7 @@ def make_app(state: ServerState, *, max_body_bytes: int = 4 * 1024 * 1024) -> we
         middlewares=[error_middleware, auth_middleware, lifecycle_middleware], client_max_size=max_body_bytes
     )
     app[STATE_KEY] = state
+    app[MAX_BODY_KEY] = max_body_bytes
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

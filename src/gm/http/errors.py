@@ -15,6 +15,8 @@ from gm.errors import GMError
 
 log = logging.getLogger("gm.http")
 
+MAX_BODY_KEY = web.AppKey("gm_max_body_bytes", int)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _HTTP_CODES = {
@@ -42,9 +44,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GMError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY_KEY]
         return error_response(
-            413, "body_too_large", f"the request body is over the {exc.max_size}-byte limit (GM_MAX_BODY_BYTES)"
+            413, "body_too_large", f"the request body is over the {limit}-byte limit (GM_MAX_BODY_BYTES)"
         )
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))

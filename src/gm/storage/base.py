@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from gm.filters import Filter
 from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
@@ -59,7 +60,7 @@ class RecordModel:
     identity: str
 
 
-WriteOp = Union[AddMemories, UpdateMemory, DeleteMemory, DeleteWhere, PurgeExpired, RecordModel]
+WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel
 
 
 @dataclass(slots=True)
@@ -121,18 +122,18 @@ class Backend(abc.ABC):
     ) -> Page: ...
 
     @abc.abstractmethod
-    async def history(self, memory_id: str) -> list[HistoryEntry]: ...
+    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]: ...
 
     @abc.abstractmethod
     async def keyword_search(
-        self, terms: list[str], scope: Scope, filter: Filter | None, limit: int, now: int
-    ) -> list[tuple[int, float]]: ...
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> builtins.list[tuple[int, float]]: ...
 
     @abc.abstractmethod
-    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> list[int]: ...
+    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]: ...
 
     @abc.abstractmethod
-    def vectors(self) -> AsyncIterator[list[VectorRow]]: ...
+    def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]: ...
 
     @abc.abstractmethod
     async def counts(self, now: int) -> dict[str, int]: ...

@@ -5,6 +5,7 @@ group commit), a pool of read-only connections, and the queries behind every rea
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import os
 import sqlite3
@@ -123,7 +124,7 @@ class Writer(Actor[WriteOp]):
         changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
         if changes:
             self.on_commit(changes)
-        for envelope, outcome in zip(batch, outcomes):
+        for envelope, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, WriteResult):
                 envelope.answer(outcome.value)
             else:
@@ -178,8 +179,8 @@ class Writer(Actor[WriteOp]):
                 continue
             rowid = rows[0][0]
             await self.conn.execute(
-                "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'add', ?, ?, ?)",
-                [item.id, op.now, item.text, meta],
+                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'add', ?, ?, ?)",
+                [item.id, s.namespace, op.now, item.text, meta],
             )
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
                             item.metadata, op.now, op.now, item.expires_at)
@@ -203,8 +204,8 @@ class Writer(Actor[WriteOp]):
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
         await self.conn.execute(
-            "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'update', ?, ?, ?)",
-            [op.id, op.now, text, meta],
+            "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'update', ?, ?, ?)",
+            [op.id, old.namespace, op.now, text, meta],
         )
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
@@ -213,13 +214,15 @@ class Writer(Actor[WriteOp]):
         return WriteResult(memory, [change])
 
     async def _delete_where(self, where: str, params: list[Any], now: int, missing: str | None = None) -> WriteResult:
-        rows = await self._fetch(f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata", params)
+        rows = await self._fetch(
+            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", params
+        )
         if missing is not None and not rows:
             raise NotFound(f"no memory with id {missing!r}")
         if rows:
             await self.conn.executemany(
-                "INSERT INTO history (memory_id, op, at, text, metadata) VALUES (?, 'delete', ?, ?, ?)",
-                [(r[1], now, r[2], r[3]) for r in rows],
+                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'delete', ?, ?, ?)",
+                [(r[1], r[4], now, r[2], r[3]) for r in rows],
             )
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
@@ -289,11 +292,13 @@ class SQLiteBackend(Backend):
 
     async def close(self) -> None:
         await self.migrator.stop()
-        if self.writer is not None:
-            await self.writer.stop()
+        # Readers first: the writer's connection must be the last one to close, so SQLite
+        # checkpoints the WAL into the database file (a read-only connection cannot).
         for reader in self._all_readers:
             await reader.close()
         self._all_readers.clear()
+        if self.writer is not None:
+            await self.writer.stop()
 
     async def write(self, op: WriteOp) -> Any:
         if self.writer is None:
@@ -342,15 +347,15 @@ class SQLiteBackend(Backend):
         more = len(rows) > limit
         return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
 
-    async def history(self, memory_id: str) -> list[HistoryEntry]:
+    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
         rows = await self._fetch(
-            "SELECT op, at, text, metadata FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
+            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
         )
-        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None) for r in rows]
+        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None, r[4]) for r in rows]
 
     async def keyword_search(
-        self, terms: list[str], scope: Scope, filter: Filter | None, limit: int, now: int
-    ) -> list[tuple[int, float]]:
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> builtins.list[tuple[int, float]]:
         if not terms:
             return []
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
@@ -363,11 +368,11 @@ class SQLiteBackend(Backend):
         )
         return [(r[0], -float(r[1])) for r in rows]
 
-    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> list[int]:
+    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]:
         where, params = scope_sql(scope, filter, now)
         return [r[0] for r in await self._fetch(f"SELECT rowid FROM memories WHERE {where}", params)]
 
-    async def vectors(self) -> AsyncIterator[list[VectorRow]]:  # type: ignore[override]
+    async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
         last = 0
         while True:
             rows = await self._fetch(

@@ -66,6 +66,7 @@ CREATE INDEX memories_by_expiry ON memories (expires_at) WHERE expires_at IS NOT
 CREATE TABLE history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     memory_id TEXT NOT NULL,
+    namespace TEXT NOT NULL,
     op TEXT NOT NULL,
     at INTEGER NOT NULL,
     text TEXT,
@@ -171,7 +172,10 @@ def migrate(
     target = latest if target is None else min(target, latest)
     current = read_version(db)
     guard(db, current, latest)
-    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn = sqlite3.connect(db, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"cannot open {db}: {exc}") from None
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode = WAL")

@@ -1,0 +1,63 @@
+"""A real greatmemory HTTP server on an ephemeral 127.0.0.1 port, in this process, for tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from gm.config import ApiKey
+from gm.embedding import ModelSpec
+from gm.http import ServerState, make_app
+from gm.storage.sqlite import SQLiteBackend
+from gm.store import Store
+
+
+@dataclass
+class RunningServer:
+    url: str
+    state: ServerState
+    runner: web.AppRunner
+    session: aiohttp.ClientSession
+
+    async def call(self, method: str, path: str, *, key: str | None = None, **kwargs: Any) -> tuple[int, Any]:
+        headers = kwargs.pop("headers", {})
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        async with self.session.request(method, self.url + path, headers=headers, **kwargs) as response:
+            body = await response.read()
+            if response.content_type == "application/json":
+                return response.status, await response.json()
+            return response.status, body
+
+    async def stop(self) -> None:
+        await self.session.close()
+        await self.runner.cleanup()
+        await self.state.store.close()
+
+
+def store_factory(db: Path, **backend_options: Any) -> Callable[[], Store]:
+    return lambda: Store(SQLiteBackend(db, **backend_options), ModelSpec.default())
+
+
+async def start_server(
+    make_store: Callable[[], Store],
+    *,
+    api_keys: tuple[ApiKey, ...] = (),
+    max_body_bytes: int = 4 * 1024 * 1024,
+    open_store: bool = True,
+) -> RunningServer:
+    state = ServerState(make_store, api_keys)
+    runner = web.AppRunner(make_app(state, max_body_bytes=max_body_bytes), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    server = RunningServer(f"http://{host}:{port}", state, runner, aiohttp.ClientSession())
+    if open_store:
+        await state.open_store()
+    return server

@@ -1,0 +1,222 @@
+"""The HTTP API on a real server: every route's success and error cases, limits, and the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gm.http.app import ROUTES, make_app
+from gm.http.openapi import openapi_document
+from gm.memory import MAX_BATCH
+from tests.http_server import RunningServer, start_server, store_factory
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    running = await start_server(store_factory(tmp_path / "http.db"), max_body_bytes=64 * 1024)
+    yield running
+    await running.stop()
+
+
+def error_code(body: dict) -> str:
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]["code"]
+
+
+async def test_probes(server: RunningServer) -> None:
+    assert await server.call("GET", "/v1/healthz") == (200, {"status": "ok"})
+    status, body = await server.call("GET", "/v1/readyz")
+    assert status == 200 and body["status"] == "ready" and body["schema_version"] == 2
+
+
+async def test_add_get_list_update_delete_history(server: RunningServer) -> None:
+    status, memory = await server.call(
+        "POST", "/v1/memories", json={"text": "Prefers window seats.", "user_id": "u1", "metadata": {"topic": "travel"}}
+    )
+    assert status == 201
+    assert memory["namespace"] == "default" and memory["user_id"] == "u1" and memory["agent_id"] is None
+    assert memory["metadata"] == {"topic": "travel"} and memory["expires_at"] is None
+    assert memory["created_at"].endswith("Z") and memory["created_at"] == memory["updated_at"]
+
+    assert await server.call("GET", f"/v1/memories/{memory['id']}") == (200, memory)
+
+    status, page = await server.call("GET", "/v1/memories", params={"user_id": "u1"})
+    assert status == 200 and page == {"memories": [memory], "next_cursor": None}
+
+    status, updated = await server.call(
+        "PATCH", f"/v1/memories/{memory['id']}", json={"text": "Prefers aisle seats.", "metadata": {"topic": "air"}}
+    )
+    assert status == 200 and updated["text"] == "Prefers aisle seats." and updated["metadata"] == {"topic": "air"}
+    assert updated["created_at"] == memory["created_at"]
+
+    status, body = await server.call("DELETE", f"/v1/memories/{memory['id']}")
+    assert status == 204
+    status, body = await server.call("GET", f"/v1/memories/{memory['id']}")
+    assert status == 404 and error_code(body) == "not_found"
+    status, body = await server.call("DELETE", f"/v1/memories/{memory['id']}")
+    assert status == 404
+
+    status, body = await server.call("GET", f"/v1/memories/{memory['id']}/history")
+    assert status == 200
+    assert [h["op"] for h in body["history"]] == ["add", "update", "delete"]
+    assert body["history"][1]["text"] == "Prefers aisle seats."
+    status, body = await server.call("GET", "/v1/memories/never-existed/history")
+    assert status == 404
+
+
+async def test_batch_add_is_all_or_nothing(server: RunningServer) -> None:
+    inputs = [{"text": f"fact number {i}", "user_id": "u1"} for i in range(3)]
+    status, body = await server.call("POST", "/v1/memories", json={"memories": inputs})
+    assert status == 201 and [m["text"] for m in body["memories"]] == [i["text"] for i in inputs]
+
+    bad = [{"text": "fine"}, {"text": ""}]
+    status, body = await server.call("POST", "/v1/memories", json={"memories": bad})
+    assert status == 422 and body["error"]["details"]["path"] == "memories[1].text"
+    status, stats = await server.call("GET", "/v1/stats")
+    assert stats["memories"] == 3
+
+    status, body = await server.call("POST", "/v1/memories", json={"memories": [{"text": "x"}] * (MAX_BATCH + 1)})
+    assert status == 422 and error_code(body) == "invalid_input"
+
+
+async def test_client_ids_make_retries_idempotent(server: RunningServer) -> None:
+    item = {"id": "import:42", "text": "Lives in Oslo.", "user_id": "u1"}
+    status, first = await server.call("POST", "/v1/memories", json=item)
+    assert status == 201
+    status, again = await server.call("POST", "/v1/memories", json=item)
+    assert status == 200 and again == first
+    status, body = await server.call("POST", "/v1/memories", json={**item, "text": "Lives in Bergen."})
+    assert status == 409 and error_code(body) == "conflict"
+    status, body = await server.call("POST", "/v1/memories", json={**item, "id": "bad id!"})
+    assert status == 422 and body["error"]["details"]["path"] == "id"
+
+
+async def test_search_modes_filters_and_scope(server: RunningServer) -> None:
+    texts = [
+        ("Prefers window seats on long flights.", "u1", {"topic": "travel", "priority": 3}),
+        ("Allergic to peanuts and shellfish.", "u1", {"topic": "health", "priority": 5}),
+        ("Plays the cello in a string quartet.", "u2", {"topic": "music", "priority": 1}),
+    ]
+    for text, user, metadata in texts:
+        status, _ = await server.call("POST", "/v1/memories", json={"text": text, "user_id": user, "metadata": metadata})
+        assert status == 201
+    for mode in ("hybrid", "vector", "keyword"):
+        status, body = await server.call(
+            "POST", "/v1/memories/search", json={"query": "which seat on the flights", "user_id": "u1", "mode": mode}
+        )
+        assert status == 200, body
+        assert body["hits"][0]["memory"]["text"].startswith("Prefers window seats"), mode
+        scores = [h["score"] for h in body["hits"]]
+        assert scores == sorted(scores, reverse=True) and isinstance(body["took_ms"], float)
+        assert all(h["memory"]["user_id"] == "u1" for h in body["hits"])
+    status, body = await server.call(
+        "POST", "/v1/memories/search", json={"query": "food", "filter": {"priority": {"$gte": 4}}, "limit": 5}
+    )
+    assert [h["memory"]["text"] for h in body["hits"]] == ["Allergic to peanuts and shellfish."]
+
+    for payload, path in [
+        ({"query": ""}, "query"),
+        ({"query": "x", "mode": "fuzzy"}, "mode"),
+        ({"query": "x", "limit": 0}, "limit"),
+        ({"query": "x", "filter": {"priority": {"$near": 1}}}, "filter.priority.$near"),
+        ({"query": "x", "colour": "red"}, "colour"),
+        ({}, "query"),
+    ]:
+        status, body = await server.call("POST", "/v1/memories/search", json=payload)
+        assert status == 422, payload
+        assert body["error"]["details"]["path"] == path
+
+
+async def test_bulk_delete_and_list_paging(server: RunningServer) -> None:
+    inputs = [{"text": f"note {i}", "user_id": "u1", "metadata": {"n": i}} for i in range(7)]
+    await server.call("POST", "/v1/memories", json={"memories": inputs})
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"user_id": "u1", "limit": "3", **({"cursor": cursor} if cursor else {})}
+        status, page = await server.call("GET", "/v1/memories", params=params)
+        assert status == 200
+        seen += [m["text"] for m in page["memories"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [f"note {i}" for i in reversed(range(7))]
+    status, body = await server.call("GET", "/v1/memories", params={"limit": "many"})
+    assert status == 422 and body["error"]["details"]["path"] == "limit"
+    status, body = await server.call("GET", "/v1/memories", params={"cursor": "garbage"})
+    assert status == 422
+
+    status, body = await server.call("POST", "/v1/memories/delete", json={"namespace": "default", "filter": {"n": {"$lt": 3}}})
+    assert (status, body) == (200, {"deleted": 3})
+    status, body = await server.call("POST", "/v1/memories/delete", json={"user_id": "u1"})
+    assert status == 422 and body["error"]["details"]["path"] == "namespace"
+
+
+async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
+    status, body = await server.call("POST", "/v1/memories", data=b'{"text": "unterminated')
+    assert status == 400 and error_code(body) == "malformed_json"
+    status, body = await server.call("POST", "/v1/memories", json=["not", "an", "object"])
+    assert status == 422
+    status, body = await server.call("POST", "/v1/memories", json={"text": "x", "metadata": [1, 2]})
+    assert status == 422 and body["error"]["details"]["path"] == "metadata"
+    status, body = await server.call("POST", "/v1/memories", json={"text": "x" * (70 * 1024)})
+    assert status == 413 and error_code(body) == "body_too_large"
+    status, body = await server.call("GET", "/v1/nowhere")
+    assert status == 404 and error_code(body) == "not_found"
+    status, body = await server.call("PUT", "/v1/memories")
+    assert status == 405 and error_code(body) == "method_not_allowed"
+    status, body = await server.call("PATCH", "/v1/memories/nope", json={"text": "x"})
+    assert status == 404
+    status, body = await server.call("PATCH", "/v1/memories/nope", data=b"{")
+    assert status == 400
+    status, stats = await server.call("GET", "/v1/stats")
+    assert stats["memories"] == 0
+
+
+async def test_expiry_over_http(server: RunningServer) -> None:
+    status, memory = await server.call("POST", "/v1/memories", json={"text": "short lived", "ttl_seconds": 0.05})
+    assert status == 201 and memory["expires_at"] is not None
+    status, past = await server.call(
+        "POST", "/v1/memories", json={"text": "already gone", "expires_at": "2020-01-01T00:00:00Z"}
+    )
+    assert status == 201
+    import asyncio
+
+    await asyncio.sleep(0.1)
+    assert (await server.call("GET", f"/v1/memories/{memory['id']}"))[0] == 404
+    status, page = await server.call("GET", "/v1/memories")
+    assert page["memories"] == []
+    status, body = await server.call("POST", "/v1/memories/search", json={"query": "short lived gone"})
+    assert body["hits"] == []
+
+
+async def test_stats_shape(server: RunningServer) -> None:
+    await server.call("POST", "/v1/memories", json={"text": "a", "namespace": "n1"})
+    await server.call("POST", "/v1/memories", json={"text": "b", "namespace": "n2"})
+    status, stats = await server.call("GET", "/v1/stats")
+    assert status == 200
+    assert stats["memories"] == 2 and stats["namespaces"] == {"n1": 1, "n2": 1}
+    assert stats["schema_version"] == 2 and stats["backend"] == "sqlite" and stats["model"].startswith("all-MiniLM")
+
+
+async def test_openapi_names_exactly_the_served_routes(server: RunningServer) -> None:
+    status, document = await server.call("GET", "/v1/openapi.json")
+    assert status == 200 and document["openapi"].startswith("3.1")
+    documented = {
+        (method.upper(), path)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in ("get", "post", "patch", "delete", "put")
+    }
+    app = make_app(server.state)
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+    assert served == documented
+    assert served == {(method, path) for method, path, _ in ROUTES}
+    assert document == openapi_document()

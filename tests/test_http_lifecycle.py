@@ -1,0 +1,155 @@
+"""Readiness while migrating or when storage is unreachable, and graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from gm.storage.sqlite_migrations import STEPS, Step
+from tests.http_server import start_server, store_factory
+
+
+def slow_step(conn: sqlite3.Connection) -> None:
+    time.sleep(1.5)
+    conn.execute("CREATE TABLE slow_marker (x INTEGER)")
+
+
+async def test_readyz_503_while_migrating_then_200(tmp_path: Path) -> None:
+    steps = (*STEPS, Step(STEPS[-1].version + 1, "a deliberately slow step", slow_step))
+    server = await start_server(store_factory(tmp_path / "slow.db", steps=steps), open_store=False)
+    opener = asyncio.create_task(server.state.open_store())
+    try:
+        phases: list[str] = []
+        early_route: tuple[int, dict] | None = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert await server.call("GET", "/v1/healthz") == (200, {"status": "ok"})
+            status, body = await server.call("GET", "/v1/readyz")
+            phases.append(body["status"])
+            if status == 200:
+                break
+            assert status == 503 and body["status"] in ("starting", "migrating")
+            if body["status"] == "migrating" and early_route is None:
+                early_route = await server.call("GET", "/v1/stats")
+            await asyncio.sleep(0.05)
+        assert phases[-1] == "ready"
+        assert "migrating" in phases
+        assert early_route is not None
+        status, body = early_route
+        assert status == 503 and body["error"]["code"] == "not_ready"
+        status, stats = await server.call("GET", "/v1/stats")
+        assert status == 200 and stats["schema_version"] == STEPS[-1].version + 1
+    finally:
+        await opener
+        await server.stop()
+
+
+async def test_unreachable_storage_is_unavailable_then_recovers(tmp_path: Path) -> None:
+    folder = tmp_path / "not-yet"
+    server = await start_server(store_factory(folder / "mem.db"), open_store=False)
+    opener = asyncio.create_task(server.state.open_store(retry_seconds=0.1))
+    try:
+        await asyncio.sleep(0.5)
+        status, body = await server.call("GET", "/v1/readyz")
+        assert status == 503 and body["status"] == "unavailable" and "reason" in body
+        assert (await server.call("GET", "/v1/healthz"))[0] == 200
+        status, body = await server.call("POST", "/v1/memories", json={"text": "too early"})
+        assert status == 503
+        folder.mkdir()
+        await asyncio.wait_for(opener, 10)
+        assert (await server.call("GET", "/v1/readyz"))[0] == 200
+        assert (await server.call("POST", "/v1/memories", json={"text": "now it works"}))[0] == 201
+    finally:
+        opener.cancel()
+        await server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -> None:
+    db = tmp_path / "drain.db"
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gm.cli", "serve", "--db", str(db), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GM_DRAIN_SECONDS": "20"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    acknowledged: list[str] = []
+    refused = 0
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with session.get(url + "/v1/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            await asyncio.sleep(0.1)
+
+        stop_adding = asyncio.Event()
+
+        async def writer(n: int) -> None:
+            nonlocal refused
+            i = 0
+            while not stop_adding.is_set():
+                i += 1
+                try:
+                    async with session.post(url + "/v1/memories", json={"text": f"writer {n} fact {i}"}) as response:
+                        if response.status == 201:
+                            acknowledged.append((await response.json())["id"])
+                        else:
+                            assert response.status == 503, await response.text()
+                            refused += 1
+                except aiohttp.ClientError:
+                    refused += 1
+                    await asyncio.sleep(0.01)
+
+        writers = [asyncio.create_task(writer(n)) for n in range(8)]
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 30)
+        stop_adding.set()
+        await asyncio.gather(*writers)
+    log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert len(acknowledged) >= 50
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT id FROM memories")}
+    assert set(acknowledged) <= stored
+    assert "stopped" in (tmp_path / "serve.log").read_text()
+
+
+async def test_draining_refuses_new_requests_and_waits_for_running_ones(tmp_path: Path) -> None:
+    server = await start_server(store_factory(tmp_path / "drain.db"))
+    try:
+        state = server.state
+        state.enter()  # a request still running
+        state.draining = True
+        status, body = await server.call("GET", "/v1/readyz")
+        assert (status, body["status"]) == (503, "draining")
+        assert (await server.call("GET", "/v1/healthz"))[0] == 200
+        status, body = await server.call("POST", "/v1/memories", json={"text": "late"})
+        assert status == 503 and body["error"]["code"] == "draining"
+        assert await state.wait_idle(0.1) is False
+        asyncio.get_running_loop().call_later(0.1, state.leave)
+        assert await state.wait_idle(5) is True
+    finally:
+        await server.stop()
