@@ -101,7 +101,9 @@ async def test_search_modes_filters_and_scope(server: RunningServer) -> None:
         ("Plays the cello in a string quartet.", "u2", {"topic": "music", "priority": 1}),
     ]
     for text, user, metadata in texts:
-        status, _ = await server.call("POST", "/v1/memories", json={"text": text, "user_id": user, "metadata": metadata})
+        status, _ = await server.call(
+            "POST", "/v1/memories", json={"text": text, "user_id": user, "metadata": metadata}
+        )
         assert status == 201
     for mode in ("hybrid", "vector", "keyword"):
         status, body = await server.call(
@@ -149,7 +151,9 @@ async def test_bulk_delete_and_list_paging(server: RunningServer) -> None:
     status, body = await server.call("GET", "/v1/memories", params={"cursor": "garbage"})
     assert status == 422
 
-    status, body = await server.call("POST", "/v1/memories/delete", json={"namespace": "default", "filter": {"n": {"$lt": 3}}})
+    status, body = await server.call(
+        "POST", "/v1/memories/delete", json={"namespace": "default", "filter": {"n": {"$lt": 3}}}
+    )
     assert (status, body) == (200, {"deleted": 3})
     status, body = await server.call("POST", "/v1/memories/delete", json={"user_id": "u1"})
     assert status == 422 and body["error"]["details"]["path"] == "namespace"

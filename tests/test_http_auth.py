@@ -34,7 +34,9 @@ async def seed(server: RunningServer) -> tuple[str, str]:
     """One memory in 'default' and one in 'team'; returns their ids."""
     status, other = await server.call("POST", "/v1/memories", key=ADMIN, json={"text": "default ns memory"})
     assert status == 201
-    status, own = await server.call("POST", "/v1/memories", key=ADMIN, json={"text": "team memory", "namespace": "team"})
+    status, own = await server.call(
+        "POST", "/v1/memories", key=ADMIN, json={"text": "team memory", "namespace": "team"}
+    )
     assert status == 201
     return other["id"], own["id"]
 
@@ -46,13 +48,26 @@ def requests(other_id: str, own_id: str) -> list[tuple[str, str, dict, dict]]:
         ("GET", "/v1/openapi.json", {}, {}),
         ("POST", "/v1/memories", {"json": {"text": "x", "namespace": "default"}}, {"json": {"text": "y"}}),
         ("GET", "/v1/memories", {"params": {"namespace": "default"}}, {"params": {"namespace": "team"}}),
-        ("POST", "/v1/memories/search", {"json": {"query": "memory", "namespace": "default"}}, {"json": {"query": "memory"}}),
+        (
+            "POST",
+            "/v1/memories/search",
+            {"json": {"query": "memory", "namespace": "default"}},
+            {"json": {"query": "memory"}},
+        ),
         ("GET", "/v1/memories/{id}", {"id": other_id}, {"id": own_id}),
         ("GET", "/v1/memories/{id}/history", {"id": other_id}, {"id": own_id}),
-        ("PATCH", "/v1/memories/{id}", {"id": other_id, "json": {"metadata": {"a": 1}}},
-         {"id": own_id, "json": {"metadata": {"a": 1}}}),
-        ("POST", "/v1/memories/delete", {"json": {"namespace": "default", "filter": {"nothing": 1}}},
-         {"json": {"filter": {"nothing": 1}}}),
+        (
+            "PATCH",
+            "/v1/memories/{id}",
+            {"id": other_id, "json": {"metadata": {"a": 1}}},
+            {"id": own_id, "json": {"metadata": {"a": 1}}},
+        ),
+        (
+            "POST",
+            "/v1/memories/delete",
+            {"json": {"namespace": "default", "filter": {"nothing": 1}}},
+            {"json": {"filter": {"nothing": 1}}},
+        ),
         ("DELETE", "/v1/memories/{id}", {"id": other_id}, {"id": own_id}),
     ]
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from gm.storage.sqlite_migrations import STEPS, Step
 from tests.http_server import start_server, store_factory
@@ -79,29 +80,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -> None:
-    db = tmp_path / "drain.db"
+async def spawn_server(
+    log_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`gmem serve` as a child process on a free port; returns once its readyz is 200."""
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gm.cli", "serve", "--db", str(db), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GM_DRAIN_SECONDS": "20"},
-    )
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gm.cli", "serve", "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
     url = f"http://127.0.0.1:{port}"
-    acknowledged: list[str] = []
-    refused = 0
+    deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
         while True:
             try:
                 async with session.get(url + "/v1/readyz") as response:
                     if response.status == 200:
-                        break
+                        return process, url
             except aiohttp.ClientError:
                 pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
             await asyncio.sleep(0.1)
 
+
+async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -> None:
+    db = tmp_path / "drain.db"
+    log_path = tmp_path / "serve.log"
+    process, url = await spawn_server(log_path, "--db", str(db), env={"GM_DRAIN_SECONDS": "20"})
+    acknowledged: list[str] = []
+    refused = 0
+    async with aiohttp.ClientSession() as session:
         stop_adding = asyncio.Event()
 
         async def writer(n: int) -> None:
@@ -128,13 +139,12 @@ async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -
         code = await asyncio.to_thread(process.wait, 30)
         stop_adding.set()
         await asyncio.gather(*writers)
-    log.close()
-    assert code == 0, (tmp_path / "serve.log").read_text()
+    assert code == 0, log_path.read_text()
     assert len(acknowledged) >= 50
     with sqlite3.connect(db) as conn:
         stored = {row[0] for row in conn.execute("SELECT id FROM memories")}
     assert set(acknowledged) <= stored
-    assert "stopped" in (tmp_path / "serve.log").read_text()
+    assert "stopped" in log_path.read_text()
 
 
 async def test_draining_refuses_new_requests_and_waits_for_running_ones(tmp_path: Path) -> None:
@@ -153,3 +163,25 @@ async def test_draining_refuses_new_requests_and_waits_for_running_ones(tmp_path
         assert await state.wait_idle(5) is True
     finally:
         await server.stop()
+
+
+async def test_json_logs_one_line_per_event_and_keys_never_logged(tmp_path: Path) -> None:
+    key = "secret-key-that-must-not-leak-0001"
+    log_path = tmp_path / "serve.log"
+    process, url = await spawn_server(
+        log_path, "--db", str(tmp_path / "logs.db"), "--log-format", "json", env={"GM_API_KEYS": key}
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/v1/stats", headers={"Authorization": f"Bearer {key}"}) as response:
+            assert response.status == 200
+        async with session.get(url + "/v1/stats", headers={"X-API-Key": key + "x"}) as response:
+            assert response.status == 401
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    text = log_path.read_text()
+    assert key not in text
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    messages = [line["msg"] for line in lines]
+    assert any("ready on http://127.0.0.1:" in m and "schema v2" in m and "logs.db" in m for m in messages)
+    access = [line for line in lines if line["logger"] == "gm.access"]
+    assert {(a["path"], a["status"]) for a in access} >= {("/v1/stats", 200), ("/v1/stats", 401)}

@@ -48,8 +48,9 @@ async def serve(config: ServerConfig) -> int:
 
     state = ServerState(lambda: open_store(config.db, model_dir=config.model_dir).build(), config.api_keys)
     app = make_app(state, max_body_bytes=config.max_body_bytes)
-    runner = web.AppRunner(app, handle_signals=False, access_log_class=logs.AccessLogger,
-                           access_log=logging.getLogger("gm.access"))
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log_class=logs.AccessLogger, access_log=logging.getLogger("gm.access")
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.drain_seconds)
     await site.start()
@@ -74,8 +75,14 @@ async def serve(config: ServerConfig) -> int:
         code = exit_code(error) if isinstance(error, GMError) else EXIT_ERROR
     elif opener.done():
         backend = state.store.backend
-        log.info("ready on %s, database %s (%s, schema v%d), model %s", url, config.db, backend.name,
-                 backend.schema_version, state.store.model.identity)
+        log.info(
+            "ready on %s, database %s (%s, schema v%d), model %s",
+            url,
+            config.db,
+            backend.name,
+            backend.schema_version,
+            state.store.model.identity,
+        )
         await stopped
     if not opener.done():
         opener.cancel()
@@ -111,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (GM_LOG_FORMAT)")
     s.add_argument("--max-body-bytes", type=int, help="request body limit (GM_MAX_BODY_BYTES; default 4 MiB)")
     s.add_argument("--drain-seconds", type=float, help="how long to wait for in-flight requests on stop (30)")
-    sub.add_parser("version", help="print the release", description="Print greatmemory's version.",
-                   epilog="Example: gmem version")
+    sub.add_parser(
+        "version", help="print the release", description="Print greatmemory's version.", epilog="Example: gmem version"
+    )
     return parser
 
 

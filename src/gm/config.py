@@ -5,8 +5,8 @@ defaults. Every variable is documented in docs/configuration.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from gm.errors import InvalidInput
 
@@ -53,7 +53,7 @@ class ServerConfig:
     log_format: str = "text"
 
     @classmethod
-    def load(cls, flags: Mapping[str, object], env: Mapping[str, str] = os.environ) -> "ServerConfig":
+    def load(cls, flags: Mapping[str, object], env: Mapping[str, str] = os.environ) -> ServerConfig:
         """Flags (None = not given) win over the environment, which wins over defaults."""
 
         def pick(flag: str, var: str, default: object) -> object:

@@ -60,6 +60,11 @@ class AccessLogger(AbstractAccessLogger):
             request.path,
             response.status,
             ms,
-            extra={"method": request.method, "path": request.path, "status": response.status, "ms": ms,
-                   "remote": request.remote},
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "ms": ms,
+                "remote": request.remote,
+            },
         )

@@ -23,8 +23,7 @@ from gm.store import Store
 log = logging.getLogger("gm.http")
 
 PROBES = frozenset({"/v1/healthz", "/v1/readyz"})
-STATE_KEY = web.AppKey("gm_state", "ServerState")
-NAMESPACE_KEY = web.RequestKey("gm_key_namespace", "str | None")
+NAMESPACE_KEY: web.RequestKey[str | None] = web.RequestKey("gm_key_namespace")
 
 
 class ServerState:
@@ -87,6 +86,9 @@ class ServerState:
             return True
         except TimeoutError:
             return False
+
+
+STATE_KEY = web.AppKey("gm_state", ServerState)
 
 
 def _state(request: web.Request) -> ServerState:
@@ -367,4 +369,3 @@ def make_app(state: ServerState, *, max_body_bytes: int = 4 * 1024 * 1024) -> we
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app
-
