@@ -82,6 +82,8 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
     segments = tuple(key.split("."))
     if not key or any(not s for s in segments):
         raise InvalidFilter(f"{path}: a field name must be non-empty (dots separate nested keys)", path=path)
+    if '"' in key:  # SQLite's JSON paths cannot address such a key: it would silently match nothing
+        raise InvalidFilter(f"{path}: a field name in a filter cannot contain a double quote", path=path)
     if not (isinstance(value, dict) and value and all(isinstance(k, str) and k.startswith("$") for k in value)):
         return [Condition(segments, "$eq", _scalar(value, path))]
     out: list[Filter] = []

@@ -21,6 +21,7 @@ MAX_METADATA_BYTES = 64 * 1024
 MAX_SCOPE_CHARS = 256
 MAX_BATCH = 1000
 DEFAULT_NAMESPACE = "default"
+MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
 _ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
 
@@ -282,8 +283,15 @@ def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") 
     if expires_at is not None and ttl_seconds is not None:
         raise InvalidInput("give expires_at or ttl_seconds, not both", path=prefix + "ttl_seconds")
     if ttl_seconds is not None:
-        if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or ttl_seconds <= 0:
-            raise InvalidInput("ttl_seconds must be a positive number", path=prefix + "ttl_seconds")
+        if (
+            isinstance(ttl_seconds, bool)
+            or not isinstance(ttl_seconds, (int, float))
+            or not 0 < ttl_seconds <= (MAX_TIME_MS - now) / 1000  # also refuses inf and NaN
+        ):
+            raise InvalidInput(
+                "ttl_seconds must be a positive number of seconds ending before the year 10000",
+                path=prefix + "ttl_seconds",
+            )
         return now + int(ttl_seconds * 1000)
     if expires_at is not None:
         return parse_time(expires_at, prefix + "expires_at")

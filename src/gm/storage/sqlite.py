@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.errors import Conflict, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -109,10 +109,14 @@ class Writer(Actor[WriteOp]):
                 try:
                     outcomes.append(await self.apply(envelope.msg))
                     await self.conn.execute("RELEASE op")
-                except (GMError, sqlite3.IntegrityError) as exc:
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                        raise  # the database itself failed: the whole batch fails below
+                    # A rejected write, or one SQLite cannot hold (an integer past 64 bits): only it fails,
+                    # and the transaction is never left open for the next batch.
                     await self.conn.execute("ROLLBACK TO op")
                     await self.conn.execute("RELEASE op")
-                    outcomes.append(exc if isinstance(exc, GMError) else InvalidInput(str(exc)))
+                    outcomes.append(InvalidInput(str(exc)) if isinstance(exc, sqlite3.IntegrityError) else exc)
             await self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
@@ -156,8 +160,9 @@ class Writer(Actor[WriteOp]):
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
         for item in op.items:
-            if item.client_id:
-                await self.conn.execute("DELETE FROM memories WHERE id = ? AND expires_at <= ?", [item.id, op.now])
+            if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
+                purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now], op.now)
+                changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
             rows = await self._fetch(

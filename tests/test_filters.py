@@ -1,0 +1,180 @@
+"""The metadata filter language on real data, through every call that takes a filter
+(list, search, delete_many), and the errors a malformed filter gets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+import gm
+from gm.errors import InvalidFilter
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+# One memory per key; the memory's text is "memory <key>".
+ROWS: dict[str, dict[str, Any]] = {
+    "a": {"topic": "travel", "priority": 1, "pinned": True, "trip": {"city": "Oslo", "days": 3}},
+    "b": {"topic": "health", "priority": 3, "pinned": False, "note": None},
+    "c": {"topic": "travel", "priority": 5, "trip": {"city": "Lima", "days": 10}},
+    "d": {"topic": "music", "priority": "3", "score": 2.5},
+    "e": {},
+}
+ALL = set(ROWS)
+
+CASES: list[tuple[dict[str, Any], set[str]]] = [
+    # equality, implicit and explicit
+    ({"topic": "travel"}, {"a", "c"}),
+    ({"topic": {"$eq": "travel"}}, {"a", "c"}),
+    ({"topic": "travel", "pinned": True}, {"a"}),
+    ({"topic": "nowhere"}, set()),
+    # $ne and $nin also match memories without the key
+    ({"topic": {"$ne": "travel"}}, {"b", "d", "e"}),
+    ({"topic": {"$nin": ["travel", "health"]}}, {"d", "e"}),
+    ({"priority": {"$nin": [1, 3]}}, {"c", "d", "e"}),
+    # ordering comparisons only compare like with like: numbers with numbers, strings with strings
+    ({"priority": {"$gt": 1}}, {"b", "c"}),
+    ({"priority": {"$gte": 3}}, {"b", "c"}),
+    ({"priority": {"$lt": 3}}, {"a"}),
+    ({"priority": {"$lte": 3}}, {"a", "b"}),
+    ({"priority": {"$gt": 1, "$lt": 5}}, {"b"}),
+    ({"priority": {"$gt": "2"}}, {"d"}),
+    ({"score": {"$gt": 2}}, {"d"}),
+    ({"score": 2.5}, {"d"}),
+    # numbers versus strings: strict
+    ({"priority": 3}, {"b"}),
+    ({"priority": "3"}, {"d"}),
+    ({"priority": {"$in": [1, 5]}}, {"a", "c"}),
+    ({"priority": {"$in": ["3"]}}, {"d"}),
+    ({"priority": {"$in": [3, "3"]}}, {"b", "d"}),
+    ({"trip.days": 3.0}, {"a"}),  # JSON has one number type: 3.0 equals 3
+    # booleans are neither numbers nor strings
+    ({"pinned": True}, {"a"}),
+    ({"pinned": False}, {"b"}),
+    ({"pinned": {"$ne": True}}, {"b", "c", "d", "e"}),
+    ({"pinned": 1}, set()),
+    ({"pinned": "true"}, set()),
+    ({"pinned": {"$in": [True, False]}}, {"a", "b"}),
+    # null is a value; $exists is about the key
+    ({"note": None}, {"b"}),
+    ({"note": {"$ne": None}}, ALL - {"b"}),
+    ({"note": {"$exists": True}}, {"b"}),
+    ({"note": {"$exists": False}}, ALL - {"b"}),
+    ({"topic": None}, set()),
+    ({"pinned": {"$exists": True}}, {"a", "b"}),
+    # dotted keys reach into nested objects
+    ({"trip.city": "Oslo"}, {"a"}),
+    ({"trip.days": {"$gte": 5}}, {"c"}),
+    ({"trip.city": {"$exists": True}}, {"a", "c"}),
+    ({"trip": {"$exists": True}}, {"a", "c"}),
+    ({"trip.city.name": {"$exists": True}}, set()),
+    # logic
+    ({"$and": [{"topic": "travel"}, {"priority": {"$gt": 2}}]}, {"c"}),
+    ({"$or": [{"topic": "health"}, {"trip.city": "Oslo"}]}, {"a", "b"}),
+    ({"$not": {"topic": "travel"}}, {"b", "d", "e"}),
+    ({"$not": {"priority": {"$gt": 2}}}, {"a", "d", "e"}),
+    ({"$or": [{"$and": [{"topic": "travel"}, {"pinned": True}]}, {"score": {"$exists": True}}]}, {"a", "d"}),
+    ({"topic": "travel", "$or": [{"priority": 5}, {"priority": 3}]}, {"c"}),
+    ({"$and": [{"$not": {"topic": "music"}}, {"$not": {"pinned": True}}]}, {"b", "c", "e"}),
+    # no filter
+    ({}, ALL),
+]
+
+
+def case_id(case: tuple[dict[str, Any], set[str]]) -> str:
+    return str(case[0])
+
+
+def keys_of(memories: list[gm.Memory]) -> set[str]:
+    return {m.text.removeprefix("memory ") for m in memories}
+
+
+async def seed(store: gm.Store, namespace: str) -> None:
+    await store.add_many(
+        [{"text": f"memory {key}", "namespace": namespace, "metadata": meta} for key, meta in ROWS.items()]
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mem(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[gm.Store]:
+    path: Path = tmp_path_factory.mktemp("filters") / "mem.db"
+    async with gm.open(path) as store:
+        await seed(store, "default")
+        yield store
+
+
+@pytest.mark.parametrize(("filter", "expected"), CASES, ids=[case_id(c) for c in CASES])
+async def test_list_applies_the_filter(mem: gm.Store, filter: dict[str, Any], expected: set[str]) -> None:
+    page = await mem.list(filter=filter)
+    assert keys_of(page.memories) == expected
+
+
+@pytest.mark.parametrize(("filter", "expected"), CASES, ids=[case_id(c) for c in CASES])
+@pytest.mark.parametrize("mode", ["vector", "hybrid", "keyword"])
+async def test_search_applies_the_filter(mem: gm.Store, mode: str, filter: dict[str, Any], expected: set[str]) -> None:
+    hits = await mem.search("memory", filter=filter, mode=mode, limit=100)
+    assert keys_of([h.memory for h in hits]) == expected
+
+
+_namespaces = (f"delete-{i}" for i in itertools.count())
+
+
+@pytest.mark.parametrize(("filter", "expected"), CASES, ids=[case_id(c) for c in CASES])
+async def test_delete_many_applies_the_filter(mem: gm.Store, filter: dict[str, Any], expected: set[str]) -> None:
+    namespace = next(_namespaces)  # a fresh copy of the rows for each case
+    await seed(mem, namespace)
+    assert await mem.delete_many(namespace=namespace, filter=filter) == len(expected)
+    assert keys_of((await mem.list(namespace=namespace)).memories) == ALL - expected
+    assert keys_of((await mem.list()).memories) == ALL  # the other namespace is untouched
+
+
+MALFORMED: list[tuple[Any, str]] = [
+    ({"topic": {"$regex": "trav.*"}}, "filter.topic.$regex"),
+    ({"$nor": [{"topic": "travel"}]}, "filter.$nor"),
+    ({"topic": {"$in": "travel"}}, "filter.topic.$in"),
+    ({"topic": {"$nin": []}}, "filter.topic.$nin"),
+    ({"topic": {"$in": [{"a": 1}]}}, "filter.topic.$in[0]"),
+    ({"$and": {"topic": "travel"}}, "filter.$and"),
+    ({"$or": []}, "filter.$or"),
+    ({"$or": [{"topic": "travel"}, "health"]}, "filter.$or[1]"),
+    ({"$not": "travel"}, "filter.$not"),
+    ({"$and": [{"priority": {"$gt": [1]}}]}, "filter.$and[0].priority.$gt"),
+    ({"priority": {"$gte": True}}, "filter.priority.$gte"),
+    ({"priority": {"$lt": None}}, "filter.priority.$lt"),
+    ({"note": {"$exists": "yes"}}, "filter.note.$exists"),
+    ({"trip": {"city": "Oslo"}}, "filter.trip"),
+    ({"trip": {"$eq": {"city": "Oslo"}}}, "filter.trip.$eq"),
+    ({"tags": ["a", "b"]}, "filter.tags"),
+    ({"trip..city": "Oslo"}, "filter.trip..city"),
+    ({'say "hi"': {"$ne": 1}}, 'filter.say "hi"'),  # a key SQLite's JSON paths cannot reach
+    (["topic", "travel"], "filter"),
+    ("topic=travel", "filter"),
+    (42, "filter"),
+]
+
+
+@pytest.mark.parametrize(("filter", "path"), MALFORMED, ids=[str(m[0]) for m in MALFORMED])
+async def test_a_malformed_filter_names_its_bad_part(mem: gm.Store, filter: Any, path: str) -> None:
+    for call in (
+        mem.list(filter=filter),
+        mem.search("memory", filter=filter),
+        mem.search("memory", filter=filter, mode="vector"),
+        mem.delete_many(filter=filter),
+    ):
+        with pytest.raises(InvalidFilter) as caught:
+            await call
+        assert caught.value.path == path
+        assert caught.value.code == "invalid_filter"
+        assert caught.value.to_dict()["details"] == {"path": path}
+    assert keys_of((await mem.list()).memories) == ALL  # the failed delete_many deleted nothing
+
+
+async def test_an_unknown_operator_error_lists_the_known_ones(mem: gm.Store) -> None:
+    with pytest.raises(InvalidFilter) as caught:
+        await mem.list(filter={"priority": {"$between": [1, 3]}})
+    assert "$between" in caught.value.message and "$gte" in caught.value.message
