@@ -18,7 +18,7 @@ import numpy as np
 
 from gm import filters, search
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, NotFound, NotReady, StoreClosed
+from gm.errors import InvalidInput, NotFound, NotReady, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
 from gm.memory import (
     MAX_BATCH,
@@ -73,6 +73,7 @@ class Store:
         self.embedder = Embedder(model)
         self.index = VectorIndex()
         self._index_ready = asyncio.Event()
+        self._index_error: StorageUnavailable | None = None
         self._pending: list[IndexChange] | None = []  # changes committed while the index loads
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = False
@@ -130,10 +131,17 @@ class Store:
 
     async def _load_index(self) -> None:
         started = time.perf_counter()
-        async for rows in self.backend.vectors():
-            self.index.load(rows)
+        try:
+            async for rows in self.backend.vectors():
+                self.index.load(rows)
+        except Exception as exc:
+            log.exception("loading the vector index failed")
+            self._index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
+            self._pending = None
+            self._index_ready.set()
+            return
         pending, self._pending = self._pending or [], None
-        self.index.apply(pending)  # replaying is idempotent: each change is a final state
+        self.index.apply(pending)  # replaying in order is idempotent: each change carries its final state
         self._index_ready.set()
         log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
 
@@ -344,6 +352,8 @@ class Store:
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
     ) -> builtins.list[tuple[int, float]]:
         vector, _ = await asyncio.gather(self.embedder.embed(query), self._index_ready.wait())
+        if self._index_error is not None:
+            raise self._index_error
         allowed: Iterable[int] | None = None
         if parsed is not None:
             allowed = await self.backend.matching_rowids(scope, parsed, now)

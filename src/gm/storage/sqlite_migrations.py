@@ -107,9 +107,23 @@ def snapshot_path(db: str | os.PathLike[str], version: int) -> Path:
 
 
 def read_version(db: str | os.PathLike[str]) -> int | None:
-    """The database's ``user_version``, read without writing anything; None if no file."""
-    if not Path(db).exists():
+    """The database's ``user_version``, read without writing anything; None if no file.
+
+    A cleanly closed database is read from its header (bytes 60-63), which creates no
+    ``-wal``/``-shm`` files next to it; one with a non-empty write-ahead log is asked
+    through a read-only connection, since the log may hold a newer version.
+    """
+    path = Path(db)
+    if not path.exists():
         return None
+    wal = Path(f"{path}-wal")
+    if not (wal.exists() and wal.stat().st_size > 0):
+        with path.open("rb") as f:
+            header = f.read(100)
+        if len(header) == 0:
+            return 0
+        if len(header) == 100 and header.startswith(b"SQLite format 3\x00"):
+            return int.from_bytes(header[60:64], "big")
     try:
         conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     except sqlite3.Error as exc:
