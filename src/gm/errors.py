@@ -135,3 +135,16 @@ class StorageUnavailable(GMError):
 
     code = "storage_unavailable"
     status = 503
+
+
+class DatabaseLocked(StorageUnavailable):
+    """Another process (a running server) holds the database."""
+
+    code = "database_locked"
+
+
+class BackupInvalid(GMError):
+    """A backup file failed verification (not SQLite, corrupt, or counts that do not match)."""
+
+    code = "backup_invalid"
+    status = 422

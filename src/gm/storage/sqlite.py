@@ -37,6 +37,7 @@ from gm.storage.base import (
     WriteOp,
     WriteResult,
 )
+from gm.storage.sqlite_files import DatabaseLock
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,7 @@ class SQLiteBackend(Backend):
         self.writer: Writer | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
+        self._lock = DatabaseLock(self.path)
 
     @property
     def phase(self) -> str:  # type: ignore[override]
@@ -279,6 +281,7 @@ class SQLiteBackend(Backend):
         )
 
     async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
+        self._lock.acquire()
         self.schema_version = await self.migrator.run()
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -304,6 +307,7 @@ class SQLiteBackend(Backend):
         self._all_readers.clear()
         if self.writer is not None:
             await self.writer.stop()
+        self._lock.release()
 
     async def write(self, op: WriteOp) -> Any:
         if self.writer is None:
