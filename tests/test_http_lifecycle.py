@@ -87,7 +87,7 @@ async def spawn_server(
     port = free_port()
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gm.cli", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "gm", "serve", "--port", str(port), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -138,6 +138,8 @@ class NewMemory:
     metadata: dict[str, Any]
     expires_at: int | None
     vector: bytes = b""
+    created_at: int | None = None  # set only by imports, which keep the original times
+    updated_at: int | None = None
 
     def same_content(self, other: Memory) -> bool:
         return (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -226,8 +227,18 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response(body, 503)
 
 
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), for operators watching it stay flat."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 async def stats(request: web.Request) -> web.Response:
     result = (await _state(request).store.stats()).to_dict()
+    result["process_resident_bytes"] = _resident_bytes()
     bound = request.get(NAMESPACE_KEY)
     if bound is not None:
         result["namespaces"] = {bound: result["namespaces"].get(bound, 0)}

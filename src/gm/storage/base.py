@@ -114,6 +114,9 @@ class Backend(abc.ABC):
     async def get(self, memory_id: str, now: int) -> Memory | None: ...
 
     @abc.abstractmethod
+    async def get_by_ids(self, ids: list[str], now: int) -> dict[str, Memory]: ...
+
+    @abc.abstractmethod
     async def get_many(self, rowids: list[int], now: int) -> dict[int, Memory]: ...
 
     @abc.abstractmethod

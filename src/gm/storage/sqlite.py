@@ -166,12 +166,14 @@ class Writer(Actor[WriteOp]):
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
+            created = item.created_at or op.now
+            updated = item.updated_at or created
             rows = await self._fetch(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 "created_at, updated_at, expires_at, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (id) DO NOTHING RETURNING rowid",
                 [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                 op.now, op.now, item.expires_at, item.vector],
+                 created, updated, item.expires_at, item.vector],
             )
             if not rows:
                 existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
@@ -186,10 +188,10 @@ class Writer(Actor[WriteOp]):
             rowid = rows[0][0]
             await self.conn.execute(
                 "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'add', ?, ?, ?)",
-                [item.id, s.namespace, op.now, item.text, meta],
+                [item.id, s.namespace, created, item.text, meta],
             )
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, op.now, op.now, item.expires_at)
+                            item.metadata, created, updated, item.expires_at)
             out.append((memory, True))
             changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
         return WriteResult(out, changes)
@@ -332,6 +334,13 @@ class SQLiteBackend(Backend):
     async def get(self, memory_id: str, now: int) -> Memory | None:
         rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [memory_id, now])
         return memory_from_row(rows[0]) if rows else None
+
+    async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id IN ({marks}) AND {LIVE}", [*ids, now])
+        return {row[1]: memory_from_row(row) for row in rows}
 
     async def get_many(self, rowids: list[int], now: int) -> dict[int, Memory]:
         if not rowids:

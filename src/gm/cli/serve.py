@@ -1,8 +1,4 @@
-"""The ``gmem`` command: ``serve`` runs the HTTP API; ``version`` prints the release.
-
-Exit codes: 0 success, 1 error, 2 usage, 3 database refused (schema newer than this
-release), 4 migration failed (rolled back), 5 model problem.
-"""
+"""``gmem serve``: listen at once, open the store behind readiness, drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -10,29 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
-from collections.abc import Sequence
+from typing import Any
 
-import gm
 from gm import logs
+from gm.cli.exits import EXIT_ERROR, exit_code
 from gm.config import ServerConfig, is_loopback
-from gm.errors import GMError, InvalidInput, MigrationFailed, ModelError, SchemaTooNew
+from gm.errors import GMError, InvalidInput
 
 log = logging.getLogger("gm.serve")
-
-EXIT_ERROR, EXIT_USAGE, EXIT_SCHEMA, EXIT_MIGRATION, EXIT_MODEL = 1, 2, 3, 4, 5
-
-
-def exit_code(error: GMError) -> int:
-    if isinstance(error, SchemaTooNew):
-        return EXIT_SCHEMA
-    if isinstance(error, MigrationFailed):
-        return EXIT_MIGRATION
-    if isinstance(error, ModelError):
-        return EXIT_MODEL
-    if isinstance(error, InvalidInput):
-        return EXIT_USAGE
-    return EXIT_ERROR
 
 
 async def serve(config: ServerConfig) -> int:
@@ -96,20 +77,26 @@ async def serve(config: ServerConfig) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gmem",
-        description="greatmemory: long-term memory for AI agents.",
-        epilog="Example: gmem serve --db memories.db --port 8420",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+async def run(args: argparse.Namespace) -> int:
+    """``gmem serve``: configuration from flags over GM_* variables, then :func:`serve`."""
+    config = ServerConfig.load(vars(args))
+    logs.setup(config.log_format)
+    try:
+        return await serve(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
+        return EXIT_ERROR
+
+
+def add_serve_command(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
         help="run the HTTP API server",
         description="Run the HTTP API (/v1) on a SQLite file. Flags win over GM_* variables.",
-        epilog="Example: GM_API_KEYS=$(gmem keys new) gmem serve --host 0.0.0.0 --db /data/mem.db",
+        epilog="Example:\n  GM_API_KEYS=$(gmem keys new) gmem serve --host 0.0.0.0 --db /data/mem.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    s.set_defaults(run=run)
     s.add_argument("--host", help="address to listen on (GM_HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="TCP port (GM_PORT; default 8420; 0 picks a free one)")
     s.add_argument("--db", help="SQLite database file (GM_DB; default ./greatmemory.db)")
@@ -118,32 +105,3 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (GM_LOG_FORMAT)")
     s.add_argument("--max-body-bytes", type=int, help="request body limit (GM_MAX_BODY_BYTES; default 4 MiB)")
     s.add_argument("--drain-seconds", type=float, help="how long to wait for in-flight requests on stop (30)")
-    sub.add_parser(
-        "version", help="print the release", description="Print greatmemory's version.", epilog="Example: gmem version"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "version":
-        print(f"greatmemory {gm.__version__}")
-        return 0
-    try:
-        config = ServerConfig.load(vars(args))
-    except GMError as exc:
-        print(f"gmem: {exc.message}", file=sys.stderr)
-        return exit_code(exc)
-    logs.setup(config.log_format)
-    try:
-        return asyncio.run(serve(config))
-    except GMError as exc:
-        print(f"gmem: {exc.message}", file=sys.stderr)
-        return exit_code(exc)
-    except OSError as exc:
-        print(f"gmem: cannot listen on {config.host}:{config.port}: {exc.strerror}", file=sys.stderr)
-        return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m gm`` runs the ``gmem`` command line."""
+
+import sys
+
+from gm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""The ``gmem`` command line: argument parsing for every command and the one place
+where errors become one line on stderr and an exit code (see gm.cli.exits)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from gm.cli import commands
+from gm.cli.exits import EXIT_USAGE, exit_code
+from gm.errors import GMError
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"gmem: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _command(
+    sub: argparse._SubParsersAction[_Parser], name: str, run: Command, summary: str, example: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name, help=summary, description=description or summary, epilog=f"Example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.set_defaults(run=run)
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    return parser
+
+
+def _target(parser: argparse.ArgumentParser, remote: bool = True) -> None:
+    parser.add_argument("--db", help="SQLite database file (GM_DB; default ./greatmemory.db)")
+    if remote:
+        parser.add_argument("--url", help="a running server instead of a file, e.g. http://127.0.0.1:8420 (GM_URL)")
+        parser.add_argument("--api-key", help="API key for --url (GM_API_KEY)")
+
+
+def _scope(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", help="namespace (default: default)")
+    parser.add_argument("--user-id")
+    parser.add_argument("--agent-id")
+    parser.add_argument("--session-id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gmem",
+        description="greatmemory: long-term memory for AI agents. Run `gmem COMMAND --help` for each command.",
+        epilog="Example:\n  gmem serve --db memories.db\n\nExit codes: 0 ok, 1 error, 2 usage, 3 schema newer "
+        "than this release, 4 migration failed, 5 model problem, 6 database in use, 7 backup invalid, "
+        "8 not found, 9 unreachable.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    from gm.cli.serve import add_serve_command
+
+    add_serve_command(sub)
+
+    p = _command(sub, "status", commands.status, "show schema version, readiness, counts, size and model",
+                 "gmem status --db greatmemory.db",
+                 "Report on a running server (--url) or a database file (--db, read-only: it never migrates "
+                 "or writes): schema version and pending migrations, readiness, memories per namespace, database "
+                 "size, model in use, and the server's memory when remote.")
+    _target(p)
+
+    p = _command(sub, "backup", commands.backup, "write a verified, consistent copy of a SQLite database",
+                 "gmem backup --db greatmemory.db nightly.db",
+                 "Copy the database with SQLite's online backup inside one read snapshot (safe while the "
+                 "server writes), verify it (integrity check, row counts), then rename it into place.")
+    _target(p, remote=False)
+    p.add_argument("path", nargs="?", help="where to write (default: <db>-<UTC time>.backup.db next to it)")
+
+    p = _command(sub, "restore", commands.restore, "replace a database with a verified backup",
+                 "gmem restore --db greatmemory.db nightly.db",
+                 "Verify the backup (integrity, schema not newer than this release), refuse while a server "
+                 "holds the database, keep the replaced file as <db>.pre-restore-<time>.bak, and swap "
+                 "atomically. An older backup is migrated on the next open.")
+    _target(p, remote=False)
+    p.add_argument("path", help="the backup file")
+
+    p = _command(sub, "export", commands.export, "write memories as JSON Lines",
+                 "gmem export --db greatmemory.db --vectors memories.jsonl",
+                 "Stream every live memory (all fields; with --vectors also its embedding) as JSON Lines, "
+                 "after a header line. Read-only: safe while a server runs.")
+    _target(p, remote=False)
+    p.add_argument("path", nargs="?", help="output file (default: standard output)")
+    p.add_argument("--vectors", action="store_true", help="include each memory's embedding (base64 float32)")
+    p.add_argument("--namespace", help="only this namespace")
+
+    p = _command(sub, "import", commands.import_, "read memories from JSON Lines",
+                 "gmem import --db new.db memories.jsonl",
+                 "Add the memories of a JSON Lines file (an export, or lines with at least \"text\") in "
+                 "batches. Idempotent by id: a memory already present is skipped, and every skip is reported "
+                 "with its reason. Vectors in the file are reused when they come from the same model.")
+    _target(p, remote=False)
+    p.add_argument("path", help="input file, or - for standard input")
+
+    p = _command(sub, "add", commands.add, "add one memory",
+                 "gmem add --user-id u1 --metadata '{\"topic\": \"travel\"}' \"Prefers window seats.\"")
+    _target(p)
+    _scope(p)
+    p.add_argument("text")
+    p.add_argument("--metadata", help="a JSON object")
+    p.add_argument("--id", help="your own id (makes retries idempotent)")
+    p.add_argument("--ttl-seconds", type=float, help="forget it after this many seconds")
+
+    p = _command(sub, "search", commands.search, "find the memories most relevant to a question",
+                 "gmem search --user-id u1 \"where does she like to sit?\"")
+    _target(p)
+    _scope(p)
+    p.add_argument("query")
+    p.add_argument("--filter", help="a metadata filter as JSON, e.g. '{\"topic\": \"travel\"}'")
+    p.add_argument("--limit", type=int, default=10, help="how many hits (1-100, default 10)")
+    p.add_argument("--mode", choices=["hybrid", "vector", "keyword"], default="hybrid")
+
+    p = _command(sub, "get", commands.get, "show one memory", "gmem get 0193a5c2-...")
+    _target(p)
+    p.add_argument("id")
+
+    p = _command(sub, "delete", commands.delete, "delete one memory", "gmem delete 0193a5c2-...")
+    _target(p)
+    p.add_argument("id")
+
+    keys = sub.add_parser("keys", help="API key tools", description="API key tools.",
+                          epilog="Example:\n  gmem keys new", formatter_class=argparse.RawDescriptionHelpFormatter)
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
+    p = _command(keys_sub, "new", commands.keys_new, "print a new random API key (256 bits)",
+                 "GM_API_KEYS=$(gmem keys new) gmem serve --host 0.0.0.0")
+    p.add_argument("--namespace", help="print it bound to this namespace (KEY@NAMESPACE)")
+
+    _command(sub, "version", commands.version, "print the release and its schema version", "gmem version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = asyncio.run(args.run(args))
+        return code
+    except GMError as exc:
+        print(f"gmem: {exc.message}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        print("gmem: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

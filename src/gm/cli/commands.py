@@ -1,0 +1,365 @@
+"""What each ``gmem`` command does, apart from ``serve``. Each takes the parsed arguments,
+prints its result (readable, or one JSON document with ``--json``) and returns an exit code;
+errors are raised as typed exceptions and turned into one line on stderr by ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import secrets
+import sqlite3
+import sys
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+import gm
+from gm import transfer
+from gm.client import Client
+from gm.errors import InvalidInput, StorageUnavailable
+from gm.memory import now_ms
+from gm.storage import sqlite_files, sqlite_migrations
+
+DEFAULT_DB = "greatmemory.db"
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() if args.json else text)
+
+
+class ProgressBar:
+    """``  42%  1,234 / 2,938 memories`` redrawn on stderr, only when stderr is a terminal."""
+
+    def __init__(self, unit: str, stream: TextIO = sys.stderr) -> None:
+        self.unit = unit
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        share = f"{100 * done // total:3d}%  " if total else ""
+        self.stream.write(f"\r{share}{done:,} / {total:,} {self.unit}" if total else f"\r{done:,} {self.unit}")
+        self.stream.flush()
+        self.drawn = True
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+
+
+def mib(size: int | None) -> str:
+    return "unknown" if size is None else f"{size / 1048576:.1f} MiB"
+
+
+# -- where a command acts ---------------------------------------------------------------------
+
+
+def database(args: argparse.Namespace) -> str:
+    return str(getattr(args, "db", None) or os.environ.get("GM_DB") or DEFAULT_DB)
+
+
+def server_url(args: argparse.Namespace) -> str | None:
+    url = getattr(args, "url", None) or os.environ.get("GM_URL")
+    return str(url) if url else None
+
+
+def client(args: argparse.Namespace, url: str) -> Client:
+    return Client(url, args.api_key or os.environ.get("GM_API_KEY"))
+
+
+def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Store]:
+    path = Path(database(args))
+    if not path.exists():
+        raise StorageUnavailable(f"there is no database at {path}; give --db, or --url for a server")
+    return gm.open(path)
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def server_holding(db: Path) -> str | None:
+    """Who holds ``db``'s lock (a running server), found without taking or changing anything."""
+    lock = sqlite_files.lock_path(db)
+    if not lock.exists():
+        return None
+    with lock.open("r") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+    return None
+
+
+def status_of_file(db: Path) -> dict[str, Any]:
+    """Everything ``gmem status --db`` reports, read through a read-only connection."""
+    if not db.exists():
+        raise StorageUnavailable(f"there is no database at {db}")
+    version = sqlite_migrations.read_version(db) or 0
+    latest = sqlite_migrations.LATEST
+    namespaces: dict[str, int] = {}
+    model = None
+    if 0 < version:
+        conn = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT namespace, count(*) FROM memories WHERE expires_at IS NULL OR expires_at > ? "
+                "GROUP BY namespace ORDER BY namespace", [now_ms()]
+            ).fetchall()
+            namespaces = {r[0]: r[1] for r in rows}
+            found = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+            model = found[0] if found else None
+        except sqlite3.DatabaseError as exc:
+            raise StorageUnavailable(f"cannot read {db}: {exc}") from None
+        finally:
+            conn.close()
+    size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
+    holder = server_holding(db)
+    readiness = "ready" if version == latest else ("refused: newer than this release" if version > latest
+                                                   else "migrations pending (applied on next open)")
+    return {
+        "target": str(db),
+        "backend": "sqlite",
+        "schema_version": version,
+        "latest_schema_version": latest,
+        "migrations_pending": version < latest,
+        "readiness": readiness,
+        "in_use_by": holder,
+        "memories": sum(namespaces.values()),
+        "namespaces": namespaces,
+        "database_bytes": size,
+        "model": model,
+    }
+
+
+async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    async with client(args, url) as remote:
+        code, ready = await remote.readyz()
+        result: dict[str, Any] = {"target": url, "readiness": ready.get("status"), "ready": code == 200}
+        if code == 200:
+            stats = await remote.stats()
+            result.update(stats)
+            result["migrations_pending"] = stats["schema_version"] < sqlite_migrations.LATEST
+    return result
+
+
+async def status(args: argparse.Namespace) -> int:
+    url = server_url(args)
+    result = await status_of_server(args, url) if url else status_of_file(Path(database(args)))
+    lines = [f"{'server' if url else 'database'}: {result['target']}", f"readiness: {result['readiness']}"]
+    if "schema_version" in result:
+        pending = " (migrations pending)" if result.get("migrations_pending") else ""
+        lines.append(f"schema: v{result['schema_version']}{pending}; this release knows v{sqlite_migrations.LATEST}")
+        lines.append(f"memories: {result['memories']:,}")
+        lines += [f"  {ns}: {count:,}" for ns, count in result["namespaces"].items()]
+        lines.append(f"database size: {mib(result.get('database_bytes'))}")
+        lines.append(f"model: {result.get('model') or 'none recorded yet'}")
+    if url and result.get("process_resident_bytes") is not None:
+        lines.append(f"server memory (resident): {mib(result['process_resident_bytes'])}")
+    if not url:
+        lines.append(f"in use by: {result['in_use_by'] or 'nobody (no server running on it)'}")
+    emit(args, result, "\n".join(lines))
+    return 0
+
+
+# -- backup / restore --------------------------------------------------------------------------
+
+
+async def backup(args: argparse.Namespace) -> int:
+    db = Path(database(args))
+    target = Path(args.path) if args.path else sqlite_files.default_backup_path(db)
+    bar = ProgressBar("pages")
+    try:
+        info = sqlite_files.backup(db, target, progress=bar)
+    finally:
+        bar.finish()
+    emit(args, {"backup": str(info.path), "memories": info.memories, "history": info.history,
+                "schema_version": info.schema_version, "bytes": info.bytes, "verified": True},
+         f"backup written: {info.path}\n  {info.memories:,} memories, {info.history:,} history rows, "
+         f"schema v{info.schema_version}, {mib(info.bytes)}; integrity check ok, counts match")
+    return 0
+
+
+async def restore(args: argparse.Namespace) -> int:
+    db = Path(database(args))
+    info, kept = sqlite_files.restore(db, args.path)
+    note = ""
+    if info.schema_version < sqlite_migrations.LATEST:
+        note = f"\n  it is at schema v{info.schema_version}; the next open migrates it to v{sqlite_migrations.LATEST}"
+    emit(args, {"database": str(db), "restored_from": str(args.path), "memories": info.memories,
+                "schema_version": info.schema_version, "previous_kept_as": str(kept) if kept else None},
+         f"restored {db} from {args.path}: {info.memories:,} memories, schema v{info.schema_version}"
+         + (f"\n  the database it replaced is kept as {kept}" if kept else "") + note)
+    return 0
+
+
+# -- export / import ---------------------------------------------------------------------------
+
+
+async def export(args: argparse.Namespace) -> int:
+    db = Path(database(args))
+    lines = transfer.export_lines(db, vectors=args.vectors, namespace=args.namespace)
+    header = next(lines)
+    total = orjson.loads(header)["greatmemory"]["memories"]
+    bar = ProgressBar("memories")
+    out = sys.stdout.buffer if args.path in (None, "-") else open(args.path, "wb")  # noqa: SIM115
+    written = 0
+    try:
+        out.write(header)
+        for line in lines:
+            out.write(line)
+            written += 1
+            if written % 1000 == 0:
+                bar(written, total)
+        bar(written, total)
+    finally:
+        bar.finish()
+        if out is not sys.stdout.buffer:
+            out.close()
+    if args.path not in (None, "-"):
+        emit(args, {"exported": written, "path": args.path, "vectors": args.vectors},
+             f"exported {written:,} memories to {args.path}{' with vectors' if args.vectors else ''}")
+    return 0
+
+
+def _read_lines(path: str) -> Iterator[bytes]:
+    if path == "-":
+        yield from sys.stdin.buffer
+        return
+    with open(path, "rb") as f:
+        yield from f
+
+
+async def import_(args: argparse.Namespace) -> int:
+    if args.path != "-" and not Path(args.path).is_file():
+        raise InvalidInput(f"there is no file {args.path}")
+    total = None if args.path == "-" else sum(1 for _ in _read_lines(args.path))
+    bar = ProgressBar("lines")
+    async with gm.open(database(args)) as store:
+        try:
+            report = await transfer.import_lines(store, _read_lines(args.path), total=total, progress=bar)
+        finally:
+            bar.finish()
+    reasons: dict[str, int] = {}
+    for skip in report.skipped:
+        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    text = [f"imported {report.imported:,} memories into {database(args)}, skipped {len(report.skipped):,}"]
+    text += [f"  {count:,} skipped: {reason}" for reason, count in sorted(reasons.items(), key=lambda r: -r[1])]
+    text += [f"  line {s.line}{f' ({s.id})' if s.id else ''}: {s.reason}" for s in report.skipped[:10]]
+    emit(args, {"imported": report.imported, "embedded": report.embedded,
+                "skipped": [{"line": s.line, "id": s.id, "reason": s.reason} for s in report.skipped]},
+         "\n".join(text))
+    return 0
+
+
+# -- client commands -------------------------------------------------------------------------
+
+
+def _scope(args: argparse.Namespace) -> dict[str, Any]:
+    fields = {"namespace": args.namespace, "user_id": args.user_id, "agent_id": args.agent_id,
+              "session_id": args.session_id}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _json_arg(raw: str | None, name: str) -> Any:
+    if raw is None:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInput(f"--{name} must be JSON, e.g. '{{\"topic\": \"travel\"}}'", path=name) from None
+
+
+def _describe(memory: dict[str, Any]) -> str:
+    scope = ", ".join(f"{k}={memory[k]}" for k in ("namespace", "user_id", "agent_id", "session_id") if memory.get(k))
+    lines = [f"{memory['id']}  [{scope}]", f"  {memory['text']}"]
+    if memory.get("metadata"):
+        lines.append(f"  metadata: {orjson.dumps(memory['metadata']).decode()}")
+    lines.append(f"  created {memory['created_at']}, updated {memory['updated_at']}"
+                 + (f", expires {memory['expires_at']}" if memory.get("expires_at") else ""))
+    return "\n".join(lines)
+
+
+async def add(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"text": args.text, **_scope(args)}
+    for key, value in (("metadata", _json_arg(args.metadata, "metadata")), ("id", args.id),
+                       ("ttl_seconds", args.ttl_seconds)):
+        if value is not None:
+            body[key] = value
+    url = server_url(args)
+    if url:
+        async with client(args, url) as remote:
+            memory = await remote.add(body)
+    else:
+        async with gm.open(database(args)) as store:
+            [(stored, _)] = await store.add_inputs([body], batch=False)
+            memory = stored.to_dict()
+    emit(args, memory, f"added {memory['id']}")
+    return 0
+
+
+async def search(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"query": args.query, **_scope(args), "limit": args.limit, "mode": args.mode}
+    if args.filter is not None:
+        body["filter"] = _json_arg(args.filter, "filter")
+    url = server_url(args)
+    if url:
+        async with client(args, url) as remote:
+            result = await remote.search(body)
+    else:
+        async with local_store(args) as store:
+            query = body.pop("query")
+            hits = await store.search(query, **body)
+            result = {"hits": [h.to_dict() for h in hits]}
+    lines = [f"{h['score']:.4f}  {h['memory']['text']}  ({h['memory']['id']})" for h in result["hits"]]
+    emit(args, result, "\n".join(lines) if lines else "no memories match")
+    return 0
+
+
+async def get(args: argparse.Namespace) -> int:
+    url = server_url(args)
+    if url:
+        async with client(args, url) as remote:
+            memory = await remote.get(args.id)
+    else:
+        async with local_store(args) as store:
+            memory = (await store.get(args.id)).to_dict()
+    emit(args, memory, _describe(memory))
+    return 0
+
+
+async def delete(args: argparse.Namespace) -> int:
+    url = server_url(args)
+    if url:
+        async with client(args, url) as remote:
+            await remote.delete(args.id)
+    else:
+        async with local_store(args) as store:
+            await store.delete(args.id)
+    emit(args, {"deleted": args.id}, f"deleted {args.id}")
+    return 0
+
+
+# -- keys and version ----------------------------------------------------------------------------
+
+
+async def keys_new(args: argparse.Namespace) -> int:
+    key = secrets.token_urlsafe(32)
+    bound = f"{key}@{args.namespace}" if args.namespace else key
+    emit(args, {"key": key, "gm_api_keys_entry": bound}, bound)
+    return 0
+
+
+async def version(args: argparse.Namespace) -> int:
+    emit(args, {"version": gm.__version__, "schema_version": sqlite_migrations.LATEST},
+         f"greatmemory {gm.__version__} (schema v{sqlite_migrations.LATEST})")
+    return 0

@@ -1,0 +1,44 @@
+"""The exit codes of ``gmem`` (documented in docs/cli.md) and which error maps to which."""
+
+from __future__ import annotations
+
+from gm.errors import (
+    BackupInvalid,
+    DatabaseLocked,
+    GMError,
+    InvalidInput,
+    MigrationFailed,
+    ModelError,
+    NotFound,
+    SchemaTooNew,
+    StorageUnavailable,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # anything else
+EXIT_USAGE = 2  # bad flags, arguments or input values
+EXIT_SCHEMA = 3  # the database's schema is newer than this release; nothing was changed
+EXIT_MIGRATION = 4  # a migration step failed and was rolled back
+EXIT_MODEL = 5  # the embedding model is missing or does not match the database
+EXIT_LOCKED = 6  # a running server holds the database
+EXIT_INVALID_BACKUP = 7  # a backup failed verification
+EXIT_NOT_FOUND = 8  # no memory with that id
+EXIT_UNAVAILABLE = 9  # the server or database cannot be reached
+
+
+def exit_code(error: GMError) -> int:
+    for cls, code in (
+        (SchemaTooNew, EXIT_SCHEMA),
+        (MigrationFailed, EXIT_MIGRATION),
+        (ModelError, EXIT_MODEL),
+        (DatabaseLocked, EXIT_LOCKED),
+        (BackupInvalid, EXIT_INVALID_BACKUP),
+        (NotFound, EXIT_NOT_FOUND),
+        (InvalidInput, EXIT_USAGE),
+        (StorageUnavailable, EXIT_UNAVAILABLE),
+    ):
+        if isinstance(error, cls):
+            return code
+    if error.code == "server_unreachable":
+        return EXIT_UNAVAILABLE
+    return EXIT_ERROR

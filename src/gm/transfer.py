@@ -1,0 +1,204 @@
+"""Export and import of memories as JSON Lines: the portable path between databases and
+releases. Export reads the file read-only (safe while a server runs); import goes
+through a store, batched and idempotent by id.
+
+The first line of an export is a header, ``{"greatmemory": {"format": 1, "model": ...,
+"schema_version": ..., "memories": N, "vectors": bool}}``; every other line is one memory
+with the contract's fields plus, with ``--vectors``, ``"vector"``: its float32 embedding
+in base64. Import also takes plain lines with just ``"text"`` (and any other input field).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import gm
+from gm.errors import BackupInvalid, GMError, InvalidInput
+from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_time
+from gm.storage import sqlite_migrations
+from gm.storage.base import AddMemories
+from gm.store import Store
+
+FORMAT = 1
+BATCH = 256
+Progress = Callable[[int, int], None]  # (done, total)
+_COLUMNS = "id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
+
+
+def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace: str | None = None) -> Iterator[bytes]:
+    """The export of ``db`` line by line (header first), read in one consistent snapshot."""
+    path = Path(db)
+    if not path.is_file():
+        raise BackupInvalid(f"there is no database at {path}")
+    version = sqlite_migrations.read_version(path) or 0
+    sqlite_migrations.guard(path, version, sqlite_migrations.LATEST)
+    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        if version == 0:
+            yield _header(None, version, 0, vectors)
+            return
+        model_row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
+        where = "(expires_at IS NULL OR expires_at > ?)"
+        params: list[Any] = [now_ms()]
+        if namespace is not None:
+            where += " AND namespace = ?"
+            params.append(namespace)
+        total = conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[0]
+        yield _header(model_row[0] if model_row else None, version, total, vectors)
+        columns = _COLUMNS + (", embedding" if vectors else "")
+        last = 0
+        while True:
+            rows = conn.execute(
+                f"SELECT rowid, {columns} FROM memories WHERE rowid > ? AND {where} ORDER BY rowid LIMIT 1000",
+                [last, *params],
+            ).fetchall()
+            if not rows:
+                break
+            for row in rows:
+                yield orjson.dumps(_line(row, vectors)) + b"\n"
+            last = rows[-1][0]
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes:
+    header = {"format": FORMAT, "release": gm.__version__, "schema_version": version, "model": model,
+              "memories": total, "vectors": vectors}
+    return orjson.dumps({"greatmemory": header}) + b"\n"
+
+
+def _line(row: Any, vectors: bool) -> dict[str, Any]:
+    memory = Memory(row[1], row[2], row[3], row[4], row[5], row[6], orjson.loads(row[7]), row[8], row[9], row[10])
+    line = memory.to_dict()
+    if vectors:
+        line["vector"] = base64.b64encode(row[11]).decode()
+    return line
+
+
+@dataclass
+class Skipped:
+    line: int
+    id: str | None
+    reason: str
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    embedded: int = 0  # how many had to be embedded (no usable vector in the file)
+
+
+class Importer:
+    """Feeds JSON Lines into a store in batches; see :func:`import_lines`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.report = ImportReport()
+        self.file_model: str | None = None
+
+    def parse(self, number: int, raw: bytes) -> tuple[int, NewMemory] | None:
+        """One line as a memory to add, or None (a header, a blank line, or skipped with a reason)."""
+        if not raw.strip():
+            return None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            self.report.skipped.append(Skipped(number, None, f"not JSON: {exc}"))
+            return None
+        if not isinstance(data, dict):
+            self.report.skipped.append(Skipped(number, None, "not a JSON object"))
+            return None
+        if "greatmemory" in data:
+            header = data["greatmemory"]
+            if isinstance(header, dict):
+                self.file_model = header.get("model")
+            return None
+        memory_id = data.get("id") if isinstance(data.get("id"), str) else None
+        try:
+            return number, self._memory(data)
+        except GMError as exc:
+            self.report.skipped.append(Skipped(number, memory_id, exc.message))
+            return None
+
+    def _memory(self, data: dict[str, Any]) -> NewMemory:
+        now = now_ms()
+        fields = {k: data[k] for k in ("text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata",
+                                         "ttl_seconds") if data.get(k) is not None}
+        if data.get("expires_at") is not None:
+            fields["expires_at"] = data["expires_at"]
+        item = new_memory(fields, now)
+        if item.expires_at is not None and item.expires_at <= now:
+            raise InvalidInput("expired before it was imported")
+        if data.get("created_at") is not None:
+            item.created_at = parse_time(data["created_at"], "created_at")
+        if data.get("updated_at") is not None:
+            item.updated_at = parse_time(data["updated_at"], "updated_at")
+        vector = data.get("vector")
+        if isinstance(vector, str) and self.file_model == self.store.model.identity:
+            try:
+                item.vector = base64.b64decode(vector, validate=True)
+            except ValueError:
+                raise InvalidInput("vector is not valid base64", path="vector") from None
+        return item
+
+    async def add(self, batch: list[tuple[int, NewMemory]]) -> None:
+        """Store a batch: ids already present with the same content are skipped as such,
+        with other content as conflicts; the rest is added in one transaction."""
+        if not batch:
+            return
+        existing = await self.store.backend.get_by_ids([item.id for _, item in batch], now_ms())
+        fresh: list[tuple[int, NewMemory]] = []
+        for number, item in batch:
+            found = existing.get(item.id)
+            if found is None:
+                fresh.append((number, item))
+            elif item.same_content(found):
+                self.report.skipped.append(Skipped(number, item.id, "already present with the same content"))
+            else:
+                self.report.skipped.append(Skipped(number, item.id, "id already names a memory with other content"))
+        dim = self.store.index.dim * 4
+        missing = [item for _, item in fresh if len(item.vector) != dim]
+        if missing:
+            vectors = await self.store.embedder.embed_many([item.text for item in missing])
+            for item, vector in zip(missing, vectors, strict=True):
+                item.vector = vector.tobytes()
+            self.report.embedded += len(missing)
+        if fresh:
+            await self.store.backend.write(AddMemories([item for _, item in fresh], now_ms()))
+            self.report.imported += len(fresh)
+
+
+async def import_lines(
+    store: Store, lines: Iterable[bytes], *, total: int | None = None, progress: Progress | None = None
+) -> ImportReport:
+    """Import JSON Lines into ``store`` in batches of ``BATCH``; returns what was imported
+    and what was skipped and why. Running it twice imports nothing the second time."""
+    importer = Importer(store)
+    batch: list[tuple[int, NewMemory]] = []
+    done = 0
+    for number, raw in enumerate(lines, start=1):
+        parsed = importer.parse(number, raw)
+        done += 1
+        if parsed is not None:
+            batch.append(parsed)
+        if len(batch) >= BATCH:
+            await importer.add(batch)
+            batch = []
+            if progress:
+                progress(done, total or 0)
+    await importer.add(batch)
+    if progress:
+        progress(done, total or done)
+    return importer.report
+
