@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +12,7 @@ import aiohttp
 import orjson
 
 from gm.storage.sqlite_migrations import STEPS, Step
-from tests.http_server import start_server, store_factory
+from tests.http_server import spawn_server, start_server, store_factory
 
 
 def slow_step(conn: sqlite3.Connection) -> None:
@@ -72,38 +68,6 @@ async def test_unreachable_storage_is_unavailable_then_recovers(tmp_path: Path) 
     finally:
         opener.cancel()
         await server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def spawn_server(
-    log_path: Path, *args: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], str]:
-    """`gmem serve` as a child process on a free port; returns once its readyz is 200."""
-    port = free_port()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gm", "serve", "--port", str(port), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url + "/v1/readyz") as response:
-                    if response.status == 200:
-                        return process, url
-            except aiohttp.ClientError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            await asyncio.sleep(0.1)
 
 
 async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -> None:

@@ -69,8 +69,14 @@ def database(args: argparse.Namespace) -> str:
 
 
 def server_url(args: argparse.Namespace) -> str | None:
-    url = getattr(args, "url", None) or os.environ.get("GM_URL")
-    return str(url) if url else None
+    """The server to talk to: ``--url``, else ``GM_URL`` unless ``--db`` names a file."""
+    if getattr(args, "url", None):
+        if getattr(args, "db", None):
+            raise InvalidInput("give --url (a server) or --db (a file), not both")
+        return str(args.url)
+    if getattr(args, "db", None):
+        return None
+    return os.environ.get("GM_URL") or None
 
 
 def client(args: argparse.Namespace, url: str) -> Client:
