@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Vector = npt.NDArray[np.float32]
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length; longer texts are truncated
-TOKEN_BUDGET = 4096  # padded tokens per ONNX call: small batches of similar length run fastest
+TOKEN_BUDGET = 512  # padded tokens per ONNX call: measured 256-512 ~40% faster than 4096 at batch 32
 DEFAULT_TOKENIZER = Path(__file__).parent / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
 
 

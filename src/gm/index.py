@@ -157,7 +157,7 @@ class VectorIndex:
         slots = np.flatnonzero(mask)
         if len(slots) == 0:
             return []
-        if len(slots) * 2 > n:
+        if len(slots) * 4 > n:  # gathering rows costs ~4x a row of the full product (measured)
             scores = (a.vectors[:n] @ query)[slots]
         else:
             scores = a.vectors[slots] @ query
