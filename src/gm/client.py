@@ -51,7 +51,12 @@ class Client:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServerUnreachable(f"no greatmemory server answered at {self.url}: {exc}") from None
-        payload = orjson.loads(raw) if raw else None
+        try:
+            payload = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:  # something else listens there (another service, a proxy's error page)
+            raise ServerUnreachable(
+                f"{self.url} answered {status} with something that is not a greatmemory server's JSON"
+            ) from None
         if status in ok:
             return status, payload
         error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}

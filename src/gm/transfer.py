@@ -163,6 +163,7 @@ class Importer:
             found = existing.get(item.id)
             if found is None:
                 fresh.append((number, item))
+                existing[item.id] = _as_memory(item)  # a later line with this id in the same batch is a repeat
             elif item.same_content(found):
                 self.report.skipped.append(Skipped(number, item.id, "already present with the same content"))
             else:
@@ -177,6 +178,12 @@ class Importer:
         if fresh:
             await self.store.backend.write(AddMemories([item for _, item in fresh], now_ms()))
             self.report.imported += len(fresh)
+
+
+def _as_memory(item: NewMemory) -> Memory:
+    s = item.scope
+    return Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, item.metadata,
+                  item.created_at or 0, item.updated_at or 0, item.expires_at)
 
 
 async def import_lines(

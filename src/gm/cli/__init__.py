@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
 from gm.cli import commands
-from gm.cli.exits import EXIT_USAGE, exit_code
+from gm.cli.exits import EXIT_ERROR, EXIT_USAGE, exit_code
 from gm.errors import GMError
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
@@ -153,3 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (OSError, sqlite3.Error) as exc:  # e.g. an output path in a folder that does not exist
+        print(f"gmem: {exc}", file=sys.stderr)
+        return EXIT_ERROR

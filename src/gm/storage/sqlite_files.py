@@ -89,7 +89,10 @@ def verify(path: str | os.PathLike[str], expect: tuple[int, int] | None = None) 
     file = Path(path)
     if not file.is_file():
         raise BackupInvalid(f"{file} does not exist")
-    version = sqlite_migrations.read_version(file)
+    try:
+        version = sqlite_migrations.read_version(file)
+    except StorageUnavailable as exc:  # not SQLite at all: the backup is invalid, not the storage unreachable
+        raise BackupInvalid(exc.message) from None
     sqlite_migrations.guard(file, version, sqlite_migrations.LATEST)
     try:
         conn = sqlite3.connect(f"file:{file.resolve()}?mode=ro", uri=True)
@@ -175,6 +178,8 @@ def restore(db: str | os.PathLike[str], source: str | os.PathLike[str]) -> tuple
     ``<db>.pre-restore-<time>.bak``. Returns the restored file's info and that path."""
     target = Path(db)
     info = verify(source)
+    if info.schema_version < 1:  # an empty file is valid SQLite, but restoring it would wipe the database
+        raise BackupInvalid(f"{source} holds no greatmemory database (schema version 0); it is not a backup")
     with DatabaseLock(target):
         partial = target.with_name(target.name + ".restore.partial")
         partial.unlink(missing_ok=True)
@@ -189,6 +194,10 @@ def restore(db: str | os.PathLike[str], source: str | os.PathLike[str]) -> tuple
         if target.exists():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             kept = target.with_name(f"{target.name}.pre-restore-{stamp}.bak")
+            for n in range(1, 1000):  # two restores in one second must not overwrite the first one's copy
+                if not kept.exists():
+                    break
+                kept = target.with_name(f"{target.name}.pre-restore-{stamp}-{n}.bak")
             conn = sqlite3.connect(target)
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # fold the WAL in before moving the file
