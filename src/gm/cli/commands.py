@@ -217,7 +217,9 @@ async def export(args: argparse.Namespace) -> int:
     header = next(lines)
     total = orjson.loads(header)["greatmemory"]["memories"]
     bar = ProgressBar("memories")
-    out = sys.stdout.buffer if args.path in (None, "-") else open(args.path, "wb")  # noqa: SIM115
+    to_file = args.path not in (None, "-")
+    partial = Path(f"{args.path}.partial") if to_file else None
+    out = open(partial, "wb") if partial else sys.stdout.buffer  # noqa: SIM115
     written = 0
     try:
         out.write(header)
@@ -227,10 +229,16 @@ async def export(args: argparse.Namespace) -> int:
             if written % 1000 == 0:
                 bar(written, total)
         bar(written, total)
+    except BaseException:
+        if partial:
+            out.close()
+            partial.unlink(missing_ok=True)  # no half-written export left under the real name
+        raise
     finally:
         bar.finish()
-        if out is not sys.stdout.buffer:
-            out.close()
+    if partial:
+        out.close()
+        os.replace(partial, args.path)
     if args.path not in (None, "-"):
         emit(args, {"exported": written, "path": args.path, "vectors": args.vectors},
              f"exported {written:,} memories to {args.path}{' with vectors' if args.vectors else ''}")
