@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -183,12 +184,12 @@ async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
 async def test_expiry_over_http(server: RunningServer) -> None:
     status, memory = await server.call("POST", "/v1/memories", json={"text": "short lived", "ttl_seconds": 0.05})
     assert status == 201 and memory["expires_at"] is not None
-    status, past = await server.call(
-        "POST", "/v1/memories", json={"text": "already gone", "expires_at": "2020-01-01T00:00:00Z"}
-    )
-    assert status == 201
-    import asyncio
-
+    for bad in ("2020-01-01T00:00:00Z", "9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+01:00"):
+        status, body = await server.call("POST", "/v1/memories", json={"text": "never stored", "expires_at": bad})
+        assert status == 422 and body["error"]["details"]["path"] == "expires_at", bad
+    status, lasting = await server.call("POST", "/v1/memories", json={"text": "lasting", "namespace": "other"})
+    status, body = await server.call("PATCH", f"/v1/memories/{lasting['id']}", json={"expires_at": "2020-01-01T00:00Z"})
+    assert status == 422 and body["error"]["details"]["path"] == "expires_at"
     await asyncio.sleep(0.1)
     assert (await server.call("GET", f"/v1/memories/{memory['id']}"))[0] == 404
     status, page = await server.call("GET", "/v1/memories")

@@ -98,7 +98,8 @@ async def test_client_id_with_other_content_conflicts(store: gm.Store, change: d
 
 
 async def test_a_client_id_can_be_reused_once_its_memory_expired(store: gm.Store) -> None:
-    await store.add("Old hotel booking.", id="booking", expires_at=rfc3339(timedelta(seconds=-1)))
+    await store.add("Old hotel booking.", id="booking", ttl_seconds=0.05)
+    await asyncio.sleep(0.1)
     [(memory, created)] = await store.add_inputs([{"id": "booking", "text": "New hotel booking."}])
     assert created is True
     assert (await store.get("booking")).text == "New hotel booking."
@@ -284,7 +285,10 @@ async def test_update_sets_and_clears_expiry(store: gm.Store) -> None:
     assert cleared.expires_at is None
     assert (await store.get(memory.id)).expires_at is None
 
-    await store.update(memory.id, expires_at=rfc3339(timedelta(seconds=-1)))
+    with pytest.raises(InvalidInput):  # a time already past is refused, not stored
+        await store.update(memory.id, expires_at=rfc3339(timedelta(seconds=-1)))
+    await store.update(memory.id, expires_at=rfc3339(timedelta(milliseconds=50)))
+    await asyncio.sleep(0.1)
     with pytest.raises(NotFound):
         await store.get(memory.id)
     assert await store.search("hotel this week") == []
@@ -372,7 +376,8 @@ async def test_stats_counts_per_namespace(store: gm.Store) -> None:
     await store.add_many(
         [{"text": f"d{i}"} for i in range(2)] + [{"text": f"w{i}", "namespace": "work"} for i in range(3)]
     )
-    await store.add("expired", namespace="old", expires_at=rfc3339(timedelta(seconds=-1)))
+    await store.add("expired", namespace="old", ttl_seconds=0.05)
+    await asyncio.sleep(0.1)
     stats = await store.stats()
     assert stats.memories == 5
     assert stats.namespaces == {"default": 2, "work": 3}
@@ -433,7 +438,11 @@ async def test_a_memory_past_its_ttl_is_never_returned_and_is_purged(store: gm.S
 
 async def test_purge_expired_removes_rows_and_records_the_delete(store: gm.Store, db_path: Path) -> None:
     kept = await store.add("Lives in Lisbon.")
-    past = await store.add("Was in Paris last week.", expires_at=rfc3339(timedelta(minutes=-5)))
+    with pytest.raises(InvalidInput) as refused:  # an expiry in the past is refused outright
+        await store.add("Never stored.", expires_at=rfc3339(timedelta(minutes=-5)))
+    assert refused.value.path == "expires_at"
+    past = await store.add("Was in Paris last week.", ttl_seconds=0.05)
+    await asyncio.sleep(0.1)
     with pytest.raises(NotFound):
         await store.get(past.id)
     assert ids((await store.list()).memories) == [kept.id]

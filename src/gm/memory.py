@@ -22,7 +22,7 @@ MAX_SCOPE_CHARS = 256
 MAX_BATCH = 1000
 DEFAULT_NAMESPACE = "default"
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
-_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
 
 Mode = Literal["hybrid", "vector", "keyword"]
@@ -144,12 +144,17 @@ class NewMemory:
     def same_content(self, other: Memory) -> bool:
         return (
             self.text == other.text
-            and self.metadata == other.metadata
+            and canonical(self.metadata) == canonical(other.metadata)  # type-strict: true is not 1
             and self.scope.namespace == other.namespace
             and self.scope.user_id == other.user_id
             and self.scope.agent_id == other.agent_id
             and self.scope.session_id == other.session_id
         )
+
+
+def canonical(value: Any) -> bytes:
+    """JSON with sorted keys: equal bytes mean equal values of the same JSON types."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 # -- time ---------------------------------------------------------------------------
@@ -181,7 +186,10 @@ def parse_time(value: Any, path: str) -> int:
         raise InvalidInput(f"{path} must be an RFC 3339 time string", path=path)
     if moment.tzinfo is None:
         raise InvalidInput(f"{path} needs a time zone, e.g. a trailing Z for UTC", path=path)
-    return int(moment.timestamp() * 1000)
+    ms = int(moment.timestamp() * 1000)
+    if not 0 <= ms <= MAX_TIME_MS:  # times are stored and written back as UTC years 1970-9999
+        raise InvalidInput(f"{path} must lie between 1970 and the end of 9999 (UTC)", path=path)
+    return ms
 
 
 # -- ids ------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ def new_id() -> str:
 
 
 def check_id(value: Any, path: str = "id") -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidInput(
             f"{path} must be 1-128 characters of A-Z a-z 0-9 . _ : -", path=path
         )
@@ -296,7 +304,11 @@ def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") 
             )
         return now + int(ttl_seconds * 1000)
     if expires_at is not None:
-        return parse_time(expires_at, prefix + "expires_at")
+        moment = parse_time(expires_at, prefix + "expires_at")
+        if moment <= now:
+            raise InvalidInput(f"{prefix}expires_at is in the past; the memory would never be seen",
+                               path=prefix + "expires_at")
+        return moment
     return None
 
 
