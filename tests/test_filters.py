@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 import gm
+from gm import filters
 from gm.errors import InvalidFilter
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -178,3 +180,37 @@ async def test_an_unknown_operator_error_lists_the_known_ones(mem: gm.Store) -> 
     with pytest.raises(InvalidFilter) as caught:
         await mem.list(filter={"priority": {"$between": [1, 3]}})
     assert "$between" in caught.value.message and "$gte" in caught.value.message
+
+
+# -- limits: a filter the database could not run is refused before it reaches a writer ---------
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ({"a": {"$in": list(range(300))}}, "filter"),
+        ({"a": 2**64}, "filter.a"),
+        ({"a": {"$nin": [1, -(2**63) - 1]}}, "filter.a.$nin[1]"),
+        ({"a\\b": 1}, "filter.a\\b"),
+    ],
+)
+def test_filters_the_database_cannot_run_are_refused(raw: dict[str, Any], path: str) -> None:
+    with pytest.raises(InvalidFilter) as caught:
+        filters.parse(raw)
+    assert caught.value.path == path
+
+
+async def test_a_too_deep_filter_fails_alone_and_other_writes_commit(tmp_path: Path) -> None:
+    deep: dict[str, Any] = {"a": 1}
+    for _ in range(300):
+        deep = {"$not": deep}
+    async with gm.open(tmp_path / "deep.db") as store:  # this module's tests share one event loop
+        memory = await store.add("kept", metadata={"a": 1})
+        results = await asyncio.gather(
+            store.delete_many(filter=deep),
+            *(store.update(memory.id, metadata={"a": 1, "n": n}) for n in range(20)),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], InvalidFilter)
+        assert not any(isinstance(r, BaseException) for r in results[1:])
+        assert (await store.get(memory.id)).metadata["n"] == 19

@@ -14,6 +14,9 @@ from typing import Any
 from gm.errors import InvalidFilter
 
 Scalar = str | int | float | bool | None
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 16  # nesting of $and / $or / $not
+MAX_CONDITIONS = 256  # field conditions and $in / $nin values, all told
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
 LOGICAL = ("$and", "$or", "$not")
 
@@ -51,22 +54,37 @@ def parse(raw: Any, path: str = "filter") -> Filter | None:
         raise InvalidFilter(f"{path} must be a JSON object", path=path)
     if not raw:
         return None
-    return _parse_object(raw, path)
+    tree = _parse_object(raw, path, 0)
+    if _size(tree) > MAX_CONDITIONS:
+        raise InvalidFilter(
+            f"{path} has more than {MAX_CONDITIONS} conditions and $in/$nin values; simplify it", path=path
+        )
+    return tree
 
 
-def _parse_object(raw: Any, path: str) -> Filter:
+def _size(node: Filter) -> int:
+    if isinstance(node, (All, AnyOf)):
+        return sum(_size(part) for part in node.parts)
+    if isinstance(node, Not):
+        return _size(node.part)
+    return len(node.value) if node.op in ("$in", "$nin") else 1
+
+
+def _parse_object(raw: Any, path: str, depth: int) -> Filter:
     if not isinstance(raw, dict) or not raw:
         raise InvalidFilter(f"{path} must be a non-empty JSON object", path=path)
+    if depth > MAX_DEPTH:
+        raise InvalidFilter(f"{path} nests $and/$or/$not more than {MAX_DEPTH} deep; flatten it", path=path)
     parts: list[Filter] = []
     for key, value in raw.items():
         sub = f"{path}.{key}"
         if key in ("$and", "$or"):
             if not isinstance(value, list) or not value:
                 raise InvalidFilter(f"{sub} must be a non-empty list of filters", path=sub)
-            children = tuple(_parse_object(item, f"{sub}[{i}]") for i, item in enumerate(value))
+            children = tuple(_parse_object(item, f"{sub}[{i}]", depth + 1) for i, item in enumerate(value))
             parts.append(All(children) if key == "$and" else AnyOf(children))
         elif key == "$not":
-            parts.append(Not(_parse_object(value, sub)))
+            parts.append(Not(_parse_object(value, sub, depth + 1)))
         elif key.startswith("$"):
             raise InvalidFilter(
                 f"unknown operator {key} at {path}; use one of {', '.join(LOGICAL)} here "
@@ -82,8 +100,8 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
     segments = tuple(key.split("."))
     if not key or any(not s for s in segments):
         raise InvalidFilter(f"{path}: a field name must be non-empty (dots separate nested keys)", path=path)
-    if '"' in key:  # SQLite's JSON paths cannot address such a key: it would silently match nothing
-        raise InvalidFilter(f"{path}: a field name in a filter cannot contain a double quote", path=path)
+    if '"' in key or "\\" in key:  # SQLite's JSON paths cannot address such keys: they would match nothing
+        raise InvalidFilter(f"{path}: a field name in a filter cannot contain a double quote or backslash", path=path)
     if not (isinstance(value, dict) and value and all(isinstance(k, str) and k.startswith("$") for k in value)):
         return [Condition(segments, "$eq", _scalar(value, path))]
     out: list[Filter] = []
@@ -109,6 +127,8 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
 
 
 def _scalar(value: Any, path: str) -> Scalar:
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidFilter(f"{path} is outside the 64-bit integer range metadata numbers can hold", path=path)
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise InvalidFilter(f"{path} must be a string, number, boolean or null", path=path)

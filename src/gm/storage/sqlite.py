@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import Conflict, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -83,10 +83,21 @@ def encode_cursor(memory: Memory, rowid: int) -> str:
 
 def decode_cursor(cursor: str) -> tuple[int, int]:
     try:
-        created, rowid = cursor.split(".")
-        return int(created), int(rowid)
+        created, rowid = (int(part) for part in cursor.split("."))
+        if not (0 <= created < 2**63 and 0 <= rowid < 2**63):
+            raise ValueError(cursor)
+        return created, rowid
     except ValueError:
         raise InvalidInput("cursor is not one this server gave out; start again without it", path="cursor") from None
+
+
+# SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
+_STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
+
+
+def _statement_error(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _STATEMENT_ERRORS
 
 
 class Writer(Actor[WriteOp]):
@@ -111,13 +122,14 @@ class Writer(Actor[WriteOp]):
                     outcomes.append(await self.apply(envelope.msg))
                     await self.conn.execute("RELEASE op")
                 except Exception as exc:
-                    if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
-                        raise  # the database itself failed: the whole batch fails below
-                    # A rejected write, or one SQLite cannot hold (an integer past 64 bits): only it fails,
-                    # and the transaction is never left open for the next batch.
+                    if isinstance(exc, sqlite3.Error) and not _statement_error(exc):
+                        raise  # the database itself failed (disk, I/O, lock): the whole batch fails below
+                    # A rejected write, or one SQLite cannot hold or run (an integer past 64 bits, an
+                    # expression too deep): only it fails; the others in the batch still commit.
                     await self.conn.execute("ROLLBACK TO op")
                     await self.conn.execute("RELEASE op")
-                    outcomes.append(InvalidInput(str(exc)) if isinstance(exc, sqlite3.IntegrityError) else exc)
+                    refused = exc if isinstance(exc, GMError) else InvalidInput(f"the database refused it: {exc}")
+                    outcomes.append(refused)
             await self.conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
