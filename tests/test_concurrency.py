@@ -76,7 +76,7 @@ async def test_a_write_sqlite_cannot_hold_fails_alone(store: gm.Store) -> None:
         store.backend.write(AddMemories([items[1], items[2]], now)),
         return_exceptions=True,
     )
-    assert isinstance(results[1], OverflowError)
+    assert isinstance(results[1], gm.errors.InvalidInput)  # a typed error, not a raw OverflowError
     assert [m.text for m, created in results[0] + results[2]] == ["good 0", "good 1", "good 2"]  # type: ignore[operator]
 
     after = await store.add("written after the failure")

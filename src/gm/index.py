@@ -1,9 +1,11 @@
 """The in-process vector index: every live memory's unit vector in one float32 matrix,
 with its scope and expiry beside it, scored by cosine (a dot product) off the event loop.
 
-The Writer's task is its only mutator (after each commit); searches run on worker threads
-against a snapshot (the arrays and the row count when they started). Appends land past
-that count and growth swaps in new arrays, so a running search never sees a torn row.
+One task mutates it at a time: the loader while the store opens (commits meanwhile are
+buffered), then the Writer after each commit. Searches run on worker threads against a
+snapshot: the published arrays and the row count they carry. Appends fill a row before
+counting it, and growth or compaction builds new arrays completely before publishing
+them, so a running search never sees a torn or missing row.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class _Arrays:
     live: npt.NDArray[np.bool_]
     expires: npt.NDArray[np.int64]
     scope: npt.NDArray[np.int32]  # one column per scope field; -1 = not set
+    count: int = 0  # rows in use (live or not); rows past it are not yet written
 
 
 class VectorIndex:
@@ -35,7 +38,6 @@ class VectorIndex:
 
     def __init__(self, dim: int = 384, capacity: int = 1024) -> None:
         self.dim = dim
-        self.count = 0  # slots used (live or not)
         self.live_count = 0
         self._a = self._allocate(capacity)
         self._slot: dict[int, int] = {}
@@ -53,65 +55,84 @@ class VectorIndex:
     def __len__(self) -> int:
         return self.live_count
 
-    def _code(self, field: int, value: str | None, *, create: bool) -> int | None:
-        if value is None:
-            return -1
+    @property
+    def count(self) -> int:
+        return self._a.count
+
+    def _intern(self, field: int, value: str) -> int:
         codes = self._codes[field]
         code = codes.get(value)
-        if code is None and create:
+        if code is None:
             code = codes[value] = len(codes)
         return code
 
-    def _reserve(self, extra: int) -> None:
-        need = self.count + extra
-        old = self._a
-        if need <= len(old.rowids):
-            return
-        if self.live_count < self.count // 2:  # mostly tombstones: compact instead of growing
-            keep = np.flatnonzero(old.live[: self.count])
-            if self.live_count + extra <= len(old.rowids):
-                self._a = new = self._allocate(len(old.rowids))
-                self._copy(old, new, keep)
-                return
-        capacity = max(need, len(old.rowids) * 2)
-        keep = np.flatnonzero(old.live[: self.count])
-        self._a = new = self._allocate(capacity)
-        self._copy(old, new, keep)
+    def _codes_of(self, scope: Scope) -> list[int]:
+        values = (scope.namespace, scope.user_id, scope.agent_id, scope.session_id)
+        return [-1 if value is None else self._intern(field, value) for field, value in enumerate(values)]
 
-    def _copy(self, old: _Arrays, new: _Arrays, keep: npt.NDArray[np.intp]) -> None:
+    def _reserve(self, extra: int) -> None:
+        """Make room for ``extra`` rows, compacting away removed rows; publishes new arrays
+        only once they are complete."""
+        old = self._a
+        if old.count + extra <= len(old.rowids):
+            return
+        keep = np.flatnonzero(old.live[: old.count])
+        capacity = len(old.rowids)
+        if len(keep) + extra > capacity // 2:  # grow unless removed rows free at least half
+            capacity = max(len(keep) + extra, capacity * 2)
+        new = self._allocate(capacity)
         n = len(keep)
         new.vectors[:n] = old.vectors[keep]
         new.rowids[:n] = old.rowids[keep]
         new.live[:n] = True
         new.expires[:n] = old.expires[keep]
         new.scope[:n] = old.scope[keep]
+        new.count = n
         self._slot = {int(r): i for i, r in enumerate(new.rowids[:n])}
-        self.count = n
+        self._a = new
+
+    def _fit_dim(self, dim: int) -> None:
+        if dim != self.dim:
+            if self._a.count:
+                raise ValueError(f"vector of {dim} dimensions in an index of {self.dim}")
+            self.dim = dim
+            self._a = self._allocate(len(self._a.rowids))
 
     def add(self, rowid: int, vector: bytes | npt.NDArray[np.float32], scope: Scope, expires_at: int | None) -> None:
         """Add (or replace) the vector of ``rowid``."""
         row = np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector
-        if row.shape[0] != self.dim:
-            if self.count:
-                raise ValueError(f"vector of {row.shape[0]} dimensions in an index of {self.dim}")
-            self.dim = row.shape[0]
-            self._a = self._allocate(len(self._a.rowids))
+        self._fit_dim(row.shape[0])
         self.remove(rowid)
         self._reserve(1)
-        a, slot = self._a, self.count
+        a = self._a
+        slot = a.count
         a.vectors[slot] = row
         a.rowids[slot] = rowid
         a.expires[slot] = NEVER if expires_at is None else expires_at
-        for field, value in enumerate((scope.namespace, scope.user_id, scope.agent_id, scope.session_id)):
-            a.scope[slot, field] = self._code(field, value, create=True)  # type: ignore[assignment]
+        a.scope[slot] = self._codes_of(scope)
         a.live[slot] = True
         self._slot[rowid] = slot
-        self.count += 1
+        a.count = slot + 1  # counted only once written
         self.live_count += 1
 
-    def load(self, rows: Iterable[VectorRow]) -> None:
+    def load(self, rows: list[VectorRow]) -> None:
+        """Add many rows at once (the bulk path of opening a store; blocking, ~1 s per million)."""
+        if not rows:
+            return
+        self._fit_dim(len(rows[0].vector) // 4)
         for row in rows:
-            self.add(row.rowid, row.vector, row.scope, row.expires_at)
+            self.remove(row.rowid)
+        self._reserve(len(rows))
+        a = self._a
+        start, end = a.count, a.count + len(rows)
+        a.vectors[start:end] = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(-1, self.dim)
+        a.rowids[start:end] = [r.rowid for r in rows]
+        a.expires[start:end] = [NEVER if r.expires_at is None else r.expires_at for r in rows]
+        a.scope[start:end] = [self._codes_of(r.scope) for r in rows]
+        a.live[start:end] = True
+        self._slot.update((r.rowid, start + i) for i, r in enumerate(rows))
+        a.count = end
+        self.live_count += len(rows)
 
     def remove(self, rowid: int) -> None:
         slot = self._slot.pop(rowid, None)
@@ -141,14 +162,15 @@ class VectorIndex:
     ) -> list[tuple[int, float]]:
         """The ``k`` best (rowid, cosine) pairs among live, unexpired vectors in ``scope``
         (and among ``allowed`` rowids if given), best first. Blocking: run it off the loop."""
-        a, n = self._a, self.count
+        a = self._a
+        n = a.count
         if n == 0:
             return []
         mask = a.live[:n] & (a.expires[:n] > now)
         for field, value in enumerate((scope.namespace, scope.user_id, scope.agent_id, scope.session_id)):
             if value is None:
                 continue
-            code = self._code(field, value, create=False)
+            code = self._codes[field].get(value)
             if code is None:
                 return []
             mask &= a.scope[:n, field] == code

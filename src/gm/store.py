@@ -133,8 +133,8 @@ class Store:
     async def _load_index(self) -> None:
         started = time.perf_counter()
         try:
-            async for rows in self.backend.vectors():
-                self.index.load(rows)
+            async for rows in self.backend.vectors():  # commits meanwhile wait in _pending,
+                await asyncio.to_thread(self.index.load, rows)  # so the loader may mutate off the loop
         except Exception as exc:
             log.exception("loading the vector index failed")
             self._index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
