@@ -194,7 +194,7 @@ async def test_an_unknown_operator_error_lists_the_known_ones(mem: gm.Store) -> 
         ({"a\\b": 1}, "filter.a\\b"),
     ],
 )
-def test_filters_the_database_cannot_run_are_refused(raw: dict[str, Any], path: str) -> None:
+async def test_filters_the_database_cannot_run_are_refused(raw: dict[str, Any], path: str) -> None:
     with pytest.raises(InvalidFilter) as caught:
         filters.parse(raw)
     assert caught.value.path == path

@@ -116,3 +116,32 @@ async def test_probes_need_no_key(server: RunningServer) -> None:
     assert (await server.call("GET", "/v1/healthz"))[0] == 200
     assert (await server.call("GET", "/v1/readyz"))[0] == 200
     assert (await server.call("GET", "/v1/readyz", key="wrong-key-0123456789abcdef"))[0] == 200
+
+
+def test_key_lists_that_would_widen_access_are_refused() -> None:
+    for raw in (f"{TEAM}@", f"{TEAM},{TEAM}@team", f"{ADMIN}@{'x' * 300}"):
+        with pytest.raises(InvalidInput):
+            parse_api_keys(raw)
+
+
+async def test_a_reused_id_shows_each_bound_key_only_its_own_history(tmp_path: Path) -> None:
+    keys = parse_api_keys(f"{TEAM}@team, {ADMIN}@other")
+    server = await start_server(store_factory(tmp_path / "reuse.db"), api_keys=keys)
+    try:
+        assert (await server.call("POST", "/v1/memories", key=TEAM, json={"id": "shared-1", "text": "team note"}))[
+            0
+        ] == 201
+        assert (await server.call("DELETE", "/v1/memories/shared-1", key=TEAM))[0] == 204
+        status, _ = await server.call(
+            "POST", "/v1/memories", key=ADMIN, json={"id": "shared-1", "text": "other secret"}
+        )
+        assert status == 201
+        status, body = await server.call("GET", "/v1/memories/shared-1/history", key=TEAM)
+        assert status == 200 and [(h["op"], h["text"]) for h in body["history"]] == [
+            ("add", "team note"),
+            ("delete", "team note"),
+        ]
+        status, body = await server.call("GET", "/v1/memories/shared-1/history", key=ADMIN)
+        assert status == 200 and [h["text"] for h in body["history"]] == ["other secret"]
+    finally:
+        await server.stop()

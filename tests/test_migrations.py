@@ -225,3 +225,25 @@ async def test_the_model_loads_lazily(db_path: Path) -> None:
         assert hit.memory.text == "Loads the model."
         assert store.embedder.loaded is True
         assert (await store.stats()).extra["model_loaded"] is True
+
+
+async def test_a_retried_upgrade_keeps_the_snapshot_of_the_older_version(db_path: Path, tmp_path: Path) -> None:
+    """v1 -> v3 fails at step 3 after step 2 committed; the retry must not replace the v1
+    snapshot (the one the previous release can open) with a copy of the half-way v2."""
+    migrate(db_path, target=1)
+    conn = sqlite3.connect(db_path)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('marker', 'v1 data')")
+    conn.commit()
+    conn.close()
+
+    def boom(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("step 3 is broken")
+
+    steps = (*STEPS, Step(LATEST + 1, "broken", boom))
+    for _ in range(2):
+        with pytest.raises(MigrationFailed):
+            migrate(db_path, steps)
+        assert user_version(db_path) == LATEST
+    snapshot = snapshot_path(db_path, LATEST + 1)
+    assert user_version(snapshot) == 1
+    assert rows(snapshot, "SELECT value FROM meta WHERE key = 'marker'") == [("v1 data",)]

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gm.errors import InvalidInput
+from gm.memory import check_scope_value
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8420
@@ -27,15 +28,19 @@ class ApiKey:
 
 def parse_api_keys(raw: str | None) -> tuple[ApiKey, ...]:
     """``GM_API_KEYS``: comma-separated keys; ``KEY@NAMESPACE`` binds a key to a namespace."""
-    keys = []
+    keys: list[ApiKey] = []
     for part in (raw or "").split(","):
         part = part.strip()
         if not part:
             continue
-        secret, _, namespace = part.partition("@")
+        secret, at, namespace = part.partition("@")
         if len(secret) < 16:
             raise InvalidInput("every key in GM_API_KEYS must be at least 16 characters (try `gmem keys new`)")
-        keys.append(ApiKey(secret, namespace or None))
+        if at and not namespace:  # e.g. "$KEY@$TEAM" with TEAM unset: never widen it to every namespace
+            raise InvalidInput("a key in GM_API_KEYS ends in @ with no namespace after it; write KEY@NAMESPACE")
+        if any(key.secret == secret for key in keys):
+            raise InvalidInput("a key appears twice in GM_API_KEYS; give each key once")
+        keys.append(ApiKey(secret, check_scope_value(namespace, "GM_API_KEYS namespace") if at else None))
     return tuple(keys)
 
 
@@ -47,7 +52,7 @@ class ServerConfig:
     database_url: str | None = None
     model_dir: str | None = None
     api_keys: tuple[ApiKey, ...] = ()
-    host_explicit: bool = False
+    ignored_host: str | None = None  # a GM_HOST set aside because no API keys were given
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
@@ -76,8 +81,9 @@ class ServerConfig:
         api_keys = parse_api_keys(env.get("GM_API_KEYS"))
         flag_host = flags.get("host")
         host = str(flag_host or env.get("GM_HOST") or DEFAULT_HOST)
+        ignored_host = None
         if not api_keys and flag_host is None and not is_loopback(host):
-            host = DEFAULT_HOST  # no keys: only --host itself may open the server beyond loopback
+            ignored_host, host = host, DEFAULT_HOST  # no keys: only --host itself may open it beyond loopback
         return cls(
             host=host,
             port=port,
@@ -85,7 +91,7 @@ class ServerConfig:
             database_url=_opt(pick("database_url", "GM_DATABASE_URL", None)),
             model_dir=_opt(pick("model_dir", "GM_MODEL_DIR", None)),
             api_keys=api_keys,
-            host_explicit=flag_host is not None,
+            ignored_host=ignored_host,
             max_body_bytes=max_body,
             drain_seconds=drain,
             log_format=log_format,

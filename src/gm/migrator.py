@@ -1,5 +1,6 @@
 """The Migrator actor: brings a backend's schema up to date once, reports its phase
-(starting, migrating, ready, failed) and sets the readiness event the server's readyz reports.
+(starting, migrating, ready, failed; the server's readyz shows it) and sets its ``ready``
+event once the schema is current, for anything that must wait for that.
 """
 
 from __future__ import annotations

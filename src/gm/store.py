@@ -73,18 +73,16 @@ class Store:
         self.embedder = Embedder(model)
         self.index = VectorIndex()
         self._index_ready = asyncio.Event()
-        self._index_error: StorageUnavailable | None = None
+        self.index_error: StorageUnavailable | None = None
         self._pending: list[IndexChange] | None = []  # changes committed while the index loads
         self._tasks: list[asyncio.Task[None]] = []
         self._opened = False
         self._closed = False
-        self.opened_in: float | None = None
 
     # -- life cycle -----------------------------------------------------------------
 
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
-        started = time.perf_counter()
         _limit_blas_threads()
         await self.backend.open(self._on_commit)
         await self.backend.write(RecordModel(self.model.identity))
@@ -92,7 +90,6 @@ class Store:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._load_index(), name="gm-index-load"))
         self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
-        self.opened_in = time.perf_counter() - started
         return self
 
     async def close(self) -> None:
@@ -137,7 +134,7 @@ class Store:
                 await asyncio.to_thread(self.index.load, rows)  # so the loader may mutate off the loop
         except Exception as exc:
             log.exception("loading the vector index failed")
-            self._index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
+            self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
             self._pending = None
             self._index_ready.set()
             return
@@ -353,8 +350,8 @@ class Store:
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
     ) -> builtins.list[tuple[int, float]]:
         vector, _ = await asyncio.gather(self.embedder.embed(query), self._index_ready.wait())
-        if self._index_error is not None:
-            raise self._index_error
+        if self.index_error is not None:
+            raise self.index_error
         allowed: Iterable[int] | None = None
         if parsed is not None:
             allowed = await self.backend.matching_rowids(scope, parsed, now)

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 import gm
-from gm.errors import BackupInvalid, GMError, InvalidInput
+from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_time
 from gm.storage import sqlite_migrations
 from gm.storage.base import AddMemories
@@ -37,7 +37,7 @@ def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace
     """The export of ``db`` line by line (header first), read in one consistent snapshot."""
     path = Path(db)
     if not path.is_file():
-        raise BackupInvalid(f"there is no database at {path}")
+        raise StorageUnavailable(f"there is no database at {path}")
     version = sqlite_migrations.read_version(path) or 0
     sqlite_migrations.guard(path, version, sqlite_migrations.LATEST)
     conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, isolation_level=None)

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="Example:\n  gmem keys new", formatter_class=argparse.RawDescriptionHelpFormatter)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
     p = _command(keys_sub, "new", commands.keys_new, "print a new random API key (256 bits)",
-                 "GM_API_KEYS=$(gmem keys new) gmem serve --host 0.0.0.0")
+                 "KEY=$(gmem keys new); echo \"$KEY\" > client.key; GM_API_KEYS=$KEY gmem serve --host 0.0.0.0")
     p.add_argument("--namespace", help="print it bound to this namespace (KEY@NAMESPACE)")
 
     _command(sub, "version", commands.version, "print the release and its schema version", "gmem version")
@@ -156,4 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (OSError, sqlite3.Error) as exc:  # e.g. an output path in a folder that does not exist
         print(f"gmem: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: still one line, with what to report
+        print(f"gmem: unexpected {type(exc).__name__}: {exc} (please report this)", file=sys.stderr)
         return EXIT_ERROR

@@ -37,6 +37,9 @@ async def serve(config: ServerConfig) -> int:
     await site.start()
     bound = runner.addresses[0]
     url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
+    if config.ignored_host:
+        log.warning("GM_HOST=%s ignored: no GM_API_KEYS set; pass --host to listen there without keys",
+                    config.ignored_host)
     if not config.api_keys:
         where = "loopback only" if is_loopback(config.host) else f"{config.host}, as --host asked"
         log.warning("no GM_API_KEYS set: anyone who can reach the port can read and write (listening on %s)", where)
@@ -93,7 +96,8 @@ def add_serve_command(sub: Any) -> None:
         "serve",
         help="run the HTTP API server",
         description="Run the HTTP API (/v1) on a SQLite file. Flags win over GM_* variables.",
-        epilog="Example:\n  GM_API_KEYS=$(gmem keys new) gmem serve --host 0.0.0.0 --db /data/mem.db",
+        epilog="Example:\n  KEY=$(gmem keys new); echo \"$KEY\" > client.key\n"
+        "  GM_API_KEYS=$KEY gmem serve --host 0.0.0.0 --db /data/mem.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.set_defaults(run=run)

@@ -44,7 +44,7 @@ class ServerState:
     def phase(self) -> str:
         if self.draining:
             return "draining"
-        if self.failure is not None:
+        if self.failure is not None or self.store.index_error is not None:
             return "unavailable"
         if self.store.ready:
             return "ready"
@@ -222,8 +222,9 @@ async def readyz(request: web.Request) -> web.Response:
         backend = state.store.backend
         return json_response({"status": "ready", "schema_version": backend.schema_version, "backend": backend.name})
     body: dict[str, Any] = {"status": phase}
-    if state.failure is not None:
-        body["reason"] = state.failure.message
+    failure = state.failure or state.store.index_error
+    if failure is not None:
+        body["reason"] = failure.message
     return json_response(body, 503)
 
 
@@ -310,7 +311,12 @@ async def delete_memory(request: web.Request) -> web.Response:
 
 async def memory_history(request: web.Request) -> web.Response:
     entries = await _state(request).store.history(request.match_info["id"])
-    _check_owner(request, entries[0].namespace)
+    bound = request.get(NAMESPACE_KEY)
+    if bound is not None:  # an id can be reused in another namespace after a delete: show only the key's own
+        own = [e for e in entries if e.namespace == bound]
+        if not own:
+            _check_owner(request, entries[-1].namespace)
+        entries = own
     return json_response({"history": [e.to_dict() for e in entries]})
 
 

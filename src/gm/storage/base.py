@@ -5,7 +5,6 @@ index changes a committed write produces, and the read queries the store needs.
 from __future__ import annotations
 
 import abc
-import asyncio
 import builtins
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -97,7 +96,6 @@ class Backend(abc.ABC):
     name: str
     schema_version: int
     phase: str  # starting | migrating | ready | unavailable | failed
-    ready: asyncio.Event
 
     @abc.abstractmethod
     async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
@@ -140,9 +138,6 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def counts(self, now: int) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    async def model_identity(self) -> str | None: ...
 
     def size_bytes(self) -> int | None:
         return None

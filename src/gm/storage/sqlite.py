@@ -279,7 +279,6 @@ class SQLiteBackend(Backend):
         self.target_version = target_version
         self.schema_version = 0
         self.migrator = Migrator(self._migrate)
-        self.ready = self.migrator.ready
         self.writer: Writer | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
@@ -420,10 +419,6 @@ class SQLiteBackend(Backend):
             f"SELECT namespace, count(*) FROM memories WHERE {LIVE} GROUP BY namespace ORDER BY namespace", [now]
         )
         return {r[0]: r[1] for r in rows}
-
-    async def model_identity(self) -> str | None:
-        rows = await self._fetch("SELECT value FROM meta WHERE key = 'model'", [])
-        return rows[0][0] if rows else None
 
     def size_bytes(self) -> int | None:
         total = 0

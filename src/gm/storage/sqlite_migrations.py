@@ -199,8 +199,13 @@ def migrate(
         if not pending:
             return version
         on_phase("migrating")
-        if _holds_data(conn):
-            snapshot = snapshot_path(db, pending[-1].version)
+        snapshot = snapshot_path(db, pending[-1].version)
+        kept = read_version(snapshot) if snapshot.exists() else None
+        if kept is not None and kept < version:
+            # An earlier attempt at this upgrade failed after some steps: its snapshot holds the
+            # older state the previous release can open. Keep it rather than snapshot a half-way version.
+            log.info("keeping %s (schema v%d) from an earlier attempt at this upgrade", snapshot, kept)
+        elif _holds_data(conn):
             log.info("snapshot of %s (schema v%d) written to %s before migrating", db, version, snapshot)
             take_snapshot(conn, snapshot)
         for step in pending:
