@@ -169,6 +169,14 @@ class Writer(Actor[WriteOp]):
     async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
         return list(await self.conn.execute_fetchall(sql, params))
 
+    async def _history(self, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
+        """Record ``op`` for each (memory id, namespace, time, text, metadata JSON)."""
+        if rows:
+            await self.conn.executemany(
+                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, ?, ?, ?, ?)",
+                [(memory_id, namespace, op, at, text, meta) for memory_id, namespace, at, text, meta in rows],
+            )
+
     async def _add(self, op: AddMemories) -> WriteResult:
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
@@ -198,10 +206,7 @@ class Writer(Actor[WriteOp]):
                 out.append((memory, False))
                 continue
             rowid = rows[0][0]
-            await self.conn.execute(
-                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'add', ?, ?, ?)",
-                [item.id, s.namespace, created, item.text, meta],
-            )
+            await self._history("add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
                             item.metadata, created, updated, item.expires_at)
             out.append((memory, True))
@@ -223,10 +228,7 @@ class Writer(Actor[WriteOp]):
             assignments += ", embedding = ?"
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
-        await self.conn.execute(
-            "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'update', ?, ?, ?)",
-            [op.id, old.namespace, op.now, text, meta],
-        )
+        await self._history("update", [(op.id, old.namespace, op.now, text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
                         old.created_at, op.now, expires_at)
@@ -239,11 +241,7 @@ class Writer(Actor[WriteOp]):
         )
         if missing is not None and not rows:
             raise NotFound(f"no memory with id {missing!r}")
-        if rows:
-            await self.conn.executemany(
-                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES (?, ?, 'delete', ?, ?, ?)",
-                [(r[1], r[4], now, r[2], r[3]) for r in rows],
-            )
+        await self._history("delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
     async def _record_model(self, op: RecordModel) -> WriteResult:
