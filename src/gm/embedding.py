@@ -149,7 +149,7 @@ class Encoder:
         return unit
 
 
-class Embedder(Actor[str]):
+class Embedder(Actor[tuple[str, bool]]):
     """Embeds texts for every caller of a store; loads the model on first use.
 
     Concurrent callers' texts are gathered into one batch (up to ``max_batch``), and one
@@ -169,12 +169,14 @@ class Embedder(Actor[str]):
     def loaded(self) -> bool:
         return self._encoder is not None
 
-    async def embed(self, text: str) -> Vector:
-        vector: Vector = await self.ask(text)
+    async def embed(self, text: str, *, urgent: bool = False) -> Vector:
+        """The unit vector of ``text``. ``urgent`` (a search's query) goes ahead of queued
+        texts being added, in a call of its own, so searches don't wait behind bulk writes."""
+        vector: Vector = await self.ask((text, urgent))
         return vector
 
     async def embed_many(self, texts: list[str]) -> list[Vector]:
-        return list(await asyncio.gather(*(self.ask(t) for t in texts)))
+        return list(await asyncio.gather(*(self.ask((t, False)) for t in texts)))
 
     def _encode(self, texts: list[str]) -> Vector:
         if self._encoder is None:
@@ -184,11 +186,14 @@ class Embedder(Actor[str]):
             log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
         return self._encoder.encode(texts)
 
-    async def handle(self, batch: list[Envelope[str]]) -> None:
+    async def handle(self, batch: list[Envelope[tuple[str, bool]]]) -> None:
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg for e in batch])
-        for envelope, vector in zip(batch, vectors, strict=True):
-            envelope.answer(vector)
+        urgent = [e for e in batch if e.msg[1]]
+        for group in (urgent, [e for e in batch if not e.msg[1]]):
+            if group:
+                vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg[0] for e in group])
+                for envelope, vector in zip(group, vectors, strict=True):
+                    envelope.answer(vector)
 
     async def on_stop(self) -> None:
         self._thread.shutdown(wait=False)

@@ -349,7 +349,7 @@ class Store:
     async def _vector_ranking(
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
     ) -> builtins.list[tuple[int, float]]:
-        vector, _ = await asyncio.gather(self.embedder.embed(query), self._index_ready.wait())
+        vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._index_ready.wait())
         if self.index_error is not None:
             raise self.index_error
         allowed: Iterable[int] | None = None
