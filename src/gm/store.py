@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gm import filters, search
+from gm.config import DEFAULT_DB
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotFound, NotReady, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -388,7 +389,7 @@ async def _empty() -> list[tuple[int, float]]:
 
 
 def open(
-    target: str | os.PathLike[str] = "greatmemory.db",
+    target: str | os.PathLike[str] = DEFAULT_DB,
     *,
     model_dir: str | os.PathLike[str] | None = None,
     **backend_options: Any,

@@ -25,12 +25,12 @@ from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_time
 from gm.storage import sqlite_migrations
 from gm.storage.base import AddMemories
+from gm.storage.sqlite import COLUMNS, LIVE, memory_from_row
 from gm.store import Store
 
 FORMAT = 1
 BATCH = 256
 Progress = Callable[[int, int], None]  # (done, total)
-_COLUMNS = "id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 
 
 def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace: str | None = None) -> Iterator[bytes]:
@@ -47,18 +47,18 @@ def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace
             yield _header(None, version, 0, vectors)
             return
         model_row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-        where = "(expires_at IS NULL OR expires_at > ?)"
+        where = LIVE
         params: list[Any] = [now_ms()]
         if namespace is not None:
             where += " AND namespace = ?"
             params.append(namespace)
         total = conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[0]
         yield _header(model_row[0] if model_row else None, version, total, vectors)
-        columns = _COLUMNS + (", embedding" if vectors else "")
+        columns = COLUMNS + (", embedding" if vectors else "")
         last = 0
         while True:
             rows = conn.execute(
-                f"SELECT rowid, {columns} FROM memories WHERE rowid > ? AND {where} ORDER BY rowid LIMIT 1000",
+                f"SELECT {columns} FROM memories WHERE rowid > ? AND {where} ORDER BY rowid LIMIT 1000",
                 [last, *params],
             ).fetchall()
             if not rows:
@@ -78,8 +78,7 @@ def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes
 
 
 def _line(row: Any, vectors: bool) -> dict[str, Any]:
-    memory = Memory(row[1], row[2], row[3], row[4], row[5], row[6], orjson.loads(row[7]), row[8], row[9], row[10])
-    line = memory.to_dict()
+    line = memory_from_row(row).to_dict()
     if vectors:
         line["vector"] = base64.b64encode(row[11]).decode()
     return line

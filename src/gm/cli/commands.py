@@ -21,12 +21,11 @@ import orjson
 import gm
 from gm import transfer
 from gm.client import Client
+from gm.config import DEFAULT_DB
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import now_ms
 from gm.storage import sqlite_files, sqlite_migrations
-
-DEFAULT_DB = "greatmemory.db"
-
+from gm.storage.sqlite import LIVE
 
 # -- output -------------------------------------------------------------------------------
 
@@ -118,7 +117,7 @@ def status_of_file(db: Path) -> dict[str, Any]:
         conn = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
         try:
             rows = conn.execute(
-                "SELECT namespace, count(*) FROM memories WHERE expires_at IS NULL OR expires_at > ? "
+                f"SELECT namespace, count(*) FROM memories WHERE {LIVE} "
                 "GROUP BY namespace ORDER BY namespace", [now_ms()]
             ).fetchall()
             namespaces = {r[0]: r[1] for r in rows}

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gm.config import ApiKey
+from gm.config import DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.openapi import openapi_document
@@ -376,7 +376,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
-def make_app(state: ServerState, *, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
+def make_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
     """The aiohttp application for ``state``; the caller opens the store (``state.open_store``)."""
     app = web.Application(
         middlewares=[error_middleware, auth_middleware, lifecycle_middleware], client_max_size=max_body_bytes
