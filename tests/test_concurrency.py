@@ -84,3 +84,22 @@ async def test_a_write_sqlite_cannot_hold_fails_alone(store: gm.Store) -> None:
     assert {m.text for m in (await store.list()).memories} == {"good 0", "good 1", "good 2", after.text}
     with pytest.raises(gm.errors.NotFound):
         await store.get(bad.id)
+
+
+async def test_reads_do_not_wait_behind_a_write_in_progress(store: gm.Store, db_path: Path) -> None:
+    memory = await store.add("Lives in Oslo.", user_id="u1")
+    await store.wait_index()
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        blocked_add = asyncio.create_task(store.add("Moved to Bergen.", user_id="u1"))
+        reads = asyncio.gather(
+            store.get(memory.id), store.list(user_id="u1"), store.search("Oslo", user_id="u1"), store.stats()
+        )
+        got, page, hits, stats = await asyncio.wait_for(reads, 5)
+        assert got == memory and page.memories == [memory] and hits[0].memory == memory and stats.memories == 1
+        assert not blocked_add.done()  # the write is still waiting for the lock
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert (await blocked_add).text == "Moved to Bergen."
