@@ -1,16 +1,124 @@
-"""Shared fixtures: a fresh database path and an opened store on it, both in pytest's tmp_path.
+"""Shared fixtures. Everything is real: a SQLite file in pytest's tmp_path or a fresh
+Postgres database (dropped afterwards), the default embedding model, no mocks.
 
-Everything is real: a SQLite file, the default embedding model, no mocks.
+``target`` is the one parametrized fixture the backend-neutral tests run through: each
+such test runs once on SQLite and once on Postgres. Postgres is the server at
+``GM_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``);
+when it is unreachable those runs are skipped with a reason, except under ``CI=true``,
+where they fail.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 import gm
+
+BACKENDS = ["sqlite", "postgres"]
+ADMIN_URL = os.environ.get("GM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine to completion on a loop of its own (fixtures may run inside another loop)."""
+    result: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            result["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=main)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+class PostgresServer:
+    """Creates and drops throwaway databases on one Postgres server."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.problem: str | None = None
+
+    async def _admin(self, sql: str) -> None:
+        conn = await asyncpg.connect(self.admin_url, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def require(self) -> None:
+        if self.problem is None:
+            try:
+                _run(self._admin("SELECT 1"))
+                self.problem = ""
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+                self.problem = (
+                    f"Postgres is not reachable at {self.admin_url} ({exc}); start it "
+                    "(pg_ctlcluster 15 main start) or set GM_TEST_POSTGRES_URL to a server where "
+                    "this user may CREATE DATABASE"
+                )
+        if self.problem:
+            if os.environ.get("CI"):
+                pytest.fail(self.problem)
+            pytest.skip(self.problem)
+
+    def url_of(self, name: str) -> str:
+        base, _, _ = self.admin_url.rpartition("/")
+        return f"{base}/{name}"
+
+    def create(self) -> str:
+        self.require()
+        name = f"gm_test_{uuid.uuid4().hex[:12]}"
+        _run(self._admin(f'CREATE DATABASE "{name}"'))
+        return name
+
+    def drop(self, name: str) -> None:
+        _run(self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+POSTGRES = PostgresServer(ADMIN_URL)
+
+
+def _target(backend: str, directory: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield str(directory / "mem.db")
+        return
+    name = POSTGRES.create()
+    try:
+        yield POSTGRES.url_of(name)
+    finally:
+        POSTGRES.drop(name)
+
+
+@pytest.fixture(params=BACKENDS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file path, or a postgresql:// URL."""
+    yield from _target(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Like ``target``, shared by a module's tests."""
+    yield from _target(request.param, tmp_path_factory.mktemp("db"))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty Postgres database (for Postgres-only tests)."""
+    yield from _target("postgres", Path())
 
 
 @pytest.fixture
@@ -19,7 +127,13 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[gm.Store]:
-    async with gm.open(db_path) as mem:
+async def store(target: str) -> AsyncIterator[gm.Store]:
+    async with gm.open(target) as mem:
         yield mem
 
+
+@pytest.fixture
+async def sqlite_store(db_path: Path) -> AsyncIterator[gm.Store]:
+    """For tests that look inside the SQLite file."""
+    async with gm.open(db_path) as mem:
+        yield mem

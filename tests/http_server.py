@@ -19,6 +19,8 @@ from aiohttp import web
 from gm.config import ApiKey
 from gm.embedding import ModelSpec
 from gm.http import ServerState, make_app
+from gm.storage import is_postgres_url
+from gm.storage.postgres import PostgresBackend
 from gm.storage.sqlite import SQLiteBackend
 from gm.store import Store
 
@@ -46,8 +48,11 @@ class RunningServer:
         await self.state.store.close()
 
 
-def store_factory(db: Path, **backend_options: Any) -> Callable[[], Store]:
-    return lambda: Store(SQLiteBackend(db, **backend_options), ModelSpec.default())
+def store_factory(db: Path | str, **backend_options: Any) -> Callable[[], Store]:
+    """Builds a store on a SQLite path or a postgresql:// URL, as ``gmem serve`` does."""
+    if is_postgres_url(str(db)):
+        return lambda: Store(PostgresBackend(str(db), **backend_options), ModelSpec.default())
+    return lambda: Store(SQLiteBackend(Path(db), **backend_options), ModelSpec.default())
 
 
 async def start_server(

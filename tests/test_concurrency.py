@@ -18,7 +18,8 @@ from gm.storage.base import AddMemories
 N = 500
 
 
-async def test_concurrent_adds_are_all_stored_once_and_durable_on_reply(store: gm.Store, db_path: Path) -> None:
+async def test_concurrent_adds_are_all_stored_once_and_durable_on_reply(sqlite_store: gm.Store, db_path: Path) -> None:
+    store = sqlite_store  # looks inside the SQLite file
     reader = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # a separate, plain connection
     unseen: list[str] = []
 
@@ -86,7 +87,8 @@ async def test_a_write_sqlite_cannot_hold_fails_alone(store: gm.Store) -> None:
         await store.get(bad.id)
 
 
-async def test_reads_do_not_wait_behind_a_write_in_progress(store: gm.Store, db_path: Path) -> None:
+async def test_reads_do_not_wait_behind_a_write_in_progress(sqlite_store: gm.Store, db_path: Path) -> None:
+    store = sqlite_store  # looks inside the SQLite file
     memory = await store.add("Lives in Oslo.", user_id="u1")
     await store.wait_index()
     blocker = sqlite3.connect(db_path, isolation_level=None)

@@ -103,9 +103,8 @@ async def seed(store: gm.Store, namespace: str) -> None:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mem(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[gm.Store]:
-    path: Path = tmp_path_factory.mktemp("filters") / "mem.db"
-    async with gm.open(path) as store:
+async def mem(module_target: str) -> AsyncIterator[gm.Store]:
+    async with gm.open(module_target) as store:
         await seed(store, "default")
         yield store
 

@@ -15,8 +15,8 @@ from tests.http_server import RunningServer, start_server, store_factory
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start_server(store_factory(tmp_path / "http.db"), max_body_bytes=64 * 1024)
+async def server(target: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(store_factory(target), max_body_bytes=64 * 1024)
     yield running
     await running.stop()
 
@@ -198,13 +198,13 @@ async def test_expiry_over_http(server: RunningServer) -> None:
     assert body["hits"] == []
 
 
-async def test_stats_shape(server: RunningServer) -> None:
+async def test_stats_shape(server: RunningServer, target: str) -> None:
     await server.call("POST", "/v1/memories", json={"text": "a", "namespace": "n1"})
     await server.call("POST", "/v1/memories", json={"text": "b", "namespace": "n2"})
     status, stats = await server.call("GET", "/v1/stats")
     assert status == 200
     assert stats["memories"] == 2 and stats["namespaces"] == {"n1": 1, "n2": 1}
-    assert stats["schema_version"] == 2 and stats["backend"] == "sqlite" and stats["model"].startswith("all-MiniLM")
+    assert stats["schema_version"] == 2 and stats["backend"] == ("postgres" if target.startswith("postgresql:") else "sqlite") and stats["model"].startswith("all-MiniLM")
 
 
 async def test_openapi_names_exactly_the_served_routes(server: RunningServer) -> None:

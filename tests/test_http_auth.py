@@ -17,8 +17,8 @@ KEYS = parse_api_keys(f"{ADMIN}, {TEAM}@team")
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start_server(store_factory(tmp_path / "auth.db"), api_keys=KEYS)
+async def server(target: str) -> AsyncIterator[RunningServer]:
+    running = await start_server(store_factory(target), api_keys=KEYS)
     yield running
     await running.stop()
 

@@ -18,7 +18,7 @@ import gm
 from gm.embedding import ModelSpec
 from gm.errors import Conflict, InvalidInput, ModelMismatch, ModelNotFound, NotFound, StoreClosed
 from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time
-from gm.storage.sqlite_migrations import LATEST
+from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 
 
 def rfc3339(delta: timedelta) -> str:
@@ -372,7 +372,7 @@ async def test_history_records_add_update_delete_oldest_first(store: gm.Store) -
         await store.history("never-existed")
 
 
-async def test_stats_counts_per_namespace(store: gm.Store) -> None:
+async def test_stats_counts_per_namespace(store: gm.Store, target: str) -> None:
     await store.add_many(
         [{"text": f"d{i}"} for i in range(2)] + [{"text": f"w{i}", "namespace": "work"} for i in range(3)]
     )
@@ -381,8 +381,9 @@ async def test_stats_counts_per_namespace(store: gm.Store) -> None:
     stats = await store.stats()
     assert stats.memories == 5
     assert stats.namespaces == {"default": 2, "work": 3}
-    assert stats.schema_version == LATEST
-    assert stats.backend == "sqlite"
+    postgres = is_postgres_url(target)
+    assert stats.backend == ("postgres" if postgres else "sqlite")
+    assert stats.schema_version == (postgres_migrations.LATEST if postgres else sqlite_migrations.LATEST)
     assert stats.model == ModelSpec.default().identity
     assert stats.database_bytes is not None and stats.database_bytes > 0
     assert stats.to_dict()["memories"] == 5
@@ -436,7 +437,8 @@ async def test_a_memory_past_its_ttl_is_never_returned_and_is_purged(store: gm.S
     assert [e.op for e in await store.history(brief.id)] == ["add"]
 
 
-async def test_purge_expired_removes_rows_and_records_the_delete(store: gm.Store, db_path: Path) -> None:
+async def test_purge_expired_removes_rows_and_records_the_delete(sqlite_store: gm.Store, db_path: Path) -> None:
+    store = sqlite_store  # looks inside the SQLite file
     kept = await store.add("Lives in Lisbon.")
     with pytest.raises(InvalidInput) as refused:  # an expiry in the past is refused outright
         await store.add("Never stored.", expires_at=rfc3339(timedelta(minutes=-5)))
@@ -544,6 +546,7 @@ BAD_READS: list[tuple[str, dict[str, Any], str]] = [
 async def test_bad_arguments_raise_invalid_input_naming_them(
     store: gm.Store, method: str, kwargs: dict[str, Any], path: str
 ) -> None:
+    kwargs = dict(kwargs)  # the parameter is shared by both backends' runs
     args = [kwargs.pop("id")] if "id" in kwargs else [kwargs.pop("query")] if "query" in kwargs else []
     with pytest.raises(InvalidInput) as caught:
         await getattr(store, method)(*args, **kwargs)
@@ -554,8 +557,8 @@ async def test_bad_arguments_raise_invalid_input_naming_them(
 # -- life cycle -------------------------------------------------------------------------------
 
 
-async def test_a_closed_store_refuses_every_call(db_path: Path) -> None:
-    store = await gm.open(db_path)
+async def test_a_closed_store_refuses_every_call(target: str) -> None:
+    store = await gm.open(target)
     memory = await store.add("Still here after closing.")
     await store.close()
     await store.close()  # closing twice is fine
@@ -570,16 +573,16 @@ async def test_a_closed_store_refuses_every_call(db_path: Path) -> None:
         with pytest.raises(StoreClosed):
             await call
 
-    async with gm.open(db_path) as again:
+    async with gm.open(target) as again:
         assert await again.get(memory.id) == memory
 
 
-async def test_memories_and_their_vectors_survive_a_reopen(db_path: Path) -> None:
-    async with gm.open(db_path) as store:
+async def test_memories_and_their_vectors_survive_a_reopen(target: str) -> None:
+    async with gm.open(target) as store:
         dog = await store.add("Has a golden retriever named Biscuit.", user_id="u1")
         violin = await store.add("Plays the violin in a community orchestra.", user_id="u1")
         violin = await store.update(violin.id, text="Grows tomatoes in a small garden.")
-    async with gm.open(db_path) as store:
+    async with gm.open(target) as store:
         assert (await store.list(user_id="u1")).memories == [violin, dog]
         await store.wait_index()
         assert [h.memory for h in await store.search("what kind of dog", user_id="u1", mode="vector")][0] == dog
@@ -611,7 +614,7 @@ async def test_missing_model_files_fail_at_open(db_path: Path, tmp_path: Path, m
     assert not db_path.exists()
 
 
-async def test_another_model_is_refused_on_a_database_with_data(db_path: Path, tmp_path: Path) -> None:
+async def test_another_model_is_refused_on_a_database_with_data(target: str, tmp_path: Path) -> None:
     default = ModelSpec.default()
     other = tmp_path / "my-own-minilm"
     other.mkdir()
@@ -623,13 +626,13 @@ async def test_another_model_is_refused_on_a_database_with_data(db_path: Path, t
     async with gm.open(tmp_path / "empty.db", model_dir=other) as switched:
         assert (await switched.stats()).model.startswith("my-own-minilm@")
 
-    async with gm.open(db_path) as store:
+    async with gm.open(target) as store:
         memory = await store.add("Made with the default model.")
     with pytest.raises(ModelMismatch) as caught:
-        await gm.open(db_path, model_dir=other)
+        await gm.open(target, model_dir=other)
     assert default.identity in caught.value.message and "my-own-minilm@" in caught.value.message
     assert "GM_MODEL_DIR" in caught.value.message
 
-    async with gm.open(db_path) as store:  # the refusal changed nothing
+    async with gm.open(target) as store:  # the refusal changed nothing
         assert (await store.stats()).model == default.identity
         assert await store.get(memory.id) == memory

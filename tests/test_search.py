@@ -27,9 +27,8 @@ MODES = ("hybrid", "vector", "keyword")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mem(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[gm.Store]:
-    path: Path = tmp_path_factory.mktemp("search") / "mem.db"
-    async with gm.open(path) as store:
+async def mem(module_target: str) -> AsyncIterator[gm.Store]:
+    async with gm.open(module_target) as store:
         await store.add_many([
             {"id": key, "text": text, "user_id": "u1", "metadata": metadata} for key, (text, metadata) in FACTS.items()
         ])

@@ -182,3 +182,55 @@ def _sqlite_equals(column: str, path: str, value: Scalar, params: list[Any]) -> 
     kinds = "('text')" if isinstance(value, str) else "('integer', 'real')"
     params.extend([path, path, value])
     return f"(IFNULL(json_type({column}, ?), '') IN {kinds} AND json_extract({column}, ?) = ?)"
+
+
+# -- Postgres -------------------------------------------------------------------------
+
+
+class PgParams:
+    """Collects query parameters and hands out their ``$n`` placeholders."""
+
+    def __init__(self, values: list[Any] | None = None) -> None:
+        self.values: list[Any] = list(values or [])
+
+    def __call__(self, value: Any, cast: str = "") -> str:
+        self.values.append(value)
+        return f"${len(self.values)}{'::' + cast if cast else ''}"
+
+
+def to_postgres(node: Filter, params: PgParams, column: str = "metadata") -> str:
+    """A WHERE fragment for ``node`` against the jsonb ``column``, with the same meaning
+    as :func:`to_sqlite`: a value matches only where the stored JSON type agrees, strings
+    compare by code point, and no fragment is ever NULL (so ``$not`` and ``$ne`` are exact)."""
+    if isinstance(node, All):
+        return "(" + " AND ".join(to_postgres(p, params, column) for p in node.parts) + ")"
+    if isinstance(node, AnyOf):
+        return "(" + " OR ".join(to_postgres(p, params, column) for p in node.parts) + ")"
+    if isinstance(node, Not):
+        return "(NOT " + to_postgres(node.part, params, column) + ")"
+    at = f"{column} #> {params(list(node.key), 'text[]')}"
+    if node.op == "$exists":
+        return f"({at} IS {'NOT ' if node.value else ''}NULL)"
+    if node.op in ("$eq", "$ne"):
+        sql = _pg_equals(at, node.value, params)
+        return sql if node.op == "$eq" else f"(NOT {sql})"
+    if node.op in ("$in", "$nin"):
+        sql = "(" + " OR ".join(_pg_equals(at, v, params) for v in node.value) + ")"
+        return sql if node.op == "$in" else f"(NOT {sql})"
+    return _pg_typed(at, node.value, _SQL_CMP[node.op], params)
+
+
+def _pg_typed(at: str, value: str | int | float, op: str, params: PgParams) -> str:
+    if isinstance(value, str):
+        return (f"(CASE WHEN jsonb_typeof({at}) = 'string' "
+                f"THEN ({at} #>> '{{}}') COLLATE \"C\" {op} {params(value, 'text')} ELSE false END)")
+    return (f"(CASE WHEN jsonb_typeof({at}) = 'number' "
+            f"THEN ({at})::numeric {op} {params(str(value), 'numeric')} ELSE false END)")
+
+
+def _pg_equals(at: str, value: Scalar, params: PgParams) -> str:
+    if value is None:
+        return f"(jsonb_typeof({at}) IS NOT DISTINCT FROM 'null')"
+    if isinstance(value, bool):
+        return f"(jsonb_typeof({at}) IS NOT DISTINCT FROM 'boolean' AND {at} = '{'true' if value else 'false'}'::jsonb)"
+    return _pg_typed(at, value, "=", params)

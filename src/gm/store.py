@@ -38,6 +38,7 @@ from gm.memory import (
     new_memory,
     now_ms,
 )
+from gm.storage import is_postgres_url
 from gm.storage.base import (
     UNSET,
     AddMemories,
@@ -85,11 +86,15 @@ class Store:
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
         _limit_blas_threads()
-        await self.backend.open(self._on_commit)
+        await self.backend.open(self._on_commit, self._reload_index)
         await self.backend.write(RecordModel(self.model.identity))
         self._opened = True
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._load_index(), name="gm-index-load"))
+        if self.backend.native_vectors:  # the database searches vectors itself
+            self._pending = None
+            self._index_ready.set()
+        else:
+            self._tasks.append(loop.create_task(self._load_index(), name="gm-index-load"))
         self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
         return self
 
@@ -130,9 +135,10 @@ class Store:
 
     async def _load_index(self) -> None:
         started = time.perf_counter()
+        index = self.index
         try:
             async for rows in self.backend.vectors():  # commits meanwhile wait in _pending,
-                await asyncio.to_thread(self.index.load, rows)  # so the loader may mutate off the loop
+                await asyncio.to_thread(index.load, rows)  # so the loader may mutate off the loop
         except Exception as exc:
             log.exception("loading the vector index failed")
             self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
@@ -143,6 +149,19 @@ class Store:
         self.index.apply(pending)  # replaying in order is idempotent: each change carries its final state
         self._index_ready.set()
         log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
+
+    def _reload_index(self) -> None:
+        """Load the index afresh (a shared database's change feed lost its place)."""
+        if self._closed:
+            return
+        for task in self._tasks:
+            if task.get_name().startswith("gm-index-"):
+                task.cancel()
+        self.index = VectorIndex()
+        self._pending = []
+        self.index_error = None
+        self._index_ready.clear()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._load_index(), name="gm-index-reload"))
 
     async def _purge_forever(self) -> None:
         while True:
@@ -351,6 +370,8 @@ class Store:
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
     ) -> builtins.list[tuple[int, float]]:
         vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._index_ready.wait())
+        if self.backend.native_vectors:
+            return await self.backend.vector_search(vector.tobytes(), scope, parsed, depth, now)
         if self.index_error is not None:
             raise self.index_error
         allowed: Iterable[int] | None = None
@@ -368,7 +389,7 @@ class Store:
             schema_version=self.backend.schema_version,
             backend=self.backend.name,
             model=self.model.identity,
-            database_bytes=self.backend.size_bytes(),
+            database_bytes=await self.backend.database_size(),
             extra={"model_loaded": self.embedder.loaded, "index_ready": self._index_ready.is_set()},
         )
 
@@ -394,7 +415,8 @@ def open(
     model_dir: str | os.PathLike[str] | None = None,
     **backend_options: Any,
 ) -> _Opening:
-    """Open (creating and migrating as needed) a memory database.
+    """Open (creating and migrating as needed) a memory database: a SQLite file path, or a
+    ``postgresql://`` URL for a database shared by several instances.
 
     Use it as ``async with gm.open("mem.db") as mem:`` (closes on exit) or
     ``mem = await gm.open("mem.db")`` (then ``await mem.close()``). ``model_dir`` (or
@@ -416,8 +438,10 @@ class _Opening:
     def build(self) -> Store:
         model = ModelSpec.from_dir(self.model_dir) if self.model_dir else ModelSpec.from_env()
         text = os.fspath(self.target)
-        if text.startswith(("postgres://", "postgresql://")):
-            raise InvalidInput("the Postgres backend is not available in this release yet; use a SQLite file path")
+        if is_postgres_url(text):
+            from gm.storage.postgres import PostgresBackend
+
+            return Store(PostgresBackend(text, **self.options), model)
         from gm.storage.sqlite import SQLiteBackend
 
         return Store(SQLiteBackend(Path(text), **self.options), model)

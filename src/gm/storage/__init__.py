@@ -16,6 +16,13 @@ from gm.storage.base import (
     WriteOp,
 )
 
+
+
+def is_postgres_url(target: str) -> bool:
+    """True for ``postgres://`` and ``postgresql://`` URLs (the Postgres backend)."""
+    return target.startswith(("postgres://", "postgresql://"))
+
+
 __all__ = [
     "AddMemories",
     "Backend",
@@ -26,4 +33,5 @@ __all__ = [
     "RecordModel",
     "UpdateMemory",
     "WriteOp",
+    "is_postgres_url",
 ]

@@ -97,10 +97,15 @@ class Backend(abc.ABC):
     schema_version: int
     phase: str  # starting | migrating | ready | unavailable | failed
 
+    native_vectors = False  # True: vector_search answers; False: the store keeps an in-process index
+
     @abc.abstractmethod
-    async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
+    async def open(
+        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+    ) -> None:
         """Migrate, then start the Writer; ``on_commit`` sees each batch's index changes
-        after it is durable and before any caller hears back."""
+        after it is durable and before any caller hears back (on a shared database also
+        other instances' changes); ``on_reset`` asks for the index to be loaded afresh."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -139,5 +144,13 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def counts(self, now: int) -> dict[str, int]: ...
 
+    async def vector_search(
+        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> builtins.list[tuple[int, float]]:
+        raise NotImplementedError("this backend searches vectors with the in-process index")
+
     def size_bytes(self) -> int | None:
         return None
+
+    async def database_size(self) -> int | None:
+        return self.size_bytes()

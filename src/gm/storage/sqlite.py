@@ -291,7 +291,9 @@ class SQLiteBackend(Backend):
             sqlite_migrations.migrate, self.path, self.steps, self.target_version, on_phase
         )
 
-    async def open(self, on_commit: Callable[[list[IndexChange]], None]) -> None:
+    async def open(
+        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+    ) -> None:
         self._lock.acquire()
         self.schema_version = await self.migrator.run()
         try:

@@ -1,0 +1,784 @@
+"""The Postgres backend, for several instances on one database: an asyncpg pool, a
+Writer actor with the SQLite Writer's shape (a batch of writes in one transaction, each
+in its own savepoint; the reply comes once it is committed), concurrent reads, keyword
+search on a ``tsvector`` GIN index, and vector search either by pgvector (HNSW, cosine)
+or, where the extension is missing, by the in-process index, which the :class:`ChangeFeed`
+keeps in step with every instance's committed writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import numpy as np
+import orjson
+
+from gm.actor import Actor, Envelope
+from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.filters import Filter, PgParams, to_postgres
+from gm.memory import HistoryEntry, Memory, Page, Scope
+from gm.migrator import Migrator
+from gm.storage import postgres_migrations
+from gm.storage.base import (
+    UNSET,
+    AddMemories,
+    Backend,
+    DeleteMemory,
+    DeleteWhere,
+    IndexChange,
+    PurgeExpired,
+    RecordModel,
+    UpdateMemory,
+    VectorRow,
+    WriteOp,
+    WriteResult,
+)
+from gm.storage.sqlite import decode_cursor, encode_cursor
+
+log = logging.getLogger(__name__)
+
+COLUMNS = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
+FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
+CHANNEL = "gm_changes"
+CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
+POLL_SECONDS = 1.0  # the feed also catches up this often, should a notification be missed
+CONNECT_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 30.0
+POOL_SIZE = 8
+HNSW_EF_SEARCH = 100
+# SQLSTATE classes that mean the statement was wrong, not the database: data exceptions,
+# integrity violations, syntax/access rules, program limits.
+_STATEMENT_CLASSES = ("22", "23", "42", "54")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def memory_from_row(row: Any) -> Memory:
+    return Memory(
+        id=row[1],
+        namespace=row[2],
+        user_id=row[3],
+        agent_id=row[4],
+        session_id=row[5],
+        text=row[6],
+        metadata=orjson.loads(row[7]),
+        created_at=row[8],
+        updated_at=row[9],
+        expires_at=row[10],
+    )
+
+
+def scope_sql(scope: Scope, filter: Filter | None, now: int, params: PgParams, prefix: str = "") -> str:
+    """A WHERE clause for live memories in ``scope`` matching ``filter``."""
+    clauses = [
+        f"{prefix}namespace = {params(scope.namespace)}",
+        f"({prefix}expires_at IS NULL OR {prefix}expires_at > {params(now)})",
+    ]
+    for column in ("user_id", "agent_id", "session_id"):
+        value = getattr(scope, column)
+        if value is not None:
+            clauses.append(f"{prefix}{column} = {params(value)}")
+    if filter is not None:
+        clauses.append(to_postgres(filter, params, f"{prefix}metadata"))
+    return " AND ".join(clauses)
+
+
+def statement_error(exc: BaseException) -> bool:
+    """True if Postgres refused the statement itself (bad value, constraint, limit)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, asyncpg.PostgresError) and state[:2] in _STATEMENT_CLASSES
+
+
+def unavailable(exc: BaseException, doing: str) -> StorageUnavailable:
+    if _connection_lost(exc):
+        return StorageUnavailable(f"{doing} failed: Postgres is unreachable or dropped the connection ({exc})")
+    return StorageUnavailable(f"{doing} failed: Postgres refused it ({type(exc).__name__}: {exc})")
+
+
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+# -- pgvector's binary format: uint16 dimensions, uint16 unused, big-endian float4s ----
+
+
+def _encode_vector(raw: bytes) -> bytes:
+    values = np.frombuffer(raw, dtype="<f4")
+    return len(values).to_bytes(2, "big") + b"\0\0" + values.astype(">f4").tobytes()
+
+
+def _decode_vector(data: bytes) -> bytes:
+    return np.frombuffer(data[4:], dtype=">f4").astype("<f4").tobytes()
+
+
+class PgWriter(Actor[WriteOp]):
+    """Drains its mailbox into one transaction on a pooled connection (a savepoint per
+    message, so one refused write does not spoil the others), numbers the changed rows in
+    the change feed, commits, lets the index follow, then replies: a reply is durable.
+
+    A batch that fails before COMMIT is sent is retried once on a fresh connection (it
+    cannot have committed); one that fails during COMMIT is reported as unavailable.
+    """
+
+    name = "pg-writer"
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        super().__init__(max_batch=512)
+        self.backend = backend
+
+    async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
+        for attempt in (1, 2):
+            committing = False
+            try:
+                async with self.backend.acquire("writing") as conn:
+                    transaction = conn.transaction()
+                    try:
+                        await transaction.start()
+                        outcomes, last_seq = await self._apply_all(conn, batch)
+                    except BaseException:
+                        await _rollback(transaction)
+                        raise
+                    committing = True
+                    await transaction.commit()
+                break
+            except (StorageUnavailable, *DB_ERRORS) as exc:
+                error = exc if isinstance(exc, StorageUnavailable) else unavailable(exc, "committing")
+                if attempt == 1 and not committing:
+                    log.warning("write batch of %d failed before commit, retrying: %s", len(batch), error.message)
+                    continue
+                for envelope in batch:
+                    envelope.fail(error)
+                return
+        changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
+        await self.backend.committed(changes, last_seq)
+        for envelope, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, WriteResult):
+                envelope.answer(outcome.value)
+            else:
+                envelope.fail(outcome)
+
+    async def _apply_all(
+        self, conn: asyncpg.Connection, batch: list[Envelope[WriteOp]]
+    ) -> tuple[list[WriteResult | BaseException], int | None]:
+        outcomes: list[WriteResult | BaseException] = []
+        try:
+            for envelope in batch:
+                try:
+                    async with conn.transaction():  # a savepoint
+                        outcomes.append(await self.apply(conn, envelope.msg))
+                except Exception as exc:
+                    if isinstance(exc, GMError):
+                        outcomes.append(exc)
+                    elif statement_error(exc):
+                        outcomes.append(InvalidInput(f"the database refused it: {exc}"))
+                    else:
+                        raise
+            rowids = sorted({c.rowid for o in outcomes if isinstance(o, WriteResult) for c in o.changes})
+            last_seq = None
+            if rowids:
+                # Numbered under a lock held to commit, so seq order is commit order across instances.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+                last_seq = await conn.fetchval(
+                    "WITH added AS (INSERT INTO changes (rowid, at) SELECT unnest($1::bigint[]), $2 RETURNING seq) "
+                    "SELECT max(seq) FROM added",
+                    rowids, int(time.time() * 1000),
+                )
+                await conn.execute(f"NOTIFY {CHANNEL}")
+            return outcomes, last_seq
+        except DB_ERRORS as exc:
+            raise unavailable(exc, "writing") from None
+
+    async def apply(self, conn: asyncpg.Connection, op: WriteOp) -> WriteResult:
+        if isinstance(op, AddMemories):
+            return await self._add(conn, op)
+        if isinstance(op, UpdateMemory):
+            return await self._update(conn, op)
+        if isinstance(op, DeleteMemory):
+            return await self._delete_where(
+                conn, "id = $1 AND (expires_at IS NULL OR expires_at > $2)", [op.id, op.now], op.now, missing=op.id
+            )
+        if isinstance(op, DeleteWhere):
+            params = PgParams()
+            where = scope_sql(op.scope, op.filter, op.now, params)
+            return await self._delete_where(conn, where, params.values, op.now)
+        if isinstance(op, PurgeExpired):
+            result = await self._delete_where(conn, "expires_at <= $1", [op.now], op.now)
+            await self._prune_changes(conn, op.now)
+            return result
+        if isinstance(op, RecordModel):
+            return await self._record_model(conn, op)
+        raise TypeError(f"unknown write {op!r}")
+
+    async def _history(self, conn: asyncpg.Connection, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
+        """Record ``op`` for each (memory id, namespace, time, text, metadata JSON)."""
+        if rows:
+            await conn.executemany(
+                "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES ($1, $2, $3, $4, $5, $6)",
+                [(memory_id, namespace, op, at, text, meta) for memory_id, namespace, at, text, meta in rows],
+            )
+
+    async def _add(self, conn: asyncpg.Connection, op: AddMemories) -> WriteResult:
+        out: list[tuple[Memory, bool]] = []
+        changes: list[IndexChange] = []
+        vec = self.backend.pgvector
+        for item in op.items:
+            if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
+                purged = await self._delete_where(conn, "id = $1 AND expires_at <= $2", [item.id, op.now], op.now)
+                changes.extend(purged.changes)
+            meta = orjson.dumps(item.metadata).decode()
+            s = item.scope
+            created = item.created_at or op.now
+            updated = item.updated_at or created
+            values = [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
+                      created, updated, item.expires_at, item.vector]
+            rowid = await conn.fetchval(
+                "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
+                f"created_at, updated_at, expires_at, embedding{', vec' if vec else ''}) "
+                f"VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11{', $12' if vec else ''}) "
+                "ON CONFLICT (id) DO NOTHING RETURNING rowid",
+                *values, *([item.vector] if vec else []),
+            )
+            if rowid is None:
+                existing = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE id = $1", item.id)
+                memory = memory_from_row(existing)
+                if not item.same_content(memory):
+                    raise Conflict(
+                        f"id {item.id!r} already names a memory with other content; "
+                        "choose another id or update that memory"
+                    )
+                out.append((memory, False))
+                continue
+            await self._history(conn, "add", [(item.id, s.namespace, created, item.text, meta)])
+            memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
+                            item.metadata, created, updated, item.expires_at)
+            out.append((memory, True))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+        if vec and changes:
+            await self.backend.ensure_hnsw(conn, len(op.items[0].vector or b"") // 4)
+        return WriteResult(out, changes)
+
+    async def _update(self, conn: asyncpg.Connection, op: UpdateMemory) -> WriteResult:
+        row = await conn.fetchrow(
+            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2) FOR UPDATE",
+            op.id, op.now,
+        )
+        if row is None:
+            raise NotFound(f"no memory with id {op.id!r}")
+        rowid, old = row[0], memory_from_row(row)
+        text = op.text if op.text is not None else old.text
+        metadata = op.metadata if op.metadata is not None else old.metadata
+        expires_at = old.expires_at if op.expires_at is UNSET else op.expires_at
+        meta = orjson.dumps(metadata).decode()
+        assignments = "text = $2, metadata = $3::jsonb, expires_at = $4, updated_at = $5"
+        params: list[Any] = [rowid, text, meta, expires_at, op.now]
+        if op.vector is not None:
+            assignments += ", embedding = $6"
+            params.append(op.vector)
+            if self.backend.pgvector:
+                assignments += ", vec = $7"
+                params.append(op.vector)
+        await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
+        await self._history(conn, "update", [(op.id, old.namespace, op.now, text, meta)])
+        scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
+        memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
+                        old.created_at, op.now, expires_at)
+        change = IndexChange(rowid, vector=op.vector, scope=scope, expires_at=expires_at)
+        return WriteResult(memory, [change])
+
+    async def _delete_where(
+        self, conn: asyncpg.Connection, where: str, params: list[Any], now: int, missing: str | None = None
+    ) -> WriteResult:
+        rows = await conn.fetch(
+            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", *params
+        )
+        if missing is not None and not rows:
+            raise NotFound(f"no memory with id {missing!r}")
+        await self._history(conn, "delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
+        return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
+
+    async def _prune_changes(self, conn: asyncpg.Connection, now: int) -> None:
+        pruned = await conn.fetchval(
+            "WITH gone AS (DELETE FROM changes WHERE at < $1 RETURNING seq) SELECT max(seq) FROM gone",
+            now - CHANGES_KEPT_MS,
+        )
+        if pruned is not None:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('changes_pruned_through', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
+                str(pruned),
+            )
+
+    async def _record_model(self, conn: asyncpg.Connection, op: RecordModel) -> WriteResult:
+        stored = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
+        if stored is not None and stored != op.identity:
+            if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM memories)"):
+                raise ModelMismatch(
+                    f"this database's vectors were made by model {stored!r} but the configured "
+                    f"model is {op.identity!r}; set GM_MODEL_DIR to the model the database was built "
+                    "with, or export and re-import its memories into a new database"
+                )
+        if stored != op.identity:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('model', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                op.identity,
+            )
+        return WriteResult(op.identity)
+
+
+async def _rollback(transaction: Any) -> None:
+    try:
+        await transaction.rollback()
+    except DB_ERRORS:
+        pass  # the connection is gone, and the transaction with it
+
+
+class ChangeFeed:
+    """Keeps this instance's in-process index in step with every instance's committed
+    writes: LISTEN for a notification (sent by each committing writer), then read the
+    ``changes`` rows after the last one seen, joined with the rows' current state. Also
+    polls every ``POLL_SECONDS`` and catches up after reconnecting, so nothing is missed."""
+
+    def __init__(self, backend: PostgresBackend, apply: Callable[[list[IndexChange]], None]) -> None:
+        self.backend = backend
+        self.apply = apply
+        self.last_seq = 0
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.lag_events = 0
+
+    async def start(self, from_seq: int) -> None:
+        self.last_seq = from_seq
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="gm-change-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def reach(self, seq: int) -> None:
+        """Catch up to at least ``seq`` (a commit of this instance), best effort."""
+        if seq > self.last_seq:
+            try:
+                await self.catch_up()
+            except StorageUnavailable as exc:
+                log.warning("change feed: catching up failed, the poll will retry: %s", exc.message)
+                self._wake.set()
+
+    async def catch_up(self) -> None:
+        async with self._lock:
+            while True:
+                rows = await self.backend.fetch(
+                    "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
+                    "m.embedding FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
+                    "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000",
+                    self.last_seq,
+                )
+                if not rows:
+                    return
+                if rows[0][0] > self.last_seq + 1 and await self._pruned_past():
+                    log.warning("change feed: fell behind the kept changes; reloading the vector index")
+                    self.backend.request_reload()
+                changes = []
+                for r in rows:
+                    if r[2] is None:
+                        changes.append(IndexChange(r[1], remove=True))
+                    else:
+                        changes.append(IndexChange(r[1], vector=r[7], scope=Scope(r[2], r[3], r[4], r[5]),
+                                                   expires_at=r[6]))
+                self.apply(changes)
+                self.last_seq = rows[-1][0]
+
+    async def _pruned_past(self) -> bool:
+        value = await self.backend.fetchval("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
+        return value is not None and int(value) > self.last_seq
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            listener: asyncpg.Connection | None = None
+            try:
+                listener = await self.backend.connect()
+                await listener.add_listener(CHANNEL, lambda *_: self._wake.set())
+                listener.add_termination_listener(lambda *_: self._wake.set())
+                delay = 0.5
+                while not listener.is_closed():
+                    await self.catch_up()
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                    except TimeoutError:
+                        pass
+                    self._wake.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("change feed: %s; reconnecting in %.1fs", getattr(exc, "message", exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                if listener is not None and not listener.is_closed():
+                    listener.terminate()
+
+
+class PostgresBackend(Backend):
+    """A Postgres database shared by any number of instances."""
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        steps: tuple[postgres_migrations.Step, ...] = postgres_migrations.STEPS,
+        target_version: int | None = None,
+        pool_size: int = POOL_SIZE,
+    ) -> None:
+        self.url = url
+        self.where = redact(url)
+        self.steps = steps
+        self.target_version = target_version
+        self.pool_size = pool_size
+        self.schema_version = 0
+        self.pgvector = False
+        self.hnsw_dim: int | None = None
+        self.migrator = Migrator(self._migrate)
+        self.pool: asyncpg.Pool | None = None
+        self.writer: PgWriter | None = None
+        self.feed: ChangeFeed | None = None
+        self._on_commit: Callable[[list[IndexChange]], None] = lambda changes: None
+        self._on_reset: Callable[[], None] = lambda: None
+        self._backfill: asyncio.Task[None] | None = None
+
+    @property
+    def phase(self) -> str:  # type: ignore[override]
+        return self.migrator.phase
+
+    @property
+    def native_vectors(self) -> bool:  # type: ignore[override]
+        return self.pgvector
+
+    async def connect(self) -> asyncpg.Connection:
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+        except DB_ERRORS as exc:
+            raise StorageUnavailable(f"cannot connect to {self.where}: {exc}") from None
+        await _init_connection(conn)
+        return conn
+
+    async def _migrate(self, on_phase: Callable[[str], None]) -> int:
+        from gm import __version__
+
+        try:
+            return await postgres_migrations.migrate(
+                self.connect, self.where, __version__, self.steps, self.target_version, on_phase
+            )
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+            raise unavailable(exc, f"migrating {self.where}") from None
+
+    async def open(
+        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+    ) -> None:
+        self._on_commit = on_commit
+        self._on_reset = on_reset or (lambda: None)
+        self.schema_version = await self.migrator.run()
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT, init=_init_connection,
+            )
+            self.pgvector = bool(await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'memories' AND column_name = 'vec')"
+            ))
+            start_seq = await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+        except DB_ERRORS as exc:
+            await self.close()
+            raise unavailable(exc, f"opening {self.where}") from None
+        if self.pgvector:
+            self.hnsw_dim = await self._hnsw_dim()
+            self._backfill = asyncio.get_running_loop().create_task(self._backfill_forever(), name="gm-vec-backfill")
+        else:
+            self.feed = ChangeFeed(self, on_commit)
+            await self.feed.start(start_seq)
+        self.writer = PgWriter(self)
+        self.writer.start()
+
+    async def close(self) -> None:
+        await self.migrator.stop()
+        if self.writer is not None:
+            await self.writer.stop()
+        for task in (self._backfill,):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.feed is not None:
+            await self.feed.stop()
+        if self.pool is not None:
+            try:
+                await asyncio.wait_for(self.pool.close(), 10)
+            except (TimeoutError, *DB_ERRORS):
+                self.pool.terminate()
+            self.pool = None
+
+    async def write(self, op: WriteOp) -> Any:
+        if self.writer is None:
+            raise StorageUnavailable("the database is not open yet")
+        return await self.writer.ask(op)
+
+    async def committed(self, changes: list[IndexChange], last_seq: int | None) -> None:
+        """After a commit of this instance: the in-process index (if any) follows the feed
+        up to the commit, so the writer's own searches see the write when it is answered."""
+        if self.feed is not None and last_seq is not None:
+            await self.feed.reach(last_seq)
+        elif self.pgvector and changes:
+            self._on_commit(changes)
+
+    def request_reload(self) -> None:
+        self._on_reset()
+
+    # -- reads --------------------------------------------------------------------
+
+    def acquire(self, doing: str) -> Any:
+        if self.pool is None:
+            raise StorageUnavailable("the database is not open")
+        return _Acquire(self.pool, doing)
+
+    async def fetch(self, sql: str, *params: Any) -> list[Any]:
+        """Run a read; a connection that died under it is retried once on a fresh one."""
+        for attempt in (1, 2):
+            try:
+                async with self.acquire("reading") as conn:
+                    return list(await conn.fetch(sql, *params))
+            except DB_ERRORS as exc:
+                if statement_error(exc):
+                    raise InvalidInput(f"the database refused the query: {exc}") from None
+                if attempt == 2 or not _connection_lost(exc):
+                    raise unavailable(exc, "reading") from None
+        raise AssertionError("unreachable")
+
+    async def fetchval(self, sql: str, *params: Any) -> Any:
+        rows = await self.fetch(sql, *params)
+        return rows[0][0] if rows else None
+
+    async def get(self, memory_id: str, now: int) -> Memory | None:
+        rows = await self.fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2)",
+            memory_id, now,
+        )
+        return memory_from_row(rows[0]) if rows else None
+
+    async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
+        if not ids:
+            return {}
+        rows = await self.fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE id = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > $2)",
+            ids, now,
+        )
+        return {row[1]: memory_from_row(row) for row in rows}
+
+    async def get_many(self, rowids: builtins.list[int], now: int) -> dict[int, Memory]:
+        if not rowids:
+            return {}
+        rows = await self.fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE rowid = ANY($1::bigint[]) "
+            "AND (expires_at IS NULL OR expires_at > $2)",
+            rowids, now,
+        )
+        return {row[0]: memory_from_row(row) for row in rows}
+
+    async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
+        params = PgParams()
+        where = scope_sql(scope, filter, now, params)
+        if cursor:
+            created, rowid = decode_cursor(cursor)
+            where += f" AND (created_at, rowid) < ({params(created)}, {params(rowid)})"
+        rows = await self.fetch(
+            f"SELECT {COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC "
+            f"LIMIT {params(limit + 1)}",
+            *params.values,
+        )
+        memories = [memory_from_row(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+
+    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
+        rows = await self.fetch(
+            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1 ORDER BY seq", memory_id
+        )
+        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None, r[4]) for r in rows]
+
+    async def keyword_search(
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> builtins.list[tuple[int, float]]:
+        if not terms:
+            return []
+        params = PgParams()
+        query = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
+        q = f"to_tsquery('english', {params(query)})"
+        where = scope_sql(scope, filter, now, params, prefix="m.")
+        rows = await self.fetch(
+            f"SELECT m.rowid, ts_rank(m.tsv, {q}) AS rank FROM memories m "
+            f"WHERE m.tsv @@ {q} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
+            *params.values,
+        )
+        return [(r[0], float(r[1])) for r in rows]
+
+    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]:
+        params = PgParams()
+        where = scope_sql(scope, filter, now, params)
+        return [r[0] for r in await self.fetch(f"SELECT rowid FROM memories WHERE {where}", *params.values)]
+
+    async def vector_search(
+        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int
+    ) -> builtins.list[tuple[int, float]]:
+        """pgvector: the ``limit`` nearest by cosine distance among live memories of the scope
+        (HNSW with iterative scans, so a narrow scope or filter still fills the page)."""
+        dim = len(vector) // 4
+        if self.hnsw_dim is None:
+            return []  # no vector was ever written
+        if dim != self.hnsw_dim:
+            raise InvalidInput(f"the query vector has {dim} dimensions but the stored ones have {self.hnsw_dim}")
+        params = PgParams()
+        target = params(vector, f"vector({dim})")
+        where = scope_sql(scope, filter, now, params)
+        sql = (
+            f"SELECT rowid, vec::vector({dim}) <=> {target} AS distance FROM memories "
+            f"WHERE vec IS NOT NULL AND {where} ORDER BY distance LIMIT {params(limit)}"
+        )
+        for attempt in (1, 2):
+            try:
+                async with self.acquire("searching") as conn, conn.transaction():
+                    await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
+                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                    rows = await conn.fetch(sql, *params.values)
+                    break
+            except DB_ERRORS as exc:
+                if attempt == 2 or not _connection_lost(exc):
+                    raise unavailable(exc, "searching") from None
+        ranked = sorted(((r[0], 1.0 - float(r[1])) for r in rows), key=lambda hit: -hit[1])
+        return ranked
+
+    async def _hnsw_dim(self) -> int | None:
+        assert self.pool is not None
+        value = await self.pool.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
+        return int(value) if value is not None else None
+
+    async def ensure_hnsw(self, conn: asyncpg.Connection, dim: int) -> None:
+        """Create the HNSW index for vectors of ``dim`` dimensions the first time any are
+        written (the dimension belongs to the model, which the schema does not know)."""
+        if self.hnsw_dim == dim or dim == 0:
+            return
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+        stored = await conn.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
+        if stored is None:
+            await conn.execute(
+                f"CREATE INDEX IF NOT EXISTS memories_vec_hnsw ON memories "
+                f"USING hnsw ((vec::vector({dim})) vector_cosine_ops)"
+            )
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('hnsw_dimensions', $1)", str(dim))
+        elif int(stored) != dim:
+            raise ModelMismatch(f"this database's vectors have {stored} dimensions; the model gives {dim}")
+        self.hnsw_dim = dim
+
+    async def _backfill_forever(self) -> None:
+        """Fill ``vec`` where it is missing: rows written by a release that predates the
+        pgvector column (during a rolling deploy), or written before the column existed."""
+        while True:
+            try:
+                while await self._backfill_some():
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("vector backfill: %s; will retry", getattr(exc, "message", exc))
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def _backfill_some(self, size: int = 1000) -> bool:
+        rows = await self.fetch(
+            "SELECT rowid, embedding FROM memories WHERE vec IS NULL ORDER BY rowid LIMIT $1", size
+        )
+        if not rows:
+            return False
+        async with self.acquire("backfilling vectors") as conn, conn.transaction():
+            await self.ensure_hnsw(conn, len(rows[0][1]) // 4)
+            await conn.executemany(
+                "UPDATE memories SET vec = $2 WHERE rowid = $1 AND embedding = $3 AND vec IS NULL",
+                [(r[0], r[1], r[1]) for r in rows],
+            )
+        log.info("vector backfill: %d memories now searchable by pgvector", len(rows))
+        return len(rows) == size
+
+    async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
+        last = 0
+        while True:
+            rows = await self.fetch(
+                "SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, embedding "
+                "FROM memories WHERE rowid > $1 ORDER BY rowid LIMIT 20000",
+                last,
+            )
+            if not rows:
+                return
+            yield [VectorRow(r[0], Scope(r[1], r[2], r[3], r[4]), r[5], r[6]) for r in rows]
+            last = rows[-1][0]
+
+    async def counts(self, now: int) -> dict[str, int]:
+        rows = await self.fetch(
+            "SELECT namespace, count(*) FROM memories WHERE expires_at IS NULL OR expires_at > $1 "
+            "GROUP BY namespace ORDER BY namespace",
+            now,
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def database_size(self) -> int | None:
+        value = await self.fetchval("SELECT pg_database_size(current_database())")
+        return int(value) if value is not None else None
+
+
+class _Acquire:
+    """``async with backend.acquire(...)``: a pooled connection; failures to get one are
+    StorageUnavailable."""
+
+    def __init__(self, pool: asyncpg.Pool, doing: str) -> None:
+        self.pool = pool
+        self.doing = doing
+        self.conn: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            self.conn = await self.pool.acquire(timeout=CONNECT_TIMEOUT)
+        except DB_ERRORS as exc:
+            raise unavailable(exc, self.doing) from None
+        conn: asyncpg.Connection = self.conn
+        return conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.pool.release(self.conn)
+        except DB_ERRORS:
+            pass
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
+                            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    """pgvector's ``vector`` travels in binary as our little-endian float32 bytes."""
+    schema = await conn.fetchval(
+        "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = 'vector'"
+    )
+    if schema is not None:
+        await conn.set_type_codec(
+            "vector", schema=schema, encoder=_encode_vector, decoder=_decode_vector, format="binary"
+        )

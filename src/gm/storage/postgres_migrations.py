@@ -1,0 +1,210 @@
+"""The Postgres schema as numbered, additive migration steps, and the routine that applies
+them when several instances start at once: one takes ``pg_advisory_lock`` and migrates,
+each step in its own transaction; the others wait on the lock (readyz says ``migrating``)
+and then find the schema current.
+
+Applied steps are recorded in ``gm_schema`` (version, name, when, by which release, and
+``compatible_from``: the oldest schema version whose code can still run on the database).
+Steps only add, so an older release keeps running on a newer schema during a rolling
+deploy or after a rollback; only a step that declares itself incompatible raises
+``compatible_from`` and makes older releases refuse to open the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from gm.errors import MigrationFailed, SchemaTooNew
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK = 0x676D656D6F7279  # "gmemory": the pg_advisory_lock key migrations take
+
+
+@dataclass(frozen=True)
+class Step:
+    """One migration: brings the schema from ``version - 1`` to ``version``.
+
+    ``statements`` run in order inside the step's transaction; ``optional`` ones are
+    skipped (in a savepoint) when the server cannot run them, e.g. no pgvector.
+    ``additive`` False marks a contract step that older releases cannot run on.
+    """
+
+    version: int
+    name: str
+    statements: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    additive: bool = True
+
+
+V1_CORE = (
+    """CREATE TABLE memories (
+        rowid bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        namespace text NOT NULL,
+        user_id text,
+        agent_id text,
+        session_id text,
+        text text NOT NULL,
+        metadata jsonb NOT NULL DEFAULT '{}',
+        created_at bigint NOT NULL,
+        updated_at bigint NOT NULL,
+        expires_at bigint,
+        embedding bytea NOT NULL,
+        tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED
+    )""",
+    "CREATE INDEX memories_by_namespace ON memories (namespace, created_at, rowid)",
+    "CREATE INDEX memories_by_user ON memories (namespace, user_id, created_at, rowid)",
+    "CREATE INDEX memories_by_expiry ON memories (expires_at) WHERE expires_at IS NOT NULL",
+    "CREATE INDEX memories_keywords ON memories USING gin (tsv)",
+    """CREATE TABLE history (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        memory_id text NOT NULL,
+        namespace text NOT NULL,
+        op text NOT NULL,
+        at bigint NOT NULL,
+        text text,
+        metadata jsonb
+    )""",
+    "CREATE INDEX history_by_memory ON history (memory_id, seq)",
+    "CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)",
+    # The change feed every instance's in-process index follows: one row per changed
+    # memory, numbered in commit order (writers take a lock before numbering).
+    """CREATE TABLE changes (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        rowid bigint NOT NULL,
+        at bigint NOT NULL
+    )""",
+)
+
+V2_SCOPES_AND_VECTORS = (
+    "CREATE INDEX memories_by_agent ON memories (namespace, agent_id, created_at, rowid) WHERE agent_id IS NOT NULL",
+    "CREATE INDEX memories_by_session ON memories (namespace, session_id, created_at, rowid) "
+    "WHERE session_id IS NOT NULL",
+)
+V2_PGVECTOR = (
+    "CREATE EXTENSION IF NOT EXISTS vector",
+    "ALTER TABLE memories ADD COLUMN vec vector",
+    "CREATE INDEX memories_without_vec ON memories (rowid) WHERE vec IS NULL",
+    # Expand/contract: a release that predates `vec` rewrites `embedding` without it; the
+    # trigger clears the stale `vec` so the newer instances' backfill re-derives it.
+    """CREATE FUNCTION gm_clear_stale_vec() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.embedding IS DISTINCT FROM OLD.embedding AND NEW.vec IS NOT DISTINCT FROM OLD.vec THEN
+            NEW.vec := NULL;
+        END IF;
+        RETURN NEW;
+    END $$""",
+    "CREATE TRIGGER memories_clear_stale_vec BEFORE UPDATE ON memories "
+    "FOR EACH ROW EXECUTE FUNCTION gm_clear_stale_vec()",
+)
+
+STEPS: tuple[Step, ...] = (
+    Step(1, "core tables: memories (tsvector keywords), history, meta, changes", V1_CORE),
+    Step(2, "agent and session indexes; pgvector column when the extension is available",
+         V2_SCOPES_AND_VECTORS, optional=V2_PGVECTOR),
+)
+LATEST = STEPS[-1].version
+
+SCHEMA_TABLE = """CREATE TABLE IF NOT EXISTS gm_schema (
+    version int PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    release text NOT NULL,
+    compatible_from int NOT NULL
+)"""
+
+
+async def read_version(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(schema version, oldest version whose code runs on it); (0, 0) for an empty database."""
+    exists = await conn.fetchval("SELECT to_regclass('gm_schema') IS NOT NULL")
+    if not exists:
+        return 0, 0
+    row = await conn.fetchrow("SELECT version, compatible_from FROM gm_schema ORDER BY version DESC LIMIT 1")
+    return (row[0], row[1]) if row else (0, 0)
+
+
+def guard(where: str, version: int, compatible_from: int, latest: int) -> None:
+    if version > latest and compatible_from > latest:
+        raise SchemaTooNew(
+            f"{where} has schema version {version} but this release of greatmemory knows only up to "
+            f"version {latest}, and a step after it is not backward compatible. It was migrated by a "
+            "newer release: run that release, or restore a backup (pg_dump / your provider's snapshot) "
+            "taken before the upgrade. The database was not changed."
+        )
+
+
+async def migrate(
+    connect: Callable[[], Awaitable[asyncpg.Connection]],
+    where: str,
+    release: str,
+    steps: tuple[Step, ...] = STEPS,
+    target: int | None = None,
+    on_phase: Callable[[str], None] = lambda phase: None,
+) -> int:
+    """Bring the database up to ``target`` (default: the last step); return its version.
+
+    Cheap when current: one read, no lock. Otherwise takes the migration advisory lock
+    (waiting, with phase ``migrating``, while another instance holds it), reads the
+    version again and applies what is still pending, one transaction per step.
+    """
+    latest = steps[-1].version if steps else 0
+    target = latest if target is None else min(target, latest)
+    conn = await connect()
+    try:
+        version, compatible_from = await read_version(conn)
+        guard(where, version, compatible_from, latest)
+        if version >= target:
+            return version
+        on_phase("migrating")
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(SCHEMA_TABLE)
+            version, compatible_from = await read_version(conn)  # another instance may have migrated meanwhile
+            guard(where, version, compatible_from, latest)
+            for step in steps:
+                if not version < step.version <= target:
+                    continue
+                log.info("migrating %s to schema v%d: %s", where, step.version, step.name)
+                try:
+                    async with conn.transaction():
+                        for statement in step.statements:
+                            await conn.execute(statement)
+                        await _optional(conn, step)
+                        floor = compatible_from if step.additive else step.version
+                        await conn.execute(
+                            "INSERT INTO gm_schema (version, name, release, compatible_from) VALUES ($1, $2, $3, $4)",
+                            step.version, step.name, release, max(floor, 1),
+                        )
+                except (asyncpg.PostgresError, OSError) as exc:
+                    if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError, OSError)):
+                        raise
+                    raise MigrationFailed(
+                        f"migration step {step.version} ({step.name}) failed and was rolled back: {exc}. "
+                        f"{where} stays at schema version {version}; fix the cause and start again.",
+                        step=step.version,
+                        name=step.name,
+                    ) from exc
+                version, compatible_from = step.version, max(floor, 1)
+            return version
+        finally:
+            if not conn.is_closed():
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    finally:
+        await conn.close()
+
+
+async def _optional(conn: asyncpg.Connection, step: Step) -> None:
+    """Run a step's optional statements all or none, in a savepoint; log why if none."""
+    if not step.optional:
+        return
+    try:
+        async with conn.transaction():
+            for statement in step.optional:
+                await conn.execute(statement)
+    except asyncpg.PostgresError as exc:
+        log.info("schema v%d: optional part skipped (%s); vectors are searched in-process", step.version, exc)
