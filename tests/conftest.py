@@ -64,7 +64,7 @@ class PostgresServer:
             try:
                 _run(self._admin("SELECT 1"))
                 self.problem = ""
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 self.problem = (
                     f"Postgres is not reachable at {self.admin_url} ({exc}); start it "
                     "(pg_ctlcluster 15 main start) or set GM_TEST_POSTGRES_URL to a server where "

@@ -57,6 +57,18 @@ class ServerConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
 
+    @property
+    def target(self) -> str:
+        """What the server opens: the Postgres URL if one is set, else the SQLite file."""
+        return self.database_url or self.db
+
+    @property
+    def shown_target(self) -> str:
+        """:attr:`target` fit for logs (no password)."""
+        from gm.storage.postgres import redact
+
+        return redact(self.target)
+
     @classmethod
     def load(cls, flags: Mapping[str, object], env: Mapping[str, str] = os.environ) -> ServerConfig:
         """Flags (None = not given) win over the environment, which wins over defaults."""
@@ -84,11 +96,14 @@ class ServerConfig:
         ignored_host = None
         if not api_keys and flag_host is None and not is_loopback(host):
             ignored_host, host = host, DEFAULT_HOST  # no keys: only --host itself may open it beyond loopback
+        database_url = _opt(pick("database_url", "GM_DATABASE_URL", None))
+        if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
+            raise InvalidInput("GM_DATABASE_URL / --database-url must be a postgresql:// URL")
         return cls(
             host=host,
             port=port,
             db=str(pick("db", "GM_DB", DEFAULT_DB)),
-            database_url=_opt(pick("database_url", "GM_DATABASE_URL", None)),
+            database_url=database_url,
             model_dir=_opt(pick("model_dir", "GM_MODEL_DIR", None)),
             api_keys=api_keys,
             ignored_host=ignored_host,

@@ -13,18 +13,20 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
 import gm
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_time
-from gm.storage import sqlite_migrations
+from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import AddMemories
+from gm.storage.postgres import PostgresBackend, redact
 from gm.storage.sqlite import COLUMNS, LIVE, memory_from_row
 from gm.store import Store
 
@@ -69,6 +71,49 @@ def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace
         conn.execute("COMMIT")
     finally:
         conn.close()
+
+
+async def export_lines_async(
+    target: str, *, vectors: bool = False, namespace: str | None = None
+) -> AsyncIterator[bytes]:
+    """:func:`export_lines` for a SQLite path or a ``postgresql://`` URL."""
+    if not is_postgres_url(target):
+        for line in export_lines(target, vectors=vectors, namespace=namespace):
+            yield line
+        return
+    conn = await PostgresBackend(target).connect()
+    try:
+        version, compatible_from = await postgres_migrations.read_version(conn)
+        postgres_migrations.guard(redact(target), version, compatible_from, postgres_migrations.LATEST)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
+            if version == 0:
+                yield _header(None, version, 0, vectors)
+                return
+            model = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
+            params: list[Any] = [now_ms()]
+            where = "(expires_at IS NULL OR expires_at > $1)"
+            if namespace is not None:
+                where += " AND namespace = $2"
+                params.append(namespace)
+            total = await conn.fetchval(f"SELECT count(*) FROM memories WHERE {where}", *params)
+            yield _header(model, version, total, vectors)
+            columns = COLUMNS + (", embedding" if vectors else "")
+            last = 0
+            while True:
+                rows = await conn.fetch(
+                    f"SELECT {columns} FROM memories WHERE rowid > ${len(params) + 1} AND {where} "
+                    "ORDER BY rowid LIMIT 1000",
+                    *params, last,
+                )
+                if not rows:
+                    break
+                for row in rows:
+                    yield orjson.dumps(_line(row, vectors)) + b"\n"
+                last = rows[-1][0]
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StorageUnavailable(f"exporting from {redact(target)} failed: {exc}") from None
+    finally:
+        await conn.close()
 
 
 def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes:

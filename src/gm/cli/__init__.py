@@ -37,7 +37,9 @@ def _command(
 
 
 def _target(parser: argparse.ArgumentParser, remote: bool = True) -> None:
-    parser.add_argument("--db", help="SQLite database file (GM_DB; default ./greatmemory.db)")
+    parser.add_argument(
+        "--db", help="SQLite database file or postgresql:// URL (GM_DATABASE_URL, else GM_DB; default ./greatmemory.db)"
+    )
     if remote:
         parser.add_argument("--url", help="a running server instead of a file, e.g. http://127.0.0.1:8420 (GM_URL)")
         parser.add_argument("--api-key", help="API key for --url (GM_API_KEY)")

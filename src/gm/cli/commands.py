@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TextIO
 
+import asyncpg
 import orjson
 
 import gm
@@ -24,7 +25,8 @@ from gm.client import Client
 from gm.config import DEFAULT_DB
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import now_ms
-from gm.storage import sqlite_files, sqlite_migrations
+from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
+from gm.storage.postgres import PostgresBackend, redact
 from gm.storage.sqlite import LIVE
 
 # -- output -------------------------------------------------------------------------------
@@ -64,7 +66,10 @@ def mib(size: int | None) -> str:
 
 
 def database(args: argparse.Namespace) -> str:
-    return str(getattr(args, "db", None) or os.environ.get("GM_DB") or DEFAULT_DB)
+    """The database a command acts on: ``--db`` (a file or a postgresql:// URL), else
+    GM_DATABASE_URL, else GM_DB, else ./greatmemory.db."""
+    flag = getattr(args, "db", None)
+    return str(flag or os.environ.get("GM_DATABASE_URL") or os.environ.get("GM_DB") or DEFAULT_DB)
 
 
 def server_url(args: argparse.Namespace) -> str | None:
@@ -83,7 +88,10 @@ def client(args: argparse.Namespace, url: str) -> Client:
 
 
 def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Store]:
-    path = Path(database(args))
+    target = database(args)
+    if is_postgres_url(target):
+        return gm.open(target)
+    path = Path(target)
     if not path.exists():
         raise StorageUnavailable(f"there is no database at {path}; give --db, or --url for a server")
     return gm.open(path)
@@ -153,25 +161,86 @@ async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]
         if code == 200:
             stats = await remote.stats()
             result.update(stats)
-            result["migrations_pending"] = stats["schema_version"] < sqlite_migrations.LATEST
+            latest = postgres_migrations.LATEST if stats["backend"] == "postgres" else sqlite_migrations.LATEST
+            result["latest_schema_version"] = latest
+            result["migrations_pending"] = stats["schema_version"] < latest
     return result
+
+
+async def status_of_postgres(url: str) -> dict[str, Any]:
+    """Everything ``gmem status`` reports on a Postgres database; reads only, never migrates."""
+    conn = await PostgresBackend(url).connect()
+    try:
+        version, compatible_from = await postgres_migrations.read_version(conn)
+        latest = postgres_migrations.LATEST
+        namespaces: dict[str, int] = {}
+        model = vectors = None
+        if version > 0:
+            rows = await conn.fetch(
+                "SELECT namespace, count(*) FROM memories WHERE expires_at IS NULL OR expires_at > $1 "
+                "GROUP BY namespace ORDER BY namespace", now_ms()
+            )
+            namespaces = {r[0]: r[1] for r in rows}
+            model = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
+            has_vec = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'memories' AND column_name = 'vec')"
+            )
+            vectors = "pgvector (HNSW, cosine)" if has_vec else "in-process index in each instance"
+        size = await conn.fetchval("SELECT pg_database_size(current_database())")
+        instances = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND query ILIKE 'LISTEN%'"
+        )
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise StorageUnavailable(f"cannot read {redact(url)}: {exc}") from None
+    finally:
+        await conn.close()
+    if version > latest:
+        readiness = ("refused: newer than this release" if compatible_from > latest
+                     else "newer than this release, backward compatible (this release runs on it)")
+    else:
+        readiness = "ready" if version == latest else "migrations pending (the first instance to start applies them)"
+    return {
+        "target": redact(url),
+        "backend": "postgres",
+        "schema_version": version,
+        "latest_schema_version": latest,
+        "migrations_pending": version < latest,
+        "readiness": readiness,
+        "memories": sum(namespaces.values()),
+        "namespaces": namespaces,
+        "database_bytes": size,
+        "model": model,
+        "vector_search": vectors,
+        "connected_instances": instances,
+    }
 
 
 async def status(args: argparse.Namespace) -> int:
     url = server_url(args)
-    result = await status_of_server(args, url) if url else status_of_file(Path(database(args)))
+    target = database(args)
+    if url:
+        result = await status_of_server(args, url)
+    elif is_postgres_url(target):
+        result = await status_of_postgres(target)
+    else:
+        result = status_of_file(Path(target))
     lines = [f"{'server' if url else 'database'}: {result['target']}", f"readiness: {result['readiness']}"]
     if "schema_version" in result:
         pending = " (migrations pending)" if result.get("migrations_pending") else ""
-        lines.append(f"schema: v{result['schema_version']}{pending}; this release knows v{sqlite_migrations.LATEST}")
+        known = result["latest_schema_version"]
+        lines.append(f"schema: v{result['schema_version']}{pending}; this release knows v{known}")
         lines.append(f"memories: {result['memories']:,}")
         lines += [f"  {ns}: {count:,}" for ns, count in result["namespaces"].items()]
         lines.append(f"database size: {mib(result.get('database_bytes'))}")
         lines.append(f"model: {result.get('model') or 'none recorded yet'}")
     if url and result.get("process_resident_bytes") is not None:
         lines.append(f"server memory (resident): {mib(result['process_resident_bytes'])}")
-    if not url:
+    if "in_use_by" in result:
         lines.append(f"in use by: {result['in_use_by'] or 'nobody (no server running on it)'}")
+    if "connected_instances" in result:
+        lines.append(f"connected instances: {result['connected_instances']}")
     emit(args, result, "\n".join(lines))
     return 0
 
@@ -179,7 +248,21 @@ async def status(args: argparse.Namespace) -> int:
 # -- backup / restore --------------------------------------------------------------------------
 
 
+POSTGRES_BACKUP = (
+    "gmem {command} works on SQLite files; back up a Postgres database with your provider's managed "
+    "snapshots or pg_dump, e.g. `pg_dump --format=custom --file=greatmemory.dump \"$GM_DATABASE_URL\"`, "
+    "and restore with `pg_restore --clean --dbname=\"$GM_DATABASE_URL\" greatmemory.dump`; "
+    "`gmem export` also works on Postgres"
+)
+
+
+def refuse_postgres(command: str, target: str) -> None:
+    if is_postgres_url(target):
+        raise InvalidInput(POSTGRES_BACKUP.format(command=command))
+
+
 async def backup(args: argparse.Namespace) -> int:
+    refuse_postgres("backup", database(args))
     db = Path(database(args))
     target = Path(args.path) if args.path else sqlite_files.default_backup_path(db)
     bar = ProgressBar("pages")
@@ -195,6 +278,7 @@ async def backup(args: argparse.Namespace) -> int:
 
 
 async def restore(args: argparse.Namespace) -> int:
+    refuse_postgres("restore", database(args))
     db = Path(database(args))
     info, kept = sqlite_files.restore(db, args.path)
     note = ""
@@ -211,9 +295,8 @@ async def restore(args: argparse.Namespace) -> int:
 
 
 async def export(args: argparse.Namespace) -> int:
-    db = Path(database(args))
-    lines = transfer.export_lines(db, vectors=args.vectors, namespace=args.namespace)
-    header = next(lines)
+    lines = transfer.export_lines_async(database(args), vectors=args.vectors, namespace=args.namespace)
+    header = await anext(lines)
     total = orjson.loads(header)["greatmemory"]["memories"]
     bar = ProgressBar("memories")
     to_file = args.path not in (None, "-")
@@ -222,7 +305,7 @@ async def export(args: argparse.Namespace) -> int:
     written = 0
     try:
         out.write(header)
-        for line in lines:
+        async for line in lines:
             out.write(line)
             written += 1
             if written % 1000 == 0:

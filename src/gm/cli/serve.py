@@ -11,7 +11,7 @@ from typing import Any
 from gm import logs
 from gm.cli.exits import EXIT_ERROR, exit_code
 from gm.config import ServerConfig, is_loopback
-from gm.errors import GMError, InvalidInput
+from gm.errors import GMError
 
 log = logging.getLogger("gm.serve")
 
@@ -24,10 +24,8 @@ async def serve(config: ServerConfig) -> int:
     from gm.http import ServerState, make_app
     from gm.store import open as open_store
 
-    if config.database_url:
-        raise InvalidInput("GM_DATABASE_URL is reserved for the Postgres backend, which this release does not have yet")
-
-    state = ServerState(lambda: open_store(config.db, model_dir=config.model_dir).build(), config.api_keys)
+    target = config.target
+    state = ServerState(lambda: open_store(target, model_dir=config.model_dir).build(), config.api_keys)
     app = make_app(state, max_body_bytes=config.max_body_bytes)
     runner = web.AppRunner(
         app, handle_signals=False, access_log_class=logs.AccessLogger, access_log=logging.getLogger("gm.access")
@@ -49,20 +47,20 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     opener = loop.create_task(state.open_store())
-    log.info("listening on %s, database %s; opening", url, config.db)
+    log.info("listening on %s, database %s; opening", url, config.shown_target)
     stopped = loop.create_task(stop.wait())
     await asyncio.wait({opener, stopped}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
     if opener.done() and opener.exception() is not None:
         error = opener.exception()
-        log.error("cannot serve %s: %s", config.db, getattr(error, "message", error))
+        log.error("cannot serve %s: %s", config.shown_target, getattr(error, "message", error))
         code = exit_code(error) if isinstance(error, GMError) else EXIT_ERROR
     elif opener.done():
         backend = state.store.backend
         log.info(
             "ready on %s, database %s (%s, schema v%d), model %s",
             url,
-            config.db,
+            config.shown_target,
             backend.name,
             backend.schema_version,
             state.store.model.identity,
@@ -95,7 +93,8 @@ def add_serve_command(sub: Any) -> None:
     s = sub.add_parser(
         "serve",
         help="run the HTTP API server",
-        description="Run the HTTP API (/v1) on a SQLite file. Flags win over GM_* variables.",
+        description="Run the HTTP API (/v1) on a SQLite file, or on a Postgres database shared by several "
+        "instances. Flags win over GM_* variables.",
         epilog="Example:\n  KEY=$(gmem keys new); echo \"$KEY\" > client.key\n"
         "  GM_API_KEYS=$KEY gmem serve --host 0.0.0.0 --db /data/mem.db",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -104,7 +103,10 @@ def add_serve_command(sub: Any) -> None:
     s.add_argument("--host", help="address to listen on (GM_HOST; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="TCP port (GM_PORT; default 8420; 0 picks a free one)")
     s.add_argument("--db", help="SQLite database file (GM_DB; default ./greatmemory.db)")
-    s.add_argument("--database-url", help="postgresql://... (GM_DATABASE_URL; reserved, not yet supported)")
+    s.add_argument(
+        "--database-url", help="postgresql://user:password@host/db: serve a Postgres database, which several "
+        "instances may share (GM_DATABASE_URL; wins over --db)"
+    )
     s.add_argument("--model-dir", help="folder with model.onnx and tokenizer.json (GM_MODEL_DIR)")
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (GM_LOG_FORMAT)")
     s.add_argument("--max-body-bytes", type=int, help="request body limit (GM_MAX_BODY_BYTES; default 4 MiB)")

@@ -218,11 +218,18 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = _state(request)
     phase = state.phase
+    failure: GMError | None = None
     if phase == "ready":
         backend = state.store.backend
-        return json_response({"status": "ready", "schema_version": backend.schema_version, "backend": backend.name})
+        try:
+            await backend.check()
+            return json_response(
+                {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name}
+            )
+        except StorageUnavailable as exc:  # a shared database that stopped answering
+            phase, failure = "unavailable", exc
     body: dict[str, Any] = {"status": phase}
-    failure = state.failure or state.store.index_error
+    failure = failure or state.failure or state.store.index_error
     if failure is not None:
         body["reason"] = failure.message
     return json_response(body, 503)

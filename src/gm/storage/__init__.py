@@ -17,7 +17,6 @@ from gm.storage.base import (
 )
 
 
-
 def is_postgres_url(target: str) -> bool:
     """True for ``postgres://`` and ``postgresql://`` URLs (the Postgres backend)."""
     return target.startswith(("postgres://", "postgresql://"))

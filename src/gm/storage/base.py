@@ -149,6 +149,11 @@ class Backend(abc.ABC):
     ) -> builtins.list[tuple[int, float]]:
         raise NotImplementedError("this backend searches vectors with the in-process index")
 
+    async def check(self) -> None:
+        """Raise StorageUnavailable if the database does not answer now (for readyz); a
+        local file that opened keeps answering, so by default there is nothing to ask."""
+        return None
+
     def size_bytes(self) -> int | None:
         return None
 

@@ -40,7 +40,7 @@ from gm.storage.base import (
     WriteOp,
     WriteResult,
 )
-from gm.storage.sqlite import decode_cursor, encode_cursor
+from gm.storage.sqlite import decode_cursor, encode_cursor, memory_from_row
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ CHANNEL = "gm_changes"
 CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
 POLL_SECONDS = 1.0  # the feed also catches up this often, should a notification be missed
 CONNECT_TIMEOUT = 5.0
+CHECK_TIMEOUT = 2.0  # readyz's probe of the database
 COMMAND_TIMEOUT = 30.0
 POOL_SIZE = 8
 HNSW_EF_SEARCH = 100
@@ -61,21 +62,6 @@ _STATEMENT_CLASSES = ("22", "23", "42", "54")
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
-def memory_from_row(row: Any) -> Memory:
-    return Memory(
-        id=row[1],
-        namespace=row[2],
-        user_id=row[3],
-        agent_id=row[4],
-        session_id=row[5],
-        text=row[6],
-        metadata=orjson.loads(row[7]),
-        created_at=row[8],
-        updated_at=row[9],
-        expires_at=row[10],
-    )
 
 
 def scope_sql(scope: Scope, filter: Filter | None, now: int, params: PgParams, prefix: str = "") -> str:
@@ -482,7 +468,7 @@ class PostgresBackend(Backend):
             return await postgres_migrations.migrate(
                 self.connect, self.where, __version__, self.steps, self.target_version, on_phase
             )
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
             raise unavailable(exc, f"migrating {self.where}") from None
 
     async def open(
@@ -738,6 +724,12 @@ class PostgresBackend(Backend):
             now,
         )
         return {r[0]: r[1] for r in rows}
+
+    async def check(self) -> None:
+        try:
+            await asyncio.wait_for(self.fetch("SELECT 1"), CHECK_TIMEOUT)
+        except TimeoutError:
+            raise StorageUnavailable(f"{self.where} did not answer within {CHECK_TIMEOUT:.0f}s") from None
 
     async def database_size(self) -> int | None:
         value = await self.fetchval("SELECT pg_database_size(current_database())")

@@ -181,8 +181,8 @@ async def migrate(
                             step.version, step.name, release, max(floor, 1),
                         )
                 except (asyncpg.PostgresError, OSError) as exc:
-                    if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError, OSError)):
-                        raise
+                    if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError, OSError)):
+                        raise  # the connection, not the step: the caller reports it as unavailable
                     raise MigrationFailed(
                         f"migration step {step.version} ({step.name}) failed and was rolled back: {exc}. "
                         f"{where} stays at schema version {version}; fix the cause and start again.",
