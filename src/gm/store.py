@@ -438,13 +438,17 @@ class _Opening:
     def build(self) -> Store:
         model = ModelSpec.from_dir(self.model_dir) if self.model_dir else ModelSpec.from_env()
         text = os.fspath(self.target)
+        options = dict(self.options)
+        cap = os.environ.get("GM_TEST_SCHEMA_CAP")  # testing only: stands in for an older release
+        if cap and "target_version" not in options:
+            options["target_version"] = int(cap)
         if is_postgres_url(text):
             from gm.storage.postgres import PostgresBackend
 
-            return Store(PostgresBackend(text, **self.options), model)
+            return Store(PostgresBackend(text, **options), model)
         from gm.storage.sqlite import SQLiteBackend
 
-        return Store(SQLiteBackend(Path(text), **self.options), model)
+        return Store(SQLiteBackend(Path(text), **options), model)
 
     def __await__(self) -> Any:
         return self.__aenter__().__await__()
