@@ -2,28 +2,32 @@
 Postgres database (dropped afterwards), the default embedding model, no mocks.
 
 ``target`` is the one parametrized fixture the backend-neutral tests run through: each
-such test runs once on SQLite and once on Postgres. Postgres is the server at
+such test runs on SQLite, on Postgres (vectors searched by each instance's in-process
+index) and on Postgres with pgvector (HNSW). Postgres is the server at
 ``GM_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``);
-when it is unreachable those runs are skipped with a reason, except under ``CI=true``,
-where they fail.
+pgvector comes from a Postgres the ``pgserver`` package (a test dependency) starts in a
+temp dir, once per session. Where either is missing those runs are skipped with a reason
+saying how to enable them, except under ``CI=true``, where they fail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
 import gm
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres", "pgvector"]
 ADMIN_URL = os.environ.get("GM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -52,6 +56,18 @@ class PostgresServer:
         self.admin_url = admin_url
         self.problem: str | None = None
 
+    def find(self) -> str:
+        """Check the server answers; the reason to give if not, else ''."""
+        try:
+            _run(self._admin("SELECT 1"))
+            return ""
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            return (
+                f"Postgres is not reachable at {self.admin_url} ({exc}); start it "
+                "(pg_ctlcluster 15 main start) or set GM_TEST_POSTGRES_URL to a server where "
+                "this user may CREATE DATABASE"
+            )
+
     async def _admin(self, sql: str) -> None:
         conn = await asyncpg.connect(self.admin_url, timeout=5)
         try:
@@ -61,23 +77,14 @@ class PostgresServer:
 
     def require(self) -> None:
         if self.problem is None:
-            try:
-                _run(self._admin("SELECT 1"))
-                self.problem = ""
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                self.problem = (
-                    f"Postgres is not reachable at {self.admin_url} ({exc}); start it "
-                    "(pg_ctlcluster 15 main start) or set GM_TEST_POSTGRES_URL to a server where "
-                    "this user may CREATE DATABASE"
-                )
+            self.problem = self.find()
         if self.problem:
             if os.environ.get("CI"):
                 pytest.fail(self.problem)
             pytest.skip(self.problem)
 
     def url_of(self, name: str) -> str:
-        base, _, _ = self.admin_url.rpartition("/")
-        return f"{base}/{name}"
+        return urlsplit(self.admin_url)._replace(path=f"/{name}").geturl()
 
     def create(self) -> str:
         self.require()
@@ -89,18 +96,54 @@ class PostgresServer:
         _run(self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+class PgvectorServer(PostgresServer):
+    """A Postgres with pgvector, started by ``pgserver`` in a temp dir on first use."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+        self.server: Any = None
+        self.directory: Path | None = None
+
+    def find(self) -> str:
+        if "XDG_RUNTIME_DIR" not in os.environ:  # pgserver warns without a private runtime dir
+            os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="gm-runtime-")
+        try:
+            import pgserver
+        except ImportError:
+            return "the pgserver package is missing: pip install -e '.[test]' (it bundles Postgres with pgvector)"
+
+        self.directory = Path(tempfile.mkdtemp(prefix="gm-pgvector-"))
+        try:
+            self.server = pgserver.get_server(self.directory, cleanup_mode="delete")
+        except Exception as exc:  # noqa: BLE001 - any start failure is the reason to give
+            return f"pgserver could not start a Postgres with pgvector in {self.directory}: {exc}"
+        self.admin_url = self.server.get_uri()
+        return ""
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.cleanup()
+            self.server = None
+
+
 POSTGRES = PostgresServer(ADMIN_URL)
+PGVECTOR = PgvectorServer()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    PGVECTOR.stop()
 
 
 def _target(backend: str, directory: Path) -> Iterator[str]:
     if backend == "sqlite":
         yield str(directory / "mem.db")
         return
-    name = POSTGRES.create()
+    server = POSTGRES if backend == "postgres" else PGVECTOR
+    name = server.create()
     try:
-        yield POSTGRES.url_of(name)
+        yield server.url_of(name)
     finally:
-        POSTGRES.drop(name)
+        server.drop(name)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -119,6 +162,12 @@ def module_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 def pg_url() -> Iterator[str]:
     """A fresh, empty Postgres database (for Postgres-only tests)."""
     yield from _target("postgres", Path())
+
+
+@pytest.fixture
+def pgvector_url() -> Iterator[str]:
+    """A fresh, empty database on a Postgres that has pgvector."""
+    yield from _target("pgvector", Path())
 
 
 @pytest.fixture

@@ -91,7 +91,8 @@ def unavailable(exc: BaseException, doing: str) -> StorageUnavailable:
     return StorageUnavailable(f"{doing} failed: Postgres refused it ({type(exc).__name__}: {exc})")
 
 
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# InternalClientError: asyncpg's state after the server ended the connection while it was idle.
+DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
 
 # -- pgvector's binary format: uint16 dimensions, uint16 unused, big-endian float4s ----
@@ -437,6 +438,7 @@ class PostgresBackend(Backend):
         self.schema_version = 0
         self.pgvector = False
         self.hnsw_dim: int | None = None
+        self.iterative_scan = False  # pgvector >= 0.8 keeps walking the graph until the page fills
         self.migrator = Migrator(self._migrate)
         self.pool: asyncpg.Pool | None = None
         self.writer: PgWriter | None = None
@@ -492,6 +494,8 @@ class PostgresBackend(Backend):
             raise unavailable(exc, f"opening {self.where}") from None
         if self.pgvector:
             self.hnsw_dim = await self._hnsw_dim()
+            version = await self.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            self.iterative_scan = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2]) >= (0, 8)
             self._backfill = asyncio.get_running_loop().create_task(self._backfill_forever(), name="gm-vec-backfill")
         else:
             self.feed = ChangeFeed(self, on_commit)
@@ -637,22 +641,28 @@ class PostgresBackend(Backend):
         params = PgParams()
         target = params(vector, f"vector({dim})")
         where = scope_sql(scope, filter, now, params)
-        sql = (
-            f"SELECT rowid, vec::vector({dim}) <=> {target} AS distance FROM memories "
-            f"WHERE vec IS NOT NULL AND {where} ORDER BY distance LIMIT {params(limit)}"
-        )
+        distance = f"vec::vector({dim}) <=> {target}"
+        query = (f"SELECT rowid, {distance} AS distance FROM memories WHERE vec IS NOT NULL AND {where} "
+                 f"ORDER BY ORDERING LIMIT {params(limit)}")
+        rows = await self._vector_rows(query.replace("ORDERING", "distance"), params.values, limit)
+        if len(rows) < limit:
+            # HNSW filters after the graph walk: a narrow scope or filter can leave the page short
+            # (pgvector < 0.8 has no iterative scan). An order the index cannot serve makes it exact.
+            rows = await self._vector_rows(query.replace("ORDERING", f"({distance}) + 0"), params.values, limit)
+        return [(r[0], 1.0 - float(r[1])) for r in rows]
+
+    async def _vector_rows(self, sql: str, params: builtins.list[Any], limit: int) -> builtins.list[Any]:
         for attempt in (1, 2):
             try:
                 async with self.acquire("searching") as conn, conn.transaction():
                     await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
-                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                    rows = await conn.fetch(sql, *params.values)
-                    break
+                    if self.iterative_scan:
+                        await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                    return list(await conn.fetch(sql, *params))
             except DB_ERRORS as exc:
                 if attempt == 2 or not _connection_lost(exc):
                     raise unavailable(exc, "searching") from None
-        ranked = sorted(((r[0], 1.0 - float(r[1])) for r in rows), key=lambda hit: -hit[1])
-        return ranked
+        raise AssertionError("unreachable")
 
     async def _hnsw_dim(self) -> int | None:
         assert self.pool is not None
@@ -753,7 +763,9 @@ class _Acquire:
         conn: asyncpg.Connection = self.conn
         return conn
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and _connection_lost(exc):
+            self.conn.terminate()  # never hand a broken connection to the next caller; the pool replaces it
         try:
             await self.pool.release(self.conn)
         except DB_ERRORS:
@@ -761,8 +773,8 @@ class _Acquire:
 
 
 def _connection_lost(exc: BaseException) -> bool:
-    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError,
-                            asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError))
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                            OSError, asyncpg.AdminShutdownError, asyncpg.CannotConnectNowError))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
