@@ -80,10 +80,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def spawn_server(
+async def launch_server(
     log_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`gmem serve` as a child process on a free port; returns once its readyz is 200."""
+    """`gmem serve` as a child process on a free port; returns once it listens (healthz is
+    200), whatever its readyz says: for tests that watch it become ready."""
     port = free_port()
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -93,13 +94,27 @@ async def spawn_server(
             env={**os.environ, **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"
+    await _wait_for(process, log_path, url + "/v1/healthz")
+    return process, url
+
+
+async def spawn_server(
+    log_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`gmem serve` as a child process on a free port; returns once its readyz is 200."""
+    process, url = await launch_server(log_path, *args, env=env)
+    await _wait_for(process, log_path, url + "/v1/readyz")
+    return process, url
+
+
+async def _wait_for(process: subprocess.Popen[bytes], log_path: Path, url: str) -> None:
     deadline = time.monotonic() + 30
     async with aiohttp.ClientSession() as session:
         while True:
             try:
-                async with session.get(url + "/v1/readyz") as response:
+                async with session.get(url) as response:
                     if response.status == 200:
-                        return process, url
+                        return
             except aiohttp.ClientError:
                 pass
             assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
