@@ -159,14 +159,12 @@ def test_status_of_a_postgres_database(
         result = gmem(capsys, "status", *argv)
         assert result.code == 0, result.err
         text = result.out
-        assert f"database: {pg_url}\nreadiness: ready\n" in text
+        assert f"database: {pg_url}\nreadiness: ready\nbackend: postgres\n" in text
         assert f"schema: v{LATEST}; this release knows v{LATEST}" in text
         assert "memories: 4\n  default: 3\n  team: 1\n" in text
         assert f"model: {ModelSpec.default().identity}" in text and "connected instances: 0" in text
 
 
-@pytest.mark.xfail(strict=True, reason="gmem status text never names the backend (only --json has it); "
-                   "gm.cli.commands.status should add a 'backend: ...' line when the result has one")
 def test_status_text_names_the_backend(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     async def seed() -> None:
         async with gm.open(pg_url) as store:

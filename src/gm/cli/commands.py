@@ -227,6 +227,8 @@ async def status(args: argparse.Namespace) -> int:
     else:
         result = status_of_file(Path(target))
     lines = [f"{'server' if url else 'database'}: {result['target']}", f"readiness: {result['readiness']}"]
+    if "backend" in result:
+        lines.append(f"backend: {result['backend']}")
     if "schema_version" in result:
         pending = " (migrations pending)" if result.get("migrations_pending") else ""
         known = result["latest_schema_version"]

@@ -69,6 +69,10 @@ async def serve(config: ServerConfig) -> int:
     if not opener.done():
         opener.cancel()
     state.draining = True
+    if code != 0:  # it never served: nothing to drain, nothing to report but the error above
+        await runner.cleanup()
+        await state.store.close()
+        return code
     log.info("draining: readyz is 503, new requests are refused; waiting up to %.0fs", config.drain_seconds)
     if not await state.wait_idle(config.drain_seconds):
         log.warning("%d requests still running after %.0fs; stopping anyway", state.in_flight, config.drain_seconds)

@@ -126,7 +126,7 @@ class PgWriter(Actor[WriteOp]):
         for attempt in (1, 2):
             committing = False
             try:
-                async with self.backend.acquire("writing") as conn:
+                async with self.backend.acquire("writing", write=True) as conn:
                     transaction = conn.transaction()
                     try:
                         await transaction.start()
@@ -145,8 +145,7 @@ class PgWriter(Actor[WriteOp]):
                 for envelope in batch:
                     envelope.fail(error)
                 return
-        changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
-        await self.backend.committed(changes, last_seq)
+        await self.backend.committed(last_seq)
         for envelope, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, WriteResult):
                 envelope.answer(outcome.value)
@@ -440,10 +439,10 @@ class PostgresBackend(Backend):
         self.hnsw_dim: int | None = None
         self.iterative_scan = False  # pgvector >= 0.8 keeps walking the graph until the page fills
         self.migrator = Migrator(self._migrate)
-        self.pool: asyncpg.Pool | None = None
+        self.pool: asyncpg.Pool | None = None  # reads
+        self.write_pool: asyncpg.Pool | None = None  # the Writer and the vector backfill: never queued behind reads
         self.writer: PgWriter | None = None
         self.feed: ChangeFeed | None = None
-        self._on_commit: Callable[[list[IndexChange]], None] = lambda changes: None
         self._on_reset: Callable[[], None] = lambda: None
         self._backfill: asyncio.Task[None] | None = None
 
@@ -476,14 +475,16 @@ class PostgresBackend(Backend):
     async def open(
         self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
     ) -> None:
-        self._on_commit = on_commit
         self._on_reset = on_reset or (lambda: None)
         self.schema_version = await self.migrator.run()
         try:
-            self.pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT, init=_init_connection,
-            )
+            self.pool, self.write_pool = [
+                await asyncpg.create_pool(
+                    self.url, min_size=1, max_size=size, timeout=CONNECT_TIMEOUT,
+                    command_timeout=COMMAND_TIMEOUT, init=_init_connection,
+                )
+                for size in (self.pool_size, 2)
+            ]
             self.pgvector = bool(await self.pool.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
                 "WHERE table_schema = current_schema() AND table_name = 'memories' AND column_name = 'vec')"
@@ -513,35 +514,36 @@ class PostgresBackend(Backend):
                 await asyncio.gather(task, return_exceptions=True)
         if self.feed is not None:
             await self.feed.stop()
-        if self.pool is not None:
-            try:
-                await asyncio.wait_for(self.pool.close(), 10)
-            except (TimeoutError, *DB_ERRORS):
-                self.pool.terminate()
-            self.pool = None
+        for pool in (self.pool, self.write_pool):
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), 10)
+                except DB_ERRORS:
+                    pool.terminate()
+        self.pool = self.write_pool = None
 
     async def write(self, op: WriteOp) -> Any:
         if self.writer is None:
             raise StorageUnavailable("the database is not open yet")
         return await self.writer.ask(op)
 
-    async def committed(self, changes: list[IndexChange], last_seq: int | None) -> None:
+    async def committed(self, last_seq: int | None) -> None:
         """After a commit of this instance: the in-process index (if any) follows the feed
-        up to the commit, so the writer's own searches see the write when it is answered."""
+        up to the commit, so the writer's own searches see the write when it is answered
+        (with pgvector, searches read the database, which has it already)."""
         if self.feed is not None and last_seq is not None:
             await self.feed.reach(last_seq)
-        elif self.pgvector and changes:
-            self._on_commit(changes)
 
     def request_reload(self) -> None:
         self._on_reset()
 
     # -- reads --------------------------------------------------------------------
 
-    def acquire(self, doing: str) -> Any:
-        if self.pool is None:
+    def acquire(self, doing: str, *, write: bool = False) -> Any:
+        pool = self.write_pool if write else self.pool
+        if pool is None:
             raise StorageUnavailable("the database is not open")
-        return _Acquire(self.pool, doing)
+        return _Acquire(pool, doing)
 
     async def fetch(self, sql: str, *params: Any) -> list[Any]:
         """Run a read; a connection that died under it is retried once on a fresh one."""
@@ -705,7 +707,7 @@ class PostgresBackend(Backend):
         )
         if not rows:
             return False
-        async with self.acquire("backfilling vectors") as conn, conn.transaction():
+        async with self.acquire("backfilling vectors", write=True) as conn, conn.transaction():
             await self.ensure_hnsw(conn, len(rows[0][1]) // 4)
             await conn.executemany(
                 "UPDATE memories SET vec = $2 WHERE rowid = $1 AND embedding = $3 AND vec IS NULL",

@@ -79,6 +79,7 @@ V1_CORE = (
         rowid bigint NOT NULL,
         at bigint NOT NULL
     )""",
+    "CREATE INDEX changes_by_time ON changes (at)",  # pruning: changes older than a day go
 )
 
 V2_SCOPES_AND_VECTORS = (
