@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gm.errors import Conflict, ModelMismatch
 from gm.filters import Filter
 from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
 
@@ -60,6 +61,31 @@ class RecordModel:
 
 
 WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel
+
+
+def updated(old: Memory, op: UpdateMemory) -> Memory:
+    """``old`` with the update's fields applied (what the Writers store and return)."""
+    return Memory(
+        old.id, old.namespace, old.user_id, old.agent_id, old.session_id,
+        op.text if op.text is not None else old.text,
+        op.metadata if op.metadata is not None else old.metadata,
+        old.created_at, op.now,
+        old.expires_at if op.expires_at is UNSET else op.expires_at,
+    )
+
+
+def id_conflict(memory_id: str) -> Conflict:
+    return Conflict(
+        f"id {memory_id!r} already names a memory with other content; choose another id or update that memory"
+    )
+
+
+def model_mismatch(stored: str, configured: str) -> ModelMismatch:
+    return ModelMismatch(
+        f"this database's vectors were made by model {stored!r} but the configured "
+        f"model is {configured!r}; set GM_MODEL_DIR to the model the database was built "
+        "with, or export and re-import its memories into a new database"
+    )
 
 
 @dataclass(slots=True)

@@ -21,13 +21,12 @@ import numpy as np
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.errors import GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
 from gm.storage import postgres_migrations
 from gm.storage.base import (
-    UNSET,
     AddMemories,
     Backend,
     DeleteMemory,
@@ -39,6 +38,9 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    id_conflict,
+    model_mismatch,
+    updated,
 )
 from gm.storage.sqlite import decode_cursor, encode_cursor, memory_from_row
 
@@ -237,10 +239,7 @@ class PgWriter(Actor[WriteOp]):
                 existing = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE id = $1", item.id)
                 memory = memory_from_row(existing)
                 if not item.same_content(memory):
-                    raise Conflict(
-                        f"id {item.id!r} already names a memory with other content; "
-                        "choose another id or update that memory"
-                    )
+                    raise id_conflict(item.id)
                 out.append((memory, False))
                 continue
             await self._history(conn, "add", [(item.id, s.namespace, created, item.text, meta)])
@@ -260,12 +259,10 @@ class PgWriter(Actor[WriteOp]):
         if row is None:
             raise NotFound(f"no memory with id {op.id!r}")
         rowid, old = row[0], memory_from_row(row)
-        text = op.text if op.text is not None else old.text
-        metadata = op.metadata if op.metadata is not None else old.metadata
-        expires_at = old.expires_at if op.expires_at is UNSET else op.expires_at
-        meta = orjson.dumps(metadata).decode()
+        memory = updated(old, op)
+        meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = $2, metadata = $3::jsonb, expires_at = $4, updated_at = $5"
-        params: list[Any] = [rowid, text, meta, expires_at, op.now]
+        params: list[Any] = [rowid, memory.text, meta, memory.expires_at, op.now]
         if op.vector is not None:
             assignments += ", embedding = $6"
             params.append(op.vector)
@@ -273,12 +270,9 @@ class PgWriter(Actor[WriteOp]):
                 assignments += ", vec = $7"
                 params.append(op.vector)
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
-        await self._history(conn, "update", [(op.id, old.namespace, op.now, text, meta)])
+        await self._history(conn, "update", [(op.id, old.namespace, op.now, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
-        memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
-                        old.created_at, op.now, expires_at)
-        change = IndexChange(rowid, vector=op.vector, scope=scope, expires_at=expires_at)
-        return WriteResult(memory, [change])
+        return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
     async def _delete_where(
         self, conn: asyncpg.Connection, where: str, params: list[Any], now: int, missing: str | None = None
@@ -307,11 +301,7 @@ class PgWriter(Actor[WriteOp]):
         stored = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
         if stored is not None and stored != op.identity:
             if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM memories)"):
-                raise ModelMismatch(
-                    f"this database's vectors were made by model {stored!r} but the configured "
-                    f"model is {op.identity!r}; set GM_MODEL_DIR to the model the database was built "
-                    "with, or export and re-import its memories into a new database"
-                )
+                raise model_mismatch(stored, op.identity)
         if stored != op.identity:
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('model', $1) "
@@ -341,7 +331,6 @@ class ChangeFeed:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.lag_events = 0
 
     async def start(self, from_seq: int) -> None:
         self.last_seq = from_seq

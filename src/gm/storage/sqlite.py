@@ -18,13 +18,12 @@ import aiosqlite
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import Conflict, GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.errors import GMError, InvalidInput, NotFound, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
 from gm.storage import sqlite_migrations
 from gm.storage.base import (
-    UNSET,
     AddMemories,
     Backend,
     DeleteMemory,
@@ -36,6 +35,9 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    id_conflict,
+    model_mismatch,
+    updated,
 )
 from gm.storage.sqlite_files import DatabaseLock
 
@@ -199,10 +201,7 @@ class Writer(Actor[WriteOp]):
                 existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
                 memory = memory_from_row(existing[0])
                 if not item.same_content(memory):
-                    raise Conflict(
-                        f"id {item.id!r} already names a memory with other content; "
-                        "choose another id or update that memory"
-                    )
+                    raise id_conflict(item.id)
                 out.append((memory, False))
                 continue
             rowid = rows[0][0]
@@ -218,22 +217,17 @@ class Writer(Actor[WriteOp]):
         if not rows:
             raise NotFound(f"no memory with id {op.id!r}")
         rowid, old = rows[0][0], memory_from_row(rows[0])
-        text = op.text if op.text is not None else old.text
-        metadata = op.metadata if op.metadata is not None else old.metadata
-        expires_at = old.expires_at if op.expires_at is UNSET else op.expires_at
-        meta = orjson.dumps(metadata).decode()
+        memory = updated(old, op)
+        meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = ?, metadata = ?, expires_at = ?, updated_at = ?"
-        params: list[Any] = [text, meta, expires_at, op.now]
+        params: list[Any] = [memory.text, meta, memory.expires_at, op.now]
         if op.vector is not None:
             assignments += ", embedding = ?"
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
-        await self._history("update", [(op.id, old.namespace, op.now, text, meta)])
+        await self._history("update", [(op.id, old.namespace, op.now, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
-        memory = Memory(old.id, old.namespace, old.user_id, old.agent_id, old.session_id, text, metadata,
-                        old.created_at, op.now, expires_at)
-        change = IndexChange(rowid, vector=op.vector, scope=scope, expires_at=expires_at)
-        return WriteResult(memory, [change])
+        return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
     async def _delete_where(self, where: str, params: list[Any], now: int, missing: str | None = None) -> WriteResult:
         rows = await self._fetch(
@@ -248,11 +242,7 @@ class Writer(Actor[WriteOp]):
         rows = await self._fetch("SELECT value FROM meta WHERE key = 'model'", [])
         if rows and rows[0][0] != op.identity:
             if await self._fetch("SELECT 1 FROM memories LIMIT 1", []):
-                raise ModelMismatch(
-                    f"this database's vectors were made by model {rows[0][0]!r} but the configured "
-                    f"model is {op.identity!r}; set GM_MODEL_DIR to the model the database was built "
-                    "with, or export and re-import its memories into a new database"
-                )
+                raise model_mismatch(rows[0][0], op.identity)
         await self.conn.execute(
             "INSERT INTO meta (key, value) VALUES ('model', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             [op.identity],
