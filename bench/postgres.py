@@ -1,6 +1,6 @@
 """Hand-run benchmark of the Postgres backend (not a test: it prints figures, asserts nothing).
 
-    .venv/bin/python bench/postgres.py                          # all three parts (about 20 minutes on 2 cores)
+    .venv/bin/python bench/postgres.py                          # all three parts (about 12 minutes on 2 cores)
     .venv/bin/python bench/postgres.py throughput --quick       # one part, small and fast
     .venv/bin/python bench/postgres.py visibility recall --json # two parts, one JSON object on stdout
     .venv/bin/python bench/postgres.py recall --rows 100000 --ef 40,100,200
@@ -887,6 +887,10 @@ async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np
     }
 
 
+async def backend_pids(backend: pg.PostgresBackend) -> list[int]:
+    return [r[0] for r in await backend.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+
+
 def start_pgserver(directory: Path) -> Any:
     if "XDG_RUNTIME_DIR" not in os.environ:  # pgserver warns without a private runtime dir
         runtime = directory / "runtime"
@@ -947,8 +951,10 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path) -> dict[str, Any]:
                 for label, scope, members in scopes:
                     for ef, limit in runs:
                         await quiet(min(cfg.quiet_wait, 10))
-                        r = await run_queries(backend, vectors, queries, scope, members, ef, rowid_to_index, limit)
-                        results.append({"scope": label, "rows": len(members)} | r)
+                        async with CpuSplit([], functools.partial(backend_pids, backend)) as cpu:
+                            r = await run_queries(backend, vectors, queries, scope, members, ef, rowid_to_index,
+                                                  limit)
+                        results.append({"scope": label, "rows": len(members), "cpu": cpu.to_dict()} | r)
                         progress(f"   {label} ef {r['ef_search']} limit {limit}: recall {r['recall']:.3f}, "
                                  f"p50 {r['p50_ms']} ms, fallbacks {r['fallbacks']}")
             finally:
@@ -980,17 +986,18 @@ def report_recall(result: dict[str, Any]) -> str:
         f"{ix['server_default_maintenance_work_mem']}; "
         f"max_parallel_maintenance_workers {ix['max_parallel_maintenance_workers']})",
         f"{'scope':<22} {'rows':>7} {'ef_search':>9} {'limit':>5} {'recall':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'exact fallback':>14} {'HNSW rows p50':>13}",
+        f"{'exact fallback':>14} {'HNSW rows p50':>13} {'others':>6}",
     ]
     for r in result["results"]:
         lines.append(f"{r['scope']:<22} {r['rows']:>7,} {r['ef_search']:>9} {r['limit']:>5} {r['recall']:>9.3f} "
                      f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['fallbacks']:>7}/{r['queries']:<6} "
-                     f"{r['first_statement_rows_p50']:>13}")
+                     f"{r['first_statement_rows_p50']:>13} {r['cpu']['other_cores']:>6.2f}")
     lines.append("(recall = recall@limit against numpy's exact top-limit of the scope; limit 10 at each ef_search, "
                  f"then limit {HYBRID_DEPTH} at gm's ef_search, the call a hybrid search with limit 10 makes; "
                  "latency = PostgresBackend.vector_search as called, one at a time; exact fallback = queries where "
                  "the HNSW statement returned fewer than limit rows and the backend ran the exact one; HNSW rows = "
-                 "what that first statement returned)")
+                 "what that first statement returned; others = cores used meanwhile by processes other than this "
+                 "one and the Postgres backends of the benchmark database)")
     seen = set()
     for r in result["results"]:
         for name, plan in r["plans"].items():
