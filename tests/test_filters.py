@@ -25,7 +25,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "b": {"topic": "health", "priority": 3, "pinned": False, "note": None},
     "c": {"topic": "travel", "priority": 5, "trip": {"city": "Lima", "days": 10}},
     "d": {"topic": "music", "priority": "3", "score": 2.5},
-    "e": {},
+    "e": {"tags": ["x", "y"], "slots": {"0": "first"}},
 }
 ALL = set(ROWS)
 
@@ -75,6 +75,10 @@ CASES: list[tuple[dict[str, Any], set[str]]] = [
     ({"trip.city": {"$exists": True}}, {"a", "c"}),
     ({"trip": {"$exists": True}}, {"a", "c"}),
     ({"trip.city.name": {"$exists": True}}, set()),
+    # a numeric segment names an object's key, never an array position
+    ({"slots.0": "first"}, {"e"}),
+    ({"tags.0": "x"}, set()),
+    ({"tags.0": {"$exists": True}}, set()),
     # logic
     ({"$and": [{"topic": "travel"}, {"priority": {"$gt": 2}}]}, {"c"}),
     ({"$or": [{"topic": "health"}, {"trip.city": "Oslo"}]}, {"a", "b"}),

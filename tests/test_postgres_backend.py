@@ -121,3 +121,40 @@ async def test_a_killed_connection_fails_fast_and_the_store_recovers(pg_url: str
                 await asyncio.sleep(0.05)
     finally:
         await admin.close()
+
+
+async def test_pgvector_a_store_that_never_wrote_finds_the_others_vectors(pgvector_url: str) -> None:
+    async with gm.open(pgvector_url) as reader, gm.open(pgvector_url) as writer:
+        assert reader.backend.native_vectors and writer.backend.native_vectors
+        assert await reader.search("anything", mode="vector") == []  # nothing written yet
+        memory = await writer.add("Collects vintage fountain pens.", user_id="u1")
+        hits = await reader.search("fountain pens", user_id="u1", mode="vector", limit=1)
+        assert [h.memory for h in hits] == [memory]
+
+
+async def test_pgvector_rows_of_an_older_release_are_searchable_while_and_after_they_are_backfilled(
+    pgvector_url: str,
+) -> None:
+    # An older release (schema v1: no pgvector column) wrote these memories.
+    async with gm.open(pgvector_url, target_version=1) as old:
+        assert not old.backend.pgvector
+        written = await old.add_many([{"text": f"Old release memory about topic {i}: kayaking in fjords"}
+                                      for i in range(30)])
+    async with gm.open(pgvector_url) as new:  # migrates to v2, which adds `vec`, empty for those rows
+        assert new.backend.pgvector
+        hits = await new.search("kayaking in fjords", mode="vector", limit=30)
+        assert {h.memory.id for h in hits} == {m.id for m in written}  # found now, whichever index answers
+        deadline = time.perf_counter() + 10
+        while not new.backend.native_vectors:  # the backfill fills `vec`, then searches switch to HNSW
+            assert time.perf_counter() < deadline, "the backfill never completed"
+            await asyncio.sleep(0.1)
+        hits = await new.search("kayaking in fjords", mode="vector", limit=30)
+        assert {h.memory.id for h in hits} == {m.id for m in written}
+        conn = await asyncpg.connect(pgvector_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM memories WHERE vec IS NULL") == 0
+            # An older release's update of the text leaves `vec` stale: the trigger clears it for the backfill.
+            await conn.execute("UPDATE memories SET embedding = $1 WHERE id = $2", b"\0" * 1536, written[0].id)
+            assert await conn.fetchval("SELECT vec IS NULL FROM memories WHERE id = $1", written[0].id)
+        finally:
+            await conn.close()

@@ -162,3 +162,11 @@ async def test_bad_search_arguments(mem: gm.Store) -> None:
     with pytest.raises(InvalidInput) as caught:
         await mem.search("x", limit=101)
     assert caught.value.path == "limit"
+
+
+async def test_a_query_of_only_stopwords_still_matches_those_words(target: str) -> None:
+    async with gm.open(target) as store:  # this module's tests share one event loop
+        question = await store.add("What is it about?")
+        await store.add("Peanut allergy.")
+        assert [h.memory for h in await store.search("it", mode="keyword")] == [question]
+        assert [h.memory.text for h in await store.search("peanuts", mode="keyword")] == ["Peanut allergy."]

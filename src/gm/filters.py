@@ -208,7 +208,7 @@ def to_postgres(node: Filter, params: PgParams, column: str = "metadata") -> str
         return "(" + " OR ".join(to_postgres(p, params, column) for p in node.parts) + ")"
     if isinstance(node, Not):
         return "(NOT " + to_postgres(node.part, params, column) + ")"
-    at = f"{column} #> {params(list(node.key), 'text[]')}"
+    at = _pg_at(column, node.key, params)
     if node.op == "$exists":
         return f"({at} IS {'NOT ' if node.value else ''}NULL)"
     if node.op in ("$eq", "$ne"):
@@ -218,6 +218,17 @@ def to_postgres(node: Filter, params: PgParams, column: str = "metadata") -> str
         sql = "(" + " OR ".join(_pg_equals(at, v, params) for v in node.value) + ")"
         return sql if node.op == "$in" else f"(NOT {sql})"
     return _pg_typed(at, node.value, _SQL_CMP[node.op], params)
+
+
+def _pg_at(column: str, key: tuple[str, ...], params: PgParams) -> str:
+    """The value at ``key``, or SQL NULL. ``#>`` would also index into arrays with a
+    numeric segment ({"a.0": ...}); SQLite's object paths never do, so neither do we."""
+    at = f"{column} #> {params(list(key), 'text[]')}"
+    parents = [key[:i] for i in range(1, len(key)) if key[i].lstrip("-").isdigit()]
+    if not parents:
+        return at
+    objects = " AND ".join(f"jsonb_typeof({column} #> {params(list(p), 'text[]')}) = 'object'" for p in parents)
+    return f"(CASE WHEN {objects} THEN {at} END)"
 
 
 def _pg_typed(at: str, value: str | int | float, op: str, params: PgParams) -> str:

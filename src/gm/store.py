@@ -78,6 +78,7 @@ class Store:
         self.index_error: StorageUnavailable | None = None
         self._pending: list[IndexChange] | None = []  # changes committed while the index loads
         self._tasks: list[asyncio.Task[None]] = []
+        self._loader: asyncio.Task[None] | None = None
         self._opened = False
         self._closed = False
 
@@ -93,8 +94,8 @@ class Store:
         if self.backend.native_vectors:  # the database searches vectors itself
             self._pending = None
             self._index_ready.set()
-        else:
-            self._tasks.append(loop.create_task(self._load_index(), name="gm-index-load"))
+        elif self._loader is None:  # (the backend may have asked for a reload already)
+            self._reload_index()
         self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
         return self
 
@@ -103,9 +104,10 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._loader] if self._loader else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.embedder.stop()
         await self.backend.close()
 
@@ -134,34 +136,39 @@ class Store:
             self.index.apply(changes)
 
     async def _load_index(self) -> None:
-        started = time.perf_counter()
-        index = self.index
-        try:
-            async for rows in self.backend.vectors():  # commits meanwhile wait in _pending,
-                await asyncio.to_thread(index.load, rows)  # so the loader may mutate off the loop
-        except Exception as exc:
-            log.exception("loading the vector index failed")
-            self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
-            self._pending = None
-            self._index_ready.set()
-            return
+        """Fill the index from the database; a failure (the database went away) is kept in
+        ``index_error`` (readyz says unavailable) and the load is tried again with backoff."""
+        delay = 1.0
+        while True:
+            started = time.perf_counter()
+            index = self.index
+            try:
+                async for rows in self.backend.vectors():  # commits meanwhile wait in _pending,
+                    await asyncio.to_thread(index.load, rows)  # so the loader may mutate off the loop
+                break
+            except Exception as exc:
+                log.exception("loading the vector index failed; retrying in %.0fs", delay)
+                self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                self.index = VectorIndex()
         pending, self._pending = self._pending or [], None
         self.index.apply(pending)  # replaying in order is idempotent: each change carries its final state
+        self.index_error = None
         self._index_ready.set()
         log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
 
     def _reload_index(self) -> None:
-        """Load the index afresh (a shared database's change feed lost its place)."""
+        """Load the index afresh: at open, or when a shared database's change feed lost its
+        place. Exactly one load runs at a time."""
         if self._closed:
             return
-        for task in self._tasks:
-            if task.get_name().startswith("gm-index-"):
-                task.cancel()
+        if self._loader is not None:
+            self._loader.cancel()
         self.index = VectorIndex()
         self._pending = []
-        self.index_error = None
         self._index_ready.clear()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._load_index(), name="gm-index-reload"))
+        self._loader = asyncio.get_running_loop().create_task(self._load_index(), name="gm-index-load")
 
     async def _purge_forever(self) -> None:
         while True:
@@ -170,6 +177,16 @@ class Store:
             except Exception:
                 log.exception("purging expired memories failed; will retry")
             await asyncio.sleep(PURGE_SECONDS)
+
+    async def _wait_index_or_fail(self) -> None:
+        """Wait for the index, unless (or until) loading it failed: then raise why, at once."""
+        while not self._index_ready.is_set() and not self.backend.native_vectors:
+            if self.index_error is not None:
+                raise self.index_error
+            try:
+                await asyncio.wait_for(self._index_ready.wait(), 0.25)
+            except TimeoutError:
+                pass
 
     async def wait_index(self) -> None:
         """Wait until the vector index holds every stored vector (searches do this themselves)."""
@@ -369,11 +386,9 @@ class Store:
     async def _vector_ranking(
         self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
     ) -> builtins.list[tuple[int, float]]:
-        vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._index_ready.wait())
+        vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._wait_index_or_fail())
         if self.backend.native_vectors:
             return await self.backend.vector_search(vector.tobytes(), scope, parsed, depth, now)
-        if self.index_error is not None:
-            raise self.index_error
         allowed: Iterable[int] | None = None
         if parsed is not None:
             allowed = await self.backend.matching_rowids(scope, parsed, now)

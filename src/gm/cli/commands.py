@@ -188,9 +188,9 @@ async def status_of_postgres(url: str) -> dict[str, Any]:
             )
             vectors = "pgvector (HNSW, cosine)" if has_vec else "in-process index in each instance"
         size = await conn.fetchval("SELECT pg_database_size(current_database())")
-        instances = await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() "
-            "AND query ILIKE 'LISTEN%'"
+        instances = await conn.fetchval(  # each instance's connections carry its name (see SERVER_SETTINGS)
+            "SELECT count(DISTINCT application_name) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'greatmemory %' AND application_name <> current_setting('application_name')"
         )
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise StorageUnavailable(f"cannot read {redact(url)}: {exc}") from None

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import numpy as np
@@ -25,6 +28,7 @@ from gm.errors import GMError, InvalidInput, ModelMismatch, NotFound, StorageUna
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
+from gm.search import STOPWORDS
 from gm.storage import postgres_migrations
 from gm.storage.base import (
     AddMemories,
@@ -48,22 +52,35 @@ log = logging.getLogger(__name__)
 
 COLUMNS = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
+HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
+BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
 CHANNEL = "gm_changes"
 CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
 POLL_SECONDS = 1.0  # the feed also catches up this often, should a notification be missed
 CONNECT_TIMEOUT = 5.0
 CHECK_TIMEOUT = 2.0  # readyz's probe of the database
+LOCK_TIMEOUT = "5s"  # a write waiting longer for a lock fails (503) rather than hangs
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # the server ends a writer stalled mid-transaction, freeing its locks
 COMMAND_TIMEOUT = 30.0
 POOL_SIZE = 8
 HNSW_EF_SEARCH = 100
-# SQLSTATE classes that mean the statement was wrong, not the database: data exceptions,
-# integrity violations, syntax/access rules, program limits.
-_STATEMENT_CLASSES = ("22", "23", "42", "54")
+# SQLSTATE classes that mean a value the caller gave was refused, not that the database
+# failed: data exceptions, integrity violations, program limits (a filter too complex).
+_STATEMENT_CLASSES = ("22", "23", "54")
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    """The URL without its password (in the user part or a ``password`` parameter), for
+    messages and logs."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)], safe="/:")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def scope_sql(scope: Scope, filter: Filter | None, now: int, params: PgParams, prefix: str = "") -> str:
@@ -132,6 +149,7 @@ class PgWriter(Actor[WriteOp]):
                     transaction = conn.transaction()
                     try:
                         await transaction.start()
+                        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                         outcomes, last_seq = await self._apply_all(conn, batch)
                     except BaseException:
                         await _rollback(transaction)
@@ -147,7 +165,10 @@ class PgWriter(Actor[WriteOp]):
                 for envelope in batch:
                     envelope.fail(error)
                 return
-        await self.backend.committed(last_seq)
+        try:
+            await self.backend.committed(last_seq)
+        except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up
+            log.exception("following a commit failed")
         for envelope, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, WriteResult):
                 envelope.answer(outcome.value)
@@ -237,6 +258,8 @@ class PgWriter(Actor[WriteOp]):
             )
             if rowid is None:
                 existing = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE id = $1", item.id)
+                if existing is None:  # another instance deleted it in between: its id is free
+                    raise StorageUnavailable(f"memory {item.id!r} was deleted while being added; retry")
                 memory = memory_from_row(existing)
                 if not item.same_content(memory):
                     raise id_conflict(item.id)
@@ -353,7 +376,7 @@ class ChangeFeed:
     async def catch_up(self) -> None:
         async with self._lock:
             while True:
-                rows = await self.backend.fetch(
+                rows = await self.backend.fetch_own(
                     "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
                     "m.embedding FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
                     "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000",
@@ -375,34 +398,55 @@ class ChangeFeed:
                 self.last_seq = rows[-1][0]
 
     async def _pruned_past(self) -> bool:
-        value = await self.backend.fetchval("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
-        return value is not None and int(value) > self.last_seq
+        rows = await self.backend.fetch_own("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
+        return bool(rows) and int(rows[0][0]) > self.last_seq
 
     async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            listener: asyncpg.Connection | None = None
-            try:
-                listener = await self.backend.connect()
-                await listener.add_listener(CHANNEL, lambda *_: self._wake.set())
-                listener.add_termination_listener(lambda *_: self._wake.set())
-                delay = 0.5
-                while not listener.is_closed():
+        """Catch up on every notification, and at least every ``POLL_SECONDS`` whether or
+        not the LISTEN connection is up (it is re-made in the background when lost)."""
+        listener: asyncpg.Connection | None = None
+        listening: asyncio.Task[asyncpg.Connection] | None = None
+        try:
+            while True:
+                if listener is None or listener.is_closed():
+                    listener = None
+                    if listening is None:
+                        listening = asyncio.get_running_loop().create_task(self._listen())
+                    elif listening.done():
+                        listener = listening.result() if listening.exception() is None else None
+                        if listener is None:
+                            log.warning("change feed: cannot LISTEN (%s); polling every %.0fs meanwhile",
+                                        getattr(listening.exception(), "message", listening.exception()),
+                                        POLL_SECONDS)
+                        listening = None
+                try:
                     await self.catch_up()
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                    except TimeoutError:
-                        pass
-                    self._wake.clear()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("change feed: %s; reconnecting in %.1fs", getattr(exc, "message", exc), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            finally:
-                if listener is not None and not listener.is_closed():
-                    listener.terminate()
+                except StorageUnavailable as exc:
+                    log.warning("change feed: %s; will retry", exc.message)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+        finally:
+            if listening is not None:
+                listening.cancel()
+                await asyncio.gather(listening, return_exceptions=True)
+                if not listening.cancelled() and listening.exception() is None:
+                    listening.result().terminate()
+            if listener is not None and not listener.is_closed():
+                listener.terminate()
+
+    async def _listen(self) -> asyncpg.Connection:
+        conn = await self.backend.connect()
+        try:
+            await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(lambda *_: self._wake.set())
+        self._wake.set()  # changes made while not listening: catch up now
+        return conn
 
 
 class PostgresBackend(Backend):
@@ -424,16 +468,19 @@ class PostgresBackend(Backend):
         self.target_version = target_version
         self.pool_size = pool_size
         self.schema_version = 0
-        self.pgvector = False
-        self.hnsw_dim: int | None = None
+        self.pgvector = False  # the schema has the pgvector column `vec`: this instance writes it
+        self.backfilled = False  # every row has its `vec`: searches may use pgvector
+        self.hnsw_dim: int | None = None  # once known committed
         self.iterative_scan = False  # pgvector >= 0.8 keeps walking the graph until the page fills
         self.migrator = Migrator(self._migrate)
         self.pool: asyncpg.Pool | None = None  # reads
-        self.write_pool: asyncpg.Pool | None = None  # the Writer and the vector backfill: never queued behind reads
+        # The Writer, the change feed, the vector backfill and readyz: never queued behind reads.
+        self.write_pool: asyncpg.Pool | None = None
         self.writer: PgWriter | None = None
         self.feed: ChangeFeed | None = None
         self._on_reset: Callable[[], None] = lambda: None
         self._backfill: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     @property
     def phase(self) -> str:  # type: ignore[override]
@@ -441,22 +488,25 @@ class PostgresBackend(Backend):
 
     @property
     def native_vectors(self) -> bool:  # type: ignore[override]
-        return self.pgvector
+        return self.pgvector and self.backfilled
 
     async def connect(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection | None = None
         try:
-            conn: asyncpg.Connection = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT, server_settings=SERVER_SETTINGS)
+            await _init_connection(conn)
+            return conn
         except DB_ERRORS as exc:
+            if conn is not None:
+                conn.terminate()
             raise StorageUnavailable(f"cannot connect to {self.where}: {exc}") from None
-        await _init_connection(conn)
-        return conn
 
     async def _migrate(self, on_phase: Callable[[str], None]) -> int:
         from gm import __version__
 
         try:
             return await postgres_migrations.migrate(
-                self.connect, self.where, __version__, self.steps, self.target_version, on_phase
+                self.connect, self.where, __version__, self.steps, self.target_version, on_phase, self._closing
             )
         except (TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
             raise unavailable(exc, f"migrating {self.where}") from None
@@ -467,33 +517,45 @@ class PostgresBackend(Backend):
         self._on_reset = on_reset or (lambda: None)
         self.schema_version = await self.migrator.run()
         try:
-            self.pool, self.write_pool = [
-                await asyncpg.create_pool(
-                    self.url, min_size=1, max_size=size, timeout=CONNECT_TIMEOUT,
-                    command_timeout=COMMAND_TIMEOUT, init=_init_connection,
-                )
-                for size in (self.pool_size, 2)
-            ]
+            self.pool = await self._create_pool(self.pool_size)
+            self.write_pool = await self._create_pool(
+                3, {"idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT}
+            )
             self.pgvector = bool(await self.pool.fetchval(
                 "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
                 "WHERE table_schema = current_schema() AND table_name = 'memories' AND column_name = 'vec')"
             ))
-            start_seq = await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+            start_seq = await self.pool.fetchval(
+                "SELECT GREATEST(coalesce(max(seq), 0), coalesce((SELECT value::bigint FROM meta "
+                "WHERE key = 'changes_pruned_through'), 0)) FROM changes"
+            )
+            if self.pgvector:
+                self.hnsw_dim = await self._hnsw_dim()
+                version = await self.pool.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+                self.iterative_scan = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2]) >= (0, 8)
+                self.backfilled = not await self.pool.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM memories WHERE vec IS NULL)"
+                )
         except DB_ERRORS as exc:
             await self.close()
             raise unavailable(exc, f"opening {self.where}") from None
-        if self.pgvector:
-            self.hnsw_dim = await self._hnsw_dim()
-            version = await self.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-            self.iterative_scan = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2]) >= (0, 8)
-            self._backfill = asyncio.get_running_loop().create_task(self._backfill_forever(), name="gm-vec-backfill")
-        else:
+        if not self.native_vectors:  # the in-process index answers until every row has its `vec`
             self.feed = ChangeFeed(self, on_commit)
             await self.feed.start(start_seq)
+        if self.pgvector:
+            self._backfill = asyncio.get_running_loop().create_task(self._backfill_forever(), name="gm-vec-backfill")
         self.writer = PgWriter(self)
         self.writer.start()
 
+    async def _create_pool(self, size: int, settings: dict[str, str] | None = None) -> asyncpg.Pool:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            self.url, min_size=1, max_size=size, timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT,
+            init=_init_connection, server_settings={**SERVER_SETTINGS, **(settings or {})},
+        )
+        return pool
+
     async def close(self) -> None:
+        self._closing.set()  # an instance still waiting for another's migration gives up
         await self.migrator.stop()
         if self.writer is not None:
             await self.writer.stop()
@@ -546,6 +608,14 @@ class PostgresBackend(Backend):
                 if attempt == 2 or not _connection_lost(exc):
                     raise unavailable(exc, "reading") from None
         raise AssertionError("unreachable")
+
+    async def fetch_own(self, sql: str, *params: Any) -> list[Any]:
+        """A read of the backend's own (feed, readyz) on the write pool, never queued behind requests' reads."""
+        try:
+            async with self.acquire("reading", write=True) as conn:
+                return list(await conn.fetch(sql, *params))
+        except DB_ERRORS as exc:
+            raise unavailable(exc, "reading") from None
 
     async def fetchval(self, sql: str, *params: Any) -> Any:
         rows = await self.fetch(sql, *params)
@@ -605,11 +675,14 @@ class PostgresBackend(Backend):
             return []
         params = PgParams()
         query = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
-        q = f"to_tsquery('english', {params(query)})"
+        if all(t in STOPWORDS for t in terms):  # English stemming drops them all: match the words as they are
+            q, document = f"to_tsquery('simple', {params(query)})", "to_tsvector('simple', m.text)"
+        else:
+            q, document = f"to_tsquery('english', {params(query)})", "m.tsv"
         where = scope_sql(scope, filter, now, params, prefix="m.")
         rows = await self.fetch(
-            f"SELECT m.rowid, ts_rank(m.tsv, {q}) AS rank FROM memories m "
-            f"WHERE m.tsv @@ {q} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
+            f"SELECT m.rowid, ts_rank({document}, {q}) AS rank FROM memories m "
+            f"WHERE {document} @@ {q} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
             *params.values,
         )
         return [(r[0], float(r[1])) for r in rows]
@@ -626,7 +699,9 @@ class PostgresBackend(Backend):
         (HNSW with iterative scans, so a narrow scope or filter still fills the page)."""
         dim = len(vector) // 4
         if self.hnsw_dim is None:
-            return []  # no vector was ever written
+            self.hnsw_dim = await self._hnsw_dim()  # another instance may have written the first vectors
+            if self.hnsw_dim is None:
+                return []  # no vector was ever written
         if dim != self.hnsw_dim:
             raise InvalidInput(f"the query vector has {dim} dimensions but the stored ones have {self.hnsw_dim}")
         params = PgParams()
@@ -656,8 +731,7 @@ class PostgresBackend(Backend):
         raise AssertionError("unreachable")
 
     async def _hnsw_dim(self) -> int | None:
-        assert self.pool is not None
-        value = await self.pool.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
+        value = await self.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
         return int(value) if value is not None else None
 
     async def ensure_hnsw(self, conn: asyncpg.Connection, dim: int) -> None:
@@ -665,9 +739,9 @@ class PostgresBackend(Backend):
         written (the dimension belongs to the model, which the schema does not know)."""
         if self.hnsw_dim == dim or dim == 0:
             return
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", HNSW_LOCK)
         stored = await conn.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
-        if stored is None:
+        if stored is None:  # this transaction creates it; known to all once committed
             await conn.execute(
                 f"CREATE INDEX IF NOT EXISTS memories_vec_hnsw ON memories "
                 f"USING hnsw ((vec::vector({dim})) vector_cosine_ops)"
@@ -675,15 +749,25 @@ class PostgresBackend(Backend):
             await conn.execute("INSERT INTO meta (key, value) VALUES ('hnsw_dimensions', $1)", str(dim))
         elif int(stored) != dim:
             raise ModelMismatch(f"this database's vectors have {stored} dimensions; the model gives {dim}")
-        self.hnsw_dim = dim
+        else:
+            self.hnsw_dim = dim
 
     async def _backfill_forever(self) -> None:
         """Fill ``vec`` where it is missing: rows written by a release that predates the
-        pgvector column (during a rolling deploy), or written before the column existed."""
+        pgvector column (during a rolling deploy), or written before the column existed.
+        Once none is left, searches switch from the in-process index to pgvector."""
         while True:
             try:
                 while await self._backfill_some():
                     pass
+                if not self.backfilled and not await self.fetch_own(
+                    "SELECT 1 FROM memories WHERE vec IS NULL LIMIT 1"
+                ):
+                    self.backfilled = True
+                    log.info("every memory has its pgvector value: vector search uses HNSW now")
+                    if self.feed is not None:
+                        await self.feed.stop()
+                        self.feed = None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -691,18 +775,21 @@ class PostgresBackend(Backend):
             await asyncio.sleep(POLL_SECONDS)
 
     async def _backfill_some(self, size: int = 1000) -> bool:
-        rows = await self.fetch(
-            "SELECT rowid, embedding FROM memories WHERE vec IS NULL ORDER BY rowid LIMIT $1", size
-        )
-        if not rows:
-            return False
+        """One batch, by one instance at a time; True if there may be more."""
         async with self.acquire("backfilling vectors", write=True) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", BACKFILL_LOCK):
+                return False  # another instance is at it
+            rows = await conn.fetch(
+                "SELECT rowid, embedding FROM memories WHERE vec IS NULL ORDER BY rowid LIMIT $1", size
+            )
+            if not rows:
+                return False
             await self.ensure_hnsw(conn, len(rows[0][1]) // 4)
             await conn.executemany(
                 "UPDATE memories SET vec = $2 WHERE rowid = $1 AND embedding = $3 AND vec IS NULL",
                 [(r[0], r[1], r[1]) for r in rows],
             )
-        log.info("vector backfill: %d memories now searchable by pgvector", len(rows))
+        log.info("vector backfill: %d more memories searchable by pgvector", len(rows))
         return len(rows) == size
 
     async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
@@ -728,7 +815,7 @@ class PostgresBackend(Backend):
 
     async def check(self) -> None:
         try:
-            await asyncio.wait_for(self.fetch("SELECT 1"), CHECK_TIMEOUT)
+            await asyncio.wait_for(self.fetch_own("SELECT 1"), CHECK_TIMEOUT)
         except TimeoutError:
             raise StorageUnavailable(f"{self.where} did not answer within {CHECK_TIMEOUT:.0f}s") from None
 
@@ -766,6 +853,9 @@ class _Acquire:
 def _connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.InternalClientError,
                             OSError, asyncpg.AdminShutdownError, asyncpg.CannotConnectNowError))
+
+
+SERVER_SETTINGS = {"application_name": f"greatmemory {socket.gethostname()}:{os.getpid()}"}
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

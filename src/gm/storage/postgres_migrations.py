@@ -12,17 +12,19 @@ deploy or after a rollback; only a step that declares itself incompatible raises
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
 
-from gm.errors import MigrationFailed, SchemaTooNew
+from gm.errors import MigrationFailed, SchemaTooNew, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 MIGRATION_LOCK = 0x676D656D6F7279  # "gmemory": the pg_advisory_lock key migrations take
+LOCK_WAIT = "1s"  # waits on the migration lock in slices this long, so a stop is heard meanwhile
 
 
 @dataclass(frozen=True)
@@ -146,12 +148,14 @@ async def migrate(
     steps: tuple[Step, ...] = STEPS,
     target: int | None = None,
     on_phase: Callable[[str], None] = lambda phase: None,
+    stopping: asyncio.Event | None = None,
 ) -> int:
     """Bring the database up to ``target`` (default: the last step); return its version.
 
     Cheap when current: one read, no lock. Otherwise takes the migration advisory lock
-    (waiting, with phase ``migrating``, while another instance holds it), reads the
-    version again and applies what is still pending, one transaction per step.
+    (waiting, with phase ``migrating``, while another instance holds it, or until
+    ``stopping`` is set), reads the version again and applies what is still pending, one
+    transaction per step.
     """
     latest = steps[-1].version if steps else 0
     target = latest if target is None else min(target, latest)
@@ -162,7 +166,7 @@ async def migrate(
         if version >= target:
             return version
         on_phase("migrating")
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        await _lock(conn, stopping)
         try:
             await conn.execute(SCHEMA_TABLE)
             version, compatible_from = await read_version(conn)  # another instance may have migrated meanwhile
@@ -197,6 +201,19 @@ async def migrate(
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     finally:
         await conn.close()
+
+
+async def _lock(conn: asyncpg.Connection, stopping: asyncio.Event | None) -> None:
+    """Take the migration lock, waiting while another instance holds it (unless stopped)."""
+    await conn.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
+    while True:
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            break
+        except asyncpg.LockNotAvailableError:
+            if stopping is not None and stopping.is_set():
+                raise StorageUnavailable("stopped while waiting for another instance's migration") from None
+    await conn.execute("SET lock_timeout = 0")
 
 
 async def _optional(conn: asyncpg.Connection, step: Step) -> None:
