@@ -236,6 +236,8 @@ def check_text(value: Any, path: str = "text") -> str:
         raise InvalidInput(f"{path} must be a string", path=path)
     if not value.strip():
         raise InvalidInput(f"{path} must not be empty", path=path)
+    if "\x00" in value:  # neither backend's text type holds it the same way: refuse it on both
+        raise InvalidInput(f"{path} must not contain the NUL character (U+0000)", path=path)
     if len(value) > MAX_TEXT_CHARS:
         raise InvalidInput(
             f"{path} is {len(value)} characters; the limit is {MAX_TEXT_CHARS}. "
@@ -258,8 +260,20 @@ def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
         raise InvalidInput(
             f"{path} is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}", path=path
         )
+    if b"\\u0000" in encoded and _holds_nul(value):
+        raise InvalidInput(f"{path} must not contain the NUL character (U+0000) in a key or string", path=path)
     decoded: dict[str, Any] = orjson.loads(encoded)
     return decoded
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def check_scope_value(value: Any, path: str, *, required: bool = False) -> str | None:
@@ -267,8 +281,10 @@ def check_scope_value(value: Any, path: str, *, required: bool = False) -> str |
         if required:
             raise InvalidInput(f"{path} is required", path=path)
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_SCOPE_CHARS:
-        raise InvalidInput(f"{path} must be a non-empty string of at most {MAX_SCOPE_CHARS} characters", path=path)
+    if not isinstance(value, str) or not value or len(value) > MAX_SCOPE_CHARS or "\x00" in value:
+        raise InvalidInput(
+            f"{path} must be a non-empty string of at most {MAX_SCOPE_CHARS} characters, without NUL", path=path
+        )
     return value
 
 

