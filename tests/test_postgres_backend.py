@@ -14,6 +14,8 @@ import pytest
 
 import gm
 from gm.errors import InvalidFilter, StorageUnavailable
+from gm.storage.postgres import FEED_LOCK
+from gm.storage.postgres_migrations import MIGRATION_LOCK
 
 N = 200
 
@@ -158,3 +160,64 @@ async def test_pgvector_rows_of_an_older_release_are_searchable_while_and_after_
             assert await conn.fetchval("SELECT vec IS NULL FROM memories WHERE id = $1", written[0].id)
         finally:
             await conn.close()
+
+
+async def test_a_feed_that_fell_behind_the_kept_changes_reloads_the_index(pg_url: str) -> None:
+    async with gm.open(pg_url) as first, gm.open(pg_url) as second:
+        await asyncio.gather(first.search("warm up the model"), second.search("warm up the model"))
+        kept = await first.add("Writes poetry in the mornings.", user_id="u1")
+        await wait_until_found(second, kept)
+        await second.backend.feed.stop()  # `second` goes away for longer than the changes are kept
+        conn = await asyncpg.connect(pg_url)
+        try:
+            gone = await first.add("Moved to Lisbon last spring.", user_id="u1")
+            pruned = await conn.fetchval("WITH gone AS (DELETE FROM changes RETURNING seq) SELECT max(seq) FROM gone")
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('changes_pruned_through', $1)", str(pruned))
+        finally:
+            await conn.close()
+        await second.backend.feed.start(second.backend.feed.last_seq)
+        newer = await first.add("Started learning the cello.", user_id="u1")
+        for memory in (gone, newer, kept):  # the reload brought back what the pruned changes said
+            await wait_until_found(second, memory)
+
+
+async def wait_until_found(store: gm.Store, memory: gm.Memory, seconds: float = 5.0) -> None:
+    deadline = time.perf_counter() + seconds
+    while memory.id not in [h.memory.id for h in await store.search(memory.text, user_id=memory.user_id,
+                                                                     mode="vector", limit=3)]:
+        assert time.perf_counter() < deadline, f"{memory.text!r} never reached the other store's index"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_write_blocked_by_a_stalled_session_fails_instead_of_hanging(pg_url: str) -> None:
+    async with gm.open(pg_url) as store:
+        staller = await asyncpg.connect(pg_url)  # holds the lock every writer numbers its changes under
+        try:
+            await staller.execute("SELECT pg_advisory_lock($1)", FEED_LOCK)
+            started = time.perf_counter()
+            with pytest.raises(StorageUnavailable):
+                await store.add("Blocked behind a stalled session.")
+            assert time.perf_counter() - started < 15  # 5 s lock timeout, retried once
+        finally:
+            await staller.close()  # the lock goes with the session
+        assert (await store.add("Written once the lock is free.")).text == "Written once the lock is free."
+        assert (await store.stats()).memories == 1
+
+
+async def test_closing_while_waiting_for_another_instances_migration_does_not_hang(pg_url: str) -> None:
+    holder = await asyncpg.connect(pg_url)  # another instance, migrating
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        store = gm.open(pg_url).build()
+        opening = asyncio.ensure_future(store.open())
+        deadline = time.perf_counter() + 10
+        while store.backend.phase != "migrating":
+            assert time.perf_counter() < deadline
+            await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        await store.close()
+        assert time.perf_counter() - started < 3
+        with pytest.raises(StorageUnavailable):
+            await opening
+    finally:
+        await holder.close()
