@@ -14,7 +14,7 @@ import pytest
 
 import gm
 from gm.errors import InvalidFilter, StorageUnavailable
-from gm.storage.postgres import FEED_LOCK
+from gm.storage.postgres import FEED_LOCK, redact
 from gm.storage.postgres_migrations import MIGRATION_LOCK
 
 N = 200
@@ -221,3 +221,13 @@ async def test_closing_while_waiting_for_another_instances_migration_does_not_ha
             await opening
     finally:
         await holder.close()
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("postgresql://gm:s3cret@db:5432/mem", "postgresql://gm:***@db:5432/mem"),
+    ("postgresql://gm:p@ss@db/mem", "postgresql://gm:***@db/mem"),
+    ("postgresql://gm@db/mem?password=s3cret&sslmode=require", "postgresql://gm@db/mem?password=***&sslmode=require"),
+    ("postgresql://postgres@/mem?host=/run/pg", "postgresql://postgres@/mem?host=/run/pg"),
+])
+def test_urls_in_logs_and_messages_never_show_a_password(url: str, shown: str) -> None:
+    assert redact(url) == shown
