@@ -520,6 +520,25 @@ async def test_unreachable_postgres_is_unavailable_until_it_answers(pg_url: str,
             print(f"\nready {time.monotonic() - reachable:.1f}s after Postgres became reachable")
             added = await call(session, "POST", server, "/v1/memories", {"text": "the database came up late"})
             assert added.status == 201, added
+
+            # The database goes away while serving: readyz says so, requests fail fast, both heal.
+            await proxy.close()
+            gone = time.monotonic()
+            while (reply := await readyz(session, server)).status == 200:
+                assert time.monotonic() - gone < 10, fleet.log("late-db")
+                await asyncio.sleep(0.1)
+            assert reply.status == 503 and reply.body["status"] == "unavailable" and reply.body["reason"], reply
+            started = time.monotonic()
+            refused = await call(session, "POST", server, "/v1/memories", {"text": "while the database is away"})
+            assert refused.status == 503 and refused.body["error"]["code"] == "storage_unavailable", refused
+            assert time.monotonic() - started < 15
+            await proxy.start()
+            back = time.monotonic()
+            while (reply := await readyz(session, server)).status != 200:
+                assert time.monotonic() - back < 15, (reply, fleet.log("late-db"))
+                await asyncio.sleep(0.1)
+            again = await call(session, "POST", server, "/v1/memories", {"text": "the database is back"})
+            assert again.status == 201, again
             assert await fleet.stop("late-db") == 0
         finally:
             fleet.stop_all()
