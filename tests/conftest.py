@@ -165,6 +165,21 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def other_pg_url() -> Iterator[str]:
+    """A second fresh Postgres database, for tests that move data between two."""
+    yield from _target("postgres", Path())
+
+
+async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """One query on a connection of its own (sees only what is committed)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 def pgvector_url() -> Iterator[str]:
     """A fresh, empty database on a Postgres that has pgvector."""
     yield from _target("pgvector", Path())

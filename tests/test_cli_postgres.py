@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import numpy as np
 import orjson
 import pytest
@@ -24,28 +22,10 @@ import pytest
 import gm
 from gm.embedding import ModelSpec
 from gm.storage.postgres_migrations import LATEST, STEPS, Step
-from tests.conftest import POSTGRES
+from tests.conftest import pg_fetch
 from tests.test_cli import FACTS, gmem
 
 FIELDS = "id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at, embedding"
-
-
-@pytest.fixture
-def other_pg_url() -> Iterator[str]:
-    """A second fresh Postgres database, for a round trip that ends on Postgres."""
-    name = POSTGRES.create()
-    try:
-        yield POSTGRES.url_of(name)
-    finally:
-        POSTGRES.drop(name)
-
-
-async def pg_fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
 
 
 def stored(target: str | Path) -> dict[str, tuple[Any, ...]]:

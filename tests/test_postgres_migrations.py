@@ -27,6 +27,7 @@ from gm.errors import MigrationFailed, SchemaTooNew
 from gm.storage.postgres import PostgresBackend
 from gm.storage.postgres_migrations import LATEST, MIGRATION_LOCK, STEPS, Step
 from gm.store import Store
+from tests.conftest import pg_fetch
 from tests.http_server import spawn_server, start_server, store_factory
 
 NEXT = LATEST + 1
@@ -41,16 +42,8 @@ CONTRACT = Step(NEXT, "contract: memories.metadata becomes attributes", (
 ), additive=False)
 
 
-async def fetch(url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
-
-
 async def schema_rows(url: str) -> list[tuple[Any, ...]]:
-    rows = await fetch(
+    rows = await pg_fetch(
         url, "SELECT version, name, applied_at, release, compatible_from FROM gm_schema ORDER BY version"
     )
     return [tuple(r) for r in rows]
@@ -61,11 +54,11 @@ async def versions(url: str) -> list[int]:
 
 
 async def exists(url: str, relation: str) -> bool:
-    return bool((await fetch(url, "SELECT to_regclass($1) IS NOT NULL", relation))[0][0])
+    return bool((await pg_fetch(url, "SELECT to_regclass($1) IS NOT NULL", relation))[0][0])
 
 
 async def columns(url: str) -> list[tuple[str, str, str]]:
-    rows = await fetch(
+    rows = await pg_fetch(
         url,
         "SELECT table_name, column_name, udt_name FROM information_schema.columns "
         "WHERE table_schema = current_schema() ORDER BY table_name, column_name",
@@ -74,14 +67,14 @@ async def columns(url: str) -> list[tuple[str, str, str]]:
 
 
 async def memory_rows(url: str) -> list[tuple[Any, ...]]:
-    rows = await fetch(url, "SELECT id, namespace, user_id, text, metadata, created_at, updated_at FROM memories "
+    rows = await pg_fetch(url, "SELECT id, namespace, user_id, text, metadata, created_at, updated_at FROM memories "
                             "ORDER BY id")
     return [tuple(r) for r in rows]
 
 
 async def migration_lock(url: str) -> tuple[int, int]:
     """(holders, waiters) of the migration advisory lock on ``url``'s database."""
-    rows = await fetch(
+    rows = await pg_fetch(
         url,
         "SELECT granted, count(*) FROM pg_locks WHERE locktype = 'advisory' "
         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
@@ -194,7 +187,7 @@ async def test_exactly_one_of_four_starting_instances_migrates(
         assert len(applied) == len(steps), applied  # each step logged once, by one instance
 
         assert await versions(pg_url) == [s.version for s in steps]
-        assert (await fetch(pg_url, "SELECT count(*) FROM slow_marker"))[0][0] == 1
+        assert (await pg_fetch(pg_url, "SELECT count(*) FROM slow_marker"))[0][0] == 1
         assert [(s.backend.phase, s.backend.schema_version, s.ready) for s in stores] == [("ready", NEXT, True)] * 4
 
         # They share one database: a write through one is seen by another.
@@ -232,7 +225,7 @@ async def test_an_instance_dying_mid_step_leaves_no_half_step_and_a_waiting_one_
             assert time.monotonic() < deadline, "the first instance never reached the slow step"
             await asyncio.sleep(0.02)
         # The migrating instance's connection dies inside the slow step (a crash, a killed pod).
-        await fetch(
+        await pg_fetch(
             pg_url,
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
             "AND classid::bigint = $1 AND objid::bigint = $2 "
@@ -245,7 +238,7 @@ async def test_an_instance_dying_mid_step_leaves_no_half_step_and_a_waiting_one_
         await asyncio.wait_for(waiting, 20)
         assert (second.backend.phase, second.backend.schema_version) == ("ready", NEXT)
         assert await versions(pg_url) == [s.version for s in steps]
-        assert (await fetch(pg_url, "SELECT count(*) FROM slow_marker"))[0][0] == 1  # the step ran once, whole
+        assert (await pg_fetch(pg_url, "SELECT count(*) FROM slow_marker"))[0][0] == 1  # the step ran once, whole
     finally:
         for task in (dying, waiting):
             if task is not None:

@@ -47,7 +47,7 @@ from gm.storage.base import (
     updated,
 )
 from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
-from gm.storage.sqlite import decode_cursor, encode_cursor, memory_from_row
+from gm.storage.sqlite import decode_cursor, history_from_row, memory_from_row, page_from_rows, vector_row
 
 log = logging.getLogger(__name__)
 
@@ -549,15 +549,13 @@ class PostgresBackend(Backend):
             f"LIMIT {params(limit + 1)}",
             *params.values,
         )
-        memories = [memory_from_row(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+        return page_from_rows(rows, limit)
 
     async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
         rows = await self.fetch(
             "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1 ORDER BY seq", memory_id
         )
-        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None, r[4]) for r in rows]
+        return [history_from_row(r) for r in rows]
 
     async def keyword_search(
         self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
@@ -693,7 +691,7 @@ class PostgresBackend(Backend):
             )
             if not rows:
                 return
-            yield [VectorRow(r[0], Scope(r[1], r[2], r[3], r[4]), r[5], r[6]) for r in rows]
+            yield [vector_row(r) for r in rows]
             last = rows[-1][0]
 
     async def counts(self, now: int) -> dict[str, int]:

@@ -63,6 +63,23 @@ def memory_from_row(row: Any) -> Memory:
     )
 
 
+def page_from_rows(rows: list[Any], limit: int) -> Page:
+    """A list query's rows (``COLUMNS``, up to ``limit + 1`` of them) as a page and its cursor."""
+    memories = [memory_from_row(r) for r in rows[:limit]]
+    more = len(rows) > limit
+    return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+
+
+def history_from_row(row: Any) -> HistoryEntry:
+    """A row of (op, at, text, metadata, namespace) from ``history``."""
+    return HistoryEntry(row[0], row[1], row[2], orjson.loads(row[3]) if row[3] is not None else None, row[4])
+
+
+def vector_row(row: Any) -> VectorRow:
+    """A row of (rowid, namespace, user_id, agent_id, session_id, expires_at, embedding)."""
+    return VectorRow(row[0], Scope(row[1], row[2], row[3], row[4]), row[5], row[6])
+
+
 def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -> tuple[str, list[Any]]:
     """A WHERE clause for live memories in ``scope`` matching ``filter``."""
     clauses = [f"{prefix}namespace = ?", f"({prefix}expires_at IS NULL OR {prefix}expires_at > ?)"]
@@ -362,15 +379,13 @@ class SQLiteBackend(Backend):
             f"SELECT {COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
             [*params, limit + 1],
         )
-        memories = [memory_from_row(r) for r in rows[:limit]]
-        more = len(rows) > limit
-        return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+        return page_from_rows(rows, limit)
 
     async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
         rows = await self._fetch(
             "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
         )
-        return [HistoryEntry(r[0], r[1], r[2], orjson.loads(r[3]) if r[3] is not None else None, r[4]) for r in rows]
+        return [history_from_row(r) for r in rows]
 
     async def keyword_search(
         self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
@@ -401,7 +416,7 @@ class SQLiteBackend(Backend):
             )
             if not rows:
                 return
-            yield [VectorRow(r[0], Scope(r[1], r[2], r[3], r[4]), r[5], r[6]) for r in rows]
+            yield [vector_row(r) for r in rows]
             last = rows[-1][0]
 
     async def counts(self, now: int) -> dict[str, int]:
