@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from gm import filters, search
+from gm import filters, loops, search
 from gm.config import DEFAULT_DB
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotFound, NotReady, StorageUnavailable, StoreClosed
@@ -104,10 +104,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        tasks = [*self._tasks, *([self._loader] if self._loader else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await loops.stop(*self._tasks, self._loader)
         await self.embedder.stop()
         await self.backend.close()
 
@@ -149,14 +146,23 @@ class Store:
             except Exception as exc:
                 log.exception("loading the vector index failed; retrying in %.0fs", delay)
                 self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
-                await asyncio.sleep(delay)
+                await loops.pause(delay)
                 delay = min(delay * 2, 30.0)
+                if self._superseded():
+                    return
                 self.index = VectorIndex()
+        if self._superseded():
+            return
         pending, self._pending = self._pending or [], None
         self.index.apply(pending)  # replaying in order is idempotent: each change carries its final state
         self.index_error = None
         self._index_ready.set()
         log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
+
+    def _superseded(self) -> bool:
+        """A loader that a newer reload replaced must not publish (should its cancellation
+        have been lost on the way, see gm.loops)."""
+        return asyncio.current_task() is not self._loader
 
     def _reload_index(self) -> None:
         """Load the index afresh: at open, or when a shared database's change feed lost its
@@ -176,17 +182,14 @@ class Store:
                 await self.purge_expired()
             except Exception:
                 log.exception("purging expired memories failed; will retry")
-            await asyncio.sleep(PURGE_SECONDS)
+            await loops.pause(PURGE_SECONDS)
 
     async def _wait_index_or_fail(self) -> None:
         """Wait for the index, unless (or until) loading it failed: then raise why, at once."""
         while not self._index_ready.is_set() and not self.backend.native_vectors:
             if self.index_error is not None:
                 raise self.index_error
-            try:
-                await asyncio.wait_for(self._index_ready.wait(), 0.25)
-            except TimeoutError:
-                pass
+            await loops.pause(0.25, self._index_ready)
 
     async def wait_index(self) -> None:
         """Wait until the vector index holds every stored vector (searches do this themselves)."""

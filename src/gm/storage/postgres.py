@@ -23,6 +23,7 @@ import asyncpg
 import numpy as np
 import orjson
 
+from gm import loops
 from gm.actor import Actor, Envelope
 from gm.errors import GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
@@ -450,16 +451,14 @@ class PostgresBackend(Backend):
         await self.migrator.stop()
         if self.writer is not None:
             await self.writer.stop()
-        for task in (self._backfill,):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await loops.stop(self._backfill)
         if self.feed is not None:
             await self.feed.stop()
         for pool in (self.pool, self.write_pool):
             if pool is not None:
                 try:
-                    await asyncio.wait_for(pool.close(), 10)
+                    async with asyncio.timeout(10):
+                        await pool.close()
                 except DB_ERRORS:
                     pool.terminate()
         self.pool = self.write_pool = None
@@ -661,7 +660,7 @@ class PostgresBackend(Backend):
                 raise
             except Exception as exc:
                 log.warning("vector backfill: %s; will retry", getattr(exc, "message", exc))
-            await asyncio.sleep(POLL_SECONDS)
+            await loops.pause(POLL_SECONDS)
 
     async def _backfill_some(self, size: int = 1000) -> bool:
         """One batch, by one instance at a time; True if there may be more."""
@@ -704,7 +703,8 @@ class PostgresBackend(Backend):
 
     async def check(self) -> None:
         try:
-            await asyncio.wait_for(self.fetch_own("SELECT 1"), CHECK_TIMEOUT)
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await self.fetch_own("SELECT 1")
         except TimeoutError:
             raise StorageUnavailable(f"{self.where} did not answer within {CHECK_TIMEOUT:.0f}s") from None
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
+from gm import loops
 from gm.errors import StorageUnavailable
 from gm.memory import Scope
 from gm.storage.base import IndexChange
@@ -43,9 +44,7 @@ class ChangeFeed:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="gm-change-feed")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await loops.stop(self._task)
 
     async def reach(self, seq: int) -> None:
         """Catch up to at least ``seq`` (a commit of this instance), best effort."""
@@ -106,15 +105,11 @@ class ChangeFeed:
                     await self.catch_up()
                 except StorageUnavailable as exc:
                     log.warning("change feed: %s; will retry", exc.message)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-                except TimeoutError:
-                    pass
+                await loops.pause(POLL_SECONDS, self._wake)
                 self._wake.clear()
         finally:
             if listening is not None:
-                listening.cancel()
-                await asyncio.gather(listening, return_exceptions=True)
+                await loops.stop(listening)
                 if not listening.cancelled() and listening.exception() is None:
                     listening.result().terminate()
             if listener is not None and not listener.is_closed():
