@@ -55,133 +55,30 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from crash_checks import (
+    CUT,
+    NAMESPACE,
+    Ledger,
+    State,
+    Verdict,
+    list_all,
+    postgres_integrity,
+    probe,
+    search_ids,
+    sqlite_integrity,
+    state_of,
+    stats_problems,
+)
 from load import Workload, percentile
 from servers import ADMIN_URL, Databases, PgServer, Server, check_loopback_postgres
 
-NAMESPACE = "crash"
 WEIGHTS = {"add": 4, "batch": 1, "update": 2, "delete": 2}
-EMBEDDING_BYTES = 384 * 4  # all-MiniLM-L6-v2, float32
 REQUEST_TIMEOUT = 30.0
 REFUSED_PAUSE = 0.1  # a client's pause after a refusal while the server drains
-CUT = ("disconnected", "timeout")  # outcomes that leave a write applied or not
-
-State = tuple[str, str, str | None]  # (text, metadata as sorted JSON, user_id); None: absent
-
-
-def state_of(text: str, metadata: dict[str, Any], user_id: str | None) -> State:
-    return text, json.dumps(metadata, sort_keys=True), user_id
 
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-# -- what the database must hold ---------------------------------------------------------------
-
-
-@dataclass
-class Entry:
-    """One id's acknowledged state and what requests without a definite answer may have left."""
-
-    acked: State | None = None
-    versions: list[State] = field(default_factory=list)  # every acknowledged state, oldest first
-    maybe: list[State | None] = field(default_factory=list)  # asked for; the answer never came
-    refused: list[State | None] = field(default_factory=list)  # asked for and refused
-
-    @property
-    def settled(self) -> bool:
-        return not self.maybe and not self.refused
-
-
-@dataclass
-class Verdict:
-    expected: int = 0  # memories that must be there: acknowledged and not acknowledged-deleted
-    present: int = 0  # of those, listed with exactly the acknowledged content
-    lost: int = 0  # acknowledged add or update missing, or an older version found
-    deletes: int = 0  # acknowledged deletes checked
-    undone: int = 0  # of those, found again
-    applied: int = 0  # cut-off requests found applied
-    unapplied: int = 0  # ... found not applied
-    problems: list[str] = field(default_factory=list)  # anything else, one line each
-
-
-class Ledger:
-    """Every id the harness wrote, the ids free for an update or delete, the cut-off batches."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, Entry] = {}
-        self.idle: list[str] = []  # acknowledged present, no request in flight or unsettled
-        self.cut_batches: list[list[str]] = []
-        self._next = 0
-
-    def new_id(self) -> str:
-        self._next += 1
-        return f"k{self._next:06d}"
-
-    def take(self, rng: random.Random) -> str | None:
-        if not self.idle:
-            return None
-        at = rng.randrange(len(self.idle))
-        self.idle[at], self.idle[-1] = self.idle[-1], self.idle[at]
-        return self.idle.pop()
-
-    def record(self, memory_id: str, wanted: State | None, outcome: str) -> None:
-        entry = self.entries.setdefault(memory_id, Entry())
-        if outcome == "ok":
-            entry.acked = wanted
-            if wanted is not None:
-                entry.versions.append(wanted)
-        elif outcome in CUT:
-            entry.maybe.append(wanted)
-        else:  # an error status, or the connection was refused: nothing may have changed
-            entry.refused.append(wanted)
-        if entry.acked is not None and entry.settled:
-            self.idle.append(memory_id)
-
-    def verify(self, listed: dict[str, State]) -> Verdict:
-        """Compare what the server lists with the ledger, then take the listing as the new truth."""
-        v = Verdict()
-        for memory_id, entry in self.entries.items():
-            seen = listed.get(memory_id)
-            if entry.acked is not None:
-                v.expected += 1
-                v.present += seen == entry.acked
-            elif entry.versions:
-                v.deletes += 1
-            if seen == entry.acked:
-                v.unapplied += len(entry.maybe)
-                continue
-            if seen in entry.maybe:
-                v.applied += 1
-                v.unapplied += len(entry.maybe) - 1
-            elif seen in entry.refused:
-                v.problems.append(f"{memory_id}: a refused request was applied")
-            elif entry.acked is not None and (seen is None or seen in entry.versions):
-                v.lost += 1
-                v.problems.append(f"{memory_id}: acknowledged {'add' if len(entry.versions) == 1 else 'update'} "
-                                  f"lost ({'missing' if seen is None else 'an older version is back'})")
-            elif entry.acked is None and entry.versions:
-                v.undone += 1
-                v.problems.append(f"{memory_id}: acknowledged delete undone")
-            else:
-                v.problems.append(f"{memory_id}: content nobody sent: {seen!r:.120}")
-        for memory_id in listed.keys() - self.entries.keys():
-            v.problems.append(f"{memory_id}: a memory nobody added")
-        for batch in self.cut_batches:
-            found = sum(m in listed for m in batch)
-            if 0 < found < len(batch):
-                v.problems.append(f"cut-off batch {batch[0]}..: {found} of {len(batch)} memories stored")
-        self._settle(listed)
-        return v
-
-    def _settle(self, listed: dict[str, State]) -> None:
-        for memory_id, entry in self.entries.items():
-            seen = listed.get(memory_id)
-            if seen is not None and seen != entry.acked:
-                entry.versions.append(seen)
-            entry.acked, entry.maybe, entry.refused = seen, [], []
-        self.idle = [m for m, e in self.entries.items() if e.acked is not None]
-        self.cut_batches = []
 
 
 # -- the write load -----------------------------------------------------------------------------
@@ -212,7 +109,8 @@ class Load:
     async def run(self, clients: int) -> None:
         connector = aiohttp.TCPConnector(limit=clients)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                         trace_configs=[connection_counter()]) as session:
             await asyncio.gather(*(self._client(session, random.Random(f"{self.seed}:{c}")) for c in range(clients)))
 
     async def _client(self, session: aiohttp.ClientSession, rng: random.Random) -> None:
@@ -264,8 +162,9 @@ class Load:
     async def _send(self, session: aiohttp.ClientSession, op: str, method: str, path: str, body: Any) -> str:
         request = Request(op, time.perf_counter())
         self.requests.append(request)
+        taken = {"connections": 0}
         try:
-            async with session.request(method, self.url + path, json=body) as resp:
+            async with session.request(method, self.url + path, json=body, trace_request_ctx=taken) as resp:
                 raw = await resp.read()
                 if 200 <= resp.status < 300:
                     request.outcome = "ok"
@@ -281,139 +180,24 @@ class Load:
             request.outcome = "disconnected"
         except TimeoutError:
             request.outcome = "timeout"
+        if taken["connections"] > 1:  # sent again: the first one was cut off, and may have applied
+            request.outcome = "disconnected"
         request.ended = time.perf_counter()
         return request.outcome
 
 
-# -- checks after a restart -----------------------------------------------------------------------
+def connection_counter() -> aiohttp.TraceConfig:
+    """Counts the connections each request takes: aiohttp sends a DELETE again on a new
+    connection when a kept-alive one drops (RFC 9112 retry), hiding that the first was cut off."""
 
+    async def taken(session: aiohttp.ClientSession, context: Any, params: Any) -> None:
+        if context.trace_request_ctx is not None:
+            context.trace_request_ctx["connections"] += 1
 
-async def list_all(session: aiohttp.ClientSession, url: str) -> dict[str, State]:
-    listed: dict[str, State] = {}
-    cursor: str | None = None
-    while True:
-        params = {"namespace": NAMESPACE, "limit": "1000", **({"cursor": cursor} if cursor else {})}
-        async with session.get(url + "/v1/memories", params=params) as resp:
-            page = await resp.json()
-            if resp.status != 200:
-                raise RuntimeError(f"listing answered {resp.status}: {page}")
-        for m in page["memories"]:
-            listed[m["id"]] = state_of(m["text"], m["metadata"], m["user_id"])
-        cursor = page["next_cursor"]
-        if not cursor:
-            return listed
-
-
-async def search_ids(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> list[str]:
-    async with session.post(url + "/v1/memories/search", json={"namespace": NAMESPACE, **body}) as resp:
-        out = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"search answered {resp.status}: {out}")
-    return [hit["memory"]["id"] for hit in out["hits"]]
-
-
-async def probe(session: aiohttp.ClientSession, url: str, ledger: Ledger, count: int,
-                rng: random.Random) -> tuple[int, int, list[str]]:
-    """(probes passed, probes, failures): live memories found by keyword and vector search,
-    deleted ones by neither."""
-    live = sorted(m for m, e in ledger.entries.items() if e.acked is not None)
-    gone = sorted(m for m, e in ledger.entries.items() if e.acked is None and e.versions)
-    failures: list[str] = []
-    picked_live = rng.sample(live, min(count, len(live)))
-    picked_gone = rng.sample(gone, min(count, len(gone)))
-    for memory_id in picked_live:
-        text, _, user = ledger.entries[memory_id].acked or ("", "", None)
-        keyword = await search_ids(session, url, {"query": memory_id, "mode": "keyword", "limit": 5})
-        vector = await search_ids(session, url, {"query": text, "user_id": user, "mode": "vector", "limit": 3})
-        if keyword != [memory_id]:
-            failures.append(f"{memory_id}: keyword search for its token found {keyword}")
-        if memory_id not in vector:
-            failures.append(f"{memory_id}: vector search for its text found {vector}")
-    for memory_id in picked_gone:
-        last = ledger.entries[memory_id].versions[-1]
-        keyword = await search_ids(session, url, {"query": memory_id, "mode": "keyword", "limit": 5})
-        vector = await search_ids(session, url, {"query": last[0], "user_id": last[2], "mode": "vector", "limit": 3})
-        if memory_id in keyword or memory_id in vector:
-            failures.append(f"{memory_id}: deleted, yet found by search")
-    probes = len(picked_live) + len(picked_gone)
-    return probes - len({f.split(":")[0] for f in failures}), probes, failures
-
-
-CONSISTENCY = {  # the same SQL on both backends; each counts rows that break the rule
-    "rows unlike their last history entry":
-        "SELECT count(*) FROM memories m WHERE NOT EXISTS (SELECT 1 FROM history h WHERE h.memory_id = m.id "
-        "AND h.seq = (SELECT max(h2.seq) FROM history h2 WHERE h2.memory_id = m.id) AND h.op <> 'delete' "
-        "AND h.text = m.text AND h.metadata = m.metadata)",
-    "live history entries without a row":
-        "SELECT count(*) FROM history h WHERE h.seq = (SELECT max(h2.seq) FROM history h2 "
-        "WHERE h2.memory_id = h.memory_id) AND h.op <> 'delete' AND NOT EXISTS "
-        "(SELECT 1 FROM memories m WHERE m.id = h.memory_id)",
-    "embeddings of another size": f"SELECT count(*) FROM memories WHERE length(embedding) <> {EMBEDDING_BYTES}",
-}
-POSTGRES_CONSISTENCY = {
-    "rows missing from the change feed":
-        "SELECT count(*) FROM memories m WHERE NOT EXISTS (SELECT 1 FROM changes c WHERE c.rowid = m.rowid)",
-}
-
-
-def sqlite_integrity(db: Path, copy: Path) -> list[str]:
-    """Problems found in an online backup of ``db`` (the served file is only read)."""
-    copy.unlink(missing_ok=True)
-    source = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    target = sqlite3.connect(copy)
-    try:
-        source.backup(target)
-        problems = []
-        result = [r[0] for r in target.execute("PRAGMA integrity_check")]
-        if result != ["ok"]:
-            problems.append(f"integrity_check: {'; '.join(result[:3])}")
-        try:  # rank 1: also compare the index with the content table
-            target.execute("INSERT INTO memories_fts (memories_fts, rank) VALUES ('integrity-check', 1)")
-        except sqlite3.DatabaseError as exc:
-            problems.append(f"FTS5 integrity-check: {exc}")
-        for rule, sql in CONSISTENCY.items():
-            if (n := target.execute(sql).fetchone()[0]) != 0:
-                problems.append(f"{n} {rule}")
-        return problems
-    finally:
-        source.close()
-        target.close()
-
-
-async def postgres_integrity(url: str) -> tuple[list[str], str]:
-    """(problems, what amcheck could check) in the trial's database."""
-    conn = await asyncpg.connect(url)
-    try:
-        problems = []
-        for rule, sql in {**CONSISTENCY, **POSTGRES_CONSISTENCY}.items():
-            if (n := await conn.fetchval(sql)) != 0:
-                problems.append(f"{n} {rule}")
-        if await conn.fetchval("SELECT count(*) FROM information_schema.columns "
-                               "WHERE table_name = 'memories' AND column_name = 'vec'"):
-            if (n := await conn.fetchval("SELECT count(*) FROM memories WHERE vec IS NULL")) != 0:
-                problems.append(f"{n} rows without a pgvector vector")
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
-        except asyncpg.PostgresError as exc:
-            return problems, f"amcheck unavailable ({exc})"
-        indexes = await conn.fetch(
-            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
-            "WHERE a.amname = 'btree' AND i.indrelid::regclass::text IN ('memories', 'history', 'changes')")
-        for row in indexes:
-            try:
-                await conn.execute("SELECT bt_index_check($1::regclass, true)", row[0])
-            except asyncpg.PostgresError as exc:
-                problems.append(f"amcheck {row[0]}: {exc}")
-        return problems, f"amcheck on {len(indexes)} btree indexes"
-    finally:
-        await conn.close()
-
-
-async def stats_problems(session: aiohttp.ClientSession, url: str, listed: int) -> list[str]:
-    async with session.get(url + "/v1/stats") as resp:
-        stats = await resp.json()
-    counted = stats.get("namespaces", {}).get(NAMESPACE, 0)
-    return [] if counted == listed else [f"/v1/stats counts {counted} memories, the listing {listed}"]
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_start.append(taken)
+    trace.on_connection_reuseconn.append(taken)
+    return trace
 
 
 # -- trials ---------------------------------------------------------------------------------------
@@ -566,7 +350,9 @@ def totals(trials: list[Trial], cfg: Config) -> list[str]:
         f"totals over {len(trials)} {cfg.mode} trials on {cfg.backend}: acknowledged adds {acked['add']}, "
         f"updates {acked['update']}, deletes {acked['delete']}; lost acknowledged writes {lost}; "
         f"acknowledged deletes undone {sum(t.verdict.undone for t in trials)}",
-        f"  present at the last check: {trials[-1].verdict.present} of {trials[-1].verdict.expected} expected; "
+        f"  at the last check: {trials[-1].verdict.present} of {trials[-1].verdict.expected} expected memories "
+        f"present, {trials[-1].verdict.deletes - trials[-1].verdict.undone} of {trials[-1].verdict.deletes} "
+        f"acknowledged deletes still deleted; "
         f"cut-off requests {sum(t.cut for t in trials)} (applied {sum(t.verdict.applied for t in trials)}, "
         f"not applied {sum(t.verdict.unapplied for t in trials)})",
         f"  integrity and consistency checks passed in {sum(not t.integrity for t in trials)} of {len(trials)} "
@@ -600,7 +386,7 @@ async def run(cfg: Config) -> int:
     ledger, work, rng = Ledger(), Workload(cfg.seed, namespace=NAMESPACE, users=20), random.Random(cfg.seed)
     trials: list[Trial] = []
     deadline = time.perf_counter() + cfg.max_minutes * 60
-    failed = False
+    failures: list[str] = []
     try:
         first = await server.start()
         progress(f"{cfg.mode} trials on {cfg.backend}: {cfg.trials} x up to {cfg.seconds:g}s, {cfg.clients} clients, "
@@ -620,26 +406,30 @@ async def run(cfg: Config) -> int:
             warnings = trial.term.get("warnings", [])[:3]
             for line in errors + trial.verdict.problems[:10] + trial.integrity[:10] + warnings:
                 print(f"      {line}", flush=True)
-            failed = failed or bool(trial.verdict.problems or trial.integrity)
+            if trial.verdict.problems or trial.integrity:
+                failures.append(f"trial {number}: {len(trial.verdict.problems) + len(trial.integrity)} problems")
+            if trial.term and trial.term["code"] != 0:
+                failures.append(f"trial {number}: exit status {trial.term['code']} after SIGTERM")
         code, seconds = server.stop(cfg.drain_seconds + 30)
         final = sqlite_integrity(server.db, tmp / "check.db") if cfg.backend == "sqlite" else []
-        progress(f"final SIGTERM: exit {code} in {seconds:.2f}s" +
-                 (f"; the stopped file's integrity: {'ok' if not final else final}" if cfg.backend == "sqlite" else ""))
-        failed = failed or code != 0 or bool(final)
-    except (RuntimeError, OSError, asyncpg.PostgresError, aiohttp.ClientError, TimeoutError) as exc:
-        progress(f"crash: the run stopped: {type(exc).__name__}: {exc}")
-        failed = True
+        print(f"final SIGTERM: exit {code} in {seconds:.2f}s" +
+              (f"; the stopped file's integrity: {'ok' if not final else final}" if cfg.backend == "sqlite" else ""))
+        if code != 0 or final:
+            failures.append("the final stop")
+    except (RuntimeError, OSError, sqlite3.Error, asyncpg.PostgresError, aiohttp.ClientError, TimeoutError) as exc:
+        failures.append(f"the run stopped: {type(exc).__name__}: {exc}")
     finally:
         server.kill_if_running()
         if dbs.made:
             await dbs.drop_all()
     if trials:
         print("\n".join(totals(trials, cfg)))
-    if failed:
-        progress(f"kept {tmp} (databases and server logs) for a look")
-    else:
-        shutil.rmtree(tmp)
-    return 1 if failed else 0
+    if failures:
+        print(f"FAILED: {'; '.join(failures)}; kept {tmp} (database and server logs) for a look")
+        return 1
+    print("every check passed")
+    shutil.rmtree(tmp)
+    return 0
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
