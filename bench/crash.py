@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -230,6 +231,7 @@ class Trial:
     integrity: list[str]
     probes: tuple[int, int]
     restart: float
+    checked: str  # which database checks ran, besides the consistency queries
     term: dict[str, Any] = field(default_factory=dict)
 
 
@@ -296,12 +298,13 @@ async def one_trial(number: int, cfg: Config, server: Server, ledger: Ledger, wo
         passed, probes, failures = await probe(session, server.url, ledger, cfg.probes, rng)
     integrity += failures
     if isinstance(server, PgServer):
-        integrity += (await postgres_integrity(server.database_url))[0]
+        problems, checked = await postgres_integrity(server.database_url)
     else:
-        integrity += sqlite_integrity(server.db, tmp / "check.db")
+        problems, checked = sqlite_integrity(server.db, tmp / "check.db"), "integrity_check, FTS5 integrity-check"
+    integrity += problems
     return Trial(number, stopped_at, len(load.requests), load.acked, cut=sum(r.outcome in CUT for r in before),
                  errors=errors, verdict=verdict, integrity=integrity, probes=(passed, probes), restart=restart,
-                 term=term)
+                 checked=checked, term=term)
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -356,7 +359,9 @@ def totals(trials: list[Trial], cfg: Config) -> list[str]:
         f"cut-off requests {sum(t.cut for t in trials)} (applied {sum(t.verdict.applied for t in trials)}, "
         f"not applied {sum(t.verdict.unapplied for t in trials)})",
         f"  integrity and consistency checks passed in {sum(not t.integrity for t in trials)} of {len(trials)} "
-        f"trials; search probes {sum(t.probes[0] for t in trials)}/{sum(t.probes[1] for t in trials)}",
+        f"trials ({trials[-1].checked}, history, embedding{', change-feed' if cfg.backend == 'postgres' else ''} "
+        f"and /v1/stats consistency); search probes {sum(t.probes[0] for t in trials)}/"
+        f"{sum(t.probes[1] for t in trials)}",
         f"  restart (spawn to readyz 200): p50 {percentile(restarts, 50):.2f}s, max {max(restarts):.2f}s",
     ]
     if cfg.mode == "term":
@@ -391,7 +396,8 @@ async def run(cfg: Config) -> int:
         first = await server.start()
         progress(f"{cfg.mode} trials on {cfg.backend}: {cfg.trials} x up to {cfg.seconds:g}s, {cfg.clients} clients, "
                  f"batches of {cfg.batch_size}, drain {cfg.drain_seconds:g}s, seed {cfg.seed}; "
-                 f"first start {first:.2f}s; files in {tmp}")
+                 f"first start {first:.2f}s; load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())}; "
+                 f"files in {tmp}")
         async with aiohttp.ClientSession() as session:  # load the model before the first trial
             await search_ids(session, server.url, {"query": "warm up"})
         print(kill_header() if cfg.mode == "kill" else term_header(), flush=True)
