@@ -31,8 +31,10 @@ Adds carry client ids (``k000123``, also a word of the text), so a cut-off add c
 for. ``--mode term`` also reports the exit status, SIGTERM to exit, the requests in flight
 at SIGTERM and how they ended (completed, refused 503 draining, disconnected), how the
 requests sent after it ended, and how long the process lived after the last in-flight
-request was answered. Exit status 0 when every check of every trial passed, 1 if not (the
-temporary directory is then kept and named), 2 on bad usage.
+request was answered; after SIGTERM half the clients keep sending, the other half hold
+their kept-alive connection idle (a load balancer's pool). Exit status 0 when every check
+of every trial passed, 1 if not (the temporary directory is then kept and named), 2 on bad
+usage.
 """
 
 from __future__ import annotations
@@ -108,18 +110,26 @@ class Load:
         self.signalled = False  # term mode: SIGTERM was sent; pause after refusals
 
     async def run(self, clients: int) -> None:
-        connector = aiohttp.TCPConnector(limit=clients)
+        await asyncio.gather(*(self._client(c) for c in range(clients)))
+
+    async def _client(self, number: int) -> None:
+        """One connection's closed loop. After SIGTERM the even clients go on (pausing after a
+        refusal) until the server is gone, as clients that do not know yet; the odd ones stop
+        after their request in flight and keep their connection open, idle, as a load balancer
+        that saw readyz turn 503 keeps its pool."""
+        rng = random.Random(f"{self.seed}:{number}")
+        ops, weights = list(WEIGHTS), list(WEIGHTS.values())
+        connector = aiohttp.TCPConnector(limit=1)
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                          trace_configs=[connection_counter()]) as session:
-            await asyncio.gather(*(self._client(session, random.Random(f"{self.seed}:{c}")) for c in range(clients)))
-
-    async def _client(self, session: aiohttp.ClientSession, rng: random.Random) -> None:
-        ops, weights = list(WEIGHTS), list(WEIGHTS.values())
-        while not self.stop.is_set():
-            outcome = await self._one(session, rng.choices(ops, weights)[0], rng)
-            if self.signalled and outcome != "ok":
-                await asyncio.sleep(REFUSED_PAUSE)
+            while not self.stop.is_set():
+                if self.signalled and number % 2:
+                    await self.stop.wait()
+                    break
+                outcome = await self._one(session, rng.choices(ops, weights)[0], rng)
+                if self.signalled and outcome != "ok":
+                    await asyncio.sleep(REFUSED_PAUSE)
 
     def _memory(self, memory_id: str) -> dict[str, Any]:
         body = self.work.memory()
