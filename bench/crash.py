@@ -365,7 +365,7 @@ def totals(trials: list[Trial], cfg: Config) -> list[str]:
         f"acknowledged deletes undone {sum(t.verdict.undone for t in trials)}",
         f"  at the last check: {trials[-1].verdict.present} of {trials[-1].verdict.expected} expected memories "
         f"present, {trials[-1].verdict.deletes - trials[-1].verdict.undone} of {trials[-1].verdict.deletes} "
-        f"acknowledged deletes still deleted; "
+        f"deleted memories (by a 2xx, or a cut-off delete found applied) still deleted; "
         f"cut-off requests {sum(t.cut for t in trials)} (applied {sum(t.verdict.applied for t in trials)}, "
         f"not applied {sum(t.verdict.unapplied for t in trials)})",
         f"  integrity and consistency checks passed in {sum(not t.integrity for t in trials)} of {len(trials)} "
