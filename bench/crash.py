@@ -391,18 +391,16 @@ def totals(trials: list[Trial], cfg: Config) -> list[str]:
 
 async def run(cfg: Config) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gm-crash-"))
-    dbs = Databases(check_loopback_postgres(cfg.database_url, "--database-url"))
+    dbs = Databases(cfg.database_url)
     args = ["--drain-seconds", f"{cfg.drain_seconds:g}"]
-    server: Server
-    if cfg.backend == "postgres":
-        server = PgServer(await dbs.create("crash"), tmp / "server-1.log", args)
-    else:
-        server = Server(tmp / "crash.db", tmp / "server-1.log", args)
+    server = Server(tmp / "crash.db", tmp / "server-1.log", args)
     ledger, work, rng = Ledger(), Workload(cfg.seed, namespace=NAMESPACE, users=20), random.Random(cfg.seed)
     trials: list[Trial] = []
     deadline = time.perf_counter() + cfg.max_minutes * 60
     failures: list[str] = []
     try:
+        if cfg.backend == "postgres":
+            server = PgServer(await dbs.create("crash"), tmp / "server-1.log", args)
         first = await server.start()
         progress(f"{cfg.mode} trials on {cfg.backend}: {cfg.trials} x up to {cfg.seconds:g}s, {cfg.clients} clients, "
                  f"batches of {cfg.batch_size}, drain {cfg.drain_seconds:g}s, seed {cfg.seed}; "
@@ -440,11 +438,14 @@ async def run(cfg: Config) -> int:
             await dbs.drop_all()
     if trials:
         print("\n".join(totals(trials, cfg)))
+    kept = bool(failures) and any(tmp.iterdir())
+    if not kept:
+        shutil.rmtree(tmp)
     if failures:
-        print(f"FAILED: {'; '.join(failures)}; kept {tmp} (database and server logs) for a look")
+        where = f"; kept {tmp} (database and server logs) for a look" if kept else ""
+        print(f"FAILED: {'; '.join(failures)}{where}")
         return 1
     print("every check passed")
-    shutil.rmtree(tmp)
     return 0
 
 
@@ -465,6 +466,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=0, help="seed of the texts, the ops and the stop moments (0)")
     p.add_argument("--max-minutes", type=float, default=30.0, help="start no trial after this (30)")
     a = p.parse_args(argv)
+    try:
+        check_loopback_postgres(a.database_url, "--database-url")
+    except SystemExit as exc:
+        p.error(str(exc))
     bounds = {"--trials": (a.trials, 1, 100), "--seconds": (a.seconds, 0.5, 120), "--clients": (a.clients, 1, 16),
               "--batch-size": (a.batch_size, 2, 100), "--probes": (a.probes, 0, 1000),
               "--drain-seconds": (a.drain_seconds, 0, 300), "--max-minutes": (a.max_minutes, 0.1, 600)}
