@@ -57,6 +57,7 @@ import aiohttp
 import gm
 from gm.embedding import Encoder, ModelSpec
 from load import LoadConfig, LoadResult, Workload, percentile, run_load
+from servers import Server
 
 TARGET = 0.85
 ADD_CLIENTS = 32
@@ -160,80 +161,6 @@ class CpuMeter:
         share = self.others / self.capacity if self.capacity else 0.0
         warn = "  <-- the machine was shared; figures are pessimistic" if share > 0.1 else ""
         return text + f", other processes {self.others:.1f}s ({share:.0%} of the machine){warn}"
-
-
-# -- the server subprocess --------------------------------------------------------------------------
-
-
-class Server:
-    """``gmem serve`` on a loopback port picked by the OS, logging to a file."""
-
-    def __init__(self, db: Path, log_path: Path) -> None:
-        self.db = db
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def command(self) -> list[str]:
-        gmem = Path(sys.executable).with_name("gmem")
-        head = [str(gmem)] if gmem.exists() else [sys.executable, "-m", "gm.cli"]
-        return [*head, "serve", "--db", str(self.db), "--host", "127.0.0.1", "--port", "0"]
-
-    async def start(self, timeout: float = 120.0) -> float:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GM_") or k == "GM_EMBED_THREADS"}
-        started = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log, env=env)
-        deadline = started + timeout
-        while not self.url:
-            self._check_alive()
-            match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", self.log_path.read_text(errors="replace"))
-            if match:
-                self.url = match.group(1)
-            elif time.perf_counter() > deadline:
-                raise RuntimeError(f"the server did not listen within {timeout:.0f}s; see {self.log_path}")
-            else:
-                await asyncio.sleep(0.05)
-        async with aiohttp.ClientSession() as session:
-            while True:
-                self._check_alive()
-                try:
-                    async with session.get(self.url + "/v1/readyz") as resp:
-                        if resp.status == 200:
-                            return time.perf_counter() - started
-                except aiohttp.ClientError:
-                    pass
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"/v1/readyz was not 200 within {timeout:.0f}s; see {self.log_path}")
-                await asyncio.sleep(0.05)
-
-    def _check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the server exited with status {self.proc.returncode}:\n{tail}")
-
-    def stop(self, timeout: float = 60.0) -> tuple[int, float]:
-        """SIGTERM, wait; (exit status, seconds to exit)."""
-        assert self.proc is not None
-        started = time.perf_counter()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        return code, time.perf_counter() - started
-
-    def kill_if_running(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 # -- a) ceiling ---------------------------------------------------------------------------------------

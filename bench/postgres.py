@@ -92,7 +92,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -103,11 +102,11 @@ import gm.storage.postgres as pg
 from gm import search
 from gm.embedding import Encoder, ModelSpec
 from gm.memory import Scope
-from http_vs_embedded import QUIET_BUDGET, Server, _machine_jiffies, _process_jiffies, wait_quiet
+from http_vs_embedded import QUIET_BUDGET, _machine_jiffies, _process_jiffies, wait_quiet
 from load import LoadConfig, LoadResult, Workload, percentile, query_texts, run_load
 from recall import DEFAULT_DATA, read_jsonl
+from servers import ADMIN_URL, Databases, PgServer, Server, check_loopback_postgres
 
-ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PARTS = ("throughput", "visibility", "recall")
 USERS = 100
 TICK = os.sysconf("SC_CLK_TCK")
@@ -162,69 +161,6 @@ def load_average() -> str:
 
 
 # -- databases and servers -----------------------------------------------------------------------
-
-
-def check_loopback_postgres(url: str) -> str:
-    host = urlsplit(url).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit(f"--admin-url must point at a loopback Postgres (127.0.0.1), not {host!r}")
-    return url
-
-
-def database_url(admin_url: str, name: str) -> str:
-    parts = urlsplit(admin_url)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
-class Databases:
-    """Fresh databases on the shared Postgres, each dropped (WITH FORCE) when done."""
-
-    def __init__(self, admin_url: str) -> None:
-        self.admin_url = admin_url
-        self.made: list[str] = []
-
-    async def create(self, label: str) -> str:
-        name = f"gm_bench_{os.getpid()}_{label}"
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        self.made.append(name)
-        return database_url(self.admin_url, name)
-
-    async def backend_pids(self, url: str) -> list[int]:
-        """The Postgres backend processes serving ``url``'s database (the instances' pools and listeners)."""
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE datname = $1",
-                                    urlsplit(url).path.lstrip("/"))
-        finally:
-            await conn.close()
-        return [r[0] for r in rows]
-
-    async def drop_all(self) -> None:
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            for name in self.made:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-        self.made.clear()
-
-
-class PgServer(Server):
-    """``gmem serve --database-url URL`` on a loopback port picked by the OS."""
-
-    def __init__(self, url: str, log_path: Path) -> None:
-        super().__init__(Path(os.devnull), log_path)
-        self.database_url = url
-
-    def command(self) -> list[str]:
-        head = super().command()
-        at = head.index("--db")
-        return [*head[:at], "--database-url", self.database_url, *head[at + 2 :]]
 
 
 async def start_servers(servers: list[Server], threads: int | None) -> None:
