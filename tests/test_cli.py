@@ -466,6 +466,138 @@ def test_restore_of_an_older_schema_is_migrated_on_next_open(
     assert query(snapshot_path(db, LATEST), "PRAGMA user_version") == [(1,)]
 
 
+def sqlite_header_then_garbage(size: int) -> bytes:
+    """The 16 magic bytes of a SQLite file, then noise: a damaged file, not a newer schema."""
+    return b"SQLite format 3\x00" + np.random.default_rng(3).bytes(size - 16)
+
+
+def test_restore_over_a_damaged_database_keeps_it_and_leaves_nothing_half_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], good_backup: bytes
+) -> None:
+    db, backup = tmp_path / "mem.db", tmp_path / "nightly.db"
+    backup.write_bytes(good_backup)
+    damaged = sqlite_header_then_garbage(2 * 1024 * 1024)  # the case restore is for: the live file is ruined
+    db.write_bytes(damaged)
+    Path(f"{db}-wal").write_bytes(b"a log that no longer matches anything" * 100)
+    result = gmem(capsys, "restore", "--db", db, backup, "--json")
+    assert result.code == 0, result.err
+    [kept] = tmp_path.glob("mem.db.pre-restore-*.bak")
+    assert result.json["previous_kept_as"] == str(kept)
+    assert kept.read_bytes() == damaged  # the damaged file, kept exactly as it was
+    assert Path(f"{kept}-wal").read_bytes().startswith(b"a log")  # with its log, under the name SQLite expects
+    assert memories(db) == memories(backup) and len(memories(db)) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["mem.db", "mem.db.lock", "nightly.db", kept.name, f"{kept.name}-wal"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["user_version 2, no tables", "a table missing", "SQLite header then garbage"])
+def test_restore_refuses_a_file_that_is_not_a_greatmemory_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], good_backup: bytes, kind: str
+) -> None:
+    db, bad = tmp_path / "mem.db", tmp_path / "bad.db"
+    db.write_bytes(good_backup)
+    if kind == "SQLite header then garbage":
+        bad.write_bytes(sqlite_header_then_garbage(64 * 1024))
+    elif kind == "user_version 2, no tables":
+        conn = sqlite3.connect(bad)
+        conn.execute(f"PRAGMA user_version = {LATEST}")
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.close()
+    else:
+        bad.write_bytes(good_backup)
+        conn = sqlite3.connect(bad)
+        conn.execute("DROP TABLE history")
+        conn.close()
+    before = sha256(db)
+    result = gmem(capsys, "restore", "--db", db, bad)
+    assert result.code == 7, result.err
+    line = result.error_line
+    if kind == "SQLite header then garbage":
+        assert "not a SQLite database" in line and "newer" not in line
+    else:
+        assert "not a greatmemory database" in line
+        assert ("lacks the table history" if kind == "a table missing" else "lacks the table memories") in line
+    assert sha256(db) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.db", "mem.db"]
+
+
+def test_backup_and_restore_leave_no_wal_or_shm_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, out, again = tmp_path / "mem.db", tmp_path / "out" / "copy.db", tmp_path / "again.db"
+    out.parent.mkdir()
+    seed(db, [{"text": fact} for fact in FACTS[:4]])
+    holder = subprocess.Popen(  # a store holds the database open, so it has a live -wal and -shm
+        [sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert Path(f"{db}-wal").exists()
+        assert gmem(capsys, "backup", "--db", db, out).code == 0
+        assert [p.name for p in out.parent.iterdir()] == ["copy.db"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert gmem(capsys, "restore", "--db", again, out).code == 0
+    assert [p.name for p in out.parent.iterdir()] == ["copy.db"]  # reading the backup left nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("again")) == ["again.db", "again.db.lock"]
+    assert len(memories(again)) == 4
+
+
+def test_a_directory_is_called_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, folder = tmp_path / "mem.db", tmp_path / "folder"
+    seed(db, [{"text": FACTS[0]}])
+    folder.mkdir()
+    for argv in (["backup", "--db", db, folder], ["backup", "--db", folder, tmp_path / "b.db"],
+                 ["restore", "--db", db, folder], ["restore", "--db", folder, db]):
+        result = gmem(capsys, *argv)
+        assert result.code == 7, (argv, result.err)
+        assert f"{folder} is a directory" in result.error_line, argv
+    for argv in (["add", "--db", folder, "x"], ["search", "--db", folder, "q"], ["status", "--db", folder],
+                 ["export", "--db", folder], ["import", "--db", folder, db]):
+        result = gmem(capsys, *argv)
+        assert result.code == 9, (argv, result.err)
+        assert f"{folder} is a directory, not a database file" in result.error_line, argv
+    assert list(folder.iterdir()) == []
+
+
+def test_the_lock_follows_symlinks_to_the_real_file(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tmp_path / "link.db"
+    link.symlink_to(served.db)
+    linked_folder = tmp_path / "linked-folder"
+    linked_folder.symlink_to(served.db.parent, target_is_directory=True)
+
+    async def open_through(path: Path) -> None:
+        async with gm.open(path):
+            pass
+
+    for path in (link, linked_folder / served.db.name):
+        with pytest.raises(gm.errors.DatabaseLocked, match=f"in use by process {served.process.pid}"):
+            asyncio.run(open_through(path))
+    backup = tmp_path / "b.db"
+    assert gmem(capsys, "backup", "--db", link, backup).code == 0
+    before = sha256(served.db)
+    result = gmem(capsys, "restore", "--db", link, backup)
+    assert result.code == 6 and f"process {served.process.pid}" in result.error_line
+    assert link.is_symlink() and sha256(served.db) == before
+    assert gmem(capsys, "status", "--db", link, "--json").json["in_use_by"] == f"process {served.process.pid}"
+
+
+def test_restore_through_a_symlink_replaces_the_file_it_points_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, link, backup = tmp_path / "data" / "real.db", tmp_path / "link.db", tmp_path / "b.db"
+    real.parent.mkdir()
+    seed(real, [{"text": fact} for fact in FACTS[:3]])
+    assert gmem(capsys, "backup", "--db", real, backup).code == 0
+    seed(real, [{"text": FACTS[4]}])
+    link.symlink_to(real)
+    assert gmem(capsys, "restore", "--db", link, backup).code == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert len(memories(real)) == 3
+    assert len(list(real.parent.glob("real.db.pre-restore-*.bak"))) == 1
+
+
 # -- 4. export / import ------------------------------------------------------------------------------
 
 QUERIES = ["window seat on a plane", "food allergy", "which programming language", "morning reminders"]
@@ -777,6 +909,21 @@ def test_usage_errors_exit_2_with_one_gmem_line(tmp_path: Path, capsys: pytest.C
         result.error_line  # noqa: B018 - exactly one "gmem: ..." line
     assert "--metadata must be JSON" in gmem(capsys, "add", "--db", db, "--metadata", "{", "t").error_line
     assert memories(db) == []
+
+
+@pytest.mark.parametrize("fault", ["not SQLite", "SQLite header then garbage", "missing folder"])
+def test_serve_on_a_database_that_can_never_open_exits_instead_of_retrying(tmp_path: Path, fault: str) -> None:
+    db = tmp_path / "no-such-folder" / "mem.db" if fault == "missing folder" else tmp_path / "mem.db"
+    if fault == "not SQLite":
+        db.write_text("id,text\n1,a spreadsheet\n")
+    elif fault == "SQLite header then garbage":
+        db.write_bytes(sqlite_header_then_garbage(8192))
+    result = gmem_process("serve", "--db", db, "--port", "0")  # retrying forever would time out here
+    assert result.code == 9, result.err
+    [line] = [line for line in result.err.splitlines() if "cannot serve" in line]
+    expected = "does not exist" if fault == "missing folder" else "is not a SQLite database"
+    assert expected in line and "newer" not in line
+    assert "Traceback" not in result.err
 
 
 def test_unreachable_server_and_missing_database_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
