@@ -31,6 +31,7 @@ import pytest
 
 import gm
 from gm.cli import build_parser, main
+from gm.cli.commands import new_key
 from gm.embedding import ModelSpec
 from gm.storage.sqlite_migrations import LATEST, migrate, read_version, snapshot_path
 from tests.http_server import free_port, spawn_server
@@ -911,6 +912,21 @@ def test_usage_errors_exit_2_with_one_gmem_line(tmp_path: Path, capsys: pytest.C
     assert memories(db) == []
 
 
+def test_a_url_without_a_scheme_suggests_http(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for argv in (["get", "some-id"], ["status"], ["add", "x"]):
+        result = gmem(capsys, *argv[:1], "--url", "localhost:8420", *argv[1:])
+        assert result.code == 2, (argv, result.err)
+        assert "did you mean http://localhost:8420?" in result.error_line
+    monkeypatch.setenv("GM_URL", "127.0.0.1:8420")
+    result = gmem(capsys, "search", "q")
+    assert result.code == 2 and result.error_line.startswith("gmem: GM_URL='127.0.0.1:8420' is not valid")
+    assert "did you mean http://127.0.0.1:8420?" in result.error_line
+    monkeypatch.setenv("GM_URL", "ftp://127.0.0.1:8420")
+    assert "expected an http:// or https:// URL" in gmem(capsys, "search", "q").error_line
+
+
 @pytest.mark.parametrize("fault", ["not SQLite", "SQLite header then garbage", "missing folder"])
 def test_serve_on_a_database_that_can_never_open_exits_instead_of_retrying(tmp_path: Path, fault: str) -> None:
     db = tmp_path / "no-such-folder" / "mem.db" if fault == "missing folder" else tmp_path / "mem.db"
@@ -924,6 +940,20 @@ def test_serve_on_a_database_that_can_never_open_exits_instead_of_retrying(tmp_p
     expected = "does not exist" if fault == "missing folder" else "is not a SQLite database"
     assert expected in line and "newer" not in line
     assert "Traceback" not in result.err
+
+
+def test_a_broken_tokenizer_is_one_line(tmp_path: Path) -> None:
+    models = tmp_path / "model"
+    models.mkdir()
+    (models / "model.onnx").symlink_to(ModelSpec.default().model_path)
+    (models / "tokenizer.json").write_text('{"version": "1.0", "truncation": nul')
+    done = subprocess.run(
+        [sys.executable, "-m", "gm", "add", "--db", str(tmp_path / "mem.db"), "A memory."],
+        env={"PATH": "/usr/bin:/bin", "GM_MODEL_DIR": str(models)}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.splitlines() == [f"gmem: cannot read tokenizer {models / 'tokenizer.json'}: "
+                                        + done.stderr.split(": ", 2)[2].strip()]
 
 
 def test_unreachable_server_and_missing_database_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -983,6 +1013,15 @@ def test_other_failures_are_one_line_not_a_traceback(tmp_path: Path, capsys: pyt
 def test_keys_new(capsys: pytest.CaptureFixture[str]) -> None:
     first, second = gmem(capsys, "keys", "new").out.strip(), gmem(capsys, "keys", "new").out.strip()
     assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", first) and first != second
+    # One in 64 bare token_urlsafe keys starts with "-", which argparse reads as a flag: none may.
+    keys = {new_key() for _ in range(5000)}
+    assert len(keys) == 5000
+    for key in keys:
+        assert not key.startswith("-") and key.startswith("gm_")
+        assert len(base64.urlsafe_b64decode(key[3:] + "=")) == 32  # still 256 random bits
+    parser = build_parser()
+    for key in sorted(keys)[:500]:
+        assert parser.parse_args(["get", "--url", "http://127.0.0.1:1", "--api-key", key, "some-id"]).api_key == key
     bound = gmem(capsys, "keys", "new", "--namespace", "team").out.strip()
     key, _, namespace = bound.rpartition("@")
     assert namespace == "team" and re.fullmatch(r"[A-Za-z0-9_-]{40,}", key)

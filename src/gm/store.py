@@ -9,6 +9,7 @@ import asyncio
 import builtins
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -437,6 +438,14 @@ def open(
     ``GM_MODEL_DIR``) names a folder with ``model.onnx`` and ``tokenizer.json`` to use
     instead of the default all-MiniLM-L6-v2.
     """
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", os.fspath(target)) if isinstance(target, str) else None
+    if scheme and not is_postgres_url(os.fspath(target)):
+        raise InvalidInput(
+            f"gm.open({target!r}): that is a {scheme[1]}:// URL, not a database; gm.open takes a SQLite file path "
+            "or a postgresql:// URL. To use a running greatmemory server, use its client: `from gm.client "
+            "import Client`, then `async with Client(url, api_key) as c: await c.add({'text': ...})`",
+            path="target",
+        )
     return _Opening(target, model_dir, backend_options)
 
 
@@ -467,6 +476,20 @@ class _Opening:
 
     def __await__(self) -> Any:
         return self.__aenter__().__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(Store, name):  # e.g. `mem = gm.open("mem.db"); await mem.add(...)`
+            raise AttributeError(
+                f"gm.open() returns an opener, not an open store, so it has no .{name}: write "
+                f"`async with gm.open(...) as mem:` or `mem = await gm.open(...)`, then use mem.{name}"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __enter__(self) -> None:
+        raise TypeError("gm.open() is asynchronous: write `async with gm.open(...) as mem:` (not `with`)")
+
+    def __exit__(self, *exc: object) -> None:  # never reached: __enter__ refuses
+        pass
 
     async def __aenter__(self) -> Store:
         self.store = self.build()
