@@ -34,7 +34,7 @@ from gm.cli import build_parser, main
 from gm.cli.commands import new_key
 from gm.embedding import ModelSpec
 from gm.storage.sqlite_migrations import LATEST, migrate, read_version, snapshot_path
-from tests.http_server import free_port, spawn_server
+from tests.http_server import free_port, spawn_server, start_server, store_factory
 
 FIELDS = "id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 MEMORY_KEYS = {
@@ -575,6 +575,20 @@ def test_the_lock_follows_symlinks_to_the_real_file(
     for path in (link, linked_folder / served.db.name):
         with pytest.raises(gm.errors.DatabaseLocked, match=f"in use by process {served.process.pid}"):
             asyncio.run(open_through(path))
+
+    async def second_server_through(path: Path) -> tuple[int, Any]:
+        server = await start_server(store_factory(path), open_store=False)
+        opener = asyncio.create_task(server.state.open_store(retry_seconds=0.05))
+        try:
+            await asyncio.sleep(0.3)
+            return await server.call("GET", "/v1/readyz")
+        finally:
+            opener.cancel()
+            await server.stop()
+
+    status, body = asyncio.run(second_server_through(link))  # it waits for the first, as on the real path
+    assert status == 503 and body["status"] == "unavailable"
+    assert f"in use by process {served.process.pid}" in body["reason"]
     backup = tmp_path / "b.db"
     assert gmem(capsys, "backup", "--db", link, backup).code == 0
     before = sha256(served.db)

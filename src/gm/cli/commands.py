@@ -22,7 +22,6 @@ import orjson
 import gm
 from gm import config, transfer
 from gm.client import Client
-from gm.config import DEFAULT_DB
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
@@ -69,7 +68,7 @@ def database(args: argparse.Namespace) -> str:
     """The database a command acts on: ``--db`` (a file or a postgresql:// URL), else
     GM_DATABASE_URL, else GM_DB, else ./greatmemory.db."""
     flag = getattr(args, "db", None)
-    return str(flag or os.environ.get("GM_DATABASE_URL") or os.environ.get("GM_DB") or DEFAULT_DB)
+    return str(flag or config.DATABASE_URL.read() or config.DB.read())
 
 
 def server_url(args: argparse.Namespace) -> str | None:
