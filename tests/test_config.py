@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import gm
+from gm import config
 from gm.config import ServerConfig, StoreSettings
 from gm.errors import InvalidSetting
 
@@ -114,3 +115,25 @@ def test_a_bad_variable_does_not_break_import(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin", "GM_PURGE_SECONDS": "hourly"}, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("variable", "value"), [("GM_URL", "localhost:8420"), ("GM_URL", "ftp://host"),
+                                                 ("GM_API_KEY", "key\x00")])
+def test_the_client_side_variables_are_checked_too(variable: str, value: str) -> None:
+    setting = {"GM_URL": config.URL, "GM_API_KEY": config.API_KEY}[variable]
+    with pytest.raises(InvalidSetting, match=f"^{variable}") as refused:
+        setting.read({variable: value})
+    assert refused.value.variable == variable
+    assert (value in refused.value.message) == (variable == "GM_URL")  # a key is a secret: never repeated
+
+
+def test_gmem_refuses_a_bad_gm_url_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gm", "get", "some-id"],
+        env={"PATH": "/usr/bin:/bin", "GM_URL": "localhost:8420"}, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "gmem: GM_URL='localhost:8420' is not valid: a server's URL starts with http://; "
+        "did you mean http://localhost:8420?\n"
+    )
