@@ -31,9 +31,10 @@ import pytest
 
 import gm
 from gm.cli import build_parser, main
+from gm.cli.commands import new_key
 from gm.embedding import ModelSpec
 from gm.storage.sqlite_migrations import LATEST, migrate, read_version, snapshot_path
-from tests.http_server import free_port, spawn_server
+from tests.http_server import free_port, spawn_server, start_server, store_factory
 
 FIELDS = "id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 MEMORY_KEYS = {
@@ -466,6 +467,152 @@ def test_restore_of_an_older_schema_is_migrated_on_next_open(
     assert query(snapshot_path(db, LATEST), "PRAGMA user_version") == [(1,)]
 
 
+def sqlite_header_then_garbage(size: int) -> bytes:
+    """The 16 magic bytes of a SQLite file, then noise: a damaged file, not a newer schema."""
+    return b"SQLite format 3\x00" + np.random.default_rng(3).bytes(size - 16)
+
+
+def test_restore_over_a_damaged_database_keeps_it_and_leaves_nothing_half_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], good_backup: bytes
+) -> None:
+    db, backup = tmp_path / "mem.db", tmp_path / "nightly.db"
+    backup.write_bytes(good_backup)
+    damaged = sqlite_header_then_garbage(2 * 1024 * 1024)  # the case restore is for: the live file is ruined
+    db.write_bytes(damaged)
+    Path(f"{db}-wal").write_bytes(b"a log that no longer matches anything" * 100)
+    result = gmem(capsys, "restore", "--db", db, backup, "--json")
+    assert result.code == 0, result.err
+    [kept] = tmp_path.glob("mem.db.pre-restore-*.bak")
+    assert result.json["previous_kept_as"] == str(kept)
+    assert kept.read_bytes() == damaged  # the damaged file, kept exactly as it was
+    assert Path(f"{kept}-wal").read_bytes().startswith(b"a log")  # with its log, under the name SQLite expects
+    assert memories(db) == memories(backup) and len(memories(db)) == 24
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["mem.db", "mem.db.lock", "nightly.db", kept.name, f"{kept.name}-wal"]
+    )
+
+
+@pytest.mark.parametrize("kind", ["user_version 2, no tables", "a table missing", "SQLite header then garbage"])
+def test_restore_refuses_a_file_that_is_not_a_greatmemory_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], good_backup: bytes, kind: str
+) -> None:
+    db, bad = tmp_path / "mem.db", tmp_path / "bad.db"
+    db.write_bytes(good_backup)
+    if kind == "SQLite header then garbage":
+        bad.write_bytes(sqlite_header_then_garbage(64 * 1024))
+    elif kind == "user_version 2, no tables":
+        conn = sqlite3.connect(bad)
+        conn.execute(f"PRAGMA user_version = {LATEST}")
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.close()
+    else:
+        bad.write_bytes(good_backup)
+        conn = sqlite3.connect(bad)
+        conn.execute("DROP TABLE history")
+        conn.close()
+    before = sha256(db)
+    result = gmem(capsys, "restore", "--db", db, bad)
+    assert result.code == 7, result.err
+    line = result.error_line
+    if kind == "SQLite header then garbage":
+        assert "not a SQLite database" in line and "newer" not in line
+    else:
+        assert "not a greatmemory database" in line
+        assert ("lacks the table history" if kind == "a table missing" else "lacks the table memories") in line
+    assert sha256(db) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.db", "mem.db"]
+
+
+def test_backup_and_restore_leave_no_wal_or_shm_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, out, again = tmp_path / "mem.db", tmp_path / "out" / "copy.db", tmp_path / "again.db"
+    out.parent.mkdir()
+    seed(db, [{"text": fact} for fact in FACTS[:4]])
+    holder = subprocess.Popen(  # a store holds the database open, so it has a live -wal and -shm
+        [sys.executable, "-c", HOLDER, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert Path(f"{db}-wal").exists()
+        assert gmem(capsys, "backup", "--db", db, out).code == 0
+        assert [p.name for p in out.parent.iterdir()] == ["copy.db"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert gmem(capsys, "restore", "--db", again, out).code == 0
+    assert [p.name for p in out.parent.iterdir()] == ["copy.db"]  # reading the backup left nothing beside it
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("again")) == ["again.db", "again.db.lock"]
+    assert len(memories(again)) == 4
+
+
+def test_a_directory_is_called_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, folder = tmp_path / "mem.db", tmp_path / "folder"
+    seed(db, [{"text": FACTS[0]}])
+    folder.mkdir()
+    for argv in (["backup", "--db", db, folder], ["backup", "--db", folder, tmp_path / "b.db"],
+                 ["restore", "--db", db, folder], ["restore", "--db", folder, db]):
+        result = gmem(capsys, *argv)
+        assert result.code == 7, (argv, result.err)
+        assert f"{folder} is a directory" in result.error_line, argv
+    for argv in (["add", "--db", folder, "x"], ["search", "--db", folder, "q"], ["status", "--db", folder],
+                 ["export", "--db", folder], ["import", "--db", folder, db]):
+        result = gmem(capsys, *argv)
+        assert result.code == 9, (argv, result.err)
+        assert f"{folder} is a directory, not a database file" in result.error_line, argv
+    assert list(folder.iterdir()) == []
+
+
+def test_the_lock_follows_symlinks_to_the_real_file(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = tmp_path / "link.db"
+    link.symlink_to(served.db)
+    linked_folder = tmp_path / "linked-folder"
+    linked_folder.symlink_to(served.db.parent, target_is_directory=True)
+
+    async def open_through(path: Path) -> None:
+        async with gm.open(path):
+            pass
+
+    for path in (link, linked_folder / served.db.name):
+        with pytest.raises(gm.errors.DatabaseLocked, match=f"in use by process {served.process.pid}"):
+            asyncio.run(open_through(path))
+
+    async def second_server_through(path: Path) -> tuple[int, Any]:
+        server = await start_server(store_factory(path), open_store=False)
+        opener = asyncio.create_task(server.state.open_store(retry_seconds=0.05))
+        try:
+            await asyncio.sleep(0.3)
+            return await server.call("GET", "/v1/readyz")
+        finally:
+            opener.cancel()
+            await server.stop()
+
+    status, body = asyncio.run(second_server_through(link))  # it waits for the first, as on the real path
+    assert status == 503 and body["status"] == "unavailable"
+    assert f"in use by process {served.process.pid}" in body["reason"]
+    backup = tmp_path / "b.db"
+    assert gmem(capsys, "backup", "--db", link, backup).code == 0
+    before = sha256(served.db)
+    result = gmem(capsys, "restore", "--db", link, backup)
+    assert result.code == 6 and f"process {served.process.pid}" in result.error_line
+    assert link.is_symlink() and sha256(served.db) == before
+    assert gmem(capsys, "status", "--db", link, "--json").json["in_use_by"] == f"process {served.process.pid}"
+
+
+def test_restore_through_a_symlink_replaces_the_file_it_points_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, link, backup = tmp_path / "data" / "real.db", tmp_path / "link.db", tmp_path / "b.db"
+    real.parent.mkdir()
+    seed(real, [{"text": fact} for fact in FACTS[:3]])
+    assert gmem(capsys, "backup", "--db", real, backup).code == 0
+    seed(real, [{"text": FACTS[4]}])
+    link.symlink_to(real)
+    assert gmem(capsys, "restore", "--db", link, backup).code == 0
+    assert link.is_symlink() and link.resolve() == real
+    assert len(memories(real)) == 3
+    assert len(list(real.parent.glob("real.db.pre-restore-*.bak"))) == 1
+
+
 # -- 4. export / import ------------------------------------------------------------------------------
 
 QUERIES = ["window seat on a plane", "food allergy", "which programming language", "morning reminders"]
@@ -779,6 +926,50 @@ def test_usage_errors_exit_2_with_one_gmem_line(tmp_path: Path, capsys: pytest.C
     assert memories(db) == []
 
 
+def test_a_url_without_a_scheme_suggests_http(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for argv in (["get", "some-id"], ["status"], ["add", "x"]):
+        result = gmem(capsys, *argv[:1], "--url", "localhost:8420", *argv[1:])
+        assert result.code == 2, (argv, result.err)
+        assert "did you mean http://localhost:8420?" in result.error_line
+    monkeypatch.setenv("GM_URL", "127.0.0.1:8420")
+    result = gmem(capsys, "search", "q")
+    assert result.code == 2 and result.error_line.startswith("gmem: GM_URL='127.0.0.1:8420' is not valid")
+    assert "did you mean http://127.0.0.1:8420?" in result.error_line
+    monkeypatch.setenv("GM_URL", "ftp://127.0.0.1:8420")
+    assert "expected an http:// or https:// URL" in gmem(capsys, "search", "q").error_line
+
+
+@pytest.mark.parametrize("fault", ["not SQLite", "SQLite header then garbage", "missing folder"])
+def test_serve_on_a_database_that_can_never_open_exits_instead_of_retrying(tmp_path: Path, fault: str) -> None:
+    db = tmp_path / "no-such-folder" / "mem.db" if fault == "missing folder" else tmp_path / "mem.db"
+    if fault == "not SQLite":
+        db.write_text("id,text\n1,a spreadsheet\n")
+    elif fault == "SQLite header then garbage":
+        db.write_bytes(sqlite_header_then_garbage(8192))
+    result = gmem_process("serve", "--db", db, "--port", "0")  # retrying forever would time out here
+    assert result.code == 9, result.err
+    [line] = [line for line in result.err.splitlines() if "cannot serve" in line]
+    expected = "does not exist" if fault == "missing folder" else "is not a SQLite database"
+    assert expected in line and "newer" not in line
+    assert "Traceback" not in result.err
+
+
+def test_a_broken_tokenizer_is_one_line(tmp_path: Path) -> None:
+    models = tmp_path / "model"
+    models.mkdir()
+    (models / "model.onnx").symlink_to(ModelSpec.default().model_path)
+    (models / "tokenizer.json").write_text('{"version": "1.0", "truncation": nul')
+    done = subprocess.run(
+        [sys.executable, "-m", "gm", "add", "--db", str(tmp_path / "mem.db"), "A memory."],
+        env={"PATH": "/usr/bin:/bin", "GM_MODEL_DIR": str(models)}, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 5, done.stderr
+    assert done.stderr.splitlines() == [f"gmem: cannot read tokenizer {models / 'tokenizer.json'}: "
+                                        + done.stderr.split(": ", 2)[2].strip()]
+
+
 def test_unreachable_server_and_missing_database_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for argv in (["add", "x"], ["search", "q"], ["get", "some-id"], ["delete", "some-id"], ["status"]):
@@ -836,6 +1027,15 @@ def test_other_failures_are_one_line_not_a_traceback(tmp_path: Path, capsys: pyt
 def test_keys_new(capsys: pytest.CaptureFixture[str]) -> None:
     first, second = gmem(capsys, "keys", "new").out.strip(), gmem(capsys, "keys", "new").out.strip()
     assert re.fullmatch(r"[A-Za-z0-9_-]{40,}", first) and first != second
+    # One in 64 bare token_urlsafe keys starts with "-", which argparse reads as a flag: none may.
+    keys = {new_key() for _ in range(5000)}
+    assert len(keys) == 5000
+    for key in keys:
+        assert not key.startswith("-") and key.startswith("gm_")
+        assert len(base64.urlsafe_b64decode(key[3:] + "=")) == 32  # still 256 random bits
+    parser = build_parser()
+    for key in sorted(keys)[:500]:
+        assert parser.parse_args(["get", "--url", "http://127.0.0.1:1", "--api-key", key, "some-id"]).api_key == key
     bound = gmem(capsys, "keys", "new", "--namespace", "team").out.strip()
     key, _, namespace = bound.rpartition("@")
     assert namespace == "team" and re.fullmatch(r"[A-Za-z0-9_-]{40,}", key)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 
+from gm.errors import DatabaseUnusable
+from gm.storage.sqlite_files import DatabaseLock
 from gm.storage.sqlite_migrations import STEPS, Step
 from tests.http_server import spawn_server, start_server, store_factory
 
@@ -51,23 +54,56 @@ async def test_readyz_503_while_migrating_then_200(tmp_path: Path) -> None:
 
 
 async def test_unreachable_storage_is_unavailable_then_recovers(tmp_path: Path) -> None:
-    folder = tmp_path / "not-yet"
-    server = await start_server(store_factory(folder / "mem.db"), open_store=False)
+    db = tmp_path / "mem.db"
+    holder = DatabaseLock(db)  # another server has the file: a passing fault, waited out
+    holder.acquire()
+    server = await start_server(store_factory(db), open_store=False)
     opener = asyncio.create_task(server.state.open_store(retry_seconds=0.1))
     try:
         await asyncio.sleep(0.5)
         status, body = await server.call("GET", "/v1/readyz")
-        assert status == 503 and body["status"] == "unavailable" and "reason" in body
+        assert status == 503 and body["status"] == "unavailable" and "in use by" in body["reason"]
         assert (await server.call("GET", "/v1/healthz"))[0] == 200
         status, body = await server.call("POST", "/v1/memories", json={"text": "too early"})
         assert status == 503
-        folder.mkdir()
+        holder.release()
         await asyncio.wait_for(opener, 10)
         assert (await server.call("GET", "/v1/readyz"))[0] == 200
         assert (await server.call("POST", "/v1/memories", json={"text": "now it works"}))[0] == 201
     finally:
+        holder.release()
         opener.cancel()
         await server.stop()
+
+
+@pytest.mark.parametrize(
+    "fault", ["missing folder", "not SQLite", "SQLite header then garbage", "a directory", "no greatmemory tables"]
+)
+async def test_a_database_that_can_never_open_fails_at_once_instead_of_retrying(tmp_path: Path, fault: str) -> None:
+    db = tmp_path / "mem.db"
+    if fault == "missing folder":
+        db = tmp_path / "no-such-folder" / "mem.db"
+    elif fault == "not SQLite":
+        db.write_bytes(b"id,text\n1,a spreadsheet\n" * 100)
+    elif fault == "SQLite header then garbage":
+        db.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)
+    elif fault == "a directory":
+        db.mkdir()
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute("CREATE TABLE unrelated (x)")
+        conn.close()
+    server = await start_server(store_factory(db), open_store=False)
+    try:
+        with pytest.raises(DatabaseUnusable) as failed:
+            await asyncio.wait_for(server.state.open_store(retry_seconds=0.05), 10)
+        assert str(db) in failed.value.message
+        status, body = await server.call("GET", "/v1/readyz")
+        assert status == 503 and body["status"] == "unavailable" and body["reason"] == failed.value.message
+    finally:
+        await server.stop()
+    assert not (tmp_path / "no-such-folder").exists()
 
 
 async def test_sigterm_drains_and_keeps_every_acknowledged_add(tmp_path: Path) -> None:

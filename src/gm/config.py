@@ -1,21 +1,97 @@
-"""Server configuration: command-line flags over ``GM_*`` environment variables over
-defaults. Every variable is documented in docs/configuration.md.
+"""Configuration: every ``GM_*`` variable as a :class:`Setting` (its flag, default and check),
+and the two sets read at start-up: :class:`StoreSettings` (the library's) and
+:class:`ServerConfig` (``gmem serve``'s, flags over variables over defaults). A bad value is
+refused when read, naming the variable: :class:`gm.errors.InvalidSetting`. Every variable is
+documented in docs/configuration.md.
+
+A new setting is one ``Setting(...)`` line below, a field, and a ``.read`` in ``load``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from gm.errors import InvalidInput
+from gm.errors import InvalidInput, InvalidSetting
 from gm.memory import check_scope_value
+
+T = TypeVar("T")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8420
 DEFAULT_DB = "greatmemory.db"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+
+
+# -- how a raw value is checked: each returns the value or raises ValueError saying what it expects ------
+
+
+def whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number of plain ASCII digits (``-`` allowed in front) from ``low`` to ``high``."""
+    expected = f"a whole number from {low} to {high}" if high is not None else f"a whole number, at least {low}"
+
+    def parse(raw: str) -> int:
+        if not re.fullmatch(r"-?[0-9]+", raw.strip()):
+            raise ValueError(f"expected {expected}")
+        value = int(raw)
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"expected {expected}")
+        return value
+
+    return parse
+
+
+def seconds(*, zero: bool) -> Callable[[str], float]:
+    """A finite number of seconds in plain ASCII, above zero (or at least zero when ``zero``)."""
+    expected = "a number of seconds, 0 or more" if zero else "a number of seconds above 0"
+
+    def parse(raw: str) -> float:
+        try:
+            if not re.fullmatch(r"[0-9.eE+-]+", raw.strip()):
+                raise ValueError(raw)
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"expected {expected}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise ValueError(f"expected {expected}")
+        return value
+
+    return parse
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def text(raw: str) -> str:
+    if "\x00" in raw:
+        raise ValueError("a NUL character cannot be in a path or a name")
+    return raw
+
+
+def postgres_url(raw: str) -> str:
+    if not raw.startswith(("postgres://", "postgresql://")):
+        raise ValueError("expected a postgresql://user:password@host/db URL")
+    return raw
+
+
+def server_url(raw: str) -> str:
+    """A running server's address: ``http://`` or ``https://`` and a host."""
+    if re.match(r"https?://[^/\s]", raw):
+        return raw
+    if "://" in raw:
+        raise ValueError("expected an http:// or https:// URL of a greatmemory server")
+    raise ValueError(f"a server's URL starts with http://; did you mean http://{raw}?")
 
 
 @dataclass(frozen=True)
@@ -35,13 +111,92 @@ def parse_api_keys(raw: str | None) -> tuple[ApiKey, ...]:
             continue
         secret, at, namespace = part.partition("@")
         if len(secret) < 16:
-            raise InvalidInput("every key in GM_API_KEYS must be at least 16 characters (try `gmem keys new`)")
+            raise InvalidSetting(
+                "every key in GM_API_KEYS must be at least 16 characters (try `gmem keys new`)", variable="GM_API_KEYS"
+            )
         if at and not namespace:  # e.g. "$KEY@$TEAM" with TEAM unset: never widen it to every namespace
-            raise InvalidInput("a key in GM_API_KEYS ends in @ with no namespace after it; write KEY@NAMESPACE")
+            raise InvalidSetting(
+                "a key in GM_API_KEYS ends in @ with no namespace after it; write KEY@NAMESPACE", variable="GM_API_KEYS"
+            )
         if any(key.secret == secret for key in keys):
-            raise InvalidInput("a key appears twice in GM_API_KEYS; give each key once")
-        keys.append(ApiKey(secret, check_scope_value(namespace, "GM_API_KEYS namespace") if at else None))
+            raise InvalidSetting("a key appears twice in GM_API_KEYS; give each key once", variable="GM_API_KEYS")
+        try:
+            bound = check_scope_value(namespace, "GM_API_KEYS namespace") if at else None
+        except InvalidInput as exc:
+            raise InvalidSetting(exc.message, variable="GM_API_KEYS") from None
+        keys.append(ApiKey(secret, bound))
     return tuple(keys)
+
+
+# -- the settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting(Generic[T]):
+    """One ``GM_*`` variable: the ``gmem serve`` flag standing for it (its argparse name),
+    its default, and the check that turns a raw value into a good one. An empty variable
+    counts as unset; a secret's value is never repeated in an error."""
+
+    variable: str
+    default: T
+    parse: Callable[[str], T]
+    flag: str | None = None
+    secret: bool = False
+
+    def read(self, env: Mapping[str, str] | None = None, flags: Mapping[str, object] | None = None) -> T:
+        """The flag's value if given, else the variable's, else the default; checked."""
+        given = (flags or {}).get(self.flag) if self.flag else None
+        if given is not None:
+            raw, source = str(given), "--" + (self.flag or "").replace("_", "-")
+        else:
+            raw, source = (os.environ if env is None else env).get(self.variable, ""), self.variable
+            if raw == "":
+                return self.default
+        try:
+            return self.parse(raw)
+        except InvalidSetting:
+            raise
+        except ValueError as exc:
+            shown = source if self.secret else f"{source}={raw!r}" if source == self.variable else f"{source} {raw!r}"
+            raise InvalidSetting(f"{shown} is not valid: {exc}", variable=self.variable) from None
+
+
+HOST = Setting("GM_HOST", DEFAULT_HOST, text, "host")
+PORT = Setting("GM_PORT", DEFAULT_PORT, whole(0, 65535), "port")
+DB = Setting("GM_DB", DEFAULT_DB, text, "db")
+DATABASE_URL: Setting[str | None] = Setting("GM_DATABASE_URL", None, postgres_url, "database_url", secret=True)
+API_KEYS: Setting[tuple[ApiKey, ...]] = Setting("GM_API_KEYS", (), parse_api_keys, secret=True)
+MODEL_DIR: Setting[str | None] = Setting("GM_MODEL_DIR", None, text, "model_dir")
+EMBED_THREADS = Setting("GM_EMBED_THREADS", 0, whole(0, 1024))  # 0: one per core
+BLAS_THREADS = Setting("GM_BLAS_THREADS", 1, whole(0, 1024))  # 0: leave the process's setting alone
+PURGE_SECONDS = Setting("GM_PURGE_SECONDS", 60.0, seconds(zero=False))
+TEST_SCHEMA_CAP: Setting[int | None] = Setting("GM_TEST_SCHEMA_CAP", None, whole(0))
+MAX_BODY_BYTES = Setting("GM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, whole(1, 2**40), "max_body_bytes")
+DRAIN_SECONDS = Setting("GM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, seconds(zero=True), "drain_seconds")
+LOG_FORMAT = Setting("GM_LOG_FORMAT", "text", choice("text", "json"), "log_format")
+URL: Setting[str | None] = Setting("GM_URL", None, server_url, "url")  # the CLI's client commands
+API_KEY: Setting[str | None] = Setting("GM_API_KEY", None, text, "api_key", secret=True)
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """The variables a store reads when :func:`gm.open` builds it (embedded or served)."""
+
+    model_dir: str | None = None
+    embed_threads: int = 0
+    blas_threads: int = 1
+    purge_seconds: float = 60.0
+    schema_cap: int | None = None
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> StoreSettings:
+        return cls(
+            model_dir=MODEL_DIR.read(env),
+            embed_threads=EMBED_THREADS.read(env),
+            blas_threads=BLAS_THREADS.read(env),
+            purge_seconds=PURGE_SECONDS.read(env),
+            schema_cap=TEST_SCHEMA_CAP.read(env),
+        )
 
 
 @dataclass(frozen=True)
@@ -56,6 +211,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
+    store: StoreSettings = StoreSettings()
 
     @property
     def target(self) -> str:
@@ -71,51 +227,29 @@ class ServerConfig:
 
     @classmethod
     def load(cls, flags: Mapping[str, object], env: Mapping[str, str] = os.environ) -> ServerConfig:
-        """Flags (None = not given) win over the environment, which wins over defaults."""
-
-        def pick(flag: str, var: str, default: object) -> object:
-            value = flags.get(flag)
-            if value is not None:
-                return value
-            return env.get(var, default)
-
-        try:
-            port = int(str(pick("port", "GM_PORT", DEFAULT_PORT)))
-            max_body = int(str(pick("max_body_bytes", "GM_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)))
-            drain = float(str(pick("drain_seconds", "GM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS)))
-        except ValueError as exc:
-            raise InvalidInput(f"bad number in configuration: {exc}") from None
-        if not 0 <= port <= 65535:
-            raise InvalidInput(f"port {port} is not a TCP port (0-65535)")
-        log_format = str(pick("log_format", "GM_LOG_FORMAT", "text"))
-        if log_format not in ("text", "json"):
-            raise InvalidInput("log format must be text or json")
-        api_keys = parse_api_keys(env.get("GM_API_KEYS"))
-        flag_host = flags.get("host")
-        host = str(flag_host or env.get("GM_HOST") or DEFAULT_HOST)
+        """Flags (None = not given) win over the environment, which wins over defaults.
+        Every setting is read and checked here, the store's too, so a bad value stops the
+        server before it listens."""
+        api_keys = API_KEYS.read(env)
+        host = HOST.read(env, flags)
         ignored_host = None
-        if not api_keys and flag_host is None and not is_loopback(host):
+        if not api_keys and flags.get("host") is None and not is_loopback(host):
             ignored_host, host = host, DEFAULT_HOST  # no keys: only --host itself may open it beyond loopback
-        database_url = _opt(pick("database_url", "GM_DATABASE_URL", None))
-        if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
-            raise InvalidInput("GM_DATABASE_URL / --database-url must be a postgresql:// URL")
+        store = StoreSettings.load(env)
         return cls(
             host=host,
-            port=port,
-            db=str(pick("db", "GM_DB", DEFAULT_DB)),
-            database_url=database_url,
-            model_dir=_opt(pick("model_dir", "GM_MODEL_DIR", None)),
+            port=PORT.read(env, flags),
+            db=DB.read(env, flags),
+            database_url=DATABASE_URL.read(env, flags),
+            model_dir=MODEL_DIR.read(env, flags),
             api_keys=api_keys,
             ignored_host=ignored_host,
-            max_body_bytes=max_body,
-            drain_seconds=drain,
-            log_format=log_format,
+            max_body_bytes=MAX_BODY_BYTES.read(env, flags),
+            drain_seconds=DRAIN_SECONDS.read(env, flags),
+            log_format=LOG_FORMAT.read(env, flags),
+            store=store,
         )
 
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
-
-
-def _opt(value: object) -> str | None:
-    return str(value) if value else None

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gm.actor import Actor, Envelope
+from gm.config import EMBED_THREADS, MODEL_DIR
 from gm.errors import ModelError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ModelSpec:
 
     @classmethod
     def from_env(cls) -> ModelSpec:
-        directory = os.environ.get("GM_MODEL_DIR")
+        directory = MODEL_DIR.read()
         return cls.from_dir(directory) if directory else cls.default()
 
     def check_files(self) -> None:
@@ -96,7 +97,9 @@ class Encoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(MAX_TOKENS)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(os.environ.get("GM_EMBED_THREADS", 0)) or (os.cpu_count() or 1)
+        if threads is None:
+            threads = EMBED_THREADS.read()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # No busy-waiting between calls: on a small machine the spinning threads starve the
@@ -158,9 +161,10 @@ class Embedder(Actor[tuple[str, bool]]):
 
     name = "embedder"
 
-    def __init__(self, spec: ModelSpec, *, max_batch: int = 64) -> None:
+    def __init__(self, spec: ModelSpec, *, max_batch: int = 64, threads: int | None = None) -> None:
         super().__init__(max_batch=max_batch)
         self.spec = spec
+        self.threads = threads  # onnxruntime threads; 0 one per core, None GM_EMBED_THREADS
         self._encoder: Encoder | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gm-embed")
         self.load_seconds: float | None = None
@@ -181,7 +185,7 @@ class Embedder(Actor[tuple[str, bool]]):
     def _encode(self, texts: list[str]) -> Vector:
         if self._encoder is None:
             started = time.perf_counter()
-            self._encoder = Encoder(self.spec)
+            self._encoder = Encoder(self.spec, self.threads)
             self.load_seconds = time.perf_counter() - started
             log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
         return self._encoder.encode(texts)
@@ -191,7 +195,13 @@ class Embedder(Actor[tuple[str, bool]]):
         urgent = [e for e in batch if e.msg[1]]
         for group in (urgent, [e for e in batch if not e.msg[1]]):
             if group:
-                vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg[0] for e in group])
+                try:
+                    vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg[0] for e in group])
+                except ModelError as exc:  # the model's files, not a bug: one line, no traceback
+                    log.error("%s", exc.message)
+                    for envelope in group:
+                        envelope.fail(exc)
+                    continue
                 for envelope, vector in zip(group, vectors, strict=True):
                     envelope.answer(vector)
 

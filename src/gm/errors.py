@@ -39,6 +39,17 @@ class InvalidInput(GMError):
         self.path = path
 
 
+class InvalidSetting(InvalidInput):
+    """A ``GM_*`` variable (or the flag standing for it) with a value it cannot take;
+    ``variable`` names it. Raised at start-up, before anything is opened."""
+
+    code = "invalid_setting"
+
+    def __init__(self, message: str, *, variable: str) -> None:
+        super().__init__(message, path=variable)
+        self.variable = variable
+
+
 class InvalidFilter(InvalidInput):
     """A metadata filter that does not parse (HTTP 422)."""
 
@@ -131,10 +142,20 @@ class MigrationFailed(SchemaError):
 
 
 class StorageUnavailable(GMError):
-    """The database cannot be reached or read (HTTP 503)."""
+    """The database cannot be reached or read (HTTP 503). ``transient`` says whether
+    trying again may help (a server waits and retries); see :class:`DatabaseUnusable`."""
 
     code = "storage_unavailable"
     status = 503
+    transient = True
+
+
+class DatabaseUnusable(StorageUnavailable):
+    """The database can never be opened as it is: not a SQLite file, damaged, a directory,
+    in a folder that does not exist, or not a greatmemory database. Retrying cannot help."""
+
+    code = "database_unusable"
+    transient = False
 
 
 class DatabaseLocked(StorageUnavailable):

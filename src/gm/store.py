@@ -9,6 +9,7 @@ import asyncio
 import builtins
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from gm import filters, loops, search
-from gm.config import DEFAULT_DB
+from gm.config import DEFAULT_DB, StoreSettings
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotFound, NotReady, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -55,7 +56,6 @@ log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-PURGE_SECONDS = float(os.environ.get("GM_PURGE_SECONDS", "60"))
 
 
 class Store:
@@ -69,10 +69,11 @@ class Store:
                 print(hit.score, hit.memory.text)
     """
 
-    def __init__(self, backend: Backend, model: ModelSpec) -> None:
+    def __init__(self, backend: Backend, model: ModelSpec, settings: StoreSettings | None = None) -> None:
         self.backend = backend
         self.model = model
-        self.embedder = Embedder(model)
+        self.settings = settings or StoreSettings.load()
+        self.embedder = Embedder(model, threads=self.settings.embed_threads)
         self.index = VectorIndex()
         self._index_ready = asyncio.Event()
         self.index_error: StorageUnavailable | None = None
@@ -86,7 +87,7 @@ class Store:
 
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
-        _limit_blas_threads()
+        _limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self._on_commit, self._reload_index)
         await self.backend.write(RecordModel(self.model.identity))
         self._opened = True
@@ -182,7 +183,7 @@ class Store:
                 await self.purge_expired()
             except Exception:
                 log.exception("purging expired memories failed; will retry")
-            await loops.pause(PURGE_SECONDS)
+            await loops.pause(self.settings.purge_seconds)
 
     async def _wait_index_or_fail(self) -> None:
         """Wait for the index, unless (or until) loading it failed: then raise why, at once."""
@@ -412,11 +413,10 @@ class Store:
         )
 
 
-def _limit_blas_threads() -> None:
+def _limit_blas_threads(threads: int) -> None:
     """Scoring is a memory-bound matrix-vector product: one BLAS thread does it faster than
     two (measured: 12.6 vs 18.7 ms over 100k vectors) and leaves the other core to the
     embedding model. GM_BLAS_THREADS=0 leaves the process's BLAS settings alone."""
-    threads = int(os.environ.get("GM_BLAS_THREADS", "1") or 0)
     if threads > 0:
         from threadpoolctl import threadpool_limits
 
@@ -441,6 +441,14 @@ def open(
     ``GM_MODEL_DIR``) names a folder with ``model.onnx`` and ``tokenizer.json`` to use
     instead of the default all-MiniLM-L6-v2.
     """
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", os.fspath(target)) if isinstance(target, str) else None
+    if scheme and not is_postgres_url(os.fspath(target)):
+        raise InvalidInput(
+            f"gm.open({target!r}): that is a {scheme[1]}:// URL, not a database; gm.open takes a SQLite file path "
+            "or a postgresql:// URL. To use a running greatmemory server, use its client: `from gm.client "
+            "import Client`, then `async with Client(url, api_key) as c: await c.add({'text': ...})`",
+            path="target",
+        )
     return _Opening(target, model_dir, backend_options)
 
 
@@ -454,22 +462,37 @@ class _Opening:
         self.store: Store | None = None
 
     def build(self) -> Store:
-        model = ModelSpec.from_dir(self.model_dir) if self.model_dir else ModelSpec.from_env()
+        settings = StoreSettings.load()  # a bad GM_* value fails here, before anything opens
+        directory = self.model_dir or settings.model_dir
+        model = ModelSpec.from_dir(directory) if directory else ModelSpec.default()
         text = os.fspath(self.target)
         options = dict(self.options)
-        cap = os.environ.get("GM_TEST_SCHEMA_CAP")  # testing only: stands in for an older release
-        if cap and "target_version" not in options:
-            options["target_version"] = int(cap)
+        if settings.schema_cap is not None and "target_version" not in options:
+            options["target_version"] = settings.schema_cap  # testing only: stands in for an older release
         if is_postgres_url(text):
             from gm.storage.postgres import PostgresBackend
 
-            return Store(PostgresBackend(text, **options), model)
+            return Store(PostgresBackend(text, **options), model, settings)
         from gm.storage.sqlite import SQLiteBackend
 
-        return Store(SQLiteBackend(Path(text), **options), model)
+        return Store(SQLiteBackend(Path(text), **options), model, settings)
 
     def __await__(self) -> Any:
         return self.__aenter__().__await__()
+
+    def __getattr__(self, name: str) -> Any:
+        if hasattr(Store, name):  # e.g. `mem = gm.open("mem.db"); await mem.add(...)`
+            raise AttributeError(
+                f"gm.open() returns an opener, not an open store, so it has no .{name}: write "
+                f"`async with gm.open(...) as mem:` or `mem = await gm.open(...)`, then use mem.{name}"
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __enter__(self) -> None:
+        raise TypeError("gm.open() is asynchronous: write `async with gm.open(...) as mem:` (not `with`)")
+
+    def __exit__(self, *exc: object) -> None:  # never reached: __enter__ refuses
+        pass
 
     async def __aenter__(self) -> Store:
         self.store = self.build()

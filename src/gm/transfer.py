@@ -15,7 +15,6 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -37,7 +36,7 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace: str | None = None) -> Iterator[bytes]:
     """The export of ``db`` line by line (header first), read in one consistent snapshot."""
-    path = Path(db)
+    path = sqlite_migrations.check_path(db)
     if not path.is_file():
         raise StorageUnavailable(f"there is no database at {path}")
     version = sqlite_migrations.read_version(path) or 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A command's failure is the one line below; the library's log lines reach stderr only
+    # where logging is set up (gmem serve), not through logging's last-resort handler.
+    quiet = logging.getLogger("gm")
+    if not any(isinstance(h, logging.NullHandler) for h in quiet.handlers):
+        quiet.addHandler(logging.NullHandler())
     try:
         code: int = asyncio.run(args.run(args))
         return code

@@ -20,9 +20,8 @@ import asyncpg
 import orjson
 
 import gm
-from gm import transfer
+from gm import config, transfer
 from gm.client import Client
-from gm.config import DEFAULT_DB
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
@@ -69,7 +68,7 @@ def database(args: argparse.Namespace) -> str:
     """The database a command acts on: ``--db`` (a file or a postgresql:// URL), else
     GM_DATABASE_URL, else GM_DB, else ./greatmemory.db."""
     flag = getattr(args, "db", None)
-    return str(flag or os.environ.get("GM_DATABASE_URL") or os.environ.get("GM_DB") or DEFAULT_DB)
+    return str(flag or config.DATABASE_URL.read() or config.DB.read())
 
 
 def server_url(args: argparse.Namespace) -> str | None:
@@ -77,14 +76,14 @@ def server_url(args: argparse.Namespace) -> str | None:
     if getattr(args, "url", None):
         if getattr(args, "db", None):
             raise InvalidInput("give --url (a server) or --db (a file), not both")
-        return str(args.url)
+        return config.URL.read(flags=vars(args))
     if getattr(args, "db", None):
         return None
-    return os.environ.get("GM_URL") or None
+    return config.URL.read()
 
 
 def client(args: argparse.Namespace, url: str) -> Client:
-    return Client(url, args.api_key or os.environ.get("GM_API_KEY"))
+    return Client(url, config.API_KEY.read(flags=vars(args)))
 
 
 def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Store]:
@@ -450,8 +449,15 @@ async def delete(args: argparse.Namespace) -> int:
 # -- keys and version ----------------------------------------------------------------------------
 
 
+def new_key() -> str:
+    """256 random bits, URL-safe, after a ``gm_`` prefix: a key never starts with ``-``
+    (one in 64 of bare ``token_urlsafe`` keys did, and ``--api-key -x...`` reads as a flag),
+    and it is recognisable as a greatmemory key in a config file or a secret scanner."""
+    return "gm_" + secrets.token_urlsafe(32)
+
+
 async def keys_new(args: argparse.Namespace) -> int:
-    key = secrets.token_urlsafe(32)
+    key = new_key()
     bound = f"{key}@{args.namespace}" if args.namespace else key
     emit(args, {"key": key, "gm_api_keys_entry": bound}, bound)
     return 0

@@ -52,8 +52,10 @@ class ServerState:
         return phase if phase in ("starting", "migrating") else "starting"
 
     async def open_store(self, retry_seconds: float = 0.5, max_retry_seconds: float = 10.0) -> None:
-        """Open the store; transient storage faults are retried with backoff (readyz says
-        ``unavailable`` meanwhile); any other failure is kept and re-raised."""
+        """Open the store; transient storage faults (``StorageUnavailable.transient``: a
+        database another server holds, Postgres not answering) are retried with backoff
+        (readyz says ``unavailable`` meanwhile); any other failure, such as a file that is
+        not a database, is kept and re-raised."""
         delay = retry_seconds
         while True:
             try:
@@ -62,6 +64,8 @@ class ServerState:
                 return
             except StorageUnavailable as exc:
                 self.failure = exc
+                if not exc.transient:
+                    raise
                 log.warning("storage unavailable, retrying in %.1fs: %s", delay, exc.message)
                 await self.store.close()
                 await asyncio.sleep(delay)

@@ -301,6 +301,7 @@ class SQLiteBackend(Backend):
     async def open(
         self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
     ) -> None:
+        sqlite_migrations.check_path(self.path)
         self._lock.acquire()
         self.schema_version = await self.migrator.run()
         try:
@@ -314,7 +315,7 @@ class SQLiteBackend(Backend):
                 self._all_readers.append(reader)
                 self._readers.put_nowait(reader)
         except sqlite3.Error as exc:
-            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from None
+            raise sqlite_migrations.storage_error(exc, self.path) from None
         self.writer = Writer(conn, on_commit)
         self.writer.start()
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
-from gm.errors import MigrationFailed, SchemaTooNew, StorageUnavailable
+from gm.errors import DatabaseUnusable, MigrationFailed, SchemaTooNew, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +108,78 @@ def snapshot_path(db: str | os.PathLike[str], version: int) -> Path:
     return Path(f"{os.fspath(db)}.pre-v{version}.bak")
 
 
+# SQLITE_CORRUPT and SQLITE_NOTADB: the file itself is wrong, and stays wrong however often it is opened.
+_FILE_ERRORS = frozenset({11, 26})
+
+
+def storage_error(exc: sqlite3.Error, db: str | os.PathLike[str], doing: str = "open") -> StorageUnavailable:
+    """``exc`` as the typed error: :class:`DatabaseUnusable` when the file is not (or no
+    longer) a SQLite database, else a transient :class:`StorageUnavailable`."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _FILE_ERRORS:
+        return DatabaseUnusable(f"{db} is not a SQLite database, or it is damaged ({exc}); restore a backup")
+    return StorageUnavailable(f"cannot {doing} {db}: {exc}")
+
+
+def check_path(db: str | os.PathLike[str]) -> Path:
+    """``db`` as a path, refused with :class:`DatabaseUnusable` if it names a directory."""
+    path = Path(db)
+    if path.is_dir():
+        raise DatabaseUnusable(
+            f"{path} is a directory, not a database file; name a file, e.g. {path / 'greatmemory.db'}"
+        )
+    return path
+
+
+@contextmanager
+def reading(db: str | os.PathLike[str]) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to ``db`` that leaves nothing behind: a read-only reader of a
+    WAL-mode file creates ``-wal``/``-shm`` files it cannot remove, so those it created are
+    removed after it closes (only if they are still empty: then no writer has used them)."""
+    path = Path(db).resolve()
+    sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")]
+    existed = [p.exists() for p in sidecars]
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        yield conn
+    finally:
+        conn.close()
+        wal, shm = sidecars
+        if not any(existed) and wal.exists() and wal.stat().st_size == 0:
+            wal.unlink(missing_ok=True)
+            shm.unlink(missing_ok=True)
+
+
+def has_sqlite_header(db: str | os.PathLike[str]) -> bool:
+    """Whether ``db`` starts with a plausible SQLite header (see :func:`_plausible_header`)."""
+    with Path(db).open("rb") as f:
+        return _plausible_header(f.read(100))
+
+
+def _plausible_header(header: bytes) -> bool:
+    """The fixed fields of a SQLite header: magic, a power-of-two page size, file format
+    1 or 2, and the payload fractions 64/32/32 every SQLite database has."""
+    if len(header) < 100:
+        return False
+    page = int.from_bytes(header[16:18], "big")
+    return (
+        header.startswith(b"SQLite format 3\x00")
+        and (page == 1 or (512 <= page <= 32768 and page & (page - 1) == 0))
+        and header[18] in (1, 2)
+        and header[19] in (1, 2)
+        and header[21:24] == b"\x40\x20\x20"
+    )
+
+
 def read_version(db: str | os.PathLike[str]) -> int | None:
     """The database's ``user_version``, read without writing anything; None if no file.
 
     A cleanly closed database is read from its header (bytes 60-63), which creates no
     ``-wal``/``-shm`` files next to it; one with a non-empty write-ahead log is asked
-    through a read-only connection, since the log may hold a newer version.
+    through a read-only connection, since the log may hold a newer version. A file
+    that is not SQLite raises :class:`DatabaseUnusable`.
     """
-    path = Path(db)
+    path = check_path(db)
     if not path.exists():
         return None
     wal = Path(f"{path}-wal")
@@ -122,27 +188,73 @@ def read_version(db: str | os.PathLike[str]) -> int | None:
             header = f.read(100)
         if len(header) == 0:
             return 0
-        if len(header) == 100 and header.startswith(b"SQLite format 3\x00"):
-            return int.from_bytes(header[60:64], "big")
+        if not _plausible_header(header):
+            raise DatabaseUnusable(f"{db} is not a SQLite database (its header is not one); restore a backup")
+        return int.from_bytes(header[60:64], "big")
     try:
-        conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+        with reading(path) as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
     except sqlite3.Error as exc:
-        raise StorageUnavailable(f"cannot open {db}: {exc}") from None
-    try:
-        return int(conn.execute("PRAGMA user_version").fetchone()[0])
-    except sqlite3.DatabaseError as exc:
-        raise StorageUnavailable(f"{db} is not a readable SQLite database: {exc}") from None
-    finally:
-        conn.close()
+        raise storage_error(exc, db) from None
 
 
 def guard(db: str | os.PathLike[str], version: int | None, latest: int) -> None:
     if version is not None and version > latest:
+        try:  # a damaged file can claim any version: it must read as SQLite before it is called newer
+            with reading(db) as conn:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, db) from None
         raise SchemaTooNew(
             f"{db} has schema version {version} but this release of greatmemory knows only up to "
             f"version {latest}. It was written by a newer release: run that release, or restore "
             f"a backup or the {Path(db).name}.pre-v{version}.bak snapshot taken before the "
             "upgrade. The file was not changed."
+        )
+
+
+@cache
+def expected_schema(steps: tuple[Step, ...], version: int) -> dict[tuple[str, str], frozenset[str]]:
+    """What ``steps`` up to ``version`` create: (type, name) of every table, index and
+    trigger, with each table's columns (built once in memory)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for step in steps:
+            if step.version <= version:
+                step.apply(conn)
+        return _schema_of(conn)
+    finally:
+        conn.close()
+
+
+def _schema_of(conn: sqlite3.Connection) -> dict[tuple[str, str], frozenset[str]]:
+    objects = conn.execute(
+        "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'index', 'trigger') AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return {
+        (kind, name): frozenset(r[1] for r in conn.execute(f'PRAGMA table_info("{name}")')) if kind == "table"
+        else frozenset()
+        for kind, name in objects
+    }
+
+
+def check_schema(conn: sqlite3.Connection, db: str | os.PathLike[str], version: int,
+                 steps: tuple[Step, ...] = STEPS) -> None:
+    """Refuse (:class:`DatabaseUnusable`) a database whose tables, columns, indexes or
+    triggers are not the ones its schema version stands for."""
+    present = _schema_of(conn)
+    expected = expected_schema(steps, version)
+    for kind, name in sorted(expected, key=lambda key: key[0] != "table"):  # tables first, in creation order
+        columns = expected[kind, name]
+        if (kind, name) not in present:
+            missing = f"the {kind} {name}"
+        elif not columns <= present[kind, name]:
+            missing = f"the column(s) {', '.join(sorted(columns - present[kind, name]))} of the table {name}"
+        else:
+            continue
+        raise DatabaseUnusable(
+            f"{db} says it is at schema version {version} but lacks {missing}: it is not a greatmemory "
+            "database, or it was damaged; restore a backup"
         )
 
 
@@ -189,7 +301,7 @@ def migrate(
     try:
         conn = sqlite3.connect(db, isolation_level=None)
     except sqlite3.Error as exc:
-        raise StorageUnavailable(f"cannot open {db}: {exc}") from None
+        raise storage_error(exc, db) from None
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
         conn.execute("PRAGMA journal_mode = WAL")
@@ -197,6 +309,7 @@ def migrate(
         guard(db, version, latest)  # another process may have moved it since the read above
         pending = [s for s in steps if version < s.version <= target]
         if not pending:
+            check_schema(conn, db, version, steps)  # e.g. a stray file with user_version 2 and no tables
             return version
         on_phase("migrating")
         snapshot = snapshot_path(db, pending[-1].version)
@@ -227,6 +340,6 @@ def migrate(
             version = step.version
         return version
     except sqlite3.Error as exc:
-        raise StorageUnavailable(f"cannot migrate {db}: {exc}") from None
+        raise storage_error(exc, db, "migrate") from None
     finally:
         conn.close()
