@@ -1,0 +1,1008 @@
+"""Offline study for issue 13: which fusion and which session-context windows the default
+search should use, chosen by leave-one-conversation-out cross-validation on LoCoMo dev.
+
+    .venv/bin/python bench/retrieval_study.py [--data /work/shared/data/locomo/dev] [--cache /tmp/gm-study]
+
+Hand-run; prints figures, asserts nothing. It does not go through the store: it ranks each
+conversation's turns for each query itself, with the product's parts.
+
+- Keyword: BM25 exactly as FTS5's ``bm25()`` computes it (k1 1.2, b 0.75, IDF
+  ln((N - n + 0.5) / (n + 0.5)) floored at 1e-6, N and avgdl over the whole table, i.e. all
+  five conversations as bench/recall.py loads them), over tokens produced by FTS5 itself
+  with the product's tokenizer (``porter unicode61 remove_diacritics 2``, read back through
+  an ``fts5vocab`` instance table), for the terms of ``gm.search.keyword_terms``. A check
+  against real FTS5 ``MATCH ... ORDER BY bm25()`` runs first and prints its agreement.
+- Vector: ``gm.embedding.Encoder`` with the default model (the product's vectors, one
+  thread). Every distinct text is embedded once and cached in ``<cache>-vectors.npy``.
+- Session context: a turn is indexed with the previous p and next n turns of its session
+  (metadata.session) and optionally its session date in words ("Monday 8 May 2023").
+  Vector texts run chronologically (date, previous turns, turn, next turn); if that exceeds
+  the model's 256 wordpieces the farthest context turns are dropped, so the turn itself is
+  never truncated. A second vector form mixes the turn's own vector with its neighbours'.
+
+The data set (CC BY-NC 4.0) is read in place; nothing is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import re
+import sqlite3
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gm.embedding import MAX_TOKENS, Encoder, ModelSpec
+from gm.search import RRF_K, candidates, keyword_terms
+
+DEFAULT_DATA = Path("/work/shared/data/locomo/dev")
+DEFAULT_CACHE = Path("/tmp/gm-study")
+CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
+K1, B = 1.2, 0.75
+TOKENIZE = "porter unicode61 remove_diacritics 2"  # sqlite_migrations.V2_KEYWORDS
+PRODUCT_DEPTH = candidates(10)  # 50: what hybrid search fetches per ranking today
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def date_words(date_time: str) -> str:
+    """'1:56 pm on 8 May, 2023' -> 'Monday 8 May 2023'."""
+    moment = datetime.strptime(date_time.replace(" ", "").lower(), "%I:%M%pon%d%B,%Y")
+    return f"{moment:%A} {moment.day} {moment:%B %Y}"
+
+
+@dataclass
+class Corpus:
+    """The turns in file order, their sessions, and the queries with evidence as indexes."""
+
+    memories: list[dict[str, Any]]
+    queries: list[dict[str, Any]]
+    namespaces: list[str] = field(default_factory=list)
+    ns_rows: dict[str, np.ndarray] = field(default_factory=dict)  # turn indexes of a namespace
+    ns_queries: dict[str, np.ndarray] = field(default_factory=dict)  # query indexes of a namespace
+    prev: list[list[int]] = field(default_factory=list)  # earlier turns of the same session, nearest first
+    next: list[list[int]] = field(default_factory=list)  # later turns of the same session, nearest first
+    dates: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.namespaces = sorted({m["namespace"] for m in self.memories})
+        index = {m["id"]: i for i, m in enumerate(self.memories)}
+        sessions: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, m in enumerate(self.memories):
+            sessions[(m["namespace"], m["metadata"]["session"])].append(i)
+        self.prev = [[] for _ in self.memories]
+        self.next = [[] for _ in self.memories]
+        for rows in sessions.values():
+            for pos, i in enumerate(rows):
+                self.prev[i] = rows[:pos][::-1]
+                self.next[i] = rows[pos + 1 :]
+        self.dates = [date_words(m["metadata"]["date_time"]) for m in self.memories]
+        for ns in self.namespaces:
+            self.ns_rows[ns] = np.array([i for i, m in enumerate(self.memories) if m["namespace"] == ns])
+            self.ns_queries[ns] = np.array([i for i, q in enumerate(self.queries) if q["namespace"] == ns])
+        for q in self.queries:
+            q["evidence_rows"] = sorted({index[e] for e in q["evidence"] if e in index})
+
+    def window(self, i: int, p: int, n: int) -> list[int]:
+        """Turn indexes of the context window of turn i, chronological, the turn included."""
+        return self.prev[i][:p][::-1] + [i] + self.next[i][:n]
+
+
+# ---------------------------------------------------------------- keyword side
+
+
+def fts5_tokens(texts: list[str]) -> list[list[str]]:
+    """Each text's tokens as the product's FTS5 table sees them (stemmed, in order)."""
+    db = sqlite3.connect(":memory:")
+    db.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, tokenize='{TOKENIZE}')")
+    db.execute("CREATE VIRTUAL TABLE v USING fts5vocab (t, 'instance')")
+    db.executemany("INSERT INTO t (rowid, text) VALUES (?, ?)", [(i + 1, s) for i, s in enumerate(texts)])
+    out: list[list[str]] = [[] for _ in texts]
+    for term, doc, _offset in db.execute("SELECT term, doc, offset FROM v ORDER BY doc, offset"):
+        out[doc - 1].append(term)
+    db.close()
+    return out
+
+
+@dataclass
+class KeywordIndex:
+    """BM25 statistics of one way of indexing the turns (one token list per turn)."""
+
+    docs: list[Counter[str]]
+    lengths: np.ndarray
+    df: Counter[str]
+
+    @classmethod
+    def build(cls, own: list[list[str]], context: list[list[str]], w_ctx: float = 1.0) -> KeywordIndex:
+        """Each row a turn's own tokens and its context's. As FTS5's bm25() with column weights
+        (1, w_ctx) does, a term's frequency is the weighted sum over the columns while the
+        row's length is its unweighted token count; w_ctx 1 equals one concatenated column."""
+        docs = []
+        for mine, ctx in zip(own, context, strict=True):
+            d: Counter[str] = Counter(mine)
+            for t in ctx:
+                d[t] += w_ctx  # type: ignore[assignment]
+            docs.append(d)
+        df: Counter[str] = Counter()
+        for d in docs:
+            df.update(d.keys())
+        lengths = np.array([len(a) + len(b) for a, b in zip(own, context, strict=True)], dtype=np.float64)
+        return cls(docs, lengths, df)
+
+    def idf(self, term: str) -> float:
+        n, hits = len(self.docs), self.df.get(term, 0)
+        value = math.log((n - hits + 0.5) / (hits + 0.5))
+        return value if value > 0 else 1e-6  # fts5_aux.c floors it so a common term never subtracts
+
+    def scores(self, rows: np.ndarray, weighted_terms: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 of turns ``rows`` for each query (term -> weight; weight 1 per query term is
+        FTS5's sum over phrases). Returns (scores, matched), both queries x rows."""
+        vocab = sorted({t for q in weighted_terms for t in q})
+        col = {t: j for j, t in enumerate(vocab)}
+        tf = np.zeros((len(rows), len(vocab)))
+        for r, i in enumerate(rows):
+            doc = self.docs[i]
+            for t, j in col.items():
+                c = doc.get(t)
+                if c:
+                    tf[r, j] = c
+        avgdl = self.lengths.mean()
+        norm = K1 * (1 - B + B * self.lengths[rows] / avgdl)
+        saturated = tf * (K1 + 1) / (tf + norm[:, None])
+        weights = np.zeros((len(weighted_terms), len(vocab)))
+        for qi, q in enumerate(weighted_terms):
+            for t, w in q.items():
+                weights[qi, col[t]] += w * self.idf(t)
+        return weights @ saturated.T, (weights > 0).astype(np.float64) @ (tf > 0).T > 0
+
+
+def query_token_terms(queries: list[dict[str, Any]]) -> list[list[str]]:
+    """Each query's FTS5 phrases: keyword_terms stemmed by the FTS5 tokenizer. A term that
+    stems to a token already present still counts again, as in FTS5's sum over phrases."""
+    terms = [keyword_terms(q["question"]) for q in queries]
+    flat = sorted({t for ts in terms for t in ts})
+    stemmed = dict(zip(flat, fts5_tokens(flat), strict=True))
+    out = []
+    for ts in terms:
+        phrases = []
+        for t in ts:
+            toks = stemmed[t]
+            if len(toks) == 1:
+                phrases.append(toks[0])
+            # a multi-token phrase (never in this data) or an empty one is left out
+        out.append(phrases)
+    return out
+
+
+# ---------------------------------------------------------------- vector side
+
+
+class VectorCache:
+    """Vectors by text, embedded once with the product's Encoder and kept in a .npy file."""
+
+    def __init__(self, path: Path) -> None:
+        self.npy, self.keys_path = path.with_name(path.name + "-vectors.npy"), path.with_name(path.name + "-keys.json")
+        self.rows: dict[str, int] = {}
+        self.matrix = np.zeros((0, 384), dtype=np.float32)
+        if self.npy.is_file() and self.keys_path.is_file():
+            self.matrix = np.load(self.npy)
+            self.rows = {k: i for i, k in enumerate(json.loads(self.keys_path.read_text()))}
+        self.encoder: Encoder | None = None
+
+    @staticmethod
+    def key(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def tokenizer_lengths(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.load().tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def load(self) -> Encoder:
+        if self.encoder is None:
+            self.encoder = Encoder(ModelSpec.default(), threads=1)  # the machine is shared: one core
+        return self.encoder
+
+    def get(self, texts: list[str], label: str = "") -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if self.key(t) not in self.rows))
+        if missing:
+            began = time.perf_counter()
+            for start in range(0, len(missing), 1000):
+                chunk = missing[start : start + 1000]
+                vectors = self.load().encode(chunk)
+                for t in chunk:
+                    self.rows[self.key(t)] = len(self.rows)
+                self.matrix = np.concatenate([self.matrix, vectors])
+                np.save(self.npy, self.matrix)
+                self.keys_path.write_text(json.dumps(sorted(self.rows, key=self.rows.__getitem__)))
+                print(f"  embedded {min(start + 1000, len(missing))}/{len(missing)} {label} texts "
+                      f"({time.perf_counter() - began:.0f}s)")
+        return self.matrix[[self.rows[self.key(t)] for t in texts]]
+
+
+def vector_texts(corpus: Corpus, cache: VectorCache, p: int, n: int, date: bool) -> list[str]:
+    """'date / previous turns / turn / next turns', farthest context dropped to fit 256 wordpieces."""
+    texts = []
+    lengths = cache.tokenizer_lengths([m["text"] for m in corpus.memories])
+    for i in range(len(corpus.memories)):
+        before, after = corpus.prev[i][:p], corpus.next[i][:n]
+        while True:
+            rows = before[::-1] + [i] + after
+            budget = sum(lengths[r] - 2 for r in rows) + 2 + (8 if date else 0)
+            if budget <= MAX_TOKENS or not (before or after):
+                break
+            if len(before) >= len(after):
+                before = before[:-1]
+            else:
+                after = after[:-1]
+        parts = ([corpus.dates[i]] if date else []) + [corpus.memories[r]["text"] for r in rows]
+        texts.append("\n".join(parts))
+    return texts
+
+
+# Vector context windows embedded as text: every (p, n) without the date, the date on a few.
+# (Embedding is the slow part, ~50 texts/s on one shared core, so the date is tried on three.)
+TEXT_WINDOWS = [(p, n, False) for n in (0, 1) for p in range(4)] + [(0, 0, True), (1, 0, True), (2, 1, True)]
+
+
+def embed_all(corpus: Corpus, cache: VectorCache) -> tuple[np.ndarray, dict[tuple[int, int, bool], np.ndarray]]:
+    queries = cache.get([q["question"] for q in corpus.queries], "query")
+    windows = {}
+    for p, n, date in sorted(TEXT_WINDOWS, key=lambda w: (w[0] + w[1], w[2])):
+        windows[(p, n, date)] = cache.get(vector_texts(corpus, cache, p, n, date), f"p{p} n{n} date {date}")
+    return queries, windows
+
+
+def mixed_vectors(base: np.ndarray, corpus: Corpus, p: int, n: int, alpha: float) -> np.ndarray:
+    """Each turn's vector plus alpha times each neighbour's in its window, renormalised."""
+    out = base.copy()
+    for i in range(len(corpus.memories)):
+        for j in corpus.prev[i][:p] + corpus.next[i][:n]:
+            out[i] += alpha * base[j]
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------- rankings and scoring
+
+NOT_FOUND = 10**9  # the rank of a turn a ranking did not return
+
+
+@dataclass
+class Ranking:
+    """One ranking of one namespace's turns for each of its queries: scores and 1-based ranks
+    (NOT_FOUND where a keyword query matched nothing)."""
+
+    scores: np.ndarray
+    ranks: np.ndarray
+
+    @classmethod
+    def of(cls, scores: np.ndarray, matched: np.ndarray | None = None) -> Ranking:
+        masked = scores if matched is None else np.where(matched, scores, -np.inf)
+        order = np.argsort(-masked, axis=1, kind="stable")  # ties: earlier turn first, as rowid order
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(1, order.shape[1] + 1)[None, :], axis=1)
+        if matched is not None:
+            ranks = np.where(matched, ranks, NOT_FOUND)
+        return cls(masked, ranks)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    method: str  # "rrf", "minmax", "zscore", or "keyword" / "vector" for one ranking alone
+    depth: int = PRODUCT_DEPTH
+    w_kw: float = 0.5
+    k: int = RRF_K
+
+    def __str__(self) -> str:
+        if self.method in ("keyword", "vector"):
+            return self.method
+        extra = f" k={self.k}" if self.method == "rrf" else ""
+        return f"{self.method}{extra} w_kw={self.w_kw:.1f} depth={self.depth}"
+
+
+def normalised(r: Ranking, inside: np.ndarray, how: str) -> np.ndarray:
+    """Scores of a ranking's candidates mapped per query; a turn outside its candidates gets
+    the lowest candidate's value (it is at best as good as the last one returned)."""
+    s = np.where(inside, r.scores, np.nan)
+    if how == "minmax":
+        lo, hi = np.nanmin(s, axis=1, keepdims=True), np.nanmax(s, axis=1, keepdims=True)
+        z = (s - lo) / np.maximum(hi - lo, 1e-12)
+    else:
+        z = (s - np.nanmean(s, axis=1, keepdims=True)) / np.maximum(np.nanstd(s, axis=1, keepdims=True), 1e-12)
+    floor = np.nanmin(z, axis=1, keepdims=True)
+    return np.where(inside, z, floor)
+
+
+def fuse(kw: Ranking, vec: Ranking, f: Fusion) -> np.ndarray:
+    """Fused scores, queries x turns; -inf for turns neither ranking returned."""
+    if f.method == "keyword":
+        return kw.scores
+    if f.method == "vector":
+        return vec.scores
+    in_k, in_v = kw.ranks <= f.depth, vec.ranks <= f.depth
+    if f.method == "rrf":
+        fused = f.w_kw * in_k / (f.k + kw.ranks) + (1 - f.w_kw) * in_v / (f.k + vec.ranks)
+    else:
+        fused = f.w_kw * normalised(kw, in_k, f.method) + (1 - f.w_kw) * normalised(vec, in_v, f.method)
+    return np.where(in_k | in_v, fused, -np.inf)
+
+
+def top10(fused: np.ndarray) -> np.ndarray:
+    """The 10 best turns per query, ties to the earlier turn."""
+    tie = np.arange(fused.shape[1])[None, :] * 1e-12
+    keyed = np.where(np.isfinite(fused), fused - tie, -np.inf)
+    part = np.argpartition(-keyed, 10, axis=1)[:, :10]
+    order = np.argsort(-np.take_along_axis(keyed, part, axis=1), axis=1, kind="stable")
+    best = np.take_along_axis(part, order, axis=1)
+    return np.where(np.isfinite(np.take_along_axis(keyed, best, axis=1)), best, -1)
+
+
+@dataclass
+class Block:
+    """One namespace: its evidence as a queries x turns mask, and query categories."""
+
+    rows: np.ndarray
+    queries: np.ndarray
+    evidence: np.ndarray
+    counts: np.ndarray
+    categories: np.ndarray
+
+    def per_query(self, best: np.ndarray) -> np.ndarray:
+        """(R@5, R@10, Hit@5) per query for the top-10 turn positions ``best`` (-1 = empty)."""
+        got = np.take_along_axis(self.evidence, np.maximum(best, 0), axis=1) & (best >= 0)
+        r5, r10 = got[:, :5].sum(1) / self.counts, got.sum(1) / self.counts
+        return np.stack([r5, r10, got[:, :5].any(1).astype(np.float64)], axis=1)
+
+    def sums(self, best: np.ndarray) -> np.ndarray:
+        """Per category (1..4 -> 0..3) the sums of R@5, R@10, Hit@5: shape 4 x 3."""
+        m = self.per_query(best)
+        return np.stack([m[self.categories == c].sum(0) for c in (1, 2, 3, 4)])
+
+
+def blocks(corpus: Corpus) -> list[Block]:
+    out = []
+    for ns in corpus.namespaces:
+        rows, qs = corpus.ns_rows[ns], corpus.ns_queries[ns]
+        local = {int(r): j for j, r in enumerate(rows)}
+        ev = np.zeros((len(qs), len(rows)), dtype=bool)
+        for a, qi in enumerate(qs):
+            for r in corpus.queries[qi]["evidence_rows"]:
+                ev[a, local[r]] = True
+        cats = np.array([corpus.queries[qi]["category"] for qi in qs])
+        out.append(Block(rows, qs, ev, np.maximum(ev.sum(1), 1), cats))
+    return out
+
+
+# ---------------------------------------------------------------- the variants
+
+
+@dataclass
+class KeywordSide:
+    """Turn and date tokens (from FTS5) and query phrases; builds each context window's index."""
+
+    corpus: Corpus
+    turn_tokens: list[list[str]]
+    date_tokens: dict[str, list[str]]
+    query_terms: list[list[str]]
+
+    @classmethod
+    def of(cls, corpus: Corpus) -> KeywordSide:
+        dates = sorted(set(corpus.dates))
+        return cls(corpus, fts5_tokens([m["text"] for m in corpus.memories]),
+                   dict(zip(dates, fts5_tokens(dates), strict=True)), query_token_terms(corpus.queries))
+
+    def context_text(self, i: int, p: int, n: int, date: bool) -> str:
+        """What the index keeps beside turn i: its date in words and its neighbours' text."""
+        around = [self.corpus.memories[r]["text"] for r in self.corpus.window(i, p, n) if r != i]
+        return "\n".join(([self.corpus.dates[i]] if date else []) + around)
+
+    def index(self, p: int, n: int, date: bool, w_ctx: float = 1.0) -> KeywordIndex:
+        context = []
+        for i in range(len(self.corpus.memories)):
+            tokens = list(self.date_tokens[self.corpus.dates[i]]) if date else []
+            for r in self.corpus.window(i, p, n):
+                if r != i:
+                    tokens += self.turn_tokens[r]
+            context.append(tokens)
+        return KeywordIndex.build(self.turn_tokens, context, w_ctx)
+
+    def plain_weights(self) -> list[dict[str, float]]:
+        out = []
+        for terms in self.query_terms:
+            w: dict[str, float] = defaultdict(float)
+            for t in terms:
+                w[t] += 1.0
+            out.append(dict(w))
+        return out
+
+    def rankings(self, index: KeywordIndex, blocks: list[Block],
+                 weights: list[dict[str, float]] | None = None) -> list[Ranking]:
+        weights = weights or self.plain_weights()
+        out = []
+        for b in blocks:
+            s, m = index.scores(b.rows, [weights[q] for q in b.queries])
+            out.append(Ranking.of(s.astype(np.float32), m))
+        return out
+
+
+def vector_rankings(queries: np.ndarray, turns: np.ndarray, blocks: list[Block]) -> list[Ranking]:
+    return [Ranking.of(queries[b.queries] @ turns[b.rows].T) for b in blocks]
+
+
+def check_fts5(side: KeywordSide, blocks: list[Block], p: int, n: int, date: bool, w_ctx: float) -> str:
+    """Agreement of this BM25 with real FTS5: a (text, context) table, the product's MATCH
+    string, ``bm25(t, 1.0, w_ctx)``."""
+    db = sqlite3.connect(":memory:")
+    db.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, context, tokenize='{TOKENIZE}')")
+    db.executemany("INSERT INTO t (rowid, text, context) VALUES (?, ?, ?)",
+                   [(i, m["text"], side.context_text(i, p, n, date)) for i, m in enumerate(side.corpus.memories)])
+    mine = side.rankings(side.index(p, n, date, w_ctx), blocks)
+    same_top, max_diff, checked = 0, 0.0, 0
+    for b, r in zip(blocks, mine, strict=True):
+        allowed = {int(x): j for j, x in enumerate(b.rows)}
+        for a, qi in enumerate(b.queries):
+            terms = keyword_terms(side.corpus.queries[qi]["question"])
+            match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+            rows = [(allowed[rid], -s) for rid, s in db.execute(
+                "SELECT rowid, bm25(t, 1.0, ?) AS r FROM t WHERE t MATCH ? ORDER BY r, rowid", [w_ctx, match]) if rid in allowed]
+            theirs = [j for j, _ in rows[:10]]
+            ours = [j for j in np.argsort(r.ranks[a], kind="stable")[:10] if r.ranks[a, j] != NOT_FOUND]
+            same_top += theirs == list(ours)
+            for j, s in rows:
+                max_diff = max(max_diff, abs(s - float(r.scores[a, j])))
+            checked += 1
+    db.close()
+    return (f"window p{p} n{n}{' +date' if date else ''} w_ctx {w_ctx}: {same_top}/{checked} queries with the "
+            f"same top 10 in the same order, largest score difference {max_diff:.2e}")
+
+
+def readme_bm25(corpus: Corpus, blocks: list[Block]) -> list[Ranking]:
+    """The README's reference BM25 as it reproduces: lowercase \\w+ tokens, every query word
+    (stopwords kept), statistics per conversation, Lucene's IDF ln(1 + (N - n + 0.5) / (n + 0.5))."""
+    word = re.compile(r"\w+")
+    out = []
+    for b in blocks:
+        docs = [Counter(word.findall(corpus.memories[i]["text"].lower())) for i in b.rows]
+        lengths = np.array([sum(d.values()) for d in docs], dtype=np.float64)
+        df: Counter[str] = Counter()
+        for d in docs:
+            df.update(d.keys())
+        norm = K1 * (1 - B + B * lengths / lengths.mean())
+        scores = np.zeros((len(b.queries), len(docs)))
+        for a, qi in enumerate(b.queries):
+            for t in dict.fromkeys(word.findall(corpus.queries[qi]["question"].lower())):
+                if df[t]:
+                    idf = math.log(1 + (len(docs) - df[t] + 0.5) / (df[t] + 0.5))
+                    tf = np.array([d.get(t, 0) for d in docs], dtype=np.float64)
+                    scores[a] += idf * tf * (K1 + 1) / (tf + norm)
+        out.append(Ranking.of(scores, scores > 0))
+    return out
+
+
+# ---------------------------------------------------------------- grid and cross-validation
+
+RRF_KS = (1, 5, 10, 20, 60)
+WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEPTHS = (20, 50, 100)
+MIX_ALPHAS = (0.25, 0.5)
+
+
+@dataclass(frozen=True)
+class Config:
+    keyword: str  # the keyword side's index, e.g. "kw p2 n0 +date"; "" when unused
+    vector: str  # the vector side's index, e.g. "vec text p1 n0"; "" when unused
+    fusion: Fusion
+
+    def __str__(self) -> str:
+        sides = " + ".join(s for s in (self.keyword, self.vector) if s)
+        return f"{sides} | {self.fusion}"
+
+
+def fusions() -> list[Fusion]:
+    out = [Fusion("rrf", d, w, k) for d in DEPTHS for k in RRF_KS for w in WEIGHTS]
+    return out + [Fusion(m, d, w) for d in DEPTHS for m in ("minmax", "zscore") for w in WEIGHTS]
+
+
+def evaluate(kw: list[Ranking], vec: list[Ranking], blocks: list[Block], f: Fusion) -> np.ndarray:
+    """Sums per namespace x category x (R@5, R@10, Hit@5)."""
+    return np.stack([b.sums(top10(fuse(k, v, f))) for b, k, v in zip(blocks, kw, vec, strict=True)])
+
+
+def pair_sums(kw: list[Ranking], vec: list[Ranking], blocks: list[Block], grid_fusions: list[Fusion]) -> np.ndarray:
+    """``evaluate`` for every fusion of one (keyword, vector) pair, sharing the per-depth work:
+    sums of shape fusions x ns x 4 x 3."""
+    out = np.zeros((len(grid_fusions), len(blocks), 4, 3))
+    for bi, (b, k, v) in enumerate(zip(blocks, kw, vec, strict=True)):
+        by_rank_k, by_rank_v = np.argsort(k.ranks, axis=1), np.argsort(v.ranks, axis=1)
+        parts: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        for fi, f in enumerate(grid_fusions):
+            key = (f.method, f.depth, f.k if f.method == "rrf" else 0)
+            if key not in parts:
+                in_k, in_v = k.ranks <= f.depth, v.ranks <= f.depth
+                if f.method == "rrf":
+                    a, c = in_k / (f.k + k.ranks), in_v / (f.k + v.ranks)
+                else:
+                    a, c = normalised(k, in_k, f.method), normalised(v, in_v, f.method)
+                # Only the two candidate lists can reach the top 10: work on their union, each
+                # turn once (a keyword candidate's copy in the vector list is switched off).
+                cand = np.concatenate([by_rank_k[:, : f.depth], by_rank_v[:, : f.depth]], axis=1)
+                first = np.take_along_axis(in_k, by_rank_k[:, : f.depth], axis=1)
+                dup = np.take_along_axis(in_k, by_rank_v[:, : f.depth], axis=1)
+                off = np.where(np.concatenate([first, ~dup], axis=1), cand * 1e-12, 1e9)
+                parts[key] = (np.take_along_axis(a, cand, axis=1), np.take_along_axis(c, cand, axis=1), off, cand)
+            a, c, off, cand = parts[key]
+            keyed = f.w_kw * a + (1 - f.w_kw) * c - off
+            part = np.argpartition(-keyed, 10, axis=1)[:, :10]
+            order = np.argsort(-np.take_along_axis(keyed, part, axis=1), axis=1, kind="stable")
+            out[fi, bi] = b.sums(np.take_along_axis(cand, np.take_along_axis(part, order, axis=1), axis=1))
+    return out
+
+
+def grid(kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], blocks: list[Block],
+         ) -> tuple[list[Config], np.ndarray]:
+    """Every single-ranking configuration and every fused one; sums of shape configs x ns x 4 x 3."""
+    configs: list[Config] = []
+    sums: list[np.ndarray] = []
+    any_vec, any_kw = next(iter(vec_sides.values())), next(iter(kw_sides.values()))
+    for name, kw in kw_sides.items():
+        configs.append(Config(name, "", Fusion("keyword")))
+        sums.append(evaluate(kw, any_vec, blocks, Fusion("keyword")))
+    for name, vec in vec_sides.items():
+        configs.append(Config("", name, Fusion("vector")))
+        sums.append(evaluate(any_kw, vec, blocks, Fusion("vector")))
+    began, grid_fusions = time.perf_counter(), fusions()
+    for n, (kname, vname) in enumerate(itertools.product(kw_sides, vec_sides)):
+        configs += [Config(kname, vname, f) for f in grid_fusions]
+        sums += list(pair_sums(kw_sides[kname], vec_sides[vname], blocks, grid_fusions))
+        if n % 50 == 49:
+            print(f"  grid: {n + 1}/{len(kw_sides) * len(vec_sides)} index pairs ({time.perf_counter() - began:.0f}s)")
+    return configs, np.stack(sums)
+
+
+@dataclass
+class Figures:
+    n: int
+    r5: float
+    r10: float
+    hit5: float
+    mh_r10: float
+    cat_r10: dict[int, float]
+
+    @classmethod
+    def of(cls, sums: np.ndarray, counts: np.ndarray) -> Figures:
+        """``sums`` ns x 4 x 3 (or 4 x 3) and ``counts`` ns x 4 (or 4) over the namespaces wanted."""
+        s, c = sums.reshape(-1, 4, 3).sum(0), counts.reshape(-1, 4).sum(0)
+        total = s.sum(0) / c.sum()
+        return cls(int(c.sum()), total[0], total[1], total[2], s[0, 1] / max(c[0], 1),
+                   {k + 1: s[k, 1] / max(c[k], 1) for k in range(4)})
+
+
+def choose(sums: np.ndarray, counts: np.ndarray, train: list[int], allowed: np.ndarray | None = None) -> int:
+    """The configuration best on the ``train`` namespaces by R@10, ties by multi-hop R@10,
+    then the first listed (the simpler forms are listed first)."""
+    s, c = sums[:, train].sum(1), counts[train].sum(0)
+    r10 = s[:, :, 1].sum(1) / c.sum()
+    if allowed is not None:
+        r10 = np.where(allowed, r10, -np.inf)
+    mh = np.where(r10 >= r10.max() - 1e-9, s[:, 0, 1] / c[0], -np.inf)
+    return int(np.argmax(mh))
+
+
+def fmt(value: float) -> str:
+    return f"{value:.3f}".lstrip("0") if value < 1 else f"{value:.3f}"
+
+
+# ---------------------------------------------------------------- ideas on top of the chosen fusion
+
+
+def neighbours(corpus: Corpus, b: Block) -> tuple[np.ndarray, np.ndarray]:
+    """Local positions of each turn's previous and next turn in its session (-1: none)."""
+    local = {int(r): j for j, r in enumerate(b.rows)}
+    prev = np.array([local[corpus.prev[int(r)][0]] if corpus.prev[int(r)] else -1 for r in b.rows])
+    nxt = np.array([local[corpus.next[int(r)][0]] if corpus.next[int(r)] else -1 for r in b.rows])
+    return prev, nxt
+
+
+def expand(fused: np.ndarray, prev: np.ndarray, nxt: np.ndarray, beta: float) -> np.ndarray:
+    """Neighbour expansion: a turn gains beta times the better fused score of the turns
+    beside it in its session, so the turn after a strong hit can enter the top 10."""
+    finite = np.isfinite(fused)
+    low = np.where(finite, fused, np.inf).min(axis=1, keepdims=True)
+    pos = np.where(finite, fused - low, 0.0)
+    zero = np.zeros((fused.shape[0], 1))
+    padded = np.concatenate([pos, zero], axis=1)  # index -1 reads the zero column
+    boost = np.maximum(padded[:, prev], padded[:, nxt])
+    out = pos + beta * boost
+    return np.where(finite | (boost > 0), out, -np.inf)
+
+
+def near(corpus: Corpus, b: Block, r: int) -> np.ndarray:
+    """turns x turns: True where two different turns are at most r apart in one session."""
+    session = np.array([corpus.memories[int(i)]["metadata"]["session"] for i in b.rows])
+    pos = np.arange(len(b.rows))  # file order is session order
+    return (session[:, None] == session[None, :]) & (np.abs(pos[:, None] - pos[None, :]) <= r) & (pos[:, None] != pos)
+
+
+def diverse_top10(fused: np.ndarray, close: np.ndarray, delta: float) -> np.ndarray:
+    """Greedy top 10 where a turn's score shrinks by (1 - delta) for each already chosen turn
+    close to it in its session: spreads the hits over the conversation (for multi-hop)."""
+    finite = np.isfinite(fused)
+    low = np.where(finite, fused, np.inf).min(axis=1, keepdims=True)
+    pos = np.where(finite, fused - low + 1e-9, -np.inf)
+    taken = np.zeros(fused.shape, dtype=np.float64)
+    picks = np.empty((fused.shape[0], 10), dtype=np.int64)
+    rows = np.arange(fused.shape[0])
+    for step in range(10):
+        adjusted = pos * (1 - delta) ** taken
+        pick = np.argmax(adjusted, axis=1)
+        picks[:, step] = pick
+        pos[rows, pick] = -np.inf
+        taken += close[pick]
+    return picks
+
+
+STOP_STEMS: set[str] = set()
+
+
+def prf_weights(side: KeywordSide, index: KeywordIndex, kw: list[Ranking], blocks: list[Block],
+                lam: float, docs: int = 3, terms: int = 10) -> list[dict[str, float]]:
+    """RM3-like expansion: the 10 likeliest new terms of each query's top-3 keyword hits
+    (P(t|R) = sum over hits of score share x tf / length), added with mean weight ``lam``."""
+    if not STOP_STEMS:
+        from gm.search import STOPWORDS
+
+        STOP_STEMS.update(t for ts in fts5_tokens(sorted(STOPWORDS)) for t in ts)
+    weights = side.plain_weights()
+    for b, r in zip(blocks, kw, strict=True):
+        for a, qi in enumerate(b.queries):
+            top = [j for j in np.argsort(r.ranks[a], kind="stable")[:docs] if r.ranks[a, j] != NOT_FOUND]
+            if not top:
+                continue
+            share = np.array([r.scores[a, j] for j in top], dtype=np.float64)
+            share = share / share.sum()
+            model: Counter[str] = Counter()
+            for s, j in zip(share, top, strict=True):
+                doc = index.docs[int(b.rows[j])]
+                length = sum(doc.values())
+                for t, c in doc.items():
+                    if t not in STOP_STEMS and t not in weights[qi] and not t.isdigit():
+                        model[t] += s * c / length
+            best = model.most_common(terms)
+            total = sum(v for _, v in best) or 1.0
+            for t, v in best:
+                weights[qi][t] = lam * len(best) * v / total
+    return weights
+
+
+def entity_weights(side: KeywordSide, gamma: float, sigma: float) -> list[dict[str, float]]:
+    """Query terms from capitalised words (not the first word) weighted gamma; the
+    conversation's two speaker names weighted sigma; other terms 1."""
+    speakers: dict[str, set[str]] = defaultdict(set)
+    for m in side.corpus.memories:
+        speakers[m["namespace"]].add(m["metadata"]["speaker"].lower())
+    capitals = [[w for w in re.findall(r"\w+", q["question"])[1:] if w[:1].isupper()] for q in side.corpus.queries]
+    words = sorted({w for ws in speakers.values() for w in ws} | {w for ws in capitals for w in ws})
+    stems = dict(zip(words, fts5_tokens(words), strict=True))
+    weights = side.plain_weights()
+    for q, w, caps in zip(side.corpus.queries, weights, capitals, strict=True):
+        speaker_stems = {t for s in speakers[q["namespace"]] for t in stems[s]}
+        capital = {t for word in caps for t in stems[word]}
+        for t in w:
+            if t in speaker_stems:
+                w[t] *= sigma
+            elif t in capital:
+                w[t] *= gamma
+    return weights
+
+
+# ---------------------------------------------------------------- report
+
+# (p, n, date, weight of the context column): the context as a second FTS5 column whose
+# weight 1 is the same as one column of context + turn.
+KW_WINDOWS = [(p, n, d, w) for d in (False, True) for n in (0, 1) for p in range(4)
+              for w in ((1.0, 0.5, 0.3) if p or n or d else (1.0,))]
+MIX_WINDOWS = [(p, n) for n in (0, 1) for p in range(4) if p + n]
+
+
+def kw_name(p: int, n: int, date: bool, w_ctx: float = 1.0) -> str:
+    return f"kw p{p} n{n}" + (" +date" if date else "") + (f" ctx x{w_ctx}" if w_ctx != 1.0 else "")
+
+
+def vec_name(p: int, n: int, date: bool) -> str:
+    return f"vec text p{p} n{n}" + (" +date" if date else "")
+
+
+PLAIN_KW, PLAIN_VEC = kw_name(0, 0, False), vec_name(0, 0, False)
+TODAY = Config(PLAIN_KW, PLAIN_VEC, Fusion("rrf", PRODUCT_DEPTH, 0.5, RRF_K))
+
+
+def row(label: str, f: Figures, extra: str = "") -> str:
+    return (f"| {label} | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
+            + " | ".join(fmt(f.cat_r10[c]) for c in (2, 3, 4)) + f" |{extra}")
+
+
+HEADER = ("| | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal R@10 | open-domain R@10 | single-hop R@10 |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def loco(sums: np.ndarray, counts: np.ndarray, allowed: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Per fold the configuration chosen on the other four; the held-out sums stacked (ns x 4 x 3)."""
+    chosen = [choose(sums, counts, [j for j in range(len(counts)) if j != i], allowed) for i in range(len(counts))]
+    return chosen, np.stack([sums[c, i] for i, c in enumerate(chosen)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"LoCoMo split (default {DEFAULT_DATA})")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
+                        help=f"prefix of the vector and grid cache files (default {DEFAULT_CACHE})")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    began = time.perf_counter()
+    corpus = Corpus(read_jsonl(args.data / "memories.jsonl"), read_jsonl(args.data / "queries.jsonl"))
+    bl = blocks(corpus)
+    counts = np.stack([[int((b.categories == c).sum()) for c in (1, 2, 3, 4)] for b in bl])
+    print(f"{len(corpus.memories)} turns, {len(corpus.queries)} queries in {len(bl)} conversations "
+          f"{corpus.namespaces}; queries per category {counts.sum(0).tolist()}")
+
+    side = KeywordSide.of(corpus)
+    indexes = {kw_name(*w): side.index(*w) for w in KW_WINDOWS}
+    for window, w_ctx in (((0, 0, False), 1.0), ((2, 0, True), 1.0), ((2, 1, True), 0.5)):
+        print("keyword scoring vs real FTS5 bm25():", check_fts5(side, bl, *window, w_ctx))
+    kw_sides = {name: side.rankings(ix, bl) for name, ix in indexes.items()}
+
+    cache = VectorCache(args.cache)
+    qvec, texts = embed_all(corpus, cache)
+    vec_sides = {vec_name(*w): vector_rankings(qvec, v, bl) for w, v in texts.items()}
+    for p, n in MIX_WINDOWS:
+        for alpha in MIX_ALPHAS:
+            mixed = mixed_vectors(texts[(0, 0, False)], corpus, p, n, alpha)
+            vec_sides[f"vec mix p{p} n{n} a{alpha}"] = vector_rankings(qvec, mixed, bl)
+
+    print("\n## Sanity: the README's reference rows (all five conversations pooled)\n")
+    print(HEADER)
+    ref = readme_bm25(corpus, bl)
+    full = Fusion("rrf", 10**6, 0.5, 60)
+    for label, kw, vec, f in [("README BM25 (reproduced: .457/.537/.504)", ref, ref, Fusion("keyword")),
+                              ("dense cosine, product vectors (README .406/.491/.455)", ref,
+                               vec_sides[PLAIN_VEC], Fusion("vector")),
+                              ("RRF k=60 of the two, full lists (README .508/.599/.562)", ref,
+                               vec_sides[PLAIN_VEC], full),
+                              ("product keyword (FTS5 porter, stopwords dropped, global IDF)", kw_sides[PLAIN_KW],
+                               vec_sides[PLAIN_VEC], Fusion("keyword")),
+                              ("product hybrid today: RRF k=60 depth 50", kw_sides[PLAIN_KW],
+                               vec_sides[PLAIN_VEC], TODAY.fusion)]:
+        print(row(label, Figures.of(evaluate(kw, vec, bl, f), counts)))
+
+    grid_file = args.cache.with_name(args.cache.name + "-grid.npz")
+    configs, sums = grid(kw_sides, vec_sides, bl)
+    np.savez_compressed(grid_file, sums=sums, configs=np.array([str(c) for c in configs]))
+    print(f"\n{len(configs):,} configurations evaluated ({time.perf_counter() - began:.0f}s so far); "
+          f"sums saved to {grid_file}")
+    shipped = report(corpus, bl, counts, side, indexes, kw_sides, vec_sides, configs, sums)
+    p, n, date = re.match(r"kw p(\d) n(\d)( \+date)?", shipped.keyword).groups()  # type: ignore[union-attr]
+    query_cost(corpus, side, (int(p), int(n), bool(date)), shipped.fusion.depth)
+    print(f"\ntotal run time {time.perf_counter() - began:.0f}s")
+
+
+def report(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSide, indexes: dict[str, KeywordIndex],
+           kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], configs: list[Config],
+           sums: np.ndarray) -> Config:
+    """Prints the cross-validation, the ablations and the extra ideas; returns the choice on all five."""
+    names = corpus.namespaces
+    where = {c: i for i, c in enumerate(configs)}
+    fused = np.array([bool(c.keyword and c.vector) for c in configs])
+    kw_only = np.array([c.fusion.method == "keyword" for c in configs])
+    vec_only = np.array([c.fusion.method == "vector" for c in configs])
+    fixed = {"keyword today": where[Config(PLAIN_KW, "", Fusion("keyword"))],
+             "vector today": where[Config("", PLAIN_VEC, Fusion("vector"))], "hybrid today": where[TODAY]}
+
+    chosen, held = loco(sums, counts, fused)
+    kw_chosen, kw_held = loco(sums, counts, kw_only)
+    vec_chosen, vec_held = loco(sums, counts, vec_only)
+    print("\n## Leave-one-conversation-out: the fused configuration chosen on the other four\n")
+    print("| held out | chosen on the other four | R@10 | R@5 | Hit@5 | multi-hop R@10 | keyword today | "
+          "vector today | hybrid today | keyword, same window | best keyword (LOCO) | best vector (LOCO) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, c in enumerate(chosen):
+        f = Figures.of(sums[c, i], counts[i])
+        same_kw = where[Config(configs[c].keyword, "", Fusion("keyword"))]
+        base = [Figures.of(sums[j, i], counts[i]).r10 for j in (*fixed.values(), same_kw)]
+        base += [Figures.of(kw_held[i], counts[i]).r10, Figures.of(vec_held[i], counts[i]).r10]
+        print(f"| {names[i]} | {configs[c]} | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
+              + " | ".join(fmt(x) for x in base) + " |")
+    print("\nPooled held-out figures (each fold scored on the conversation it was not tuned on):\n")
+    print(HEADER)
+    print(row("fused, chosen per fold", Figures.of(held, counts)))
+    print(row("keyword only, window chosen per fold", Figures.of(kw_held, counts)))
+    print(row("vector only, window chosen per fold", Figures.of(vec_held, counts)))
+    for label, j in fixed.items():
+        print(row(f"{label} (fixed)", Figures.of(sums[j], counts)))
+    print("\nPer-fold choices of the single rankings: keyword " + "; ".join(str(configs[c].keyword) for c in kw_chosen)
+          + " | vector " + "; ".join(str(configs[c].vector) for c in vec_chosen))
+
+    everything = choose(sums, counts, list(range(len(names))), fused)
+    print(f"\n## Chosen on all five (what the product would ship): {configs[everything]}\n")
+    print("| conversation | R@10 | R@5 | Hit@5 | multi-hop R@10 | >= keyword same window | >= keyword today | "
+          ">= vector today | train R@10 of the fold's own choice | train R@10 of this one |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    same_kw = where[Config(configs[everything].keyword, "", Fusion("keyword"))]
+    for i in range(len(names)):
+        f = Figures.of(sums[everything, i], counts[i])
+        train = [j for j in range(len(names)) if j != i]
+        own = Figures.of(sums[chosen[i], train], counts[train]).r10
+        this = Figures.of(sums[everything, train], counts[train]).r10
+        checks = [f.r10 >= Figures.of(sums[j, i], counts[i]).r10 for j in (same_kw, fixed["keyword today"],
+                                                                           fixed["vector today"])]
+        print(f"| {names[i]} (in-sample) | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
+              + " | ".join("yes" if x else "NO" for x in checks) + f" | {fmt(own)} | {fmt(this)} |")
+    print(HEADER)
+    print(row("chosen on all five, pooled (in-sample)", Figures.of(sums[everything], counts)))
+    distinct = Counter(str(configs[c]) for c in chosen)
+    print(f"\nStability: {len(distinct)} distinct choices over 5 folds: " + "; ".join(
+        f"{k} x{v}" for k, v in distinct.most_common()))
+    top = np.argsort(-(sums[:, :, :, 1].sum((1, 2)) / counts.sum()) + np.where(fused, 0, 9))[:10]
+    print("Ten best fused configurations on all five (pooled R@10, multi-hop R@10):")
+    for j in top:
+        f = Figures.of(sums[j], counts)
+        print(f"  {fmt(f.r10)} {fmt(f.mh_r10)}  {configs[j]}")
+
+    ablations(configs, sums, counts, fused, kw_only, names)
+    extras(corpus, bl, counts, side, indexes, kw_sides, vec_sides, configs, chosen, names)
+    return configs[everything]
+
+
+def ablations(configs: list[Config], sums: np.ndarray, counts: np.ndarray, fused: np.ndarray, kw_only: np.ndarray,
+              names: list[str]) -> None:
+    """LOCO over parts of the grid: what each dimension contributes."""
+    kw_of = np.array([c.keyword for c in configs])
+    vec_of = np.array([c.vector for c in configs])
+    method = np.array([c.fusion.method for c in configs])
+    depth = np.array([c.fusion.depth for c in configs])
+    weight = np.array([c.fusion.w_kw for c in configs])
+    k = np.array([c.fusion.k for c in configs])
+    plain_kw, plain_vec = kw_of == PLAIN_KW, vec_of == PLAIN_VEC
+    restricted = {
+        "fusion only (no context on either side)": fused & plain_kw & plain_vec,
+        "  ... RRF with equal weights, k chosen": fused & plain_kw & plain_vec & (method == "rrf") & (weight == 0.5),
+        "keyword context only (plain vectors)": fused & plain_vec,
+        "vector context only (plain keyword)": fused & plain_kw,
+        "keyword context without the date": fused & (np.char.find(kw_of.astype(str), "+date") < 0),
+        "keyword context: previous turns only (n=0)": fused & (np.char.find(kw_of.astype(str), "n0") >= 0),
+        "keyword context as one column (no context weight)": fused & (np.char.find(kw_of.astype(str), "ctx") < 0),
+        "vector side: text windows only": fused & np.char.startswith(vec_of.astype(str), "vec text"),
+        "vector side: mixed vectors only": fused & (np.char.startswith(vec_of.astype(str), "vec mix") | plain_vec),
+        "fusion: RRF only": fused & (method == "rrf"),
+        "fusion: RRF k=60 only (weights, depth, windows chosen)": fused & (method == "rrf") & (k == 60),
+        "fusion: min-max only": fused & (method == "minmax"),
+        "fusion: z-score only": fused & (method == "zscore"),
+        "depth 20 only": fused & (depth == 20),
+        "depth 50 only": fused & (depth == 50),
+        "depth 100 only": fused & (depth == 100),
+        "full grid (the main result)": fused,
+        "keyword only, window chosen": kw_only,
+    }
+    print("\n## What each part contributes: LOCO over restricted grids (pooled held-out)\n")
+    print("| grid | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal | open-domain | single-hop | per-fold R@10 | "
+          "folds >= keyword same window |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    where = {c: i for i, c in enumerate(configs)}
+    for label, allowed in restricted.items():
+        chosen, held = loco(sums, counts, allowed)
+        folds = [Figures.of(held[i], counts[i]).r10 for i in range(len(names))]
+        wins = sum(folds[i] >= Figures.of(sums[where[Config(configs[c].keyword, "", Fusion("keyword"))], i],
+                                          counts[i]).r10 - 1e-12 for i, c in enumerate(chosen))
+        print(row(label, Figures.of(held, counts), f" {' '.join(fmt(x) for x in folds)} | {wins}/5 |"))
+
+
+def extras(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSide, indexes: dict[str, KeywordIndex],
+           kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], configs: list[Config],
+           chosen: list[int], names: list[str]) -> None:
+    """Each idea on top of each fold's chosen fusion; its setting ("off" included) chosen on
+    the other four conversations too, so the held-out figure stays honest."""
+    nbs = [neighbours(corpus, b) for b in bl]
+    closeness = {r: [near(corpus, b, r) for b in bl] for r in (1, 2)}
+    memo: dict[tuple[str, str, Any], list[Ranking]] = {}
+
+    def keyword(name: str, idea: str, value: Any) -> list[Ranking]:
+        if idea not in ("prf", "entity") or value in (0.0, (1.0, 1.0)):
+            return kw_sides[name]
+        if (name, idea, value) not in memo:
+            weights = (prf_weights(side, indexes[name], kw_sides[name], bl, value) if idea == "prf"
+                       else entity_weights(side, *value))
+            memo[(name, idea, value)] = side.rankings(indexes[name], bl, weights)
+        return memo[(name, idea, value)]
+
+    def run(c: Config, idea: str, value: Any) -> np.ndarray:
+        kw, vec = keyword(c.keyword, idea, value), vec_sides[c.vector]
+        out = []
+        for bi, (b, k, v, (prev, nxt)) in enumerate(zip(bl, kw, vec, nbs, strict=True)):
+            scores = fuse(k, v, c.fusion)
+            if idea == "expand" and value:
+                scores = expand(scores, prev, nxt, value)
+            if idea == "diverse" and value[0]:
+                out.append(b.sums(diverse_top10(scores, closeness[value[1]][bi], value[0])))
+            else:
+                out.append(b.sums(top10(scores)))
+        return np.stack(out)
+
+    ideas: dict[str, tuple[str, list[Any]]] = {
+        "neighbour expansion (beta x best adjacent fused score)": ("expand", [0.0, 0.1, 0.2, 0.3, 0.5]),
+        "pseudo-relevance feedback, RM3-like (top 3 docs, 10 terms, mean weight lambda)":
+            ("prf", [0.0, 0.1, 0.2, 0.3, 0.5]),
+        "session diversity (score x (1 - delta) per chosen turn within r in its session)":
+            ("diverse", [(0.0, 1)] + [(d, r) for r in (1, 2) for d in (0.25, 0.5, 0.75)]),
+        "entity weighting (capitalised words x gamma, speaker names x sigma)":
+            ("entity", [(1.0, 1.0)] + [(g, s) for g in (1.0, 1.5, 2.0, 3.0) for s in (0.5, 1.0, 2.0)
+                                        if (g, s) != (1.0, 1.0)]),
+    }
+    print("\n## Ideas on top of each fold's chosen fusion (setting chosen on the other four)\n")
+    print("| idea | settings | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal | open-domain | single-hop | "
+          "per-fold R@10 | per-fold choice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, (idea, values) in ideas.items():
+        began = time.perf_counter()
+        held, picks, best_all = [], [], []
+        for i, c in enumerate(chosen):
+            table = np.stack([run(configs[c], idea, v) for v in values])
+            train = [j for j in range(len(names)) if j != i]
+            pick = choose(table, counts, train)
+            held.append(table[pick, i])
+            picks.append(values[pick])
+            best_all.append(table[:, i])
+        held_sums = np.stack(held)
+        folds = " ".join(fmt(Figures.of(held_sums[i], counts[i]).r10) for i in range(len(names)))
+        print(row(label, Figures.of(held_sums, counts), f" {folds} | {' '.join(str(p) for p in picks)} |")
+              .replace("| " + label + " |", f"| {label} | {len(values)} |", 1))
+        # the pooled effect of each fixed setting, same per-fold base: is any setting a gain?
+        for v, j in zip(values, range(len(values)), strict=True):
+            pooled = Figures.of(np.stack([best_all[i][j] for i in range(len(names))]), counts)
+            print(f"|   ... fixed {v} | | {fmt(pooled.r10)} | {fmt(pooled.r5)} | {fmt(pooled.hit5)} | "
+                  f"{fmt(pooled.mh_r10)} | | | | | |")
+        print(f"<!-- {label}: {time.perf_counter() - began:.0f}s -->")
+
+
+def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool], depth: int,
+               rows: int = 10_000, samples: int = 300) -> None:
+    """Rough p50 of the keyword query (FTS5 MATCH ... ORDER BY bm25 LIMIT depth) at ~10k
+    memories, plain vs the chosen context window; the vector scan's cost does not depend on
+    the window, and its depth only changes the partial sort."""
+    def table(texts: list[str]) -> sqlite3.Connection:
+        db = sqlite3.connect(":memory:")
+        db.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, tokenize='{TOKENIZE}')")
+        db.executemany("INSERT INTO t (text) VALUES (?)", [(texts[i % len(texts)],) for i in range(rows)])
+        return db
+
+    p, n, date = window
+    plain = [m["text"] for m in corpus.memories]
+    windowed = ["\n".join(([corpus.dates[i]] if date else []) + [plain[r] for r in corpus.window(i, p, n)])
+                for i in range(len(plain))]
+    qs = [keyword_terms(q["question"]) for q in corpus.queries[:samples]]
+    matches = [" OR ".join('"' + t.replace('"', '""') + '"' for t in ts) for ts in qs if ts]
+    print("\n## Rough query cost (keyword query at 10k memories, one shared core, p50)\n")
+    for label, texts, d in [("plain turns, depth 50 (today)", plain, PRODUCT_DEPTH),
+                            (f"window p{p} n{n}{' +date' if date else ''}, depth {depth}", windowed, depth)]:
+        db = table(texts)
+        times = []
+        for m in matches:
+            t0 = time.perf_counter()
+            db.execute("SELECT rowid, bm25(t) FROM t WHERE t MATCH ? ORDER BY bm25(t) LIMIT ?", [m, d]).fetchall()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        print(f"- {label}: p50 {times[len(times) // 2] * 1000:.2f} ms, p90 {times[int(len(times) * 0.9)] * 1000:.2f} ms")
+        db.close()
+
+
+if __name__ == "__main__":
+    main()
