@@ -454,8 +454,9 @@ def check_fts5(side: KeywordSide, blocks: list[Block], p: int, n: int, date: boo
         for a, qi in enumerate(b.queries):
             terms = keyword_terms(side.corpus.queries[qi]["question"])
             match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-            rows = [(allowed[rid], -s) for rid, s in db.execute(
-                "SELECT rowid, bm25(t, 1.0, ?) AS r FROM t WHERE t MATCH ? ORDER BY r, rowid", [w_ctx, match]) if rid in allowed]
+            found = db.execute("SELECT rowid, bm25(t, 1.0, ?) AS r FROM t WHERE t MATCH ? ORDER BY r, rowid",
+                               [w_ctx, match])
+            rows = [(allowed[rid], -s) for rid, s in found if rid in allowed]
             theirs = [j for j, _ in rows[:10]]
             ours = [j for j in np.argsort(r.ranks[a], kind="stable")[:10] if r.ranks[a, j] != NOT_FOUND]
             same_top += theirs == list(ours)
@@ -1000,7 +1001,8 @@ def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool],
             db.execute("SELECT rowid, bm25(t) FROM t WHERE t MATCH ? ORDER BY bm25(t) LIMIT ?", [m, d]).fetchall()
             times.append(time.perf_counter() - t0)
         times.sort()
-        print(f"- {label}: p50 {times[len(times) // 2] * 1000:.2f} ms, p90 {times[int(len(times) * 0.9)] * 1000:.2f} ms")
+        p50, p90 = times[len(times) // 2] * 1000, times[int(len(times) * 0.9)] * 1000
+        print(f"- {label}: p50 {p50:.2f} ms, p90 {p90:.2f} ms")
         db.close()
 
 
