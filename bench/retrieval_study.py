@@ -507,7 +507,7 @@ class Config:
 
     def __str__(self) -> str:
         sides = " + ".join(s for s in (self.keyword, self.vector) if s)
-        return f"{sides} | {self.fusion}"
+        return f"{sides}; {self.fusion}"
 
 
 def fusions() -> list[Fusion]:
@@ -548,6 +548,12 @@ def pair_sums(kw: list[Ranking], vec: list[Ranking], blocks: list[Block], grid_f
             order = np.argsort(-np.take_along_axis(keyed, part, axis=1), axis=1, kind="stable")
             out[fi, bi] = b.sums(np.take_along_axis(cand, np.take_along_axis(part, order, axis=1), axis=1))
     return out
+
+
+def grid_configs(kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]]) -> list[Config]:
+    """The configurations ``grid`` evaluates, in its order."""
+    return ([Config(k, "", Fusion("keyword")) for k in kw_sides] + [Config("", v, Fusion("vector")) for v in vec_sides]
+            + [Config(k, v, f) for k, v in itertools.product(kw_sides, vec_sides) for f in fusions()])
 
 
 def grid(kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], blocks: list[Block],
@@ -748,6 +754,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"LoCoMo split (default {DEFAULT_DATA})")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"prefix of the vector and grid cache files (default {DEFAULT_CACHE})")
+    parser.add_argument("--reuse-grid", action="store_true",
+                        help="read the grid's sums from the cache when it holds the same configurations")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     began = time.perf_counter()
@@ -787,13 +795,26 @@ def main() -> None:
         print(row(label, Figures.of(evaluate(kw, vec, bl, f), counts)))
 
     grid_file = args.cache.with_name(args.cache.name + "-grid.npz")
-    configs, sums = grid(kw_sides, vec_sides, bl)
-    np.savez_compressed(grid_file, sums=sums, configs=np.array([str(c) for c in configs]))
-    print(f"\n{len(configs):,} configurations evaluated ({time.perf_counter() - began:.0f}s so far); "
-          f"sums saved to {grid_file}")
+    configs = grid_configs(kw_sides, vec_sides)
+    if args.reuse_grid and grid_file.is_file() and list(np.load(grid_file)["configs"]) == [str(c) for c in configs]:
+        sums = np.load(grid_file)["sums"]
+        print(f"\n{len(configs):,} configurations: sums read from {grid_file}")
+    else:
+        configs, sums = grid(kw_sides, vec_sides, bl)
+        np.savez_compressed(grid_file, sums=sums, configs=np.array([str(c) for c in configs]))
+        print(f"\n{len(configs):,} configurations evaluated ({time.perf_counter() - began:.0f}s so far); "
+              f"sums saved to {grid_file}")
     shipped = report(corpus, bl, counts, side, indexes, kw_sides, vec_sides, configs, sums)
-    p, n, date = re.match(r"kw p(\d) n(\d)( \+date)?", shipped.keyword).groups()  # type: ignore[union-attr]
-    query_cost(corpus, side, (int(p), int(n), bool(date)), shipped.fusion.depth)
+    p, n, date, w_ctx = re.fullmatch(r"kw p(\d) n(\d)( \+date)?(?: ctx x([\d.]+))?",
+                                     shipped.keyword).groups()  # type: ignore[union-attr]
+    query_cost(corpus, side, (int(p), int(n), bool(date), float(w_ctx or 1.0)), shipped.fusion.depth)
+    encoder = cache.load()
+    times = []
+    for q in corpus.queries[:200]:
+        t0 = time.perf_counter()
+        encoder.encode([q["question"]])
+        times.append(time.perf_counter() - t0)
+    print(f"- for scale: embedding one query, p50 {sorted(times)[100] * 1000:.2f} ms (the same before and after)")
     print(f"\ntotal run time {time.perf_counter() - began:.0f}s")
 
 
@@ -834,22 +855,35 @@ def report(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSid
           + " | vector " + "; ".join(str(configs[c].vector) for c in vec_chosen))
 
     everything = choose(sums, counts, list(range(len(names))), fused)
-    print(f"\n## Chosen on all five (what the product would ship): {configs[everything]}\n")
-    print("| conversation | R@10 | R@5 | Hit@5 | multi-hop R@10 | >= keyword same window | >= keyword today | "
-          ">= vector today | train R@10 of the fold's own choice | train R@10 of this one |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    same_kw = where[Config(configs[everything].keyword, "", Fusion("keyword"))]
-    for i in range(len(names)):
-        f = Figures.of(sums[everything, i], counts[i])
-        train = [j for j in range(len(names)) if j != i]
-        own = Figures.of(sums[chosen[i], train], counts[train]).r10
-        this = Figures.of(sums[everything, train], counts[train]).r10
-        checks = [f.r10 >= Figures.of(sums[j, i], counts[i]).r10 for j in (same_kw, fixed["keyword today"],
-                                                                           fixed["vector today"])]
-        print(f"| {names[i]} (in-sample) | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
-              + " | ".join("yes" if x else "NO" for x in checks) + f" | {fmt(own)} | {fmt(this)} |")
+    shipped_table("Chosen on all five by R@10 (ties: multi-hop)", everything, configs, sums, counts, names, chosen,
+                  where, fixed)
+
+    # The issue's rule as a constraint: a fused configuration is allowed on a set of
+    # conversations only if it is >= its own keyword and vector halves on each of them.
+    r10 = sums[:, :, :, 1].sum(2) / counts.sum(1)
+    kw_half = np.array([where[Config(c.keyword, "", Fusion("keyword"))] if c.keyword else i
+                        for i, c in enumerate(configs)])
+    vec_half = np.array([where[Config("", c.vector, Fusion("vector"))] if c.vector else i
+                         for i, c in enumerate(configs)])
+    never_loses = (r10 >= r10[kw_half] - 1e-12) & (r10 >= r10[vec_half] - 1e-12)
+    safe = [choose(sums, counts, [j for j in range(len(names)) if j != i],
+                   fused & never_loses[:, [j for j in range(len(names)) if j != i]].all(1)) for i in range(len(names))]
+    print("\n## LOCO with the rule as a constraint (chosen among configurations >= both halves on each of "
+          "the four)\n")
+    print("| held out | chosen on the other four | R@10 | R@5 | Hit@5 | multi-hop R@10 | keyword, same window | "
+          "vector, same window |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, c in enumerate(safe):
+        f = Figures.of(sums[c, i], counts[i])
+        print(f"| {names[i]} | {configs[c]} | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
+              f"{fmt(r10[kw_half[c], i])} | {fmt(r10[vec_half[c], i])} |")
     print(HEADER)
-    print(row("chosen on all five, pooled (in-sample)", Figures.of(sums[everything], counts)))
+    print(row("fused, constrained, chosen per fold (pooled held-out)",
+              Figures.of(np.stack([sums[c, i] for i, c in enumerate(safe)]), counts)))
+    recommended = choose(sums, counts, list(range(len(names))), fused & never_loses.all(1))
+    shipped_table("Recommended: chosen on all five among configurations >= both halves on every conversation",
+                  recommended, configs, sums, counts, names, safe, where, fixed)
+
     distinct = Counter(str(configs[c]) for c in chosen)
     print(f"\nStability: {len(distinct)} distinct choices over 5 folds: " + "; ".join(
         f"{k} x{v}" for k, v in distinct.most_common()))
@@ -861,7 +895,29 @@ def report(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSid
 
     ablations(configs, sums, counts, fused, kw_only, names)
     extras(corpus, bl, counts, side, indexes, kw_sides, vec_sides, configs, chosen, names)
-    return configs[everything]
+    return configs[recommended]
+
+
+def shipped_table(title: str, k: int, configs: list[Config], sums: np.ndarray, counts: np.ndarray,
+                  names: list[str], chosen: list[int], where: dict[Config, int], fixed: dict[str, int]) -> None:
+    """One configuration on each conversation (in-sample: it was chosen on all five)."""
+    print(f"\n## {title}: {configs[k]}\n")
+    print("| conversation | R@10 | R@5 | Hit@5 | multi-hop R@10 | keyword same window | vector same window | "
+          "keyword today | vector today | train R@10: fold's own choice / this one |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    halves = (where[Config(configs[k].keyword, "", Fusion("keyword"))],
+              where[Config("", configs[k].vector, Fusion("vector"))], fixed["keyword today"], fixed["vector today"])
+    for i in range(len(names)):
+        f = Figures.of(sums[k, i], counts[i])
+        train = [j for j in range(len(names)) if j != i]
+        own = Figures.of(sums[chosen[i], train], counts[train]).r10
+        this = Figures.of(sums[k, train], counts[train]).r10
+        others = [Figures.of(sums[j, i], counts[i]).r10 for j in halves]
+        print(f"| {names[i]} (in-sample) | {f.r10:.4f} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
+              + " | ".join(f"{x:.4f}" + ("" if f.r10 >= x - 1e-12 else " (fused loses)") for x in others)
+              + f" | {own:.4f} / {this:.4f} |")
+    print(HEADER)
+    print(row("pooled over the five (in-sample)", Figures.of(sums[k], counts)))
 
 
 def ablations(configs: list[Config], sums: np.ndarray, counts: np.ndarray, fused: np.ndarray, kw_only: np.ndarray,
@@ -974,31 +1030,34 @@ def extras(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSid
         print(f"<!-- {label}: {time.perf_counter() - began:.0f}s -->")
 
 
-def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool], depth: int,
+def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool, float], depth: int,
                rows: int = 10_000, samples: int = 300) -> None:
     """Rough p50 of the keyword query (FTS5 MATCH ... ORDER BY bm25 LIMIT depth) at ~10k
     memories, plain vs the chosen context window; the vector scan's cost does not depend on
     the window, and its depth only changes the partial sort."""
-    def table(texts: list[str]) -> sqlite3.Connection:
+    def table(context: list[str]) -> sqlite3.Connection:
         db = sqlite3.connect(":memory:")
-        db.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, tokenize='{TOKENIZE}')")
-        db.executemany("INSERT INTO t (text) VALUES (?)", [(texts[i % len(texts)],) for i in range(rows)])
+        db.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, context, tokenize='{TOKENIZE}')")
+        db.executemany("INSERT INTO t (text, context) VALUES (?, ?)",
+                       [(plain[i % len(plain)], context[i % len(plain)]) for i in range(rows)])
         return db
 
-    p, n, date = window
+    p, n, date, w_ctx = window
     plain = [m["text"] for m in corpus.memories]
-    windowed = ["\n".join(([corpus.dates[i]] if date else []) + [plain[r] for r in corpus.window(i, p, n)])
-                for i in range(len(plain))]
     qs = [keyword_terms(q["question"]) for q in corpus.queries[:samples]]
     matches = [" OR ".join('"' + t.replace('"', '""') + '"' for t in ts) for ts in qs if ts]
-    print("\n## Rough query cost (keyword query at 10k memories, one shared core, p50)\n")
-    for label, texts, d in [("plain turns, depth 50 (today)", plain, PRODUCT_DEPTH),
-                            (f"window p{p} n{n}{' +date' if date else ''}, depth {depth}", windowed, depth)]:
-        db = table(texts)
+    print("\n## Rough query cost (keyword query at 10k memories, one shared core)\n")
+    for label, context, d, w in [
+        ("plain turns, depth 50 (today)", ["" for _ in plain], PRODUCT_DEPTH, 1.0),
+        (f"context column p{p} n{n}{' +date' if date else ''} weight {w_ctx}, depth {depth}",
+         [side.context_text(i, p, n, date) for i in range(len(plain))], depth, w_ctx),
+    ]:
+        db = table(context)
         times = []
         for m in matches:
             t0 = time.perf_counter()
-            db.execute("SELECT rowid, bm25(t) FROM t WHERE t MATCH ? ORDER BY bm25(t) LIMIT ?", [m, d]).fetchall()
+            db.execute("SELECT rowid, bm25(t, 1.0, ?) AS r FROM t WHERE t MATCH ? ORDER BY r LIMIT ?",
+                       [w, m, d]).fetchall()
             times.append(time.perf_counter() - t0)
         times.sort()
         p50, p90 = times[len(times) // 2] * 1000, times[int(len(times) * 0.9)] * 1000
