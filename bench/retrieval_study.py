@@ -20,7 +20,9 @@ conversation's turns for each query itself, with the product's parts.
   the model's 256 wordpieces the farthest context turns are dropped, so the turn itself is
   never truncated. A second vector form mixes the turn's own vector with its neighbours'.
 
-The data set (CC BY-NC 4.0) is read in place; nothing is copied.
+The grid's sums are saved to ``<cache>-grid.npz``; ``--reuse-grid`` re-prints the report
+from them without re-scoring. Findings: docs/retrieval-study.md. The data set (CC BY-NC
+4.0) is read in place; nothing is copied.
 """
 
 from __future__ import annotations
@@ -892,6 +894,11 @@ def report(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSid
     for j in top:
         f = Figures.of(sums[j], counts)
         print(f"  {fmt(f.r10)} {fmt(f.mh_r10)}  {configs[j]}")
+
+    print("\n## Every single ranking on all five (pooled, in-sample)\n")
+    print(HEADER)
+    for j in np.flatnonzero(kw_only | vec_only):
+        print(row(configs[j].keyword or configs[j].vector, Figures.of(sums[j], counts)))
 
     ablations(configs, sums, counts, fused, kw_only, names)
     extras(corpus, bl, counts, side, indexes, kw_sides, vec_sides, configs, chosen, names)
