@@ -23,6 +23,8 @@ MAX_BATCH = 1000
 DEFAULT_NAMESPACE = "default"
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+ID_PATTERN = _ID_RE.pattern
+RESERVED_IDS = frozenset({"search", "delete"})  # /v1/memories/search and /delete are routes, not memories
 SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
 
 Mode = Literal["hybrid", "vector", "keyword"]
@@ -355,6 +357,8 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     text = check_text(data["text"], prefix + "text")
     client_id = data.get("id") is not None
     mem_id = check_id(data["id"], prefix + "id") if client_id else new_id()
+    if mem_id in RESERVED_IDS:
+        raise InvalidInput(f"{prefix}id {mem_id!r} is reserved: it names an HTTP route", path=prefix + "id")
     scope = check_scope(
         data.get("namespace"), data.get("user_id"), data.get("agent_id"), data.get("session_id"), prefix=prefix
     )
