@@ -338,7 +338,7 @@ async def delete_many(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     query(request)
-    return json_response(openapi_document())
+    return json_response(openapi_document(keys=bool(_state(request).api_keys)))
 
 
 # `{id}` never matches a reserved id, the name of a sibling route: `GET /v1/memories/search`
