@@ -341,9 +341,9 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document(keys=bool(_state(request).api_keys)))
 
 
-# `{id}` never matches a reserved id, the name of a sibling route: `GET /v1/memories/search`
-# is a 405 naming POST, not a lookup of a memory called "search".
-_ID = "{id:(?!(?:" + "|".join(sorted(RESERVED_IDS)) + ")(?:/|$))[^/]+}"
+# `{id}` is registered as a pattern that never matches a reserved id, the name of a sibling
+# route: `GET /v1/memories/search` is a 405 naming POST, not a lookup of a memory called "search".
+_ID_PATTERN = "{id:(?!(?:" + "|".join(sorted(RESERVED_IDS)) + ")(?:/|$))[^/]+}"
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/healthz", healthz),
@@ -353,10 +353,10 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/memories", list_memories),
     ("POST", "/v1/memories/search", search_memories),
     ("POST", "/v1/memories/delete", delete_many),
-    ("GET", f"/v1/memories/{_ID}", get_memory),
-    ("PATCH", f"/v1/memories/{_ID}", update_memory),
-    ("DELETE", f"/v1/memories/{_ID}", delete_memory),
-    ("GET", f"/v1/memories/{_ID}/history", memory_history),
+    ("GET", "/v1/memories/{id}", get_memory),
+    ("PATCH", "/v1/memories/{id}", update_memory),
+    ("DELETE", "/v1/memories/{id}", delete_memory),
+    ("GET", "/v1/memories/{id}/history", memory_history),
     ("GET", "/v1/openapi.json", openapi),
 )
 
@@ -369,5 +369,5 @@ def make_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app[STATE_KEY] = state
     app[MAX_BODY_KEY] = max_body_bytes
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler)
     return app
