@@ -309,3 +309,20 @@ async def test_every_error_body_has_details(tmp_path: Path) -> None:
     finally:
         await keyed.stop()
         await starting.stop()
+
+
+async def test_unknown_body_fields_are_refused_on_every_route_with_a_body(server: RunningServer) -> None:
+    status, memory = await server.call("POST", "/v1/memories", json={"text": "kept as it was"})
+    assert status == 201
+    for method, url, body, path in [
+        ("POST", "/v1/memories", {"text": "x", "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories", {"memories": [{"text": "x"}, {"text": "y", "userid": "u1"}]}, "memories[1].userid"),
+        ("POST", "/v1/memories", {"memories": [{"text": "x"}], "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories/search", {"query": "x", "userid": "u1"}, "userid"),
+        ("PATCH", f"/v1/memories/{memory['id']}", {"text": "changed", "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories/delete", {"namespace": "default", "userid": "u1"}, "userid"),
+    ]:
+        status, answer = await server.call(method, url, json=body)
+        assert status == 422 and answer["error"]["details"] == {"path": path}, (method, url, answer)
+    status, page = await server.call("GET", "/v1/memories")
+    assert [m["text"] for m in page["memories"]] == ["kept as it was"]
