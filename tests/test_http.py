@@ -259,6 +259,13 @@ async def test_query_integers_are_plain_ascii_digits(server: RunningServer) -> N
         assert status == 200 and len(page["memories"]) == count, raw
     status, body = await server.call("GET", "/v1/memories", params={"limit": "1001"})
     assert status == 422 and body["error"]["details"] == {"path": "limit"}
+    status, page = await server.call("GET", "/v1/memories", params={"limit": "2"})
+    cursor = page["next_cursor"]
+    assert (await server.call("GET", "/v1/memories", params={"cursor": cursor}))[0] == 200
+    created, rowid = cursor.split(".")
+    for raw in ("", f"+{created}.{rowid}", f" {created}.{rowid}", f"{created}.{rowid}_0", "\u0661.\u0662", "1.2.3"):
+        status, body = await server.call("GET", "/v1/memories", params={"cursor": raw})
+        assert status == 422 and body["error"]["details"] == {"path": "cursor"}, raw
 
 
 async def test_a_route_asked_with_the_wrong_method_is_a_405_naming_the_right_ones(server: RunningServer) -> None:
