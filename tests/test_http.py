@@ -11,7 +11,7 @@ import pytest
 from gm.config import parse_api_keys
 from gm.http.app import ROUTES, make_app
 from gm.http.openapi import openapi_document
-from gm.memory import MAX_BATCH
+from gm.memory import MAX_BATCH, MAX_TTL_SECONDS
 from tests.http_server import RunningServer, start_server, store_factory
 
 
@@ -333,3 +333,17 @@ async def test_unknown_body_fields_are_refused_on_every_route_with_a_body(server
         assert status == 422 and answer["error"]["details"] == {"path": path}, (method, url, answer)
     status, page = await server.call("GET", "/v1/memories")
     assert [m["text"] for m in page["memories"]] == ["kept as it was"]
+
+
+async def test_bounds_the_document_can_state(server: RunningServer) -> None:
+    """What schemathesis found looser or stricter than the document: now the same bound on both sides."""
+    status, body = await server.call("POST", "/v1/memories/search", json={"query": "x", "limit": 3.0})
+    assert status == 200  # JSON Schema's integer 3, written 3.0
+    status, body = await server.call("POST", "/v1/memories/search", json={"query": "x", "limit": 3.5})
+    assert status == 422 and body["error"]["details"] == {"path": "limit"}
+    status, _ = await server.call("POST", "/v1/memories", json={"text": "a century", "ttl_seconds": MAX_TTL_SECONDS})
+    assert status == 201
+    status, body = await server.call("POST", "/v1/memories", json={"text": "x", "ttl_seconds": MAX_TTL_SECONDS + 1})
+    assert status == 422 and body["error"]["details"] == {"path": "ttl_seconds"}
+    schema = openapi_document()["components"]["schemas"]["MemoryInput"]["properties"]["ttl_seconds"]
+    assert schema["maximum"] == MAX_TTL_SECONDS
