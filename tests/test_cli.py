@@ -758,6 +758,26 @@ def test_import_reports_every_skipped_line(tmp_path: Path, capsys: pytest.Captur
     assert gmem(capsys, "import", "--db", db, tmp_path / "nope.jsonl").code == 2
 
 
+def test_import_refuses_a_file_with_an_unknown_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db, data = tmp_path / "mem.db", tmp_path / "in.jsonl"
+    lines = [f'{{"text": "fact {i}", "user_id": "u1"}}' for i in range(300)]  # more than one batch before it
+    lines.insert(299, '{"text": "Prefers tea.", "userid": "u2"}')  # line 300: a typo that would drop the user
+    data.write_text("\n".join(lines) + "\n")
+    result = gmem(capsys, "import", "--db", db, data)
+    assert result.code == 2
+    assert "line 300" in result.err and "'userid'" in result.err and "user_id" in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert not db.exists() or memories(db) == []  # nothing of the file was imported
+    # the same through standard input
+    done = subprocess.run([sys.executable, "-m", "gm", "import", "--db", str(db), "-"], input=data.read_bytes(),
+                          capture_output=True, timeout=120)
+    assert done.returncode == 2 and b"line 300" in done.stderr
+    assert not db.exists() or memories(db) == []
+    data.write_text("\n".join(lines[:299]) + "\n")
+    assert gmem(capsys, "import", "--db", db, data).code == 0
+    assert len(memories(db)) == 299
+
+
 def test_export_while_the_server_runs(served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dump = tmp_path / "live.jsonl"
     result = gmem_process("export", "--db", served.db, dump, "--vectors")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from gm.config import parse_api_keys
 from gm.http.app import ROUTES, make_app
 from gm.http.openapi import openapi_document
-from gm.memory import MAX_BATCH
+from gm.memory import MAX_BATCH, MAX_TTL_SECONDS
 from tests.http_server import RunningServer, start_server, store_factory
 
 
@@ -21,8 +23,10 @@ async def server(target: str) -> AsyncIterator[RunningServer]:
 
 
 def error_code(body: dict) -> str:
-    assert set(body) == {"error"}, body
+    """The code of a contract error body, after checking its whole shape."""
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["details"], dict)
     return body["error"]["code"]
 
 
@@ -224,4 +228,122 @@ async def test_openapi_names_exactly_the_served_routes(server: RunningServer) ->
     }
     assert served == documented
     assert served == {(method, path) for method, path, _ in ROUTES}
-    assert document == openapi_document()
+    assert document == openapi_document(keys=False) and document["security"] == []
+
+
+async def test_unknown_query_parameters_are_refused_on_every_route(server: RunningServer) -> None:
+    for user in ("u1", "u2"):
+        await server.call("POST", "/v1/memories", json={"text": f"a memory of {user}", "user_id": user})
+    status, body = await server.call("GET", "/v1/memories", params={"userid": "u1"})
+    assert status == 422 and error_code(body) == "invalid_input" and body["error"]["details"] == {"path": "userid"}
+    assert "userid" in body["error"]["message"] and "user_id" in body["error"]["message"]
+    status, body = await server.call("GET", "/v1/memories?user_id=u1&user_id=u2")
+    assert status == 422 and body["error"]["details"] == {"path": "user_id"}
+    for method, path, _ in ROUTES:
+        url = path.replace(path[path.find("{") : path.find("}") + 1], "some-id") if "{" in path else path
+        status, body = await server.call(method, url, params={"colour": "red"}, json={"query": "x", "text": "x"})
+        assert status == 422, (method, url, status, body)
+        assert error_code(body) == "invalid_input" and body["error"]["details"] == {"path": "colour"}
+    status, page = await server.call("GET", "/v1/memories", params={"user_id": "u1"})
+    assert status == 200 and [m["text"] for m in page["memories"]] == ["a memory of u1"]
+
+
+async def test_query_integers_are_plain_ascii_digits(server: RunningServer) -> None:
+    await server.call("POST", "/v1/memories", json={"memories": [{"text": f"note {i}"} for i in range(3)]})
+    for raw in ("\u0661\u0662", "1_000", " 5", "5 ", "+5", "-1", "0x5", "2.0", "", "\uff15", "\u00b2", "9" * 5000):
+        status, body = await server.call("GET", "/v1/memories", params={"limit": raw})
+        assert status == 422, raw
+        assert error_code(body) == "invalid_input" and body["error"]["details"] == {"path": "limit"}, raw
+    for raw, count in (("2", 2), ("02", 2), ("1000", 3)):
+        status, page = await server.call("GET", "/v1/memories", params={"limit": raw})
+        assert status == 200 and len(page["memories"]) == count, raw
+    status, body = await server.call("GET", "/v1/memories", params={"limit": "1001"})
+    assert status == 422 and body["error"]["details"] == {"path": "limit"}
+    status, page = await server.call("GET", "/v1/memories", params={"limit": "2"})
+    cursor = page["next_cursor"]
+    assert (await server.call("GET", "/v1/memories", params={"cursor": cursor}))[0] == 200
+    created, rowid = cursor.split(".")
+    for raw in ("", f"+{created}.{rowid}", f" {created}.{rowid}", f"{created}.{rowid}_0", "\u0661.\u0662", "1.2.3"):
+        status, body = await server.call("GET", "/v1/memories", params={"cursor": raw})
+        assert status == 422 and body["error"]["details"] == {"path": "cursor"}, raw
+
+
+async def test_a_route_asked_with_the_wrong_method_is_a_405_naming_the_right_ones(server: RunningServer) -> None:
+    for method, url, allowed in [
+        ("GET", "/v1/memories/search", "POST"),
+        ("GET", "/v1/memories/delete", "POST"),
+        ("PATCH", "/v1/memories/search", "POST"),
+        ("DELETE", "/v1/memories/delete", "POST"),
+        ("PUT", "/v1/memories/some-id", "DELETE,GET,PATCH"),
+        ("POST", "/v1/memories/some-id", "DELETE,GET,PATCH"),
+        ("POST", "/v1/memories/some-id/history", "GET"),
+        ("DELETE", "/v1/memories", "GET,POST"),
+        ("POST", "/v1/stats", "GET"),
+    ]:
+        async with server.session.request(method, server.url + url) as response:
+            body = await response.json()
+            assert response.status == 405, (method, url)
+            assert response.headers["Allow"] == allowed, (method, url)
+            assert error_code(body) == "method_not_allowed" and allowed.split(",")[0] in body["error"]["message"]
+    # the two names are routes, so they cannot be ids (a memory called "search" could never be read back)
+    for bad in ({"text": "x", "id": "search"}, {"memories": [{"text": "x"}, {"text": "y", "id": "delete"}]}):
+        status, body = await server.call("POST", "/v1/memories", json=bad)
+        assert status == 422 and body["error"]["details"]["path"] in ("id", "memories[1].id"), bad
+    status, body = await server.call("POST", "/v1/memories", json={"text": "x", "id": "search-2"})
+    assert status == 201
+    assert (await server.call("GET", "/v1/memories/search-2"))[0] == 200
+
+
+async def test_every_error_body_has_details(tmp_path: Path) -> None:
+    """404, 405, 413, 503 and auth errors too, not only the 422s that name a field."""
+    key = "an-admin-key-0123456789abcdef"
+    keyed = await start_server(store_factory(tmp_path / "keyed.db"), api_keys=parse_api_keys(key), max_body_bytes=1024)
+    starting = await start_server(store_factory(tmp_path / "starting.db"), open_store=False)
+    try:
+        for server, method, url, kwargs, status in [
+            (keyed, "GET", "/v1/stats", {}, 401),
+            (keyed, "GET", "/v1/nowhere", {"key": key}, 404),
+            (keyed, "GET", "/v1/memories/unknown", {"key": key}, 404),
+            (keyed, "PUT", "/v1/memories", {"key": key}, 405),
+            (keyed, "POST", "/v1/memories", {"key": key, "json": {"text": "x" * 2000}}, 413),
+            (keyed, "POST", "/v1/memories", {"key": key, "data": b"{"}, 400),
+            (keyed, "PATCH", "/v1/memories/unknown", {"key": key, "json": {}}, 422),
+            (starting, "GET", "/v1/stats", {}, 503),
+        ]:
+            got, body = await server.call(method, url, **kwargs)
+            assert got == status, (method, url, got, body)
+            error_code(body)
+    finally:
+        await keyed.stop()
+        await starting.stop()
+
+
+async def test_unknown_body_fields_are_refused_on_every_route_with_a_body(server: RunningServer) -> None:
+    status, memory = await server.call("POST", "/v1/memories", json={"text": "kept as it was"})
+    assert status == 201
+    for method, url, body, path in [
+        ("POST", "/v1/memories", {"text": "x", "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories", {"memories": [{"text": "x"}, {"text": "y", "userid": "u1"}]}, "memories[1].userid"),
+        ("POST", "/v1/memories", {"memories": [{"text": "x"}], "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories/search", {"query": "x", "userid": "u1"}, "userid"),
+        ("PATCH", f"/v1/memories/{memory['id']}", {"text": "changed", "userid": "u1"}, "userid"),
+        ("POST", "/v1/memories/delete", {"namespace": "default", "userid": "u1"}, "userid"),
+    ]:
+        status, answer = await server.call(method, url, json=body)
+        assert status == 422 and answer["error"]["details"] == {"path": path}, (method, url, answer)
+    status, page = await server.call("GET", "/v1/memories")
+    assert [m["text"] for m in page["memories"]] == ["kept as it was"]
+
+
+async def test_bounds_the_document_can_state(server: RunningServer) -> None:
+    """What schemathesis found looser or stricter than the document: now the same bound on both sides."""
+    status, body = await server.call("POST", "/v1/memories/search", json={"query": "x", "limit": 3.0})
+    assert status == 200  # JSON Schema's integer 3, written 3.0
+    status, body = await server.call("POST", "/v1/memories/search", json={"query": "x", "limit": 3.5})
+    assert status == 422 and body["error"]["details"] == {"path": "limit"}
+    status, _ = await server.call("POST", "/v1/memories", json={"text": "a century", "ttl_seconds": MAX_TTL_SECONDS})
+    assert status == 201
+    status, body = await server.call("POST", "/v1/memories", json={"text": "x", "ttl_seconds": MAX_TTL_SECONDS + 1})
+    assert status == 422 and body["error"]["details"] == {"path": "ttl_seconds"}
+    schema = openapi_document()["components"]["schemas"]["MemoryInput"]["properties"]["ttl_seconds"]
+    assert schema["maximum"] == MAX_TTL_SECONDS

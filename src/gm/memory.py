@@ -22,7 +22,10 @@ MAX_SCOPE_CHARS = 256
 MAX_BATCH = 1000
 DEFAULT_NAMESPACE = "default"
 MAX_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time RFC 3339 can write
+MAX_TTL_SECONDS = 100 * 365 * 86_400  # a bound that does not move with the clock, as a schema can state
 _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+ID_PATTERN = _ID_RE.pattern
+RESERVED_IDS = frozenset({"search", "delete"})  # /v1/memories/search and /delete are routes, not memories
 SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
 
 Mode = Literal["hybrid", "vector", "keyword"]
@@ -312,10 +315,10 @@ def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") 
         if (
             isinstance(ttl_seconds, bool)
             or not isinstance(ttl_seconds, (int, float))
-            or not 0 < ttl_seconds <= (MAX_TIME_MS - now) / 1000  # also refuses inf and NaN
+            or not 0 < ttl_seconds <= MAX_TTL_SECONDS  # also refuses inf and NaN
         ):
             raise InvalidInput(
-                "ttl_seconds must be a positive number of seconds ending before the year 10000",
+                f"ttl_seconds must be a positive number of seconds, at most {MAX_TTL_SECONDS} (100 years)",
                 path=prefix + "ttl_seconds",
             )
         return now + int(ttl_seconds * 1000)
@@ -331,6 +334,8 @@ def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") 
 def check_limit(value: Any, *, default: int, maximum: int, path: str = "limit") -> int:
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():  # JSON's 3.0 is the integer 3 (as JSON Schema says)
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise InvalidInput(f"{path} must be an integer from 1 to {maximum}", path=path)
     return value
@@ -355,6 +360,8 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     text = check_text(data["text"], prefix + "text")
     client_id = data.get("id") is not None
     mem_id = check_id(data["id"], prefix + "id") if client_id else new_id()
+    if mem_id in RESERVED_IDS:
+        raise InvalidInput(f"{prefix}id {mem_id!r} is reserved: it names an HTTP route", path=prefix + "id")
     scope = check_scope(
         data.get("namespace"), data.get("user_id"), data.get("agent_id"), data.get("session_id"), prefix=prefix
     )

@@ -31,6 +31,9 @@ from gm.store import Store
 
 FORMAT = 1
 BATCH = 256
+# A line's fields: the memory input's, plus what an export adds (the kept times and the vector).
+LINE_FIELDS = frozenset({"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at",
+                         "ttl_seconds", "created_at", "updated_at", "vector"})
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -128,6 +131,34 @@ def _line(row: Any, vectors: bool) -> dict[str, Any]:
     return line
 
 
+class UnknownField(InvalidInput):
+    """A line with a field import does not know: a typo (``userid``) or another tool's format,
+    which must not be imported with the field dropped. The whole import is refused."""
+
+    def __init__(self, line: int, field: str) -> None:
+        known = ", ".join(sorted(LINE_FIELDS))
+        super().__init__(f"line {line}: unknown field {field!r}; a line may have {known}", path=field)
+        self.line = line
+
+
+def check_fields(lines: Iterable[bytes]) -> int:
+    """Read every line once before anything is imported; raises :class:`UnknownField` for the
+    first line with a field import would drop. Returns the number of lines."""
+    count = 0
+    for count, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue  # reported, and skipped, by the import itself
+        if isinstance(data, dict) and "greatmemory" not in data:
+            for name in data:
+                if name not in LINE_FIELDS:
+                    raise UnknownField(count, name)
+    return count
+
+
 @dataclass
 class Skipped:
     line: int
@@ -167,6 +198,9 @@ class Importer:
             if isinstance(header, dict):
                 self.file_model = header.get("model")
             return None
+        for name in data:
+            if name not in LINE_FIELDS:
+                raise UnknownField(number, name)
         memory_id = data.get("id") if isinstance(data.get("id"), str) else None
         try:
             return number, self._memory(data)
@@ -233,7 +267,9 @@ async def import_lines(
     store: Store, lines: Iterable[bytes], *, total: int | None = None, progress: Progress | None = None
 ) -> ImportReport:
     """Import JSON Lines into ``store`` in batches of ``BATCH``; returns what was imported
-    and what was skipped and why. Running it twice imports nothing the second time."""
+    and what was skipped and why. Running it twice imports nothing the second time. A line
+    with an unknown field raises :class:`UnknownField` there, after the batches before it
+    were stored: run :func:`check_fields` over the lines first to refuse it up front."""
     importer = Importer(store)
     batch: list[tuple[int, NewMemory]] = []
     done = 0

@@ -9,9 +9,10 @@ import argparse
 import fcntl
 import os
 import secrets
+import shutil
 import sqlite3
 import sys
-from collections.abc import Iterator
+import tempfile
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TextIO
@@ -328,24 +329,21 @@ async def export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(path: str) -> Iterator[bytes]:
-    if path == "-":
-        yield from sys.stdin.buffer
-        return
-    with open(path, "rb") as f:
-        yield from f
-
-
 async def import_(args: argparse.Namespace) -> int:
     if args.path != "-" and not Path(args.path).is_file():
         raise InvalidInput(f"there is no file {args.path}")
-    total = None if args.path == "-" else sum(1 for _ in _read_lines(args.path))
-    bar = ProgressBar("lines")
-    async with gm.open(database(args)) as store:
-        try:
-            report = await transfer.import_lines(store, _read_lines(args.path), total=total, progress=bar)
-        finally:
-            bar.finish()
+    with tempfile.TemporaryFile() if args.path == "-" else open(args.path, "rb") as source:
+        if args.path == "-":  # read twice: once to refuse unknown fields before anything is stored
+            shutil.copyfileobj(sys.stdin.buffer, source)
+            source.seek(0)
+        total = transfer.check_fields(source)
+        source.seek(0)
+        bar = ProgressBar("lines")
+        async with gm.open(database(args)) as store:
+            try:
+                report = await transfer.import_lines(store, source, total=total, progress=bar)
+            finally:
+                bar.finish()
     reasons: dict[str, int] = {}
     for skip in report.skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1

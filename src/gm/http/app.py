@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from gm.config import DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.openapi import openapi_document
+from gm.http.parsing import json_object, only_fields, query, query_int, query_json
+from gm.memory import RESERVED_IDS
 from gm.store import Store
 
 log = logging.getLogger("gm.http")
@@ -150,22 +151,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 # -- request parsing ----------------------------------------------------------------
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise _BadJson(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object")
-    return body
-
-
-class _BadJson(GMError):
-    code = "malformed_json"
-    status = 400
-
-
 def _namespace(request: web.Request, given: Any) -> Any:
     """The namespace a request acts on: the key's own when it is bound and none is given;
     a different one than the key's is refused."""
@@ -185,41 +170,16 @@ def _check_owner(request: web.Request, namespace: str) -> None:
         raise Forbidden(f"this API key may only be used on namespace {bound!r}")
 
 
-def _only(body: dict[str, Any], allowed: Iterable[str]) -> None:
-    names = set(allowed)
-    for key in body:
-        if key not in names:
-            raise InvalidInput(f"unknown field {key}", path=key)
-
-
-def _query_int(request: web.Request, name: str) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput(f"{name} must be an integer", path=name) from None
-
-
-def _query_filter(request: web.Request) -> Any:
-    raw = request.query.get("filter")
-    if raw is None:
-        return None
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidInput("filter must be a JSON object (URL-encoded)", path="filter") from None
-
-
 # -- handlers ---------------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
+    query(request)
     return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    query(request)
     state = _state(request)
     phase = state.phase
     failure: GMError | None = None
@@ -249,6 +209,7 @@ def _resident_bytes() -> int | None:
 
 
 async def stats(request: web.Request) -> web.Response:
+    query(request)
     result = (await _state(request).store.stats()).to_dict()
     result["process_resident_bytes"] = _resident_bytes()
     bound = request.get(NAMESPACE_KEY)
@@ -259,10 +220,11 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def add_memories(request: web.Request) -> web.Response:
+    query(request)
     store = _state(request).store
-    body = await _body(request)
+    body = await json_object(request)
     if "memories" in body:
-        _only(body, ["memories"])
+        only_fields(body, ["memories"])
         inputs = body["memories"]
         if isinstance(inputs, list):
             for item in inputs:
@@ -276,29 +238,36 @@ async def add_memories(request: web.Request) -> web.Response:
 
 
 async def get_memory(request: web.Request) -> web.Response:
+    query(request)
     memory = await _state(request).store.get(request.match_info["id"])
     _check_owner(request, memory.namespace)
     return json_response(memory.to_dict())
 
 
+LIST_PARAMETERS = ("namespace", "user_id", "agent_id", "session_id", "filter", "limit", "cursor")
+
+
 async def list_memories(request: web.Request) -> web.Response:
-    q = request.query
+    q = query(request, LIST_PARAMETERS)
     page = await _state(request).store.list(
         namespace=_namespace(request, q.get("namespace")),
         user_id=q.get("user_id"),
         agent_id=q.get("agent_id"),
         session_id=q.get("session_id"),
-        filter=_query_filter(request),
-        limit=_query_int(request, "limit"),
+        filter=query_json(q, "filter"),
+        limit=query_int(q, "limit"),
         cursor=q.get("cursor"),
     )
     return json_response({"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor})
 
 
 async def update_memory(request: web.Request) -> web.Response:
+    query(request)
     store = _state(request).store
-    body = await _body(request)
-    _only(body, ["text", "metadata", "expires_at"])
+    body = await json_object(request)
+    only_fields(body, ["text", "metadata", "expires_at"])
+    if not body:
+        raise InvalidInput("give at least one of text, metadata, expires_at")
     memory_id = request.match_info["id"]
     _check_owner(request, (await store.get(memory_id)).namespace)
     changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
@@ -313,6 +282,7 @@ async def update_memory(request: web.Request) -> web.Response:
 
 
 async def delete_memory(request: web.Request) -> web.Response:
+    query(request)
     store = _state(request).store
     memory_id = request.match_info["id"]
     _check_owner(request, (await store.get(memory_id)).namespace)
@@ -321,6 +291,7 @@ async def delete_memory(request: web.Request) -> web.Response:
 
 
 async def memory_history(request: web.Request) -> web.Response:
+    query(request)
     entries = await _state(request).store.history(request.match_info["id"])
     bound = request.get(NAMESPACE_KEY)
     if bound is not None:  # an id can be reused in another namespace after a delete: show only the key's own
@@ -333,8 +304,9 @@ async def memory_history(request: web.Request) -> web.Response:
 
 async def search_memories(request: web.Request) -> web.Response:
     started = time.perf_counter()
-    body = await _body(request)
-    _only(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode"])
+    query(request)
+    body = await json_object(request)
+    only_fields(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode"])
     if "query" not in body:
         raise InvalidInput("query is required", path="query")
     hits = await _state(request).store.search(
@@ -352,8 +324,9 @@ async def search_memories(request: web.Request) -> web.Response:
 
 
 async def delete_many(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _only(body, ["namespace", "user_id", "agent_id", "session_id", "filter"])
+    query(request)
+    body = await json_object(request)
+    only_fields(body, ["namespace", "user_id", "agent_id", "session_id", "filter"])
     namespace = _namespace(request, body.get("namespace"))
     if namespace is None:
         raise InvalidInput("namespace is required for a bulk delete", path="namespace")
@@ -368,8 +341,13 @@ async def delete_many(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_document())
+    query(request)
+    return json_response(openapi_document(keys=bool(_state(request).api_keys)))
 
+
+# `{id}` is registered as a pattern that never matches a reserved id, the name of a sibling
+# route: `GET /v1/memories/search` is a 405 naming POST, not a lookup of a memory called "search".
+_ID_PATTERN = "{id:(?!(?:" + "|".join(sorted(RESERVED_IDS)) + ")(?:/|$))[^/]+}"
 
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/healthz", healthz),
@@ -395,5 +373,5 @@ def make_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     app[STATE_KEY] = state
     app[MAX_BODY_KEY] = max_body_bytes
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler)
     return app

@@ -1,5 +1,6 @@
 """Turning every failure into the contract's error body: typed errors keep their status
 and code, aiohttp's own (404, 405, 413) get JSON bodies, anything else is a bare 500.
+Every error body is made by :func:`error_response`, so every one has the same shape.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        error["details"] = details
-    return json_response({"error": error}, status)
+    """The contract's error body, ``{"error": {"code", "message", "details"}}``; ``details``
+    is always an object, empty when there is nothing more to say."""
+    return json_response({"error": {"code": code, "message": message, "details": details or {}}}, status)
 
 
 @web.middleware

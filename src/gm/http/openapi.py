@@ -7,24 +7,59 @@ from __future__ import annotations
 from typing import Any
 
 import gm
+from gm.filters import COMPARISONS, INT64_MAX, INT64_MIN
+from gm.memory import (
+    ID_PATTERN,
+    MAX_BATCH,
+    MAX_SCOPE_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_TTL_SECONDS,
+    MODES,
+    RESERVED_IDS,
+)
+from gm.storage.sqlite import CURSOR_PATTERN
+from gm.store import MAX_LIST_LIMIT, MAX_SEARCH_LIMIT
 
+# The bounds below are the validation's own constants (gm.memory, gm.store, gm.filters), so the
+# document is exactly as strict as the server: a request it allows is one the server takes.
+_NO_NUL = "^[^\\x00]*$"
+_TEXT = {  # gm.memory.check_text: not blank, no NUL, at most MAX_TEXT_CHARS
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TEXT_CHARS,
+    "pattern": "^[^\\x00]*[^\\s\\x00][^\\x00]*$",
+}
+_ID = {
+    "type": "string",
+    "pattern": f"^(?!(?:{'|'.join(sorted(RESERVED_IDS))})$){ID_PATTERN}$",
+    "description": f"1-128 of A-Z a-z 0-9 . _ : -, but not {' or '.join(sorted(RESERVED_IDS))} (routes' names)",
+}
+_SCOPE_VALUE = {"type": "string", "minLength": 1, "maxLength": MAX_SCOPE_CHARS, "pattern": _NO_NUL}
 _NULLABLE_STR = {"type": ["string", "null"]}
-_SCOPE = {
-    "namespace": {"type": "string", "default": "default"},
-    "user_id": {"type": "string"},
-    "agent_id": {"type": "string"},
-    "session_id": {"type": "string"},
+_TIME = {"type": "string", "format": "date-time"}
+_INPUT_SCOPE = {  # null is the same as leaving the field out
+    "namespace": {**_SCOPE_VALUE, "type": ["string", "null"], "default": "default"},
+    "user_id": {**_SCOPE_VALUE, "type": ["string", "null"]},
+    "agent_id": {**_SCOPE_VALUE, "type": ["string", "null"]},
+    "session_id": {**_SCOPE_VALUE, "type": ["string", "null"]},
 }
-_FILTER = {
-    "type": "object",
-    "description": 'Metadata filter: {"topic": "travel"}, {"priority": {"$gte": 2}}; operators $eq $ne $gt '
-    "$gte $lt $lte $in $nin $exists, and $and / $or (lists) and $not (object). Dotted keys reach nested metadata.",
+_SCALAR = {  # gm.filters._scalar: a JSON scalar; an integer must fit in 64 bits
+    "anyOf": [
+        {"type": ["string", "boolean", "null"]},
+        {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},
+        {"type": "number", "not": {"type": "integer"}},
+    ]
 }
+_FIELD_NAME = '^[^$."\\\\][^."\\\\]*(?:\\.[^."\\\\]+)*$'  # dotted path; no $ first, no " or \\
 
 SCHEMAS: dict[str, Any] = {
     "Memory": {
         "type": "object",
-        "required": ["id", "namespace", "text", "metadata", "created_at", "updated_at"],
+        "additionalProperties": False,
+        "required": [
+            "id", "namespace", "user_id", "agent_id", "session_id", "text", "metadata", "created_at", "updated_at",
+            "expires_at",
+        ],
         "properties": {
             "id": {"type": "string"},
             "namespace": {"type": "string"},
@@ -33,43 +68,109 @@ SCHEMAS: dict[str, Any] = {
             "session_id": _NULLABLE_STR,
             "text": {"type": "string"},
             "metadata": {"type": "object"},
-            "created_at": {"type": "string", "format": "date-time"},
-            "updated_at": {"type": "string", "format": "date-time"},
+            "created_at": _TIME,
+            "updated_at": _TIME,
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
         },
+    },
+    "MemoryList": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["memories"],
+        "properties": {"memories": {"type": "array", "items": {"$ref": "#/components/schemas/Memory"}}},
     },
     "MemoryInput": {
         "type": "object",
         "required": ["text"],
         "additionalProperties": False,
         "properties": {
-            "text": {"type": "string", "minLength": 1, "maxLength": 32000},
-            "id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-            **_SCOPE,
-            "metadata": {"type": "object"},
-            "expires_at": {"type": "string", "format": "date-time"},
-            "ttl_seconds": {"type": "number", "exclusiveMinimum": 0},
+            "text": _TEXT,
+            "id": {**_ID, "type": ["string", "null"]},
+            **_INPUT_SCOPE,
+            "metadata": {"anyOf": [{"$ref": "#/components/schemas/Metadata"}, {"type": "null"}]},
+            "expires_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "RFC 3339 with a time zone, in the future and before the year 10000",
+            },
+            "ttl_seconds": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "description": "seconds from now, at most 100 years; the memory must expire after this request",
+                "maximum": MAX_TTL_SECONDS,
+            },
+        },
+        "not": {  # both given (not null) is refused
+            "required": ["expires_at", "ttl_seconds"],
+            "properties": {"expires_at": {"type": "string"}, "ttl_seconds": {"type": "number"}},
         },
     },
     "MemoryBatch": {
         "type": "object",
         "required": ["memories"],
+        "additionalProperties": False,
         "properties": {
             "memories": {
                 "type": "array",
                 "minItems": 1,
-                "maxItems": 1000,
+                "maxItems": MAX_BATCH,
                 "items": {"$ref": "#/components/schemas/MemoryInput"},
             }
         },
     },
+    "Metadata": {
+        "type": "object",
+        "description": "Any JSON object up to 64 KiB as JSON, without the NUL character in a key or string",
+        "propertyNames": {"pattern": _NO_NUL},
+        "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+    },
+    "JsonValue": {
+        "anyOf": [
+            {"type": "string", "pattern": _NO_NUL},
+            {"type": ["number", "boolean", "null"]},
+            {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+            {"$ref": "#/components/schemas/Metadata"},
+        ]
+    },
+    "Filter": {
+        "type": "object",
+        "description": 'Metadata filter: {"topic": "travel"}, {"priority": {"$gte": 2}}; operators $eq $ne $gt '
+        "$gte $lt $lte $in $nin $exists, and $and / $or (lists) and $not (object). Dotted keys reach nested "
+        "metadata. At most 16 levels of $and/$or/$not and 256 conditions.",
+        "propertyNames": {"anyOf": [{"enum": ["$and", "$or", "$not"]}, {"pattern": _FIELD_NAME}]},
+        "properties": {
+            "$and": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Clause"}},
+            "$or": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Clause"}},
+            "$not": {"$ref": "#/components/schemas/Clause"},
+        },
+        "additionalProperties": {
+            "oneOf": [
+                _SCALAR,
+                {
+                    "type": "object",
+                    "minProperties": 1,
+                    "additionalProperties": False,
+                    "properties": {
+                        op: {"type": "array", "minItems": 1, "items": _SCALAR} if op in ("$in", "$nin")
+                        else {"type": "boolean"} if op == "$exists"
+                        else {"type": ["number", "string"]} if op in ("$gt", "$gte", "$lt", "$lte")
+                        else _SCALAR
+                        for op in COMPARISONS
+                    },
+                },
+            ]
+        },
+    },
+    "Clause": {"allOf": [{"$ref": "#/components/schemas/Filter"}, {"minProperties": 1}]},
     "Error": {
         "type": "object",
         "required": ["error"],
+        "additionalProperties": False,
         "properties": {
             "error": {
                 "type": "object",
-                "required": ["code", "message"],
+                "required": ["code", "message", "details"],
+                "additionalProperties": False,
                 "properties": {
                     "code": {"type": "string"},
                     "message": {"type": "string"},
@@ -98,43 +199,108 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "Unknown id",
         409: "Id taken by other content",
         413: "Body over the size limit",
-        422: "Wrong shape or value",
+        415: "Body not sent as application/json",
+        422: "Wrong shape or value, or an unknown query parameter",
         503: "Not ready or draining",
     }
     return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
 
 
 _AUTH = (401, 403, 503)
-_ID = [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}]
+_ID_PARAMETER = [{"name": "id", "in": "path", "required": True, "schema": _ID}]
+_NULLABLE_FILTER = {"anyOf": [_ref("Filter"), {"type": "null"}]}
 _SEARCH = {
     "type": "object",
     "required": ["query"],
     "additionalProperties": False,
     "properties": {
-        "query": {"type": "string", "minLength": 1},
-        **_SCOPE,
-        "filter": _FILTER,
-        "limit": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-        "mode": {"type": "string", "enum": ["hybrid", "vector", "keyword"], "default": "hybrid"},
+        "query": _TEXT,
+        **_INPUT_SCOPE,
+        "filter": _NULLABLE_FILTER,
+        "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_SEARCH_LIMIT, "default": 10},
+        "mode": {"enum": [*MODES, None], "default": "hybrid"},
     },
 }
+_BULK_DELETE = {
+    "type": "object",
+    "required": ["namespace"],
+    "additionalProperties": False,
+    "description": "namespace may be left out with a key bound to one: it is the key's",
+    "properties": {**_INPUT_SCOPE, "namespace": _SCOPE_VALUE, "filter": _NULLABLE_FILTER},
+}
+_PATCH = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": False,
+    "properties": {
+        "text": _TEXT,
+        "metadata": _ref("Metadata"),
+        "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "null: never expires"},
+    },
+}
+_LIST_PARAMETERS = [
+    *({"name": name, "in": "query", "schema": _SCOPE_VALUE} for name in ("namespace", "user_id", "agent_id",
+                                                                          "session_id")),
+    {"name": "filter", "in": "query", "content": {"application/json": {"schema": _ref("Filter")}}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"}},
+]
 _HITS = {
     "type": "object",
+    "required": ["hits", "took_ms"],
+    "additionalProperties": False,
     "properties": {
         "hits": {
             "type": "array",
-            "items": {"type": "object", "properties": {"memory": _ref("Memory"), "score": {"type": "number"}}},
+            "items": {
+                "type": "object",
+                "required": ["memory", "score"],
+                "additionalProperties": False,
+                "properties": {"memory": _ref("Memory"), "score": {"type": "number"}},
+            },
         },
         "took_ms": {"type": "number"},
     },
 }
+_PAGE = {
+    "type": "object",
+    "required": ["memories", "next_cursor"],
+    "additionalProperties": False,
+    "properties": {"memories": {"type": "array", "items": _ref("Memory")}, "next_cursor": _NULLABLE_STR},
+}
+_HISTORY = {
+    "type": "object",
+    "required": ["history"],
+    "additionalProperties": False,
+    "properties": {
+        "history": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["op", "at", "text", "metadata"],
+                "additionalProperties": False,
+                "properties": {
+                    "op": {"type": "string", "enum": ["add", "update", "delete"]},
+                    "at": _TIME,
+                    "text": _NULLABLE_STR,
+                    "metadata": {"type": ["object", "null"]},
+                },
+            },
+        }
+    },
+}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
 
 PATHS: dict[str, Any] = {
     "/v1/healthz": {
         "get": {
             "summary": "Liveness: the process is up",
             "security": [],
-            "responses": {"200": _json(_ref("Probe"), "Up")},
+            "responses": {"200": _json(_ref("Probe"), "Up"), **_errors(422)},
         }
     },
     "/v1/readyz": {
@@ -144,156 +310,91 @@ PATHS: dict[str, Any] = {
             "responses": {
                 "200": _json(_ref("Probe"), "Ready"),
                 "503": _json(_ref("Probe"), "starting, migrating, unavailable or draining"),
+                **_errors(422),
             },
         }
     },
     "/v1/stats": {
         "get": {
             "summary": "Counts, schema version, backend and model",
-            "responses": {"200": _json({"type": "object"}, "Stats"), **_errors(*_AUTH)},
+            "responses": {"200": _json({"type": "object"}, "Stats"), **_errors(422, *_AUTH)},
         }
     },
     "/v1/memories": {
         "post": {
             "summary": "Add one memory, or a batch all-or-nothing",
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"oneOf": [_ref("MemoryInput"), _ref("MemoryBatch")]}}},
-            },
+            "requestBody": _body({"oneOf": [_ref("MemoryInput"), _ref("MemoryBatch")]}),
             "responses": {
-                "201": _json(
-                    {
-                        "oneOf": [
-                            _ref("Memory"),
-                            {"type": "object", "properties": {"memories": {"type": "array", "items": _ref("Memory")}}},
-                        ]
-                    },
-                    "Stored",
-                ),
+                "201": _json({"oneOf": [_ref("Memory"), _ref("MemoryList")]}, "Stored"),
                 "200": _json(_ref("Memory"), "Already stored with this id and content"),
-                **_errors(400, 409, 413, 422, *_AUTH),
+                **_errors(400, 409, 413, 415, 422, *_AUTH),
             },
         },
         "get": {
             "summary": "List memories of a scope, newest first",
-            "parameters": [
-                {"name": n, "in": "query", "schema": {"type": "string"}}
-                for n in ("namespace", "user_id", "agent_id", "session_id", "cursor", "filter")
-            ]
-            + [{"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
-            "responses": {
-                "200": _json(
-                    {
-                        "type": "object",
-                        "properties": {
-                            "memories": {"type": "array", "items": _ref("Memory")},
-                            "next_cursor": _NULLABLE_STR,
-                        },
-                    },
-                    "A page",
-                ),
-                **_errors(422, *_AUTH),
-            },
+            "parameters": _LIST_PARAMETERS,
+            "responses": {"200": _json(_PAGE, "A page"), **_errors(422, *_AUTH)},
         },
     },
     "/v1/memories/search": {
         "post": {
             "summary": "Search a scope: hybrid (default), vector or keyword",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": _SEARCH}}},
-            "responses": {"200": _json(_HITS, "Hits, best first"), **_errors(400, 413, 422, *_AUTH)},
+            "requestBody": _body(_SEARCH),
+            "responses": {"200": _json(_HITS, "Hits, best first"), **_errors(400, 413, 415, 422, *_AUTH)},
         }
     },
     "/v1/memories/delete": {
         "post": {
             "summary": "Delete every memory of a scope matching a filter",
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "required": ["namespace"],
-                            "properties": {**_SCOPE, "filter": _FILTER},
-                        }
-                    }
-                },
-            },
-            "responses": {
-                "200": _json({"type": "object", "properties": {"deleted": {"type": "integer"}}}, "Deleted"),
-                **_errors(400, 422, *_AUTH),
-            },
-        }
-    },
-    "/v1/memories/{id}": {
-        "parameters": _ID,
-        "get": {
-            "summary": "One memory",
-            "responses": {"200": _json(_ref("Memory"), "The memory"), **_errors(404, *_AUTH)},
-        },
-        "patch": {
-            "summary": "Change text (re-embedded), metadata (replaced) and/or expires_at (null: never)",
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {
-                        "schema": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "text": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "expires_at": {"type": ["string", "null"], "format": "date-time"},
-                            },
-                        }
-                    }
-                },
-            },
-            "responses": {"200": _json(_ref("Memory"), "Updated"), **_errors(400, 404, 422, *_AUTH)},
-        },
-        "delete": {
-            "summary": "Delete one memory",
-            "responses": {"204": {"description": "Deleted"}, **_errors(404, *_AUTH)},
-        },
-    },
-    "/v1/memories/{id}/history": {
-        "parameters": _ID,
-        "get": {
-            "summary": "Every add, update and delete of a memory, oldest first",
+            "requestBody": _body(_BULK_DELETE),
             "responses": {
                 "200": _json(
                     {
                         "type": "object",
-                        "properties": {
-                            "history": {
-                                "type": "array",
-                                "items": {
-                                    "type": "object",
-                                    "properties": {
-                                        "op": {"type": "string", "enum": ["add", "update", "delete"]},
-                                        "at": {"type": "string", "format": "date-time"},
-                                        "text": _NULLABLE_STR,
-                                        "metadata": {"type": ["object", "null"]},
-                                    },
-                                },
-                            }
-                        },
+                        "required": ["deleted"],
+                        "additionalProperties": False,
+                        "properties": {"deleted": {"type": "integer", "minimum": 0}},
                     },
-                    "History",
+                    "Deleted",
                 ),
-                **_errors(404, *_AUTH),
+                **_errors(400, 413, 415, 422, *_AUTH),
             },
+        }
+    },
+    "/v1/memories/{id}": {
+        "parameters": _ID_PARAMETER,
+        "get": {
+            "summary": "One memory",
+            "responses": {"200": _json(_ref("Memory"), "The memory"), **_errors(404, 422, *_AUTH)},
+        },
+        "patch": {
+            "summary": "Change text (re-embedded), metadata (replaced) and/or expires_at (null: never)",
+            "requestBody": _body(_PATCH),
+            "responses": {"200": _json(_ref("Memory"), "Updated"), **_errors(400, 404, 413, 415, 422, *_AUTH)},
+        },
+        "delete": {
+            "summary": "Delete one memory",
+            "responses": {"204": {"description": "Deleted"}, **_errors(404, 422, *_AUTH)},
+        },
+    },
+    "/v1/memories/{id}/history": {
+        "parameters": _ID_PARAMETER,
+        "get": {
+            "summary": "Every add, update and delete of a memory, oldest first",
+            "responses": {"200": _json(_HISTORY, "History"), **_errors(404, 422, *_AUTH)},
         },
     },
     "/v1/openapi.json": {
         "get": {
             "summary": "This document",
-            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors(*_AUTH)},
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), **_errors(422, *_AUTH)},
         }
     },
 }
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(*, keys: bool = True) -> dict[str, Any]:
+    """The document; ``keys=False`` (a server without ``GM_API_KEYS``) requires no key anywhere."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -302,7 +403,7 @@ def openapi_document() -> dict[str, Any]:
             "description": "Long-term memory for AI agents: store short texts, find the relevant ones.",
         },
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}, {"apiKey": []}],
+        "security": [{"bearer": []}, {"apiKey": []}] if keys else [],
         "components": {
             "schemas": SCHEMAS,
             "securitySchemes": {

@@ -540,7 +540,7 @@ class PostgresBackend(Backend):
     async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
         params = PgParams()
         where = scope_sql(scope, filter, now, params)
-        if cursor:
+        if cursor is not None:
             created, rowid = decode_cursor(cursor)
             where += f" AND (created_at, rowid) < ({params(created)}, {params(rowid)})"
         rows = await self.fetch(

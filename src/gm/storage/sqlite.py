@@ -8,6 +8,7 @@ import asyncio
 import builtins
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -100,14 +101,15 @@ def encode_cursor(memory: Memory, rowid: int) -> str:
     return f"{memory.created_at}.{rowid}"
 
 
+CURSOR_PATTERN = r"[0-9]{1,18}\.[0-9]{1,18}"  # created_at ms and rowid, in ASCII digits (int() takes "+5", "١٢")
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+
+
 def decode_cursor(cursor: str) -> tuple[int, int]:
-    try:
-        created, rowid = (int(part) for part in cursor.split("."))
-        if not (0 <= created < 2**63 and 0 <= rowid < 2**63):
-            raise ValueError(cursor)
-        return created, rowid
-    except ValueError:
-        raise InvalidInput("cursor is not one this server gave out; start again without it", path="cursor") from None
+    if not _CURSOR_RE.fullmatch(cursor):
+        raise InvalidInput("cursor is not one this server gave out; start again without it", path="cursor")
+    created, rowid = cursor.split(".")
+    return int(created), int(rowid)
 
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
@@ -372,7 +374,7 @@ class SQLiteBackend(Backend):
 
     async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
         where, params = scope_sql(scope, filter, now)
-        if cursor:
+        if cursor is not None:
             created, rowid = decode_cursor(cursor)
             where += " AND (created_at < ? OR (created_at = ? AND rowid < ?))"
             params += [created, created, rowid]
