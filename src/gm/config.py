@@ -16,6 +16,10 @@ DEFAULT_PORT = 8420
 DEFAULT_DB = "greatmemory.db"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+DEFAULT_MAX_CONNECTIONS = 512  # well under the usual 1024 open files, with room for the database's
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 60.0
+DEFAULT_KEEPALIVE_SECONDS = 75.0  # longer than common proxies' idle timeout (60 s), so they close first
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,58 @@ def parse_api_keys(raw: str | None) -> tuple[ApiKey, ...]:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """How many clients may be connected at once and how long each may take to send."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_SECONDS
+
+    @classmethod
+    def load(cls, flags: Mapping[str, object], env: Mapping[str, str]) -> ConnectionLimits:
+        def setting(flag: str | None, var: str, default: float, kind: type[int] | type[float]) -> float:
+            raw = flags.get(flag) if flag else None
+            name = f"--{flag.replace('_', '-')}" if raw is not None and flag else var
+            if raw is None:
+                raw = env.get(var)
+            if raw is None:
+                return default
+            try:
+                value = kind(str(raw).strip())
+            except ValueError:
+                value = 0
+            if not 0 < value < float("inf"):
+                noun = "whole number" if kind is int else "number of seconds"
+                raise InvalidInput(f"{name} must be a positive {noun}, not {str(raw)!r}")
+            return value
+
+        return cls(
+            max_connections=int(setting("max_connections", "GM_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, int)),
+            header_timeout=setting(None, "GM_HEADER_TIMEOUT_SECONDS", DEFAULT_HEADER_TIMEOUT_SECONDS, float),
+            body_timeout=setting(None, "GM_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS, float),
+            keepalive_timeout=setting(None, "GM_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, float),
+        )
+
+
+def parse_allowed_hosts(raw: str | None, name: str = "GM_ALLOWED_HOSTS") -> tuple[str, ...] | None:
+    """``GM_ALLOWED_HOSTS``: comma-separated host names (no port) the server answers to; ``*``
+    for any. None when unset: the default of :mod:`gm.http.guard` applies."""
+    if raw is None or not raw.strip():
+        return None
+    hosts: list[str] = []
+    for part in raw.split(","):
+        host = part.strip().lower().rstrip(".")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or any(c in host for c in "/@ \t") or (":" in host and host.count(":") == 1):
+            raise InvalidInput(f"{name} must list host names without ports or schemes, e.g. "
+                               f"mem.example.com,localhost; {part.strip()!r} is not one")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -56,6 +112,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
+    allowed_hosts: tuple[str, ...] | None = None
+    limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def target(self) -> str:
@@ -110,6 +168,11 @@ class ServerConfig:
             max_body_bytes=max_body,
             drain_seconds=drain,
             log_format=log_format,
+            allowed_hosts=parse_allowed_hosts(
+                str(pick("allowed_hosts", "GM_ALLOWED_HOSTS", "")),
+                "--allowed-hosts" if flags.get("allowed_hosts") is not None else "GM_ALLOWED_HOSTS",
+            ),
+            limits=ConnectionLimits.load(flags, env),
         )
 
 
