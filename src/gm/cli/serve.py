@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -54,6 +55,11 @@ async def serve(config: ServerConfig) -> int:
         log.warning("no GM_API_KEYS set: anyone who can reach the port can read and write (listening on %s)", where)
         if config.allowed_hosts is None and not is_loopback(config.host):
             log.info("requests must name this server by IP address or localhost; GM_ALLOWED_HOSTS adds names")
+
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if files != resource.RLIM_INFINITY and config.limits.max_connections + 64 > files:
+        log.warning("GM_MAX_CONNECTIONS=%d leaves too few of the %d open files (ulimit -n) for the database; "
+                    "raise the limit or lower GM_MAX_CONNECTIONS", config.limits.max_connections, files)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -146,6 +146,8 @@ class ConnectionServer(web.Server):
     under way, the newcomer gets a 503 and is closed."""
 
     def __init__(self, base: web.Server, limits: ConnectionLimits) -> None:
+        # AppRunner builds its Server from the application's private parts; take them over
+        # from it whole rather than rebuilding them.
         super().__init__(
             base.request_handler,
             request_factory=base.request_factory,
