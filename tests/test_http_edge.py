@@ -347,10 +347,15 @@ async def test_sigterm_closes_idle_connections_at_once_and_finishes_the_request_
         busy_reader, busy_writer = await asyncio.open_connection(host, int(port))
         busy_writer.write(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        late_reader, late_writer = await asyncio.open_connection(host, int(port))  # yet to send its request
         await asyncio.sleep(0.5)  # the request is in flight, its body half sent
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert await closed_by_server(idle_reader, 3), "the idle connection was kept open during the drain"
+        late_writer.write(b"GET /v1/stats HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, headers, answer = await read_response(late_reader)  # a newcomer is told, not cut off
+        assert status == 503 and orjson.loads(answer)["error"]["code"] == "draining"
+        assert headers["connection"] == "close" and await closed_by_server(late_reader, 3)
         busy_writer.write(body[10:])
         status, headers, answer = await read_response(busy_reader, timeout=10)
         assert status == 201, answer

@@ -105,6 +105,11 @@ class Connection(RequestHandler):
         """Waiting for a request of which no byte has arrived."""
         return self.awaiting_head and not self._head_begun
 
+    @property
+    def served(self) -> bool:
+        """At least one request has been read on this connection."""
+        return self._request_count > 0
+
     def _start_head_timer(self) -> None:
         self._head_timer = self._loop.call_later(self._header_timeout, self._head_timed_out)
 
@@ -179,17 +184,17 @@ class ConnectionServer(web.Server):
     def release(self, connection: Connection) -> None:
         self._open.discard(connection)
 
-    def close_idle(self) -> None:
-        """Drain start: idle connections close now; one with a request under way closes after
-        its response (which says ``Connection: close`` while draining)."""
+    def close_idle(self, *, fresh: bool = False) -> None:
+        """Close connections idle between requests; ``fresh``: also those yet to send their
+        first (at drain start these are left to get their 503 and ``Connection: close``)."""
         for connection in list(self._open):
-            if connection.idle:
+            if connection.idle and (fresh or connection.served):
                 connection.force_close()
 
     def pre_shutdown(self) -> None:
         """Stop: aiohttp's own would leave a connection whose task has not yet started waiting
         for a request that it then ignores, until the shutdown timeout; close idle ones outright."""
-        self.close_idle()
+        self.close_idle(fresh=True)
         super().pre_shutdown()
 
 
@@ -204,7 +209,8 @@ class ConnectionRunner(web.AppRunner):
         return ConnectionServer(await super()._make_server(), self.limits)
 
     def close_idle(self) -> None:
-        """Close every connection waiting for a request; busy ones close after their response."""
+        """Drain start: close keep-alive connections idle between requests; busy ones close
+        after their response, new ones after their 503."""
         if isinstance(self.server, ConnectionServer):
             self.server.close_idle()
 
