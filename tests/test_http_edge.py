@@ -16,6 +16,7 @@ import pytest
 
 from gm.config import ConnectionLimits, ServerConfig
 from gm.errors import InvalidInput
+from gm.http.connections import Connection
 from gm.http.guard import HostPolicy
 from tests.http_server import RunningServer, spawn_server, start_server, store_factory
 
@@ -189,7 +190,7 @@ async def test_idle_sockets_beyond_the_cap_do_not_starve_healthz_and_are_closed_
         for _ in range(5):  # a new client is still answered, at once, while they sit there
             async with server.session.get(server.url + "/v1/healthz", headers={"Connection": "close"}) as response:
                 assert response.status == 200
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.5
         closed = await asyncio.gather(*(closed_by_server(reader, 5) for reader, _ in sockets))
         assert all(closed)
         assert time.monotonic() - started < 4.5
@@ -210,7 +211,13 @@ async def test_over_the_cap_with_every_connection_busy_a_newcomer_gets_503_at_on
             writer.write(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 40\r\n\r\n{")
             busy.append((reader, writer))
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while True:  # until the server has read all five heads
+            connections = server.runner.server.connections if server.runner.server else []
+            if len(connections) == 5 and all(isinstance(c, Connection) and not c.awaiting_head for c in connections):
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
         reader, writer = await connect(server)
         writer.write(b"GET /v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, headers, body = await read_response(reader, timeout=1)
