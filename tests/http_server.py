@@ -16,9 +16,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gm.config import ApiKey
+from gm.config import ApiKey, ConnectionLimits
 from gm.embedding import ModelSpec
 from gm.http import ServerState, make_app
+from gm.http.connections import ConnectionRunner
+from gm.http.guard import HostPolicy
 from gm.storage import is_postgres_url
 from gm.storage.postgres import PostgresBackend
 from gm.storage.sqlite import SQLiteBackend
@@ -33,7 +35,7 @@ class RunningServer:
     session: aiohttp.ClientSession
 
     async def call(self, method: str, path: str, *, key: str | None = None, **kwargs: Any) -> tuple[int, Any]:
-        headers = kwargs.pop("headers", {})
+        headers = dict(kwargs.pop("headers", {}))
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         async with self.session.request(method, self.url + path, headers=headers, **kwargs) as response:
@@ -61,9 +63,12 @@ async def start_server(
     api_keys: tuple[ApiKey, ...] = (),
     max_body_bytes: int = 4 * 1024 * 1024,
     open_store: bool = True,
+    hosts: HostPolicy | None = None,
+    limits: ConnectionLimits = ConnectionLimits(),
 ) -> RunningServer:
     state = ServerState(make_store, api_keys)
-    runner = web.AppRunner(make_app(state, max_body_bytes=max_body_bytes), handle_signals=False)
+    app = make_app(state, max_body_bytes=max_body_bytes, hosts=hosts, body_timeout=limits.body_timeout)
+    runner = ConnectionRunner(app, limits, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

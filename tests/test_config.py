@@ -33,6 +33,12 @@ BAD_SERVER_VALUES = [
     ("GM_DB", "mem\x01.db".replace("\x01", "\x00")),
     ("GM_HOST", "bad\x00host"),
     ("GM_MODEL_DIR", "models\x00"),
+    ("GM_ALLOWED_HOSTS", "mem.example.com:8420"),
+    ("GM_MAX_CONNECTIONS", "lots"),
+    ("GM_MAX_CONNECTIONS", "0"),
+    ("GM_HEADER_TIMEOUT_SECONDS", "-1"),
+    ("GM_BODY_TIMEOUT_SECONDS", "nan"),
+    ("GM_KEEPALIVE_SECONDS", "inf"),
 ]
 BAD_STORE_VALUES = [
     ("GM_EMBED_THREADS", "many"),

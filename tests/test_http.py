@@ -14,6 +14,8 @@ from gm.http.openapi import openapi_document
 from gm.memory import MAX_BATCH, MAX_TTL_SECONDS
 from tests.http_server import RunningServer, start_server, store_factory
 
+JSON = {"Content-Type": "application/json"}
+
 
 @pytest.fixture
 async def server(target: str) -> AsyncIterator[RunningServer]:
@@ -164,7 +166,7 @@ async def test_bulk_delete_and_list_paging(server: RunningServer) -> None:
 
 
 async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
-    status, body = await server.call("POST", "/v1/memories", data=b'{"text": "unterminated')
+    status, body = await server.call("POST", "/v1/memories", data=b'{"text": "unterminated', headers=JSON)
     assert status == 400 and error_code(body) == "malformed_json"
     status, body = await server.call("POST", "/v1/memories", json=["not", "an", "object"])
     assert status == 422
@@ -178,7 +180,7 @@ async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
     assert status == 405 and error_code(body) == "method_not_allowed"
     status, body = await server.call("PATCH", "/v1/memories/nope", json={"text": "x"})
     assert status == 404
-    status, body = await server.call("PATCH", "/v1/memories/nope", data=b"{")
+    status, body = await server.call("PATCH", "/v1/memories/nope", data=b"{", headers=JSON)
     assert status == 400
     status, stats = await server.call("GET", "/v1/stats")
     assert stats["memories"] == 0
@@ -306,7 +308,8 @@ async def test_every_error_body_has_details(tmp_path: Path) -> None:
             (keyed, "GET", "/v1/memories/unknown", {"key": key}, 404),
             (keyed, "PUT", "/v1/memories", {"key": key}, 405),
             (keyed, "POST", "/v1/memories", {"key": key, "json": {"text": "x" * 2000}}, 413),
-            (keyed, "POST", "/v1/memories", {"key": key, "data": b"{"}, 400),
+            (keyed, "POST", "/v1/memories", {"key": key, "data": b"{", "headers": dict(JSON)}, 400),
+                (keyed, "POST", "/v1/memories", {"key": key, "data": b"{}"}, 415),
             (keyed, "PATCH", "/v1/memories/unknown", {"key": key, "json": {}}, 422),
             (starting, "GET", "/v1/stats", {}, 503),
         ]:

@@ -26,6 +26,10 @@ DEFAULT_PORT = 8420
 DEFAULT_DB = "greatmemory.db"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+DEFAULT_MAX_CONNECTIONS = 512  # well under the usual 1024 open files, with room for the database's
+DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
+DEFAULT_BODY_TIMEOUT_SECONDS = 60.0
+DEFAULT_KEEPALIVE_SECONDS = 75.0  # longer than common proxies' idle timeout (60 s), so they close first
 
 
 # -- how a raw value is checked: each returns the value or raises ValueError saying what it expects ------
@@ -92,6 +96,21 @@ def server_url(raw: str) -> str:
     if "://" in raw:
         raise ValueError("expected an http:// or https:// URL of a greatmemory server")
     raise ValueError(f"a server's URL starts with http://; did you mean http://{raw}?")
+
+
+def allowed_hosts(raw: str) -> tuple[str, ...]:
+    """``GM_ALLOWED_HOSTS``: comma-separated host names (no port) the server answers to; ``*``
+    for any. Unset, the default of :mod:`gm.http.guard` applies."""
+    hosts: list[str] = []
+    for part in raw.split(","):
+        host = part.strip().lower().rstrip(".")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or any(c in host for c in "/@ \t") or (":" in host and host.count(":") == 1):
+            raise ValueError(f"expected host names without ports or schemes, e.g. mem.example.com,localhost; "
+                             f"{part.strip()!r} is not one")
+        hosts.append(host)
+    return tuple(hosts)
 
 
 @dataclass(frozen=True)
@@ -176,6 +195,11 @@ DRAIN_SECONDS = Setting("GM_DRAIN_SECONDS", DEFAULT_DRAIN_SECONDS, seconds(zero=
 LOG_FORMAT = Setting("GM_LOG_FORMAT", "text", choice("text", "json"), "log_format")
 URL: Setting[str | None] = Setting("GM_URL", None, server_url, "url")  # the CLI's client commands
 API_KEY: Setting[str | None] = Setting("GM_API_KEY", None, text, "api_key", secret=True)
+ALLOWED_HOSTS: Setting[tuple[str, ...] | None] = Setting("GM_ALLOWED_HOSTS", None, allowed_hosts, "allowed_hosts")
+MAX_CONNECTIONS = Setting("GM_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, whole(1, 1_000_000), "max_connections")
+HEADER_TIMEOUT = Setting("GM_HEADER_TIMEOUT_SECONDS", DEFAULT_HEADER_TIMEOUT_SECONDS, seconds(zero=False))
+BODY_TIMEOUT = Setting("GM_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS, seconds(zero=False))
+KEEPALIVE = Setting("GM_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, seconds(zero=False))
 
 
 @dataclass(frozen=True)
@@ -200,6 +224,25 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """How many clients may be connected at once and how long each may take to send."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_SECONDS
+
+    @classmethod
+    def load(cls, flags: Mapping[str, object], env: Mapping[str, str]) -> ConnectionLimits:
+        return cls(
+            max_connections=MAX_CONNECTIONS.read(env, flags),
+            header_timeout=HEADER_TIMEOUT.read(env, flags),
+            body_timeout=BODY_TIMEOUT.read(env, flags),
+            keepalive_timeout=KEEPALIVE.read(env, flags),
+        )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -212,6 +255,8 @@ class ServerConfig:
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
     store: StoreSettings = StoreSettings()
+    allowed_hosts: tuple[str, ...] | None = None
+    limits: ConnectionLimits = ConnectionLimits()
 
     @property
     def target(self) -> str:
@@ -248,6 +293,8 @@ class ServerConfig:
             drain_seconds=DRAIN_SECONDS.read(env, flags),
             log_format=LOG_FORMAT.read(env, flags),
             store=store,
+            allowed_hosts=ALLOWED_HOSTS.read(env, flags),
+            limits=ConnectionLimits.load(flags, env),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -22,16 +23,27 @@ async def serve(config: ServerConfig) -> int:
     from aiohttp import web
 
     from gm.http import ServerState, make_app
+    from gm.http.connections import ConnectionRunner
+    from gm.http.guard import HostPolicy
     from gm.store import open as open_store
 
     target = config.target
     state = ServerState(lambda: open_store(target, model_dir=config.model_dir).build(), config.api_keys)
-    app = make_app(state, max_body_bytes=config.max_body_bytes)
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log_class=logs.AccessLogger, access_log=logging.getLogger("gm.access")
+    app = make_app(
+        state,
+        max_body_bytes=config.max_body_bytes,
+        hosts=HostPolicy.serving(config),
+        body_timeout=config.limits.body_timeout,
+    )
+    runner = ConnectionRunner(
+        app,
+        config.limits,
+        handle_signals=False,
+        access_log_class=logs.AccessLogger,
+        access_log=logging.getLogger("gm.access"),
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, shutdown_timeout=config.drain_seconds)
+    site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     bound = runner.addresses[0]
     url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
@@ -41,6 +53,13 @@ async def serve(config: ServerConfig) -> int:
     if not config.api_keys:
         where = "loopback only" if is_loopback(config.host) else f"{config.host}, as --host asked"
         log.warning("no GM_API_KEYS set: anyone who can reach the port can read and write (listening on %s)", where)
+        if config.allowed_hosts is None and not is_loopback(config.host):
+            log.info("requests must name this server by IP address or localhost; GM_ALLOWED_HOSTS adds names")
+
+    files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if files != resource.RLIM_INFINITY and config.limits.max_connections + 64 > files:
+        log.warning("GM_MAX_CONNECTIONS=%d leaves too few of the %d open files (ulimit -n) for the database; "
+                    "raise the limit or lower GM_MAX_CONNECTIONS", config.limits.max_connections, files)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,6 +88,7 @@ async def serve(config: ServerConfig) -> int:
     if not opener.done():
         opener.cancel()
     state.draining = True
+    runner.close_idle()  # an idle keep-alive connection must not hold the stop back
     if code != 0:  # it never served: nothing to drain, nothing to report but the error above
         await runner.cleanup()
         await state.store.close()
@@ -115,3 +135,8 @@ def add_serve_command(sub: Any) -> None:
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (GM_LOG_FORMAT)")
     s.add_argument("--max-body-bytes", type=int, help="request body limit (GM_MAX_BODY_BYTES; default 4 MiB)")
     s.add_argument("--drain-seconds", type=float, help="how long to wait for in-flight requests on stop (30)")
+    s.add_argument(
+        "--allowed-hosts", help="comma-separated host names clients may use in the Host header, * for any "
+        "(GM_ALLOWED_HOSTS; default: IP addresses and localhost without keys, any host with keys)"
+    )
+    s.add_argument("--max-connections", type=int, help="most connections open at once (GM_MAX_CONNECTIONS; 512)")

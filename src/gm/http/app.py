@@ -14,9 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gm.config import DEFAULT_MAX_BODY_BYTES, ApiKey
+from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
+from gm.http.connections import body_middleware, close_unfinished, end_connection
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
+from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
 from gm.memory import RESERVED_IDS
@@ -121,6 +123,12 @@ async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     finally:
         state.leave()
+
+
+async def close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: while draining, every response ends its connection."""
+    if _state(request).draining:
+        end_connection(response)
 
 
 def _presented_key(request: web.Request) -> str | None:
@@ -365,13 +373,27 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
-def make_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-    """The aiohttp application for ``state``; the caller opens the store (``state.open_store``)."""
-    app = web.Application(
-        middlewares=[error_middleware, auth_middleware, lifecycle_middleware], client_max_size=max_body_bytes
-    )
+def make_app(
+    state: ServerState,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    hosts: HostPolicy | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS,
+) -> web.Application:
+    """The aiohttp application for ``state``; the caller opens the store (``state.open_store``).
+    ``hosts``: the Host headers it answers to (default: IP literals and localhost)."""
+    middlewares = [
+        error_middleware,
+        cross_site_middleware(hosts or HostPolicy()),
+        auth_middleware,
+        lifecycle_middleware,
+        body_middleware(body_timeout),
+    ]
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[STATE_KEY] = state
     app[MAX_BODY_KEY] = max_body_bytes
+    app.on_response_prepare.append(close_unfinished)
+    app.on_response_prepare.append(close_when_draining)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler)
     return app
