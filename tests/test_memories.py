@@ -17,8 +17,9 @@ import pytest
 import gm
 from gm.embedding import ModelSpec
 from gm.errors import Conflict, InvalidInput, ModelMismatch, ModelNotFound, NotFound, StoreClosed
-from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time
+from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time, now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
+from gm.storage.base import DeleteMemory, UpdateMemory
 
 
 def rfc3339(delta: timedelta) -> str:
@@ -348,6 +349,44 @@ async def test_delete_many_by_scope_and_filter(store: gm.Store) -> None:
     assert await store.delete_many(user_id="u1", filter={"topic": "travel"}) == 0
     assert await store.delete_many(namespace="work") == 1
     assert (await store.stats()).namespaces == {"default": 2}
+
+
+async def test_a_namespace_constraint_makes_a_memory_elsewhere_an_unknown_id(store: gm.Store) -> None:
+    theirs = await store.add("Theirs.", namespace="b", id="held-1", metadata={"k": "b"})
+    for call in (
+        store.get("held-1", namespace="a"),
+        store.history("held-1", namespace="a"),
+        store.update("held-1", metadata={"k": "a"}, namespace="a"),
+        store.update("held-1", text="Mine.", namespace="a"),
+        store.delete("held-1", namespace="a"),
+    ):
+        with pytest.raises(NotFound) as caught:
+            await call
+        assert caught.value.message == "no memory with id 'held-1'"  # as for an id never used
+    assert await store.get("held-1", namespace="b") == theirs == await store.get("held-1")
+    assert [e.op for e in await store.history("held-1", namespace="b")] == ["add"]
+    changed = await store.update("held-1", metadata={"k": "b2"}, namespace="b")
+    assert changed.metadata == {"k": "b2"}
+    await store.delete("held-1", namespace="b")
+    with pytest.raises(InvalidInput):
+        await store.get("held-1", namespace="")
+
+
+async def test_the_writer_checks_the_namespace_in_the_transaction_that_writes(store: gm.Store) -> None:
+    """The race a check before the write loses, driven through the store's steps: the update
+    is made (vector and all) for tenant a's memory, which is then replaced by tenant b's."""
+    await store.add("A's note.", namespace="a", id="swap-1")
+    vector = (await store.embedder.embed("A overwrites.")).tobytes()
+    update = UpdateMemory("swap-1", now_ms(), text="A overwrites.", vector=vector, namespace="a")
+    delete = DeleteMemory("swap-1", now_ms(), namespace="a")
+    await store.delete("swap-1")
+    await store.add("B's secret.", namespace="b", id="swap-1")
+    for op in (update, delete):
+        with pytest.raises(NotFound):
+            await store.backend.write(op)
+    memory = await store.get("swap-1")
+    assert (memory.namespace, memory.text) == ("b", "B's secret.")
+    assert [(h.op, h.namespace) for h in await store.history("swap-1")] == [("add", "a"), ("delete", "a"), ("add", "b")]
 
 
 # -- history and stats ------------------------------------------------------------------

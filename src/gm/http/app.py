@@ -175,12 +175,6 @@ def _namespace(request: web.Request, given: Any) -> Any:
     return given
 
 
-def _check_owner(request: web.Request, namespace: str) -> None:
-    bound = request.get(NAMESPACE_KEY)
-    if bound is not None and namespace != bound:
-        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
-
-
 def _only(body: dict[str, Any], allowed: Iterable[str]) -> None:
     names = set(allowed)
     for key in body:
@@ -272,8 +266,7 @@ async def add_memories(request: web.Request) -> web.Response:
 
 
 async def get_memory(request: web.Request) -> web.Response:
-    memory = await _state(request).store.get(request.match_info["id"])
-    _check_owner(request, memory.namespace)
+    memory = await _state(request).store.get(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return json_response(memory.to_dict())
 
 
@@ -295,8 +288,6 @@ async def update_memory(request: web.Request) -> web.Response:
     store = _state(request).store
     body = await _body(request)
     _only(body, ["text", "metadata", "expires_at"])
-    memory_id = request.match_info["id"]
-    _check_owner(request, (await store.get(memory_id)).namespace)
     changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
@@ -304,26 +295,20 @@ async def update_memory(request: web.Request) -> web.Response:
         raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
     if "text" in body and body["text"] is None:
         raise InvalidInput("text must be a non-empty string", path="text")
-    memory = await store.update(memory_id, **changes)
+    # A bound key's namespace goes with the write: an id in another namespace is a 404, as an
+    # unknown one is, decided in the transaction that writes (never by a read before it).
+    memory = await store.update(request.match_info["id"], namespace=request.get(NAMESPACE_KEY), **changes)
     return json_response(memory.to_dict())
 
 
 async def delete_memory(request: web.Request) -> web.Response:
-    store = _state(request).store
-    memory_id = request.match_info["id"]
-    _check_owner(request, (await store.get(memory_id)).namespace)
-    await store.delete(memory_id)
+    await _state(request).store.delete(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return web.Response(status=204)
 
 
 async def memory_history(request: web.Request) -> web.Response:
-    entries = await _state(request).store.history(request.match_info["id"])
-    bound = request.get(NAMESPACE_KEY)
-    if bound is not None:  # an id can be reused in another namespace after a delete: show only the key's own
-        own = [e for e in entries if e.namespace == bound]
-        if not own:
-            _check_owner(request, entries[-1].namespace)
-        entries = own
+    # A bound key sees only its namespace's changes: an id freed by a delete may be taken elsewhere since.
+    entries = await _state(request).store.history(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return json_response({"history": [e.to_dict() for e in entries]})
 
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gm.errors import Conflict, ModelMismatch
+from gm.errors import Conflict, ModelMismatch, NotFound
 from gm.filters import Filter
 from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
 
@@ -27,18 +27,26 @@ class AddMemories:
 
 @dataclass(slots=True)
 class UpdateMemory:
+    """Change the live memory ``id``; with ``namespace``, only if it lies in that namespace
+    (checked in the transaction that writes, so a memory that another tenant added under the
+    same id meanwhile is never touched)."""
+
     id: str
     now: int
     text: str | None = None
     vector: bytes | None = None
     metadata: dict[str, Any] | None = None
     expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
+    namespace: str | None = None
 
 
 @dataclass(slots=True)
 class DeleteMemory:
+    """Delete the live memory ``id``; with ``namespace``, only if it lies in that namespace."""
+
     id: str
     now: int
+    namespace: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +80,22 @@ def updated(old: Memory, op: UpdateMemory) -> Memory:
         old.created_at, op.now,
         old.expires_at if op.expires_at is UNSET else op.expires_at,
     )
+
+
+def live_by_id(memory_id: str, now: int, namespace: str | None, param: Callable[[Any], str]) -> str:
+    """The WHERE clause for the live memory ``memory_id`` (in ``namespace``, if given), its
+    values passed through ``param``, which returns each one's placeholder. The Writers put it
+    in the statement that locks or deletes the row: the namespace check and the write are one."""
+    clause = f"id = {param(memory_id)} AND (expires_at IS NULL OR expires_at > {param(now)})"
+    if namespace is not None:
+        clause += f" AND namespace = {param(namespace)}"
+    return clause
+
+
+def unknown_id(memory_id: str) -> NotFound:
+    """The one answer for an id that names no live memory, or one in a namespace the caller
+    may not see: the two are indistinguishable."""
+    return NotFound(f"no memory with id {memory_id!r}")
 
 
 def id_conflict(memory_id: str) -> Conflict:
@@ -140,7 +164,8 @@ class Backend(abc.ABC):
     async def write(self, op: WriteOp) -> Any: ...
 
     @abc.abstractmethod
-    async def get(self, memory_id: str, now: int) -> Memory | None: ...
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        """The live memory ``memory_id`` (only if it lies in ``namespace``, when given)."""
 
     @abc.abstractmethod
     async def get_by_ids(self, ids: list[str], now: int) -> dict[str, Memory]: ...
@@ -154,7 +179,9 @@ class Backend(abc.ABC):
     ) -> Page: ...
 
     @abc.abstractmethod
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]: ...
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        """The changes of ``memory_id`` in commit order (only those in ``namespace``, when given:
+        an id freed by a delete may have been taken in another namespace since)."""
 
     @abc.abstractmethod
     async def keyword_search(

@@ -24,7 +24,7 @@ import numpy as np
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -43,7 +43,9 @@ from gm.storage.base import (
     WriteOp,
     WriteResult,
     id_conflict,
+    live_by_id,
     model_mismatch,
+    unknown_id,
     updated,
 )
 from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
@@ -211,9 +213,9 @@ class PgWriter(Actor[WriteOp]):
         if isinstance(op, UpdateMemory):
             return await self._update(conn, op)
         if isinstance(op, DeleteMemory):
-            return await self._delete_where(
-                conn, "id = $1 AND (expires_at IS NULL OR expires_at > $2)", [op.id, op.now], op.now, missing=op.id
-            )
+            params = PgParams()
+            where = live_by_id(op.id, op.now, op.namespace, params)
+            return await self._delete_where(conn, where, params.values, op.now, missing=op.id)
         if isinstance(op, DeleteWhere):
             params = PgParams()
             where = scope_sql(op.scope, op.filter, op.now, params)
@@ -274,12 +276,11 @@ class PgWriter(Actor[WriteOp]):
         return WriteResult(out, changes)
 
     async def _update(self, conn: asyncpg.Connection, op: UpdateMemory) -> WriteResult:
-        row = await conn.fetchrow(
-            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2) FOR UPDATE",
-            op.id, op.now,
-        )
+        by_id = PgParams()
+        where = live_by_id(op.id, op.now, op.namespace, by_id)
+        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE {where} FOR UPDATE", *by_id.values)
         if row is None:
-            raise NotFound(f"no memory with id {op.id!r}")
+            raise unknown_id(op.id)
         rowid, old = row[0], memory_from_row(row)
         memory = updated(old, op)
         meta = orjson.dumps(memory.metadata).decode()
@@ -303,7 +304,7 @@ class PgWriter(Actor[WriteOp]):
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", *params
         )
         if missing is not None and not rows:
-            raise NotFound(f"no memory with id {missing!r}")
+            raise unknown_id(missing)
         await self._history(conn, "delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
@@ -512,11 +513,10 @@ class PostgresBackend(Backend):
         rows = await self.fetch(sql, *params)
         return rows[0][0] if rows else None
 
-    async def get(self, memory_id: str, now: int) -> Memory | None:
-        rows = await self.fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2)",
-            memory_id, now,
-        )
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        params = PgParams()
+        where = live_by_id(memory_id, now, namespace, params)
+        rows = await self.fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", *params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
@@ -551,9 +551,11 @@ class PostgresBackend(Backend):
         )
         return page_from_rows(rows, limit)
 
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        in_namespace = "" if namespace is None else " AND namespace = $2"
         rows = await self.fetch(
-            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1 ORDER BY seq", memory_id
+            f"SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1{in_namespace} ORDER BY seq",
+            *([memory_id] if namespace is None else [memory_id, namespace]),
         )
         return [history_from_row(r) for r in rows]
 

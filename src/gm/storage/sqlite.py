@@ -18,7 +18,7 @@ import aiosqlite
 import orjson
 
 from gm.actor import Actor, Envelope
-from gm.errors import GMError, InvalidInput, NotFound, StorageUnavailable
+from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -36,7 +36,9 @@ from gm.storage.base import (
     WriteOp,
     WriteResult,
     id_conflict,
+    live_by_id,
     model_mismatch,
+    unknown_id,
     updated,
 )
 from gm.storage.sqlite_files import DatabaseLock
@@ -94,6 +96,17 @@ def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -
         clauses.append(sql)
         params.extend(filter_params)
     return " AND ".join(clauses), params
+
+
+class Marks:
+    """Collects query parameters for ``?`` placeholders (what PgParams is for ``$n``)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return "?"
 
 
 def encode_cursor(memory: Memory, rowid: int) -> str:
@@ -175,7 +188,9 @@ class Writer(Actor[WriteOp]):
         if isinstance(op, UpdateMemory):
             return await self._update(op)
         if isinstance(op, DeleteMemory):
-            return await self._delete_where("id = ? AND " + LIVE, [op.id, op.now], op.now, missing=op.id)
+            by_id = Marks()
+            where = live_by_id(op.id, op.now, op.namespace, by_id)
+            return await self._delete_where(where, by_id.values, op.now, missing=op.id)
         if isinstance(op, DeleteWhere):
             where, params = scope_sql(op.scope, op.filter, op.now)
             return await self._delete_where(where, params, op.now)
@@ -230,9 +245,11 @@ class Writer(Actor[WriteOp]):
         return WriteResult(out, changes)
 
     async def _update(self, op: UpdateMemory) -> WriteResult:
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [op.id, op.now])
+        by_id = Marks()
+        where = live_by_id(op.id, op.now, op.namespace, by_id)
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", by_id.values)
         if not rows:
-            raise NotFound(f"no memory with id {op.id!r}")
+            raise unknown_id(op.id)
         rowid, old = rows[0][0], memory_from_row(rows[0])
         memory = updated(old, op)
         meta = orjson.dumps(memory.metadata).decode()
@@ -251,7 +268,7 @@ class Writer(Actor[WriteOp]):
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", params
         )
         if missing is not None and not rows:
-            raise NotFound(f"no memory with id {missing!r}")
+            raise unknown_id(missing)
         await self._history("delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
@@ -349,8 +366,10 @@ class SQLiteBackend(Backend):
             except sqlite3.Error as exc:
                 raise StorageUnavailable(f"reading {self.path} failed: {exc}") from None
 
-    async def get(self, memory_id: str, now: int) -> Memory | None:
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [memory_id, now])
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        params = Marks()
+        where = live_by_id(memory_id, now, namespace, params)
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
@@ -381,9 +400,11 @@ class SQLiteBackend(Backend):
         )
         return page_from_rows(rows, limit)
 
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        in_namespace = "" if namespace is None else " AND namespace = ?"
         rows = await self._fetch(
-            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
+            f"SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ?{in_namespace} ORDER BY seq",
+            [memory_id] if namespace is None else [memory_id, namespace],
         )
         return [history_from_row(r) for r in rows]
 
