@@ -16,10 +16,19 @@ import pytest
 
 import gm
 from gm.embedding import ModelSpec
-from gm.errors import Conflict, InvalidInput, ModelMismatch, ModelNotFound, NotFound, StoreClosed
+from gm.errors import (
+    Conflict,
+    InvalidInput,
+    ModelMismatch,
+    ModelNotFound,
+    NotFound,
+    StorageUnavailable,
+    StoreClosed,
+)
 from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time, now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import DeleteMemory, UpdateMemory
+from tests.conftest import pg_fetch
 
 
 def rfc3339(delta: timedelta) -> str:
@@ -387,6 +396,19 @@ async def test_the_writer_checks_the_namespace_in_the_transaction_that_writes(st
     memory = await store.get("swap-1")
     assert (memory.namespace, memory.text) == ("b", "B's secret.")
     assert [(h.op, h.namespace) for h in await store.history("swap-1")] == [("add", "a"), ("delete", "a"), ("add", "b")]
+
+
+async def test_a_write_to_a_dropped_table_is_storage_unavailable_not_bad_input(store: gm.Store, target: str) -> None:
+    """Someone dropped ``memories``: the database cannot serve (503), the caller's input was fine (not 422)."""
+    memory = await store.add("Kept until the table goes.")
+    if is_postgres_url(target):
+        await pg_fetch(target, "DROP TABLE memories CASCADE")
+    else:
+        with sqlite3.connect(target) as conn:
+            conn.execute("DROP TABLE memories")
+    for call in (store.add("Never stored."), store.update(memory.id, metadata={"k": 1}), store.delete(memory.id)):
+        with pytest.raises(StorageUnavailable):
+            await call
 
 
 # -- history and stats ------------------------------------------------------------------

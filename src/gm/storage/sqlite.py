@@ -125,11 +125,14 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
 _STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
+# ...except that SQLITE_ERROR also says a table or column is missing: the schema is damaged
+# (someone dropped a table), and the database cannot serve until it is restored.
+_SCHEMA_MISSING = ("no such table", "no such column")
 
 
 def _statement_error(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _STATEMENT_ERRORS
+    return code is not None and code & 0xFF in _STATEMENT_ERRORS and not str(exc).startswith(_SCHEMA_MISSING)
 
 
 class Writer(Actor[WriteOp]):
@@ -364,6 +367,8 @@ class SQLiteBackend(Backend):
             try:
                 return list(await conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
+                if _statement_error(exc):  # as on Postgres: a value the query could not take is the caller's
+                    raise InvalidInput(f"the database refused the query: {exc}") from None
                 raise StorageUnavailable(f"reading {self.path} failed: {exc}") from None
 
     async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
