@@ -534,6 +534,9 @@ BAD_ADDS: list[tuple[dict[str, Any], str]] = [
     ({"text": "ok", "metadata": "topic=travel"}, "metadata"),
     ({"text": "ok", "metadata": {"when": object()}}, "metadata"),
     ({"text": "ok", "metadata": {"big": "x" * 70_000}}, "metadata"),
+    ({"text": "ok", "metadata": {"a": {"b": [1, 2**64]}}}, "metadata.a.b[1]"),  # not rounded to a float
+    ({"text": "ok", "metadata": {"n": 2**63}}, "metadata.n"),  # past what SQLite's JSON keeps exact
+    ({"text": "ok", "metadata": {"n": -(2**63) - 1}}, "metadata.n"),
     ({"text": "a NUL \x00 in the text"}, "text"),  # neither backend's text type stores it the same way
     ({"text": "ok", "metadata": {"k": ["x\x00y"]}}, "metadata"),
     ({"text": "ok", "metadata": {"k\x00": 1}}, "metadata"),
@@ -547,6 +550,8 @@ BAD_ADDS: list[tuple[dict[str, Any], str]] = [
     ({"text": "ok", "session_id": "s" * 257}, "session_id"),
     ({"text": "ok", "ttl_seconds": 0}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": -5}, "ttl_seconds"),
+    ({"text": "ok", "ttl_seconds": 0.0001}, "ttl_seconds"),  # expired on arrival, like a past expires_at
+    ({"text": "ok", "ttl_seconds": 0.0009}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": "60"}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": True}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": 1e20}, "ttl_seconds"),  # past year 9999, and past SQLite's 64-bit integers

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gm.errors import InvalidFilter
+from gm.memory import INT64_MAX, INT64_MIN
 
 Scalar = str | int | float | bool | None
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 16  # nesting of $and / $or / $not
 MAX_CONDITIONS = 256  # field conditions and $in / $nin values, all told
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")

@@ -19,6 +19,7 @@ from gm.config import DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.openapi import openapi_document
+from gm.memory import parse_json
 from gm.store import Store
 
 log = logging.getLogger("gm.http")
@@ -149,7 +150,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def _body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
-        body = orjson.loads(raw) if raw else None
+        body = parse_json(raw) if raw else None
     except orjson.JSONDecodeError as exc:
         raise _BadJson(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -197,7 +198,7 @@ def _query_filter(request: web.Request) -> Any:
     if raw is None:
         return None
     try:
-        return orjson.loads(raw)
+        return parse_json(raw)
     except orjson.JSONDecodeError:
         raise InvalidInput("filter must be a JSON object (URL-encoded)", path="filter") from None
 
