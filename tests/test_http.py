@@ -207,7 +207,7 @@ async def test_integers_past_64_bits_are_refused_by_name_not_rounded(server: Run
     assert status == 422 and page["error"]["details"]["path"] == "filter.n"
     status, page = await server.call("GET", "/v1/memories", params={"filter": '{"n": 9223372036854775807}'})
     assert [m["metadata"] for m in page["memories"]] == [{"n": 2**63 - 1}]  # the largest is kept exact
-    status, body = await server.call("POST", "/v1/memories", json={"text": "a long number in text 12345678901234567890"})
+    status, body = await server.call("POST", "/v1/memories", json={"text": "a long number: 12345678901234567890"})
     assert status == 201 and body["text"].endswith("12345678901234567890")
 
 
