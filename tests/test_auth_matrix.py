@@ -16,6 +16,7 @@ import pytest
 
 from gm.config import parse_api_keys
 from gm.storage.base import DeleteMemory, UpdateMemory, WriteOp
+from tests.conftest import WriteGate
 from tests.http_server import RunningServer, start_server, store_factory
 
 ADMIN = "admin-key-0123456789abcdef"
@@ -147,25 +148,6 @@ def _with_id(body: Any, old: str, new: str) -> Any:
     return {"error": error}
 
 
-class WriteGate:
-    """Holds the first write of one kind at the backend's door until released: the moment
-    between a request's checks and its write, made to last (a stand-in for timing only)."""
-
-    def __init__(self, server: RunningServer, kind: type[WriteOp]) -> None:
-        self.kind = kind
-        self.reached = asyncio.Event()
-        self.released = asyncio.Event()
-        backend = server.state.store.backend
-        self.write = backend.write
-        backend.write = self._write  # type: ignore[method-assign]
-
-    async def _write(self, op: WriteOp) -> Any:
-        if isinstance(op, self.kind) and not self.reached.is_set():
-            self.reached.set()
-            await asyncio.wait_for(self.released.wait(), 60)
-        return await self.write(op)
-
-
 async def _replace_with_bs(server: RunningServer, memory_id: str) -> None:
     """A's memory goes and B adds one under the same id, while A's request waits at the gate."""
     status, _ = await server.call("DELETE", f"/v1/memories/{memory_id}", key=ADMIN)
@@ -186,7 +168,7 @@ async def test_a_memory_replaced_by_another_tenant_meanwhile_is_never_touched(
     server: RunningServer, method: str, kind: type[WriteOp], body: dict[str, Any] | None
 ) -> None:
     await add(server, KEY_A, "shared-1", "a note")
-    gate = WriteGate(server, kind)
+    gate = WriteGate(server.state.store.backend, kind)
     a = Tenant(server, KEY_A)
     request = asyncio.create_task(a.call(method, "/v1/memories/shared-1", **({"json": body} if body else {})))
     await asyncio.wait_for(gate.reached.wait(), 60)  # A's request passed every check before its write

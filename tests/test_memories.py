@@ -28,7 +28,7 @@ from gm.errors import (
 from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time, now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import DeleteMemory, UpdateMemory
-from tests.conftest import pg_fetch
+from tests.conftest import WriteGate, pg_fetch
 
 
 def rfc3339(delta: timedelta) -> str:
@@ -431,6 +431,30 @@ async def test_history_records_add_update_delete_oldest_first(store: gm.Store) -
     assert times == sorted(times) and times[0] == memory.created_at
     with pytest.raises(NotFound):
         await store.history("never-existed")
+
+
+async def test_history_is_in_commit_order_and_stamped_at_commit(store: gm.Store) -> None:
+    """An update that arrived first but commits last is stamped last: times follow commit order."""
+    memory = await store.add("Likes tea.")
+    gate = WriteGate(store.backend, UpdateMemory)
+    first = asyncio.create_task(store.update(memory.id, metadata={"n": 1}))
+    await asyncio.wait_for(gate.reached.wait(), 60)
+    await asyncio.sleep(0.02)  # the second update arrives well after the first
+    second = await store.update(memory.id, metadata={"n": 2})
+    gate.released.set()
+    last = await asyncio.wait_for(first, 60)
+    history = await store.history(memory.id)
+    assert [e.metadata for e in history] == [{}, {"n": 2}, {"n": 1}]  # commit order
+    times = [e.at for e in history]
+    assert times == sorted(times) and times[0] == memory.created_at
+    assert [second.updated_at, last.updated_at] == times[1:]  # a memory's updated_at is its history's time
+    assert (await store.get(memory.id)).updated_at == last.updated_at
+
+
+async def test_a_ttl_counts_from_the_commit(store: gm.Store) -> None:
+    memory = await store.add("Brief.", ttl_seconds=30)
+    assert memory.expires_at == memory.created_at + 30_000 and memory.updated_at == memory.created_at
+    assert await store.get(memory.id) == memory
 
 
 async def test_stats_counts_per_namespace(store: gm.Store, target: str) -> None:

@@ -143,6 +143,7 @@ class NewMemory:
     vector: bytes = b""
     created_at: int | None = None  # set only by imports, which keep the original times
     updated_at: int | None = None
+    ttl_ms: int | None = None  # the expiry was given as a TTL: it counts from the commit
 
     def same_content(self, other: Memory) -> bool:
         return (
@@ -406,4 +407,5 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     )
     metadata = check_metadata(data.get("metadata"), prefix + "metadata")
     expires_at = check_expiry(data.get("expires_at"), data.get("ttl_seconds"), now, prefix)
-    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at)
+    ttl_ms = expires_at - now if expires_at is not None and data.get("ttl_seconds") is not None else None
+    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at, ttl_ms=ttl_ms)

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gm.actor import Actor
 from gm.errors import Conflict, ModelMismatch, NotFound
 from gm.filters import Filter
-from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
+from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, now_ms
 
 UNSET: Any = object()
 
@@ -71,15 +72,41 @@ class RecordModel:
 WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel
 
 
-def updated(old: Memory, op: UpdateMemory) -> Memory:
-    """``old`` with the update's fields applied (what the Writers store and return)."""
+def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
+    """``old`` with the update's fields applied at commit time ``stamp`` (what the Writers
+    store and return)."""
     return Memory(
         old.id, old.namespace, old.user_id, old.agent_id, old.session_id,
         op.text if op.text is not None else old.text,
         op.metadata if op.metadata is not None else old.metadata,
-        old.created_at, op.now,
+        old.created_at, stamp,
         old.expires_at if op.expires_at is UNSET else op.expires_at,
     )
+
+
+def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None]:
+    """An added memory's created_at, updated_at and expires_at: an import keeps its own
+    times; any other add is created at the commit ``stamp``, and a TTL counts from then."""
+    created = item.created_at or stamp
+    expires = stamp + item.ttl_ms if item.ttl_ms is not None else item.expires_at
+    return created, item.updated_at or created, expires
+
+
+class BatchWriter(Actor[WriteOp]):
+    """What the two Writers share around their own transaction frames: a mailbox drained in
+    batches of up to 512 writes, and the commit stamp of the batch under way.
+
+    A batch's history rows, ``updated_at`` and (for adds) ``created_at`` carry its stamp,
+    taken once the batch holds the database's write lock, so history is in commit order. The
+    stamp never goes back, even if the clock does."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch=512)
+        self.stamp = 0
+
+    def next_stamp(self) -> int:
+        self.stamp = max(now_ms(), self.stamp)
+        return self.stamp
 
 
 def live_by_id(memory_id: str, now: int, namespace: str | None, param: Callable[[Any], str]) -> str:

@@ -23,7 +23,7 @@ import asyncpg
 import numpy as np
 import orjson
 
-from gm.actor import Actor, Envelope
+from gm.actor import Envelope
 from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -33,6 +33,7 @@ from gm.storage import postgres_migrations
 from gm.storage.base import (
     AddMemories,
     Backend,
+    BatchWriter,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -42,6 +43,7 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    added_times,
     id_conflict,
     live_by_id,
     model_mismatch,
@@ -127,7 +129,7 @@ def _decode_vector(data: bytes) -> bytes:
     return np.frombuffer(data[4:], dtype=">f4").astype("<f4").tobytes()
 
 
-class PgWriter(Actor[WriteOp]):
+class PgWriter(BatchWriter):
     """Drains its mailbox into one transaction on a pooled connection (a savepoint per
     message, so one refused write does not spoil the others), numbers the changed rows in
     the change feed, commits, lets the index follow, then replies: a reply is durable.
@@ -139,7 +141,7 @@ class PgWriter(Actor[WriteOp]):
     name = "pg-writer"
 
     def __init__(self, backend: PostgresBackend) -> None:
-        super().__init__(max_batch=512)
+        super().__init__()
         self.backend = backend
 
     async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
@@ -151,6 +153,7 @@ class PgWriter(Actor[WriteOp]):
                     try:
                         await transaction.start()
                         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                        self.next_stamp()  # this instance's batches commit one after another, in stamp order
                         outcomes, last_seq = await self._apply_all(conn, batch)
                     except BaseException:
                         await _rollback(transaction)
@@ -215,13 +218,13 @@ class PgWriter(Actor[WriteOp]):
         if isinstance(op, DeleteMemory):
             params = PgParams()
             where = live_by_id(op.id, op.now, op.namespace, params)
-            return await self._delete_where(conn, where, params.values, op.now, missing=op.id)
+            return await self._delete_where(conn, where, params.values, missing=op.id)
         if isinstance(op, DeleteWhere):
             params = PgParams()
             where = scope_sql(op.scope, op.filter, op.now, params)
-            return await self._delete_where(conn, where, params.values, op.now)
+            return await self._delete_where(conn, where, params.values)
         if isinstance(op, PurgeExpired):
-            result = await self._delete_where(conn, "expires_at <= $1", [op.now], op.now)
+            result = await self._delete_where(conn, "expires_at <= $1", [op.now])
             await self._prune_changes(conn, op.now)
             return result
         if isinstance(op, RecordModel):
@@ -242,14 +245,13 @@ class PgWriter(Actor[WriteOp]):
         vec = self.backend.pgvector
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
-                purged = await self._delete_where(conn, "id = $1 AND expires_at <= $2", [item.id, op.now], op.now)
+                purged = await self._delete_where(conn, "id = $1 AND expires_at <= $2", [item.id, op.now])
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created = item.created_at or op.now
-            updated = item.updated_at or created
+            created, updated, expires_at = added_times(item, self.stamp)
             values = [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                      created, updated, item.expires_at, item.vector]
+                      created, updated, expires_at, item.vector]
             rowid = await conn.fetchval(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 f"created_at, updated_at, expires_at, embedding{', vec' if vec else ''}) "
@@ -268,9 +270,9 @@ class PgWriter(Actor[WriteOp]):
                 continue
             await self._history(conn, "add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, item.expires_at)
+                            item.metadata, created, updated, expires_at)
             out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         if vec and changes:
             await self.backend.ensure_hnsw(conn, len(op.items[0].vector or b"") // 4)
         return WriteResult(out, changes)
@@ -282,10 +284,10 @@ class PgWriter(Actor[WriteOp]):
         if row is None:
             raise unknown_id(op.id)
         rowid, old = row[0], memory_from_row(row)
-        memory = updated(old, op)
+        memory = updated(old, op, self.stamp)
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = $2, metadata = $3::jsonb, expires_at = $4, updated_at = $5"
-        params: list[Any] = [rowid, memory.text, meta, memory.expires_at, op.now]
+        params: list[Any] = [rowid, memory.text, meta, memory.expires_at, memory.updated_at]
         if op.vector is not None:
             assignments += ", embedding = $6"
             params.append(op.vector)
@@ -293,19 +295,19 @@ class PgWriter(Actor[WriteOp]):
                 assignments += ", vec = $7"
                 params.append(op.vector)
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
-        await self._history(conn, "update", [(op.id, old.namespace, op.now, memory.text, meta)])
+        await self._history(conn, "update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
     async def _delete_where(
-        self, conn: asyncpg.Connection, where: str, params: list[Any], now: int, missing: str | None = None
+        self, conn: asyncpg.Connection, where: str, params: list[Any], missing: str | None = None
     ) -> WriteResult:
         rows = await conn.fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", *params
         )
         if missing is not None and not rows:
             raise unknown_id(missing)
-        await self._history(conn, "delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
+        await self._history(conn, "delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
     async def _prune_changes(self, conn: asyncpg.Connection, now: int) -> None:

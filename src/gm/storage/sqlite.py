@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from gm.actor import Actor, Envelope
+from gm.actor import Envelope
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -26,6 +26,7 @@ from gm.storage import sqlite_migrations
 from gm.storage.base import (
     AddMemories,
     Backend,
+    BatchWriter,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -35,6 +36,7 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    added_times,
     id_conflict,
     live_by_id,
     model_mismatch,
@@ -135,7 +137,7 @@ def _statement_error(exc: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in _STATEMENT_ERRORS and not str(exc).startswith(_SCHEMA_MISSING)
 
 
-class Writer(Actor[WriteOp]):
+class Writer(BatchWriter):
     """Owns the database's only write connection. Drains its mailbox into one
     transaction (group commit; each message in its own savepoint so one failure does not
     spoil the others), commits, lets the index follow, then replies: a reply is durable."""
@@ -143,7 +145,7 @@ class Writer(Actor[WriteOp]):
     name = "writer"
 
     def __init__(self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None]) -> None:
-        super().__init__(max_batch=512)
+        super().__init__()
         self.conn = conn
         self.on_commit = on_commit
 
@@ -151,6 +153,7 @@ class Writer(Actor[WriteOp]):
         outcomes: list[WriteResult | BaseException] = []
         try:
             await self.conn.execute("BEGIN IMMEDIATE")
+            self.next_stamp()  # the write lock is held from here to COMMIT: stamps follow commit order
             for envelope in batch:
                 await self.conn.execute("SAVEPOINT op")
                 try:
@@ -193,12 +196,12 @@ class Writer(Actor[WriteOp]):
         if isinstance(op, DeleteMemory):
             by_id = Marks()
             where = live_by_id(op.id, op.now, op.namespace, by_id)
-            return await self._delete_where(where, by_id.values, op.now, missing=op.id)
+            return await self._delete_where(where, by_id.values, missing=op.id)
         if isinstance(op, DeleteWhere):
             where, params = scope_sql(op.scope, op.filter, op.now)
-            return await self._delete_where(where, params, op.now)
+            return await self._delete_where(where, params)
         if isinstance(op, PurgeExpired):
-            return await self._delete_where("expires_at <= ?", [op.now], op.now)
+            return await self._delete_where("expires_at <= ?", [op.now])
         if isinstance(op, RecordModel):
             return await self._record_model(op)
         raise TypeError(f"unknown write {op!r}")
@@ -219,18 +222,17 @@ class Writer(Actor[WriteOp]):
         changes: list[IndexChange] = []
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
-                purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now], op.now)
+                purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now])
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created = item.created_at or op.now
-            updated = item.updated_at or created
+            created, updated, expires_at = added_times(item, self.stamp)
             rows = await self._fetch(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 "created_at, updated_at, expires_at, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (id) DO NOTHING RETURNING rowid",
                 [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                 created, updated, item.expires_at, item.vector],
+                 created, updated, expires_at, item.vector],
             )
             if not rows:
                 existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
@@ -242,9 +244,9 @@ class Writer(Actor[WriteOp]):
             rowid = rows[0][0]
             await self._history("add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, item.expires_at)
+                            item.metadata, created, updated, expires_at)
             out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         return WriteResult(out, changes)
 
     async def _update(self, op: UpdateMemory) -> WriteResult:
@@ -254,25 +256,25 @@ class Writer(Actor[WriteOp]):
         if not rows:
             raise unknown_id(op.id)
         rowid, old = rows[0][0], memory_from_row(rows[0])
-        memory = updated(old, op)
+        memory = updated(old, op, self.stamp)
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = ?, metadata = ?, expires_at = ?, updated_at = ?"
-        params: list[Any] = [memory.text, meta, memory.expires_at, op.now]
+        params: list[Any] = [memory.text, meta, memory.expires_at, memory.updated_at]
         if op.vector is not None:
             assignments += ", embedding = ?"
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
-        await self._history("update", [(op.id, old.namespace, op.now, memory.text, meta)])
+        await self._history("update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
-    async def _delete_where(self, where: str, params: list[Any], now: int, missing: str | None = None) -> WriteResult:
+    async def _delete_where(self, where: str, params: list[Any], missing: str | None = None) -> WriteResult:
         rows = await self._fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", params
         )
         if missing is not None and not rows:
             raise unknown_id(missing)
-        await self._history("delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
+        await self._history("delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
     async def _record_model(self, op: RecordModel) -> WriteResult:
