@@ -4,6 +4,7 @@ defaults. Every variable is documented in docs/configuration.md.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +17,28 @@ DEFAULT_PORT = 8420
 DEFAULT_DB = "greatmemory.db"
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+# A write waits at most this long for its commit, then fails with 503 instead of hanging. Past
+# SQLite's 10 s busy timeout and Postgres's 5 s lock timeout (and its one retry), so their
+# precise errors come first; short of the 30 s many HTTP clients give up at.
+DEFAULT_WRITE_TIMEOUT_SECONDS = 15.0
+MAX_WRITE_TIMEOUT_SECONDS = 3600.0
+
+
+def write_timeout_seconds(env: Mapping[str, str] = os.environ) -> float:
+    """``GM_WRITE_TIMEOUT_SECONDS`` (default 15): how long a write may wait for its commit."""
+    raw = env.get("GM_WRITE_TIMEOUT_SECONDS", "").strip()
+    if not raw:
+        return DEFAULT_WRITE_TIMEOUT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_WRITE_TIMEOUT_SECONDS:  # also refuses nan and inf
+        raise InvalidInput(
+            f"GM_WRITE_TIMEOUT_SECONDS must be a number of seconds above 0 and at most "
+            f"{MAX_WRITE_TIMEOUT_SECONDS:g}, not {raw!r}"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
     log_format: str = "text"
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS  # the backends read it from the environment
 
     @property
     def target(self) -> str:
@@ -110,6 +134,7 @@ class ServerConfig:
             max_body_bytes=max_body,
             drain_seconds=drain,
             log_format=log_format,
+            write_timeout=write_timeout_seconds(env),
         )
 
 

@@ -44,6 +44,7 @@ from gm.storage.base import (
     UNSET,
     AddMemories,
     Backend,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+PROBE_SECONDS = 2.0  # readyz's probe write: a load balancer's health check should not wait longer
 PURGE_SECONDS = float(os.environ.get("GM_PURGE_SECONDS", "60"))
 
 
@@ -421,8 +423,27 @@ class Store:
             backend=self.backend.name,
             model=self.model.identity,
             database_bytes=await self.backend.database_size(),
-            extra={"model_loaded": self.embedder.loaded, "index_ready": self._index_ready.is_set()},
+            extra={
+                "model_loaded": self.embedder.loaded,
+                "index_ready": self._index_ready.is_set(),
+                "writes": self.backend.write_health(),
+            },
         )
+
+    async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
+        """How writes are going (see :meth:`Backend.write_health`). With ``probe``, while the
+        last batch failed, the Writer is first asked to commit a one-row write (waiting at most
+        PROBE_SECONDS): health follows the database back once it heals, with no traffic needed
+        (an instance that left a load balancer's rotation gets none)."""
+        health = self.backend.write_health()
+        if probe and health["status"] == "failing":
+            try:
+                async with asyncio.timeout(PROBE_SECONDS):  # (wait_for could swallow a cancellation on 3.11)
+                    await self.backend.write(CheckWrites(now_ms()))
+            except (StorageUnavailable, TimeoutError):
+                pass  # counted by the Writer; the answer below says so
+            health = self.backend.write_health()
+        return health
 
 
 def _check_namespace(namespace: Any) -> str | None:

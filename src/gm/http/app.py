@@ -214,20 +214,33 @@ async def readyz(request: web.Request) -> web.Response:
     state = _state(request)
     phase = state.phase
     failure: GMError | None = None
+    body: dict[str, Any] = {}
     if phase == "ready":
         backend = state.store.backend
         try:
             await backend.check()
-            return json_response(
-                {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name}
-            )
+            writes = body["writes"] = await state.store.write_health(probe=True)
+            if writes["status"] == "ok":
+                return json_response(
+                    {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name, **body}
+                )
+            # Every write failing or stuck: leave the load balancer's rotation, as when the
+            # database is unreachable; the probe above brings the instance back once one commits.
+            phase, failure = "unavailable", StorageUnavailable(_writes_reason(writes))
         except StorageUnavailable as exc:  # a shared database that stopped answering
             phase, failure = "unavailable", exc
-    body: dict[str, Any] = {"status": phase}
+    body = {"status": phase, **body}
     failure = failure or state.failure or state.store.index_error
     if failure is not None:
         body["reason"] = failure.message
     return json_response(body, 503)
+
+
+def _writes_reason(writes: dict[str, Any]) -> str:
+    if writes["status"] == "blocked":
+        return (f"a write has waited {writes['oldest_pending_seconds']:.0f}s for the database, over the "
+                f"{writes['timeout_seconds']:g}s of GM_WRITE_TIMEOUT_SECONDS")
+    return f"writes are failing ({writes['consecutive_failures']} in a row): {writes['last_error']}"
 
 
 def _resident_bytes() -> int | None:

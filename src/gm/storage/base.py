@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gm.actor import Actor
-from gm.errors import Conflict, ModelMismatch, NotFound
+from gm.actor import Actor, Overdue
+from gm.errors import Conflict, GMError, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter
-from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, now_ms
+from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, format_time, now_ms
 
 UNSET: Any = object()
 
@@ -69,7 +69,15 @@ class RecordModel:
     identity: str
 
 
-WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel
+@dataclass(slots=True)
+class CheckWrites:
+    """Commit a one-row write (``meta.write_check``): readyz's probe of whether writes work
+    again after they failed, so an instance out of rotation comes back without traffic."""
+
+    now: int
+
+
+WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites
 
 
 def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
@@ -92,9 +100,32 @@ def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None]:
     return created, item.updated_at or created, expires
 
 
+class WriteHealth:
+    """How a Writer's commits are going, for readyz and ``/v1/stats``: touched only by the
+    Writer's task. A batch refused as a whole by the database (disk full, read-only, I/O
+    error, a lock or write timeout, a missing table) is a failure; a single write refused
+    for its own values (422, 404, 409) is not."""
+
+    def __init__(self) -> None:
+        self.last_commit_at: int | None = None
+        self.last_failure_at: int | None = None
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+
+    def committed(self) -> None:
+        self.last_commit_at = now_ms()
+        self.consecutive_failures = 0
+
+    def failed(self, error: GMError) -> None:
+        self.last_failure_at = now_ms()
+        self.last_error = error.message
+        self.consecutive_failures += 1
+
+
 class BatchWriter(Actor[WriteOp]):
     """What the two Writers share around their own transaction frames: a mailbox drained in
-    batches of up to 512 writes, and the commit stamp of the batch under way.
+    batches of up to 512 writes, the health of their commits, and the commit stamp of the
+    batch under way.
 
     A batch's history rows, ``updated_at`` and (for adds) ``created_at`` carry its stamp,
     taken once the batch holds the database's write lock, so history is in commit order. The
@@ -103,6 +134,7 @@ class BatchWriter(Actor[WriteOp]):
     def __init__(self) -> None:
         super().__init__(max_batch=512)
         self.stamp = 0
+        self.health = WriteHealth()
 
     def next_stamp(self) -> int:
         self.stamp = max(now_ms(), self.stamp)
@@ -139,6 +171,10 @@ def model_mismatch(stored: str, configured: str) -> ModelMismatch:
     )
 
 
+def _time_or_none(ms: int | None) -> str | None:
+    return format_time(ms) if ms is not None else None
+
+
 @dataclass(slots=True)
 class IndexChange:
     """One committed change the in-process vector index must follow.
@@ -173,6 +209,8 @@ class Backend(abc.ABC):
     name: str
     schema_version: int
     phase: str  # starting | migrating | ready | unavailable | failed
+    writer: BatchWriter | None = None
+    write_timeout: float  # seconds a write may wait for its commit before it fails (503)
 
     native_vectors = False  # True: vector_search answers; False: the store keeps an in-process index
 
@@ -187,8 +225,41 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    @abc.abstractmethod
-    async def write(self, op: WriteOp) -> Any: ...
+    async def write(self, op: WriteOp) -> Any:
+        """Hand ``op`` to the Writer; its reply once committed. A write not answered within
+        ``write_timeout`` fails with StorageUnavailable instead of hanging: withdrawn
+        unapplied if the Writer had not taken it up yet (it was queued behind a stuck
+        batch), else of unknown outcome (its batch was under way)."""
+        if self.writer is None:
+            raise StorageUnavailable("the database is not open yet")
+        try:
+            return await self.writer.ask(op, timeout=self.write_timeout)
+        except Overdue as late:
+            if late.taken:
+                raise StorageUnavailable(
+                    f"the database did not commit the write within {self.write_timeout:g}s "
+                    "(GM_WRITE_TIMEOUT_SECONDS); it may still be applied: read it back before retrying"
+                ) from None
+            raise StorageUnavailable(
+                f"the write waited {self.write_timeout:g}s (GM_WRITE_TIMEOUT_SECONDS) behind a write the "
+                "database has not finished, and was not applied; retry later"
+            ) from None
+
+    def write_health(self) -> dict[str, Any]:
+        """The Writer's health as readyz and ``/v1/stats`` show it: ``status`` is ``ok``,
+        ``failing`` (the last batch failed) or ``blocked`` (a write has waited past the timeout)."""
+        health = self.writer.health if self.writer is not None else WriteHealth()
+        waited = self.writer.oldest_wait() if self.writer is not None else 0.0
+        status = "blocked" if waited > self.write_timeout else "failing" if health.consecutive_failures else "ok"
+        return {
+            "status": status,
+            "last_commit_at": _time_or_none(health.last_commit_at),
+            "last_failure_at": _time_or_none(health.last_failure_at),
+            "last_error": health.last_error,
+            "consecutive_failures": health.consecutive_failures,
+            "oldest_pending_seconds": round(waited, 3),
+            "timeout_seconds": self.write_timeout,
+        }
 
     @abc.abstractmethod
     async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:

@@ -24,6 +24,7 @@ import numpy as np
 import orjson
 
 from gm.actor import Envelope
+from gm.config import write_timeout_seconds
 from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -34,6 +35,7 @@ from gm.storage.base import (
     AddMemories,
     Backend,
     BatchWriter,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -166,9 +168,11 @@ class PgWriter(BatchWriter):
                 if attempt == 1 and not committing:
                     log.warning("write batch of %d failed before commit, retrying: %s", len(batch), error.message)
                     continue
+                self.health.failed(error)
                 for envelope in batch:
                     envelope.fail(error)
                 return
+        self.health.committed()
         try:
             await self.backend.committed(last_seq)
         except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up
@@ -229,6 +233,13 @@ class PgWriter(BatchWriter):
             return result
         if isinstance(op, RecordModel):
             return await self._record_model(conn, op)
+        if isinstance(op, CheckWrites):
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_check', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(op.now),
+            )
+            return WriteResult(None)
         raise TypeError(f"unknown write {op!r}")
 
     async def _history(self, conn: asyncpg.Connection, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
@@ -355,8 +366,10 @@ class PostgresBackend(Backend):
         steps: tuple[postgres_migrations.Step, ...] = postgres_migrations.STEPS,
         target_version: int | None = None,
         pool_size: int = POOL_SIZE,
+        write_timeout: float | None = None,
     ) -> None:
         self.url = url
+        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
         self.where = redact(url)
         self.steps = steps
         self.target_version = target_version
@@ -466,11 +479,6 @@ class PostgresBackend(Backend):
                 except DB_ERRORS:
                     pool.terminate()
         self.pool = self.write_pool = None
-
-    async def write(self, op: WriteOp) -> Any:
-        if self.writer is None:
-            raise StorageUnavailable("the database is not open yet")
-        return await self.writer.ask(op)
 
     async def committed(self, last_seq: int | None) -> None:
         """After a commit of this instance: the in-process index (if any) follows the feed

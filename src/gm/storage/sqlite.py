@@ -18,6 +18,7 @@ import aiosqlite
 import orjson
 
 from gm.actor import Envelope
+from gm.config import write_timeout_seconds
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -27,6 +28,7 @@ from gm.storage.base import (
     AddMemories,
     Backend,
     BatchWriter,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -173,9 +175,11 @@ class Writer(BatchWriter):
             if self.conn.in_transaction:
                 await self.conn.execute("ROLLBACK")
             error = StorageUnavailable(f"the database refused the write: {exc}")
+            self.health.failed(error)
             for envelope in batch:
                 envelope.fail(error)
             return
+        self.health.committed()
         changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
         if changes:
             self.on_commit(changes)
@@ -204,6 +208,13 @@ class Writer(BatchWriter):
             return await self._delete_where("expires_at <= ?", [op.now])
         if isinstance(op, RecordModel):
             return await self._record_model(op)
+        if isinstance(op, CheckWrites):
+            await self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_check', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [str(op.now)],
+            )
+            return WriteResult(None)
         raise TypeError(f"unknown write {op!r}")
 
     async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
@@ -300,10 +311,12 @@ class SQLiteBackend(Backend):
         *,
         steps: tuple[sqlite_migrations.Step, ...] = sqlite_migrations.STEPS,
         target_version: int | None = None,
+        write_timeout: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.steps = steps
         self.target_version = target_version
+        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
         self.schema_version = 0
         self.migrator = Migrator(self._migrate)
         self.writer: Writer | None = None
@@ -350,11 +363,6 @@ class SQLiteBackend(Backend):
         if self.writer is not None:
             await self.writer.stop()
         self._lock.release()
-
-    async def write(self, op: WriteOp) -> Any:
-        if self.writer is None:
-            raise StorageUnavailable("the database is not open yet")
-        return await self.writer.ask(op)
 
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
