@@ -7,11 +7,15 @@ connection holds the database's write lock (SQLite) or locks the tables (Postgre
 from __future__ import annotations
 
 import asyncio
+import resource
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -19,7 +23,7 @@ from gm.actor import Actor, Envelope, Overdue
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS, ServerConfig, write_timeout_seconds
 from gm.errors import InvalidInput
 from gm.storage import is_postgres_url
-from tests.http_server import RunningServer, start_server, store_factory
+from tests.http_server import RunningServer, spawn_server, start_server, store_factory
 
 
 @asynccontextmanager
@@ -158,3 +162,40 @@ async def test_a_message_not_taken_up_in_time_is_withdrawn_and_never_handled() -
     assert await asyncio.wait_for(first, 10) == "done"
     await asyncio.wait_for(actor.stop(), 10)
     assert [envelope.msg for envelope in actor.held] == ["first"]
+
+
+async def test_a_full_disk_takes_readyz_out_and_it_comes_back_when_space_returns(tmp_path: Path) -> None:
+    """A real `gmem serve` whose file-size limit (RLIMIT_FSIZE) is cut to zero mid-run: every
+    write that grows a file fails as on a full disk (SQLite: "database or disk is full")."""
+    db = tmp_path / "full.db"
+    process, url = await spawn_server(tmp_path / "serve.log", "--db", str(db))
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def call(method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+                async with session.request(method, url + path, timeout=aiohttp.ClientTimeout(30), **kwargs) as r:
+                    return r.status, await r.json()
+
+            assert (await call("POST", "/v1/memories", json={"text": "before"}))[0] == 201
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (0, hard))  # the disk is full
+            status, body = await call("POST", "/v1/memories", json={"text": "x" * 20_000})
+            assert (status, body["error"]["code"]) == (503, "storage_unavailable"), body
+            status, ready = await call("GET", "/v1/readyz")
+            assert status == 503 and ready["status"] == "unavailable", ready
+            assert ready["writes"]["status"] == "failing" and "disk" in ready["writes"]["last_error"]  # I/O error
+            status, stats = await call("GET", "/v1/stats")  # reads still work
+            assert status == 200 and stats["memories"] == 1 and stats["writes"]["consecutive_failures"] >= 1
+
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (hard, hard))  # space again
+
+            async def ready_again() -> bool:
+                return (await call("GET", "/v1/readyz"))[0] == 200
+
+            await until(ready_again, 30, "ready again")
+            assert (await call("POST", "/v1/memories", json={"text": "after"}))[0] == 201
+            status, page = await call("GET", "/v1/memories")
+            assert {m["text"] for m in page["memories"]} == {"before", "after"}
+    finally:
+        process.terminate()
+        process.wait(30)
