@@ -201,3 +201,22 @@ async def sqlite_store(db_path: Path) -> AsyncIterator[gm.Store]:
     """For tests that look inside the SQLite file."""
     async with gm.open(db_path) as mem:
         yield mem
+
+
+class WriteGate:
+    """Holds the first write of one kind at a backend's door until released: the moment
+    between a caller's checks and its write, made to last. A stand-in for timing only; the
+    write itself then runs on the real Writer."""
+
+    def __init__(self, backend: Any, kind: type) -> None:
+        self.kind = kind
+        self.reached = asyncio.Event()
+        self.released = asyncio.Event()
+        self.write = backend.write
+        backend.write = self._write
+
+    async def _write(self, op: Any) -> Any:
+        if isinstance(op, self.kind) and not self.reached.is_set():
+            self.reached.set()
+            await asyncio.wait_for(self.released.wait(), 60)
+        return await self.write(op)

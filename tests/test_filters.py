@@ -157,6 +157,9 @@ MALFORMED: list[tuple[Any, str]] = [
     ({"tags": ["a", "b"]}, "filter.tags"),
     ({"trip..city": "Oslo"}, "filter.trip..city"),
     ({'say "hi"': {"$ne": 1}}, 'filter.say "hi"'),  # a key SQLite's JSON paths cannot reach
+    ({"to\x00pic": "travel"}, "filter.to\x00pic"),  # no stored key holds NUL; was a 503 on SQLite
+    ({"topic": "tra\x00vel"}, "filter.topic"),  # nor a stored string; was a 422 on Postgres only
+    ({"topic": {"$gt": "\x00"}}, "filter.topic.$gt"),
     (["topic", "travel"], "filter"),
     ("topic=travel", "filter"),
     (42, "filter"),

@@ -186,6 +186,37 @@ async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
     assert stats["memories"] == 0
 
 
+async def test_integers_past_64_bits_are_refused_by_name_not_rounded(server: RunningServer) -> None:
+    huge = "18446744073709551616"  # 2**64: orjson alone reads it as a float, silently rounded
+    json_header = {"Content-Type": "application/json"}
+    cases = [
+        ("POST", "/v1/memories", f'{{"text": "x", "metadata": {{"n": {huge}}}}}', "metadata.n"),
+        ("POST", "/v1/memories", f'{{"text": "x", "metadata": {{"a": [1, -{huge}]}}}}', "metadata.a[1]"),
+        ("POST", "/v1/memories", f'{{"memories": [{{"text": "x", "metadata": {{"n": {huge}}}}}]}}',
+         "memories[0].metadata.n"),
+        ("POST", "/v1/memories", f'{{"text": "x", "ttl_seconds": {huge}}}', "ttl_seconds"),
+        ("POST", "/v1/memories/search", f'{{"query": "x", "filter": {{"n": {huge}}}}}', "filter.n"),
+        ("POST", "/v1/memories/search", f'{{"query": "x", "limit": {huge}}}', "limit"),
+        ("POST", "/v1/memories/delete", f'{{"namespace": "default", "filter": {{"n": {{"$gt": {huge}}}}}}}',
+         "filter.n.$gt"),
+    ]
+    for method, path, body, field in cases:
+        status, answer = await server.call(method, path, data=body.encode(), headers=dict(json_header))
+        assert status == 422 and answer["error"]["details"]["path"] == field, (body, answer)
+    status, memory = await server.call("POST", "/v1/memories", json={"text": "kept", "metadata": {"n": 2**63 - 1}})
+    assert status == 201
+    status, answer = await server.call(
+        "PATCH", f"/v1/memories/{memory['id']}", data=f'{{"metadata": {{"n": {huge}}}}}'.encode(), headers=json_header
+    )
+    assert status == 422 and answer["error"]["details"]["path"] == "metadata.n"
+    status, page = await server.call("GET", "/v1/memories", params={"filter": f'{{"n": {huge}}}'})
+    assert status == 422 and page["error"]["details"]["path"] == "filter.n"
+    status, page = await server.call("GET", "/v1/memories", params={"filter": '{"n": 9223372036854775807}'})
+    assert [m["metadata"] for m in page["memories"]] == [{"n": 2**63 - 1}]  # the largest is kept exact
+    status, body = await server.call("POST", "/v1/memories", json={"text": "a long number: 12345678901234567890"})
+    assert status == 201 and body["text"].endswith("12345678901234567890")
+
+
 async def test_expiry_over_http(server: RunningServer) -> None:
     status, memory = await server.call("POST", "/v1/memories", json={"text": "short lived", "ttl_seconds": 0.05})
     assert status == 201 and memory["expires_at"] is not None

@@ -16,9 +16,19 @@ import pytest
 
 import gm
 from gm.embedding import ModelSpec
-from gm.errors import Conflict, InvalidInput, ModelMismatch, ModelNotFound, NotFound, StoreClosed
-from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time
+from gm.errors import (
+    Conflict,
+    InvalidInput,
+    ModelMismatch,
+    ModelNotFound,
+    NotFound,
+    StorageUnavailable,
+    StoreClosed,
+)
+from gm.memory import MAX_BATCH, MAX_TEXT_CHARS, format_time, now_ms
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
+from gm.storage.base import DeleteMemory, UpdateMemory
+from tests.conftest import WriteGate, pg_fetch
 
 
 def rfc3339(delta: timedelta) -> str:
@@ -350,6 +360,57 @@ async def test_delete_many_by_scope_and_filter(store: gm.Store) -> None:
     assert (await store.stats()).namespaces == {"default": 2}
 
 
+async def test_a_namespace_constraint_makes_a_memory_elsewhere_an_unknown_id(store: gm.Store) -> None:
+    theirs = await store.add("Theirs.", namespace="b", id="held-1", metadata={"k": "b"})
+    for call in (
+        store.get("held-1", namespace="a"),
+        store.history("held-1", namespace="a"),
+        store.update("held-1", metadata={"k": "a"}, namespace="a"),
+        store.update("held-1", text="Mine.", namespace="a"),
+        store.delete("held-1", namespace="a"),
+    ):
+        with pytest.raises(NotFound) as caught:
+            await call
+        assert caught.value.message == "no memory with id 'held-1'"  # as for an id never used
+    assert await store.get("held-1", namespace="b") == theirs == await store.get("held-1")
+    assert [e.op for e in await store.history("held-1", namespace="b")] == ["add"]
+    changed = await store.update("held-1", metadata={"k": "b2"}, namespace="b")
+    assert changed.metadata == {"k": "b2"}
+    await store.delete("held-1", namespace="b")
+    with pytest.raises(InvalidInput):
+        await store.get("held-1", namespace="")
+
+
+async def test_the_writer_checks_the_namespace_in_the_transaction_that_writes(store: gm.Store) -> None:
+    """The race a check before the write loses, driven through the store's steps: the update
+    is made (vector and all) for tenant a's memory, which is then replaced by tenant b's."""
+    await store.add("A's note.", namespace="a", id="swap-1")
+    vector = (await store.embedder.embed("A overwrites.")).tobytes()
+    update = UpdateMemory("swap-1", now_ms(), text="A overwrites.", vector=vector, namespace="a")
+    delete = DeleteMemory("swap-1", now_ms(), namespace="a")
+    await store.delete("swap-1")
+    await store.add("B's secret.", namespace="b", id="swap-1")
+    for op in (update, delete):
+        with pytest.raises(NotFound):
+            await store.backend.write(op)
+    memory = await store.get("swap-1")
+    assert (memory.namespace, memory.text) == ("b", "B's secret.")
+    assert [(h.op, h.namespace) for h in await store.history("swap-1")] == [("add", "a"), ("delete", "a"), ("add", "b")]
+
+
+async def test_a_write_to_a_dropped_table_is_storage_unavailable_not_bad_input(store: gm.Store, target: str) -> None:
+    """Someone dropped ``memories``: the database cannot serve (503), the caller's input was fine (not 422)."""
+    memory = await store.add("Kept until the table goes.")
+    if is_postgres_url(target):
+        await pg_fetch(target, "DROP TABLE memories CASCADE")
+    else:
+        with sqlite3.connect(target) as conn:
+            conn.execute("DROP TABLE memories")
+    for call in (store.add("Never stored."), store.update(memory.id, metadata={"k": 1}), store.delete(memory.id)):
+        with pytest.raises(StorageUnavailable):
+            await call
+
+
 # -- history and stats ------------------------------------------------------------------
 
 
@@ -370,6 +431,30 @@ async def test_history_records_add_update_delete_oldest_first(store: gm.Store) -
     assert times == sorted(times) and times[0] == memory.created_at
     with pytest.raises(NotFound):
         await store.history("never-existed")
+
+
+async def test_history_is_in_commit_order_and_stamped_at_commit(store: gm.Store) -> None:
+    """An update that arrived first but commits last is stamped last: times follow commit order."""
+    memory = await store.add("Likes tea.")
+    gate = WriteGate(store.backend, UpdateMemory)
+    first = asyncio.create_task(store.update(memory.id, metadata={"n": 1}))
+    await asyncio.wait_for(gate.reached.wait(), 60)
+    await asyncio.sleep(0.02)  # the second update arrives well after the first
+    second = await store.update(memory.id, metadata={"n": 2})
+    gate.released.set()
+    last = await asyncio.wait_for(first, 60)
+    history = await store.history(memory.id)
+    assert [e.metadata for e in history] == [{}, {"n": 2}, {"n": 1}]  # commit order
+    times = [e.at for e in history]
+    assert times == sorted(times) and times[0] == memory.created_at
+    assert [second.updated_at, last.updated_at] == times[1:]  # a memory's updated_at is its history's time
+    assert (await store.get(memory.id)).updated_at == last.updated_at
+
+
+async def test_a_ttl_counts_from_the_commit(store: gm.Store) -> None:
+    memory = await store.add("Brief.", ttl_seconds=30)
+    assert memory.expires_at == memory.created_at + 30_000 and memory.updated_at == memory.created_at
+    assert await store.get(memory.id) == memory
 
 
 async def test_stats_counts_per_namespace(store: gm.Store, target: str) -> None:
@@ -473,6 +558,9 @@ BAD_ADDS: list[tuple[dict[str, Any], str]] = [
     ({"text": "ok", "metadata": "topic=travel"}, "metadata"),
     ({"text": "ok", "metadata": {"when": object()}}, "metadata"),
     ({"text": "ok", "metadata": {"big": "x" * 70_000}}, "metadata"),
+    ({"text": "ok", "metadata": {"a": {"b": [1, 2**64]}}}, "metadata.a.b[1]"),  # not rounded to a float
+    ({"text": "ok", "metadata": {"n": 2**63}}, "metadata.n"),  # past what SQLite's JSON keeps exact
+    ({"text": "ok", "metadata": {"n": -(2**63) - 1}}, "metadata.n"),
     ({"text": "a NUL \x00 in the text"}, "text"),  # neither backend's text type stores it the same way
     ({"text": "ok", "metadata": {"k": ["x\x00y"]}}, "metadata"),
     ({"text": "ok", "metadata": {"k\x00": 1}}, "metadata"),
@@ -486,6 +574,8 @@ BAD_ADDS: list[tuple[dict[str, Any], str]] = [
     ({"text": "ok", "session_id": "s" * 257}, "session_id"),
     ({"text": "ok", "ttl_seconds": 0}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": -5}, "ttl_seconds"),
+    ({"text": "ok", "ttl_seconds": 0.0001}, "ttl_seconds"),  # expired on arrival, like a past expires_at
+    ({"text": "ok", "ttl_seconds": 0.0009}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": "60"}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": True}, "ttl_seconds"),
     ({"text": "ok", "ttl_seconds": 1e20}, "ttl_seconds"),  # past year 9999, and past SQLite's 64-bit integers

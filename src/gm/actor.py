@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Generic, TypeVar
 
 from gm.errors import StoreClosed
@@ -19,14 +20,33 @@ Msg = TypeVar("Msg")
 _STOP = object()
 
 
-class Envelope(Generic[Msg]):
-    """A message and the future its sender awaits."""
+class Overdue(Exception):
+    """No reply within the ``timeout`` given to :meth:`Actor.ask`. ``taken`` False: the
+    message was withdrawn before the actor took it up (it never will); True: the actor was
+    handling it, so it may still take effect."""
 
-    __slots__ = ("msg", "reply")
+    def __init__(self, taken: bool) -> None:
+        super().__init__("taken up, not answered in time" if taken else "withdrawn before it was taken up")
+        self.taken = taken
+
+
+def _unheard(reply: asyncio.Future[Any]) -> None:
+    """The late outcome of a message whose sender stopped waiting: nobody will read it."""
+    if not reply.cancelled():
+        reply.exception()
+
+
+class Envelope(Generic[Msg]):
+    """A message, the future its sender awaits, when it was sent, and whether the actor has
+    taken it up."""
+
+    __slots__ = ("msg", "reply", "queued_at", "taken")
 
     def __init__(self, msg: Msg, reply: asyncio.Future[Any]) -> None:
         self.msg = msg
         self.reply = reply
+        self.queued_at = time.monotonic()
+        self.taken = False
 
     def answer(self, result: Any) -> None:
         if not self.reply.done():
@@ -52,19 +72,44 @@ class Actor(Generic[Msg]):
         self._mailbox: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._oldest_unanswered: float | None = None  # queued_at of the batch under way, if any
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def ask(self, msg: Msg) -> Any:
-        """Send ``msg`` and wait for the actor's reply (or its exception)."""
+    async def ask(self, msg: Msg, timeout: float | None = None) -> Any:
+        """Send ``msg`` and wait for the actor's reply (or its exception); after ``timeout``
+        seconds raise :class:`Overdue`, withdrawing the message if it was not taken up yet."""
         if self._closing:
             raise StoreClosed(f"the {self.name} has stopped; open the store again")
         self.start()
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait(Envelope(msg, reply))
-        return await reply
+        envelope = Envelope(msg, reply)
+        self._mailbox.put_nowait(envelope)
+        if timeout is None:
+            return await reply
+        # asyncio.wait, not wait_for: on 3.11 wait_for can swallow the caller's cancellation
+        # when the reply lands at the same moment, and a cancelled task would then run on.
+        try:
+            await asyncio.wait([reply], timeout=timeout)
+        finally:
+            if not reply.done():  # overdue, or the caller was cancelled
+                if envelope.taken:
+                    reply.add_done_callback(_unheard)
+                else:
+                    reply.cancel()  # withdrawn: the loop below drops it unhandled
+        if reply.cancelled():
+            raise Overdue(False)
+        if not reply.done():
+            raise Overdue(True)
+        return reply.result()
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest message not yet answered has waited (0 when idle): the batch
+        under way holds the oldest, since the mailbox is first in, first out."""
+        since = self._oldest_unanswered
+        return 0.0 if since is None else time.monotonic() - since
 
     async def handle(self, batch: list[Envelope[Msg]]) -> None:
         raise NotImplementedError
@@ -98,12 +143,18 @@ class Actor(Generic[Msg]):
                     if len(batch) >= self.max_batch or self._mailbox.empty():
                         break
                     item = self._mailbox.get_nowait()
+                batch = [envelope for envelope in batch if not envelope.reply.done()]  # not withdrawn
                 if batch:
+                    for envelope in batch:
+                        envelope.taken = True
+                    self._oldest_unanswered = batch[0].queued_at
                     try:
                         await self.handle(batch)
                     except Exception as exc:  # a bug in handle must not kill the actor
                         log.exception("%s failed a batch of %d", self.name, len(batch))
                         for envelope in batch:
                             envelope.fail(exc)
+                    finally:
+                        self._oldest_unanswered = None
         finally:
             await self.on_stop()

@@ -30,6 +30,11 @@ DEFAULT_MAX_CONNECTIONS = 512  # well under the usual 1024 open files, with room
 DEFAULT_HEADER_TIMEOUT_SECONDS = 10.0
 DEFAULT_BODY_TIMEOUT_SECONDS = 60.0
 DEFAULT_KEEPALIVE_SECONDS = 75.0  # longer than common proxies' idle timeout (60 s), so they close first
+# A write waits at most this long for its commit, then fails with 503 instead of hanging. Past
+# SQLite's 10 s busy timeout and Postgres's 5 s lock timeout (and its one retry), so their
+# precise errors come first; short of the 30 s many HTTP clients give up at.
+DEFAULT_WRITE_TIMEOUT_SECONDS = 15.0
+MAX_WRITE_TIMEOUT_SECONDS = 3600.0
 
 
 # -- how a raw value is checked: each returns the value or raises ValueError saying what it expects ------
@@ -50,9 +55,12 @@ def whole(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def seconds(*, zero: bool) -> Callable[[str], float]:
-    """A finite number of seconds in plain ASCII, above zero (or at least zero when ``zero``)."""
+def seconds(*, zero: bool, most: float = math.inf) -> Callable[[str], float]:
+    """A finite number of seconds in plain ASCII, above zero (or at least zero when ``zero``),
+    at most ``most``."""
     expected = "a number of seconds, 0 or more" if zero else "a number of seconds above 0"
+    if most < math.inf:
+        expected += f" and at most {most:g}"
 
     def parse(raw: str) -> float:
         try:
@@ -61,7 +69,7 @@ def seconds(*, zero: bool) -> Callable[[str], float]:
             value = float(raw)
         except ValueError:
             raise ValueError(f"expected {expected}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or value > most:
             raise ValueError(f"expected {expected}")
         return value
 
@@ -200,6 +208,14 @@ MAX_CONNECTIONS = Setting("GM_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, whole(1
 HEADER_TIMEOUT = Setting("GM_HEADER_TIMEOUT_SECONDS", DEFAULT_HEADER_TIMEOUT_SECONDS, seconds(zero=False))
 BODY_TIMEOUT = Setting("GM_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS, seconds(zero=False))
 KEEPALIVE = Setting("GM_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, seconds(zero=False))
+WRITE_TIMEOUT = Setting(
+    "GM_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT_SECONDS, seconds(zero=False, most=MAX_WRITE_TIMEOUT_SECONDS)
+)
+
+
+def write_timeout_seconds(env: Mapping[str, str] | None = None) -> float:
+    """``GM_WRITE_TIMEOUT_SECONDS`` (default 15): how long a write may wait for its commit."""
+    return WRITE_TIMEOUT.read(env)
 
 
 @dataclass(frozen=True)
@@ -211,6 +227,7 @@ class StoreSettings:
     blas_threads: int = 1
     purge_seconds: float = 60.0
     schema_cap: int | None = None
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None) -> StoreSettings:
@@ -220,6 +237,7 @@ class StoreSettings:
             blas_threads=BLAS_THREADS.read(env),
             purge_seconds=PURGE_SECONDS.read(env),
             schema_cap=TEST_SCHEMA_CAP.read(env),
+            write_timeout=WRITE_TIMEOUT.read(env),
         )
 
 
@@ -257,6 +275,7 @@ class ServerConfig:
     store: StoreSettings = StoreSettings()
     allowed_hosts: tuple[str, ...] | None = None
     limits: ConnectionLimits = ConnectionLimits()
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS
 
     @property
     def target(self) -> str:
@@ -295,6 +314,7 @@ class ServerConfig:
             store=store,
             allowed_hosts=ALLOWED_HOSTS.read(env, flags),
             limits=ConnectionLimits.load(flags, env),
+            write_timeout=store.write_timeout,
         )
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gm.errors import InvalidFilter
+from gm.memory import INT64_MAX, INT64_MIN
 
 Scalar = str | int | float | bool | None
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 16  # nesting of $and / $or / $not
 MAX_CONDITIONS = 256  # field conditions and $in / $nin values, all told
 COMPARISONS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin", "$exists")
@@ -100,6 +100,8 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
     segments = tuple(key.split("."))
     if not key or any(not s for s in segments):
         raise InvalidFilter(f"{path}: a field name must be non-empty (dots separate nested keys)", path=path)
+    if "\x00" in key:  # no stored metadata holds it (refused on add), and SQLite's JSON paths cannot take it
+        raise InvalidFilter(f"{path}: a field name in a filter cannot contain the NUL character (U+0000)", path=path)
     if '"' in key or "\\" in key:  # SQLite's JSON paths cannot address such keys: they would match nothing
         raise InvalidFilter(f"{path}: a field name in a filter cannot contain a double quote or backslash", path=path)
     if not (isinstance(value, dict) and value and all(isinstance(k, str) and k.startswith("$") for k in value)):
@@ -120,6 +122,7 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
         elif op in ("$gt", "$gte", "$lt", "$lte"):
             if isinstance(operand, bool) or not isinstance(operand, (int, float, str)):
                 raise InvalidFilter(f"{sub} must be a number or a string", path=sub)
+            _check_number_or_string(operand, sub)
             out.append(Condition(segments, op, operand))
         else:
             out.append(Condition(segments, op, _scalar(operand, sub)))
@@ -127,11 +130,18 @@ def _parse_field(key: str, value: Any, path: str) -> list[Filter]:
 
 
 def _scalar(value: Any, path: str) -> Scalar:
-    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
-        raise InvalidFilter(f"{path} is outside the 64-bit integer range metadata numbers can hold", path=path)
+    _check_number_or_string(value, path)
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise InvalidFilter(f"{path} must be a string, number, boolean or null", path=path)
+
+
+def _check_number_or_string(value: Any, path: str) -> None:
+    """Refuse what no stored metadata can hold: integers past 64 bits, strings with NUL."""
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidFilter(f"{path} is outside the 64-bit integer range metadata numbers can hold", path=path)
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidFilter(f"{path} must not contain the NUL character (U+0000)", path=path)
 
 
 # -- SQLite ---------------------------------------------------------------------------

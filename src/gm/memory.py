@@ -4,6 +4,7 @@ validation of memory inputs, time-ordered ids and the RFC 3339 time format.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -27,6 +28,9 @@ _ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 ID_PATTERN = _ID_RE.pattern
 RESERVED_IDS = frozenset({"search", "delete"})  # /v1/memories/search and /delete are routes, not memories
 SCOPE_FIELDS = ("namespace", "user_id", "agent_id", "session_id")
+MIN_TTL_SECONDS = 0.001  # times are kept in milliseconds: a shorter TTL would expire on arrival
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the integers both backends store and compare exactly
+_LONG_DIGITS = re.compile(rb"\d{19}")  # the shortest run that can spell an integer past 64 bits
 
 Mode = Literal["hybrid", "vector", "keyword"]
 MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
@@ -143,6 +147,7 @@ class NewMemory:
     vector: bytes = b""
     created_at: int | None = None  # set only by imports, which keep the original times
     updated_at: int | None = None
+    ttl_ms: int | None = None  # the expiry was given as a TTL: it counts from the commit
 
     def same_content(self, other: Memory) -> bool:
         return (
@@ -250,6 +255,34 @@ def check_text(value: Any, path: str = "text") -> str:
     return value
 
 
+def parse_json(raw: bytes | str) -> Any:
+    """JSON as Python values, as ``orjson.loads`` gives them (and raising its
+    ``JSONDecodeError``), except that an integer past 64 bits stays an exact ``int``: orjson
+    turns it into a float, silently rounded, where validation must refuse it by name."""
+    value = orjson.loads(raw)
+    data = raw.encode() if isinstance(raw, str) else raw
+    if _LONG_DIGITS.search(data):  # rare (19+ digits, maybe only in a string): the exact, slower parser
+        value = json.loads(data)  # the same document: orjson has just accepted it, so it is strict JSON
+    return value
+
+
+def _integer_out_of_range(value: Any, path: str) -> str | None:
+    """The path of the first integer in ``value`` outside the 64-bit range, if any."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if INT64_MIN <= value <= INT64_MAX else path
+    if isinstance(value, dict):
+        items: Any = ((f"{path}.{k}", v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for sub, item in items:
+        found = _integer_out_of_range(item, sub)
+        if found is not None:
+            return found
+    return None
+
+
 def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
     if value is None:
         return {}
@@ -258,7 +291,10 @@ def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
     try:
         encoded = orjson.dumps(value)
     except TypeError as exc:
+        _check_integers(value, path)
         raise InvalidInput(f"{path} must hold only JSON values: {exc}", path=path) from None
+    if _LONG_DIGITS.search(encoded):
+        _check_integers(value, path)
     if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidInput(
             f"{path} is {len(encoded)} bytes as JSON; the limit is {MAX_METADATA_BYTES}", path=path
@@ -267,6 +303,14 @@ def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
         raise InvalidInput(f"{path} must not contain the NUL character (U+0000) in a key or string", path=path)
     decoded: dict[str, Any] = orjson.loads(encoded)
     return decoded
+
+
+def _check_integers(value: Any, path: str) -> None:
+    bad = _integer_out_of_range(value, path)
+    if bad is not None:
+        raise InvalidInput(
+            f"{bad} is an integer outside the 64-bit range (-2**63 to 2**63-1) that metadata numbers can "
+            "hold; send it as a string to keep it exact", path=bad)
 
 
 def _holds_nul(value: Any) -> bool:
@@ -321,7 +365,11 @@ def check_expiry(expires_at: Any, ttl_seconds: Any, now: int, prefix: str = "") 
                 f"ttl_seconds must be a positive number of seconds, at most {MAX_TTL_SECONDS} (100 years)",
                 path=prefix + "ttl_seconds",
             )
-        return now + int(ttl_seconds * 1000)
+        if ttl_seconds < MIN_TTL_SECONDS:  # expired on arrival, as a past expires_at would be
+            raise InvalidInput("ttl_seconds is under a millisecond; the memory would never be seen",
+                               path=prefix + "ttl_seconds")
+        moment = now + int(ttl_seconds * 1000)
+        return moment
     if expires_at is not None:
         moment = parse_time(expires_at, prefix + "expires_at")
         if moment <= now:
@@ -367,4 +415,5 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     )
     metadata = check_metadata(data.get("metadata"), prefix + "metadata")
     expires_at = check_expiry(data.get("expires_at"), data.get("ttl_seconds"), now, prefix)
-    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at)
+    ttl_ms = expires_at - now if expires_at is not None and data.get("ttl_seconds") is not None else None
+    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at, ttl_ms=ttl_ms)

@@ -20,7 +20,7 @@ import numpy as np
 from gm import filters, loops, search
 from gm.config import DEFAULT_DB, StoreSettings
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, NotFound, NotReady, StorageUnavailable, StoreClosed
+from gm.errors import InvalidInput, NotReady, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
 from gm.memory import (
     MAX_BATCH,
@@ -35,6 +35,7 @@ from gm.memory import (
     check_metadata,
     check_mode,
     check_scope,
+    check_scope_value,
     check_text,
     new_memory,
     now_ms,
@@ -44,18 +45,21 @@ from gm.storage.base import (
     UNSET,
     AddMemories,
     Backend,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
     PurgeExpired,
     RecordModel,
     UpdateMemory,
+    unknown_id,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+PROBE_SECONDS = 2.0  # readyz's probe write: a load balancer's health check should not wait longer
 
 
 class Store:
@@ -257,32 +261,43 @@ class Store:
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
         expires_at: Any = UNSET,
+        namespace: str | None = None,
     ) -> Memory:
         """Change a memory's text (re-embedded), metadata (replaced whole) and/or
         ``expires_at`` (an RFC 3339 time, or None to never expire). Raises NotFound.
+
+        With ``namespace``, only a memory in that namespace is changed; one elsewhere is
+        NotFound, as an unknown id is. The check is made in the transaction that writes, so
+        a memory deleted and re-added under the same id in another namespace meanwhile is
+        never touched (what a server's namespace-bound API keys rely on).
 
         >>> await mem.update(memory.id, metadata={"topic": "travel", "confirmed": True})
         """
         self._check_open()
         check_id(id)
+        ns = _check_namespace(namespace)
         if text is None and metadata is None and expires_at is UNSET:
             raise InvalidInput("give at least one of text, metadata, expires_at")
         now = now_ms()
-        op = UpdateMemory(id, now)
+        op = UpdateMemory(id, now, namespace=ns)
         if text is not None:
             op.text = check_text(text)
-            op.vector = (await self.embedder.embed(op.text)).tobytes()
         if metadata is not None:
             op.metadata = check_metadata(metadata)
         if expires_at is not UNSET:
             op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
+        if op.text is not None:
+            if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
+                raise unknown_id(id)
+            op.vector = (await self.embedder.embed(op.text)).tobytes()
         memory: Memory = await self.backend.write(op)
         return memory
 
-    async def delete(self, id: str) -> None:
-        """Delete one memory; raises :class:`gm.errors.NotFound` if there is none."""
+    async def delete(self, id: str, *, namespace: str | None = None) -> None:
+        """Delete one memory; raises :class:`gm.errors.NotFound` if there is none (with
+        ``namespace``: none in that namespace, checked in the deleting transaction)."""
         self._check_open()
-        await self.backend.write(DeleteMemory(check_id(id), now_ms()))
+        await self.backend.write(DeleteMemory(check_id(id), now_ms(), _check_namespace(namespace)))
 
     async def delete_many(
         self,
@@ -310,12 +325,13 @@ class Store:
 
     # -- reads ----------------------------------------------------------------------
 
-    async def get(self, id: str) -> Memory:
-        """The memory with this id; raises :class:`gm.errors.NotFound` (also once expired)."""
+    async def get(self, id: str, *, namespace: str | None = None) -> Memory:
+        """The memory with this id; raises :class:`gm.errors.NotFound` (also once expired,
+        and, with ``namespace``, when it lies in another namespace)."""
         self._check_open()
-        memory = await self.backend.get(check_id(id), now_ms())
+        memory = await self.backend.get(check_id(id), now_ms(), _check_namespace(namespace))
         if memory is None:
-            raise NotFound(f"no memory with id {id!r}")
+            raise unknown_id(id)
         return memory
 
     async def list(
@@ -341,12 +357,14 @@ class Store:
             raise InvalidInput("cursor must be a string", path="cursor")
         return await self.backend.list(scope, filters.parse(filter), size, cursor, now_ms())
 
-    async def history(self, id: str) -> builtins.list[HistoryEntry]:
-        """Every add/update/delete of a memory, oldest first; NotFound if it never existed."""
+    async def history(self, id: str, *, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        """Every add/update/delete of a memory, in commit order; NotFound if it never existed.
+        With ``namespace``, only the changes made in that namespace (an id freed by a delete
+        can be taken in another one), and NotFound if there are none."""
         self._check_open()
-        entries = await self.backend.history(check_id(id))
+        entries = await self.backend.history(check_id(id), _check_namespace(namespace))
         if not entries:
-            raise NotFound(f"no memory with id {id!r} has ever existed")
+            raise unknown_id(id)
         return entries
 
     async def search(
@@ -409,8 +427,32 @@ class Store:
             backend=self.backend.name,
             model=self.model.identity,
             database_bytes=await self.backend.database_size(),
-            extra={"model_loaded": self.embedder.loaded, "index_ready": self._index_ready.is_set()},
+            extra={
+                "model_loaded": self.embedder.loaded,
+                "index_ready": self._index_ready.is_set(),
+                "writes": self.backend.write_health(),
+            },
         )
+
+    async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
+        """How writes are going (see :meth:`Backend.write_health`). With ``probe``, while the
+        last batch failed, the Writer is first asked to commit a one-row write (waiting at most
+        PROBE_SECONDS): health follows the database back once it heals, with no traffic needed
+        (an instance that left a load balancer's rotation gets none)."""
+        health = self.backend.write_health()
+        if probe and health["status"] == "failing":
+            try:
+                async with asyncio.timeout(PROBE_SECONDS):  # (wait_for could swallow a cancellation on 3.11)
+                    await self.backend.write(CheckWrites(now_ms()))
+            except (StorageUnavailable, TimeoutError):
+                pass  # counted by the Writer; the answer below says so
+            health = self.backend.write_health()
+        return health
+
+
+def _check_namespace(namespace: Any) -> str | None:
+    """A namespace constraint (None: any namespace)."""
+    return check_scope_value(namespace, "namespace")
 
 
 def _limit_blas_threads(threads: int) -> None:
@@ -469,6 +511,7 @@ class _Opening:
         options = dict(self.options)
         if settings.schema_cap is not None and "target_version" not in options:
             options["target_version"] = settings.schema_cap  # testing only: stands in for an older release
+        options.setdefault("write_timeout", settings.write_timeout)
         if is_postgres_url(text):
             from gm.storage.postgres import PostgresBackend
 

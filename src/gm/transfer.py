@@ -22,7 +22,7 @@ import orjson
 
 import gm
 from gm.errors import GMError, InvalidInput, StorageUnavailable
-from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_time
+from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_time
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import AddMemories
 from gm.storage.postgres import PostgresBackend, redact
@@ -186,7 +186,7 @@ class Importer:
         if not raw.strip():
             return None
         try:
-            data = orjson.loads(raw)
+            data = parse_json(raw)
         except orjson.JSONDecodeError as exc:
             self.report.skipped.append(Skipped(number, None, f"not JSON: {exc}"))
             return None

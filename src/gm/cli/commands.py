@@ -24,7 +24,7 @@ import gm
 from gm import config, transfer
 from gm.client import Client
 from gm.errors import InvalidInput, StorageUnavailable
-from gm.memory import now_ms
+from gm.memory import now_ms, parse_json
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
 from gm.storage.postgres import PostgresBackend, redact
 from gm.storage.sqlite import LIVE
@@ -369,7 +369,7 @@ def _json_arg(raw: str | None, name: str) -> Any:
     if raw is None:
         return None
     try:
-        return orjson.loads(raw)
+        return parse_json(raw)
     except orjson.JSONDecodeError:
         raise InvalidInput(f"--{name} must be JSON, e.g. '{{\"topic\": \"travel\"}}'", path=name) from None
 

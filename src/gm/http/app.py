@@ -172,10 +172,6 @@ def _namespace(request: web.Request, given: Any) -> Any:
     return given
 
 
-def _check_owner(request: web.Request, namespace: str) -> None:
-    bound = request.get(NAMESPACE_KEY)
-    if bound is not None and namespace != bound:
-        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -191,20 +187,33 @@ async def readyz(request: web.Request) -> web.Response:
     state = _state(request)
     phase = state.phase
     failure: GMError | None = None
+    body: dict[str, Any] = {}
     if phase == "ready":
         backend = state.store.backend
         try:
             await backend.check()
-            return json_response(
-                {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name}
-            )
+            writes = body["writes"] = await state.store.write_health(probe=True)
+            if writes["status"] == "ok":
+                return json_response(
+                    {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name, **body}
+                )
+            # Every write failing or stuck: leave the load balancer's rotation, as when the
+            # database is unreachable; the probe above brings the instance back once one commits.
+            phase, failure = "unavailable", StorageUnavailable(_writes_reason(writes))
         except StorageUnavailable as exc:  # a shared database that stopped answering
             phase, failure = "unavailable", exc
-    body: dict[str, Any] = {"status": phase}
+    body = {"status": phase, **body}
     failure = failure or state.failure or state.store.index_error
     if failure is not None:
         body["reason"] = failure.message
     return json_response(body, 503)
+
+
+def _writes_reason(writes: dict[str, Any]) -> str:
+    if writes["status"] == "blocked":
+        return (f"a write has waited {writes['oldest_pending_seconds']:.0f}s for the database, over the "
+                f"{writes['timeout_seconds']:g}s of GM_WRITE_TIMEOUT_SECONDS")
+    return f"writes are failing ({writes['consecutive_failures']} in a row): {writes['last_error']}"
 
 
 def _resident_bytes() -> int | None:
@@ -247,8 +256,7 @@ async def add_memories(request: web.Request) -> web.Response:
 
 async def get_memory(request: web.Request) -> web.Response:
     query(request)
-    memory = await _state(request).store.get(request.match_info["id"])
-    _check_owner(request, memory.namespace)
+    memory = await _state(request).store.get(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return json_response(memory.to_dict())
 
 
@@ -276,8 +284,6 @@ async def update_memory(request: web.Request) -> web.Response:
     only_fields(body, ["text", "metadata", "expires_at"])
     if not body:
         raise InvalidInput("give at least one of text, metadata, expires_at")
-    memory_id = request.match_info["id"]
-    _check_owner(request, (await store.get(memory_id)).namespace)
     changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
@@ -285,28 +291,22 @@ async def update_memory(request: web.Request) -> web.Response:
         raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
     if "text" in body and body["text"] is None:
         raise InvalidInput("text must be a non-empty string", path="text")
-    memory = await store.update(memory_id, **changes)
+    # A bound key's namespace goes with the write: an id in another namespace is a 404, as an
+    # unknown one is, decided in the transaction that writes (never by a read before it).
+    memory = await store.update(request.match_info["id"], namespace=request.get(NAMESPACE_KEY), **changes)
     return json_response(memory.to_dict())
 
 
 async def delete_memory(request: web.Request) -> web.Response:
     query(request)
-    store = _state(request).store
-    memory_id = request.match_info["id"]
-    _check_owner(request, (await store.get(memory_id)).namespace)
-    await store.delete(memory_id)
+    await _state(request).store.delete(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return web.Response(status=204)
 
 
 async def memory_history(request: web.Request) -> web.Response:
     query(request)
-    entries = await _state(request).store.history(request.match_info["id"])
-    bound = request.get(NAMESPACE_KEY)
-    if bound is not None:  # an id can be reused in another namespace after a delete: show only the key's own
-        own = [e for e in entries if e.namespace == bound]
-        if not own:
-            _check_owner(request, entries[-1].namespace)
-        entries = own
+    # A bound key sees only its namespace's changes: an id freed by a delete may be taken elsewhere since.
+    entries = await _state(request).store.history(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
     return json_response({"history": [e.to_dict() for e in entries]})
 
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import gm
-from gm.filters import COMPARISONS, INT64_MAX, INT64_MIN
+from gm.filters import COMPARISONS
 from gm.memory import (
+    INT64_MAX,
+    INT64_MIN,
+    MIN_TTL_SECONDS,
     ID_PATTERN,
     MAX_BATCH,
     MAX_SCOPE_CHARS,
@@ -50,7 +53,7 @@ _SCALAR = {  # gm.filters._scalar: a JSON scalar; an integer must fit in 64 bits
         {"type": "number", "not": {"type": "integer"}},
     ]
 }
-_FIELD_NAME = '^[^$."\\\\][^."\\\\]*(?:\\.[^."\\\\]+)*$'  # dotted path; no $ first, no " or \\
+_FIELD_NAME = '^[^$."\\\\\\x00][^."\\\\\\x00]*(?:\\.[^."\\\\\\x00]+)*$'  # dotted path; no $ first, no ", \\ or NUL
 
 SCHEMAS: dict[str, Any] = {
     "Memory": {
@@ -95,8 +98,8 @@ SCHEMAS: dict[str, Any] = {
             },
             "ttl_seconds": {
                 "type": ["number", "null"],
-                "exclusiveMinimum": 0,
-                "description": "seconds from now, at most 100 years; the memory must expire after this request",
+                "minimum": MIN_TTL_SECONDS,
+                "description": "seconds from now, at least a millisecond and at most 100 years",
                 "maximum": MAX_TTL_SECONDS,
             },
         },
@@ -127,7 +130,9 @@ SCHEMAS: dict[str, Any] = {
     "JsonValue": {
         "anyOf": [
             {"type": "string", "pattern": _NO_NUL},
-            {"type": ["number", "boolean", "null"]},
+            {"type": ["boolean", "null"]},
+            {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},  # wider ones are refused by name
+            {"type": "number", "not": {"type": "integer"}},
             {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
             {"$ref": "#/components/schemas/Metadata"},
         ]

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from gm.errors import GMError, InvalidInput
+from gm.memory import parse_json
 
 
 class MalformedJson(GMError):
@@ -24,7 +25,7 @@ async def json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object."""
     raw = await request.read()
     try:
-        body = orjson.loads(raw) if raw else None
+        body = parse_json(raw) if raw else None
     except orjson.JSONDecodeError as exc:
         raise MalformedJson(f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -74,6 +75,6 @@ def query_json(params: dict[str, str], name: str) -> Any:
     if raw is None:
         return None
     try:
-        return orjson.loads(raw)
+        return parse_json(raw)
     except orjson.JSONDecodeError:
         raise InvalidInput(f"{name} must be a JSON object (URL-encoded)", path=name) from None

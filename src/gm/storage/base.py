@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gm.errors import Conflict, ModelMismatch
+from gm.actor import Actor, Overdue
+from gm.errors import Conflict, GMError, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter
-from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope
+from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, format_time, now_ms
 
 UNSET: Any = object()
 
@@ -27,18 +28,26 @@ class AddMemories:
 
 @dataclass(slots=True)
 class UpdateMemory:
+    """Change the live memory ``id``; with ``namespace``, only if it lies in that namespace
+    (checked in the transaction that writes, so a memory that another tenant added under the
+    same id meanwhile is never touched)."""
+
     id: str
     now: int
     text: str | None = None
     vector: bytes | None = None
     metadata: dict[str, Any] | None = None
     expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
+    namespace: str | None = None
 
 
 @dataclass(slots=True)
 class DeleteMemory:
+    """Delete the live memory ``id``; with ``namespace``, only if it lies in that namespace."""
+
     id: str
     now: int
+    namespace: str | None = None
 
 
 @dataclass(slots=True)
@@ -60,18 +69,92 @@ class RecordModel:
     identity: str
 
 
-WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel
+@dataclass(slots=True)
+class CheckWrites:
+    """Commit a one-row write (``meta.write_check``): readyz's probe of whether writes work
+    again after they failed, so an instance out of rotation comes back without traffic."""
+
+    now: int
 
 
-def updated(old: Memory, op: UpdateMemory) -> Memory:
-    """``old`` with the update's fields applied (what the Writers store and return)."""
+WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites
+
+
+def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
+    """``old`` with the update's fields applied at commit time ``stamp`` (what the Writers
+    store and return)."""
     return Memory(
         old.id, old.namespace, old.user_id, old.agent_id, old.session_id,
         op.text if op.text is not None else old.text,
         op.metadata if op.metadata is not None else old.metadata,
-        old.created_at, op.now,
+        old.created_at, stamp,
         old.expires_at if op.expires_at is UNSET else op.expires_at,
     )
+
+
+def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None]:
+    """An added memory's created_at, updated_at and expires_at: an import keeps its own
+    times; any other add is created at the commit ``stamp``, and a TTL counts from then."""
+    created = item.created_at or stamp
+    expires = stamp + item.ttl_ms if item.ttl_ms is not None else item.expires_at
+    return created, item.updated_at or created, expires
+
+
+class WriteHealth:
+    """How a Writer's commits are going, for readyz and ``/v1/stats``: touched only by the
+    Writer's task. A batch refused as a whole by the database (disk full, read-only, I/O
+    error, a lock or write timeout, a missing table) is a failure; a single write refused
+    for its own values (422, 404, 409) is not."""
+
+    def __init__(self) -> None:
+        self.last_commit_at: int | None = None
+        self.last_failure_at: int | None = None
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+
+    def committed(self) -> None:
+        self.last_commit_at = now_ms()
+        self.consecutive_failures = 0
+
+    def failed(self, error: GMError) -> None:
+        self.last_failure_at = now_ms()
+        self.last_error = error.message
+        self.consecutive_failures += 1
+
+
+class BatchWriter(Actor[WriteOp]):
+    """What the two Writers share around their own transaction frames: a mailbox drained in
+    batches of up to 512 writes, the health of their commits, and the commit stamp of the
+    batch under way.
+
+    A batch's history rows, ``updated_at`` and (for adds) ``created_at`` carry its stamp,
+    taken once the batch holds the database's write lock, so history is in commit order. The
+    stamp never goes back, even if the clock does."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch=512)
+        self.stamp = 0
+        self.health = WriteHealth()
+
+    def next_stamp(self) -> int:
+        self.stamp = max(now_ms(), self.stamp)
+        return self.stamp
+
+
+def live_by_id(memory_id: str, now: int, namespace: str | None, param: Callable[[Any], str]) -> str:
+    """The WHERE clause for the live memory ``memory_id`` (in ``namespace``, if given), its
+    values passed through ``param``, which returns each one's placeholder. The Writers put it
+    in the statement that locks or deletes the row: the namespace check and the write are one."""
+    clause = f"id = {param(memory_id)} AND (expires_at IS NULL OR expires_at > {param(now)})"
+    if namespace is not None:
+        clause += f" AND namespace = {param(namespace)}"
+    return clause
+
+
+def unknown_id(memory_id: str) -> NotFound:
+    """The one answer for an id that names no live memory, or one in a namespace the caller
+    may not see: the two are indistinguishable."""
+    return NotFound(f"no memory with id {memory_id!r}")
 
 
 def id_conflict(memory_id: str) -> Conflict:
@@ -86,6 +169,10 @@ def model_mismatch(stored: str, configured: str) -> ModelMismatch:
         f"model is {configured!r}; set GM_MODEL_DIR to the model the database was built "
         "with, or export and re-import its memories into a new database"
     )
+
+
+def _time_or_none(ms: int | None) -> str | None:
+    return format_time(ms) if ms is not None else None
 
 
 @dataclass(slots=True)
@@ -122,6 +209,8 @@ class Backend(abc.ABC):
     name: str
     schema_version: int
     phase: str  # starting | migrating | ready | unavailable | failed
+    writer: BatchWriter | None = None
+    write_timeout: float  # seconds a write may wait for its commit before it fails (503)
 
     native_vectors = False  # True: vector_search answers; False: the store keeps an in-process index
 
@@ -136,11 +225,45 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
-    @abc.abstractmethod
-    async def write(self, op: WriteOp) -> Any: ...
+    async def write(self, op: WriteOp) -> Any:
+        """Hand ``op`` to the Writer; its reply once committed. A write not answered within
+        ``write_timeout`` fails with StorageUnavailable instead of hanging: withdrawn
+        unapplied if the Writer had not taken it up yet (it was queued behind a stuck
+        batch), else of unknown outcome (its batch was under way)."""
+        if self.writer is None:
+            raise StorageUnavailable("the database is not open yet")
+        try:
+            return await self.writer.ask(op, timeout=self.write_timeout)
+        except Overdue as late:
+            if late.taken:
+                raise StorageUnavailable(
+                    f"the database did not commit the write within {self.write_timeout:g}s "
+                    "(GM_WRITE_TIMEOUT_SECONDS); it may still be applied: read it back before retrying"
+                ) from None
+            raise StorageUnavailable(
+                f"the write waited {self.write_timeout:g}s (GM_WRITE_TIMEOUT_SECONDS) behind a write the "
+                "database has not finished, and was not applied; retry later"
+            ) from None
+
+    def write_health(self) -> dict[str, Any]:
+        """The Writer's health as readyz and ``/v1/stats`` show it: ``status`` is ``ok``,
+        ``failing`` (the last batch failed) or ``blocked`` (a write has waited past the timeout)."""
+        health = self.writer.health if self.writer is not None else WriteHealth()
+        waited = self.writer.oldest_wait() if self.writer is not None else 0.0
+        status = "blocked" if waited > self.write_timeout else "failing" if health.consecutive_failures else "ok"
+        return {
+            "status": status,
+            "last_commit_at": _time_or_none(health.last_commit_at),
+            "last_failure_at": _time_or_none(health.last_failure_at),
+            "last_error": health.last_error,
+            "consecutive_failures": health.consecutive_failures,
+            "oldest_pending_seconds": round(waited, 3),
+            "timeout_seconds": self.write_timeout,
+        }
 
     @abc.abstractmethod
-    async def get(self, memory_id: str, now: int) -> Memory | None: ...
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        """The live memory ``memory_id`` (only if it lies in ``namespace``, when given)."""
 
     @abc.abstractmethod
     async def get_by_ids(self, ids: list[str], now: int) -> dict[str, Memory]: ...
@@ -154,7 +277,9 @@ class Backend(abc.ABC):
     ) -> Page: ...
 
     @abc.abstractmethod
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]: ...
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        """The changes of ``memory_id`` in commit order (only those in ``namespace``, when given:
+        an id freed by a delete may have been taken in another namespace since)."""
 
     @abc.abstractmethod
     async def keyword_search(

@@ -24,8 +24,9 @@ import numpy as np
 import orjson
 
 from gm import loops
-from gm.actor import Actor, Envelope
-from gm.errors import GMError, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from gm.actor import Envelope
+from gm.config import write_timeout_seconds
+from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -34,6 +35,8 @@ from gm.storage import postgres_migrations
 from gm.storage.base import (
     AddMemories,
     Backend,
+    BatchWriter,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -43,8 +46,11 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    added_times,
     id_conflict,
+    live_by_id,
     model_mismatch,
+    unknown_id,
     updated,
 )
 from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
@@ -126,7 +132,7 @@ def _decode_vector(data: bytes) -> bytes:
     return np.frombuffer(data[4:], dtype=">f4").astype("<f4").tobytes()
 
 
-class PgWriter(Actor[WriteOp]):
+class PgWriter(BatchWriter):
     """Drains its mailbox into one transaction on a pooled connection (a savepoint per
     message, so one refused write does not spoil the others), numbers the changed rows in
     the change feed, commits, lets the index follow, then replies: a reply is durable.
@@ -138,7 +144,7 @@ class PgWriter(Actor[WriteOp]):
     name = "pg-writer"
 
     def __init__(self, backend: PostgresBackend) -> None:
-        super().__init__(max_batch=512)
+        super().__init__()
         self.backend = backend
 
     async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
@@ -150,6 +156,7 @@ class PgWriter(Actor[WriteOp]):
                     try:
                         await transaction.start()
                         await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                        self.next_stamp()  # this instance's batches commit one after another, in stamp order
                         outcomes, last_seq = await self._apply_all(conn, batch)
                     except BaseException:
                         await _rollback(transaction)
@@ -162,9 +169,11 @@ class PgWriter(Actor[WriteOp]):
                 if attempt == 1 and not committing:
                     log.warning("write batch of %d failed before commit, retrying: %s", len(batch), error.message)
                     continue
+                self.health.failed(error)
                 for envelope in batch:
                     envelope.fail(error)
                 return
+        self.health.committed()
         try:
             await self.backend.committed(last_seq)
         except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up
@@ -212,19 +221,26 @@ class PgWriter(Actor[WriteOp]):
         if isinstance(op, UpdateMemory):
             return await self._update(conn, op)
         if isinstance(op, DeleteMemory):
-            return await self._delete_where(
-                conn, "id = $1 AND (expires_at IS NULL OR expires_at > $2)", [op.id, op.now], op.now, missing=op.id
-            )
+            params = PgParams()
+            where = live_by_id(op.id, op.now, op.namespace, params)
+            return await self._delete_where(conn, where, params.values, missing=op.id)
         if isinstance(op, DeleteWhere):
             params = PgParams()
             where = scope_sql(op.scope, op.filter, op.now, params)
-            return await self._delete_where(conn, where, params.values, op.now)
+            return await self._delete_where(conn, where, params.values)
         if isinstance(op, PurgeExpired):
-            result = await self._delete_where(conn, "expires_at <= $1", [op.now], op.now)
+            result = await self._delete_where(conn, "expires_at <= $1", [op.now])
             await self._prune_changes(conn, op.now)
             return result
         if isinstance(op, RecordModel):
             return await self._record_model(conn, op)
+        if isinstance(op, CheckWrites):
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_check', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(op.now),
+            )
+            return WriteResult(None)
         raise TypeError(f"unknown write {op!r}")
 
     async def _history(self, conn: asyncpg.Connection, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
@@ -241,14 +257,13 @@ class PgWriter(Actor[WriteOp]):
         vec = self.backend.pgvector
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
-                purged = await self._delete_where(conn, "id = $1 AND expires_at <= $2", [item.id, op.now], op.now)
+                purged = await self._delete_where(conn, "id = $1 AND expires_at <= $2", [item.id, op.now])
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created = item.created_at or op.now
-            updated = item.updated_at or created
+            created, updated, expires_at = added_times(item, self.stamp)
             values = [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                      created, updated, item.expires_at, item.vector]
+                      created, updated, expires_at, item.vector]
             rowid = await conn.fetchval(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 f"created_at, updated_at, expires_at, embedding{', vec' if vec else ''}) "
@@ -267,25 +282,24 @@ class PgWriter(Actor[WriteOp]):
                 continue
             await self._history(conn, "add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, item.expires_at)
+                            item.metadata, created, updated, expires_at)
             out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         if vec and changes:
             await self.backend.ensure_hnsw(conn, len(op.items[0].vector or b"") // 4)
         return WriteResult(out, changes)
 
     async def _update(self, conn: asyncpg.Connection, op: UpdateMemory) -> WriteResult:
-        row = await conn.fetchrow(
-            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2) FOR UPDATE",
-            op.id, op.now,
-        )
+        by_id = PgParams()
+        where = live_by_id(op.id, op.now, op.namespace, by_id)
+        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE {where} FOR UPDATE", *by_id.values)
         if row is None:
-            raise NotFound(f"no memory with id {op.id!r}")
+            raise unknown_id(op.id)
         rowid, old = row[0], memory_from_row(row)
-        memory = updated(old, op)
+        memory = updated(old, op, self.stamp)
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = $2, metadata = $3::jsonb, expires_at = $4, updated_at = $5"
-        params: list[Any] = [rowid, memory.text, meta, memory.expires_at, op.now]
+        params: list[Any] = [rowid, memory.text, meta, memory.expires_at, memory.updated_at]
         if op.vector is not None:
             assignments += ", embedding = $6"
             params.append(op.vector)
@@ -293,19 +307,19 @@ class PgWriter(Actor[WriteOp]):
                 assignments += ", vec = $7"
                 params.append(op.vector)
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
-        await self._history(conn, "update", [(op.id, old.namespace, op.now, memory.text, meta)])
+        await self._history(conn, "update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
     async def _delete_where(
-        self, conn: asyncpg.Connection, where: str, params: list[Any], now: int, missing: str | None = None
+        self, conn: asyncpg.Connection, where: str, params: list[Any], missing: str | None = None
     ) -> WriteResult:
         rows = await conn.fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", *params
         )
         if missing is not None and not rows:
-            raise NotFound(f"no memory with id {missing!r}")
-        await self._history(conn, "delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
+            raise unknown_id(missing)
+        await self._history(conn, "delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
     async def _prune_changes(self, conn: asyncpg.Connection, now: int) -> None:
@@ -353,8 +367,10 @@ class PostgresBackend(Backend):
         steps: tuple[postgres_migrations.Step, ...] = postgres_migrations.STEPS,
         target_version: int | None = None,
         pool_size: int = POOL_SIZE,
+        write_timeout: float | None = None,
     ) -> None:
         self.url = url
+        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
         self.where = redact(url)
         self.steps = steps
         self.target_version = target_version
@@ -463,11 +479,6 @@ class PostgresBackend(Backend):
                     pool.terminate()
         self.pool = self.write_pool = None
 
-    async def write(self, op: WriteOp) -> Any:
-        if self.writer is None:
-            raise StorageUnavailable("the database is not open yet")
-        return await self.writer.ask(op)
-
     async def committed(self, last_seq: int | None) -> None:
         """After a commit of this instance: the in-process index (if any) follows the feed
         up to the commit, so the writer's own searches see the write when it is answered
@@ -511,11 +522,10 @@ class PostgresBackend(Backend):
         rows = await self.fetch(sql, *params)
         return rows[0][0] if rows else None
 
-    async def get(self, memory_id: str, now: int) -> Memory | None:
-        rows = await self.fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE id = $1 AND (expires_at IS NULL OR expires_at > $2)",
-            memory_id, now,
-        )
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        params = PgParams()
+        where = live_by_id(memory_id, now, namespace, params)
+        rows = await self.fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", *params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
@@ -550,9 +560,11 @@ class PostgresBackend(Backend):
         )
         return page_from_rows(rows, limit)
 
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        in_namespace = "" if namespace is None else " AND namespace = $2"
         rows = await self.fetch(
-            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1 ORDER BY seq", memory_id
+            f"SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = $1{in_namespace} ORDER BY seq",
+            *([memory_id] if namespace is None else [memory_id, namespace]),
         )
         return [history_from_row(r) for r in rows]
 

@@ -18,8 +18,9 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from gm.actor import Actor, Envelope
-from gm.errors import GMError, InvalidInput, NotFound, StorageUnavailable
+from gm.actor import Envelope
+from gm.config import write_timeout_seconds
+from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
 from gm.migrator import Migrator
@@ -27,6 +28,8 @@ from gm.storage import sqlite_migrations
 from gm.storage.base import (
     AddMemories,
     Backend,
+    BatchWriter,
+    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     IndexChange,
@@ -36,8 +39,11 @@ from gm.storage.base import (
     VectorRow,
     WriteOp,
     WriteResult,
+    added_times,
     id_conflict,
+    live_by_id,
     model_mismatch,
+    unknown_id,
     updated,
 )
 from gm.storage.sqlite_files import DatabaseLock
@@ -97,6 +103,17 @@ def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -
     return " AND ".join(clauses), params
 
 
+class Marks:
+    """Collects query parameters for ``?`` placeholders (what PgParams is for ``$n``)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return "?"
+
+
 def encode_cursor(memory: Memory, rowid: int) -> str:
     return f"{memory.created_at}.{rowid}"
 
@@ -114,14 +131,17 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
 _STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
+# ...except that SQLITE_ERROR also says a table or column is missing: the schema is damaged
+# (someone dropped a table), and the database cannot serve until it is restored.
+_SCHEMA_MISSING = ("no such table", "no such column")
 
 
 def _statement_error(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _STATEMENT_ERRORS
+    return code is not None and code & 0xFF in _STATEMENT_ERRORS and not str(exc).startswith(_SCHEMA_MISSING)
 
 
-class Writer(Actor[WriteOp]):
+class Writer(BatchWriter):
     """Owns the database's only write connection. Drains its mailbox into one
     transaction (group commit; each message in its own savepoint so one failure does not
     spoil the others), commits, lets the index follow, then replies: a reply is durable."""
@@ -129,7 +149,7 @@ class Writer(Actor[WriteOp]):
     name = "writer"
 
     def __init__(self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None]) -> None:
-        super().__init__(max_batch=512)
+        super().__init__()
         self.conn = conn
         self.on_commit = on_commit
 
@@ -137,6 +157,7 @@ class Writer(Actor[WriteOp]):
         outcomes: list[WriteResult | BaseException] = []
         try:
             await self.conn.execute("BEGIN IMMEDIATE")
+            self.next_stamp()  # the write lock is held from here to COMMIT: stamps follow commit order
             for envelope in batch:
                 await self.conn.execute("SAVEPOINT op")
                 try:
@@ -156,9 +177,11 @@ class Writer(Actor[WriteOp]):
             if self.conn.in_transaction:
                 await self.conn.execute("ROLLBACK")
             error = StorageUnavailable(f"the database refused the write: {exc}")
+            self.health.failed(error)
             for envelope in batch:
                 envelope.fail(error)
             return
+        self.health.committed()
         changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
         if changes:
             self.on_commit(changes)
@@ -177,14 +200,23 @@ class Writer(Actor[WriteOp]):
         if isinstance(op, UpdateMemory):
             return await self._update(op)
         if isinstance(op, DeleteMemory):
-            return await self._delete_where("id = ? AND " + LIVE, [op.id, op.now], op.now, missing=op.id)
+            by_id = Marks()
+            where = live_by_id(op.id, op.now, op.namespace, by_id)
+            return await self._delete_where(where, by_id.values, missing=op.id)
         if isinstance(op, DeleteWhere):
             where, params = scope_sql(op.scope, op.filter, op.now)
-            return await self._delete_where(where, params, op.now)
+            return await self._delete_where(where, params)
         if isinstance(op, PurgeExpired):
-            return await self._delete_where("expires_at <= ?", [op.now], op.now)
+            return await self._delete_where("expires_at <= ?", [op.now])
         if isinstance(op, RecordModel):
             return await self._record_model(op)
+        if isinstance(op, CheckWrites):
+            await self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_check', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [str(op.now)],
+            )
+            return WriteResult(None)
         raise TypeError(f"unknown write {op!r}")
 
     async def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
@@ -203,18 +235,17 @@ class Writer(Actor[WriteOp]):
         changes: list[IndexChange] = []
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
-                purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now], op.now)
+                purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now])
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created = item.created_at or op.now
-            updated = item.updated_at or created
+            created, updated, expires_at = added_times(item, self.stamp)
             rows = await self._fetch(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 "created_at, updated_at, expires_at, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT (id) DO NOTHING RETURNING rowid",
                 [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                 created, updated, item.expires_at, item.vector],
+                 created, updated, expires_at, item.vector],
             )
             if not rows:
                 existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
@@ -226,35 +257,37 @@ class Writer(Actor[WriteOp]):
             rowid = rows[0][0]
             await self._history("add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, item.expires_at)
+                            item.metadata, created, updated, expires_at)
             out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=item.expires_at))
+            changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         return WriteResult(out, changes)
 
     async def _update(self, op: UpdateMemory) -> WriteResult:
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [op.id, op.now])
+        by_id = Marks()
+        where = live_by_id(op.id, op.now, op.namespace, by_id)
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", by_id.values)
         if not rows:
-            raise NotFound(f"no memory with id {op.id!r}")
+            raise unknown_id(op.id)
         rowid, old = rows[0][0], memory_from_row(rows[0])
-        memory = updated(old, op)
+        memory = updated(old, op, self.stamp)
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = ?, metadata = ?, expires_at = ?, updated_at = ?"
-        params: list[Any] = [memory.text, meta, memory.expires_at, op.now]
+        params: list[Any] = [memory.text, meta, memory.expires_at, memory.updated_at]
         if op.vector is not None:
             assignments += ", embedding = ?"
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
-        await self._history("update", [(op.id, old.namespace, op.now, memory.text, meta)])
+        await self._history("update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
         return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
 
-    async def _delete_where(self, where: str, params: list[Any], now: int, missing: str | None = None) -> WriteResult:
+    async def _delete_where(self, where: str, params: list[Any], missing: str | None = None) -> WriteResult:
         rows = await self._fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", params
         )
         if missing is not None and not rows:
-            raise NotFound(f"no memory with id {missing!r}")
-        await self._history("delete", [(r[1], r[4], now, r[2], r[3]) for r in rows])
+            raise unknown_id(missing)
+        await self._history("delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
         return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
 
     async def _record_model(self, op: RecordModel) -> WriteResult:
@@ -280,10 +313,12 @@ class SQLiteBackend(Backend):
         *,
         steps: tuple[sqlite_migrations.Step, ...] = sqlite_migrations.STEPS,
         target_version: int | None = None,
+        write_timeout: float | None = None,
     ) -> None:
         self.path = Path(path)
         self.steps = steps
         self.target_version = target_version
+        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
         self.schema_version = 0
         self.migrator = Migrator(self._migrate)
         self.writer: Writer | None = None
@@ -332,11 +367,6 @@ class SQLiteBackend(Backend):
             await self.writer.stop()
         self._lock.release()
 
-    async def write(self, op: WriteOp) -> Any:
-        if self.writer is None:
-            raise StorageUnavailable("the database is not open yet")
-        return await self.writer.ask(op)
-
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:
         conn = await self._readers.get()
@@ -350,10 +380,14 @@ class SQLiteBackend(Backend):
             try:
                 return list(await conn.execute_fetchall(sql, params))
             except sqlite3.Error as exc:
+                if _statement_error(exc):  # as on Postgres: a value the query could not take is the caller's
+                    raise InvalidInput(f"the database refused the query: {exc}") from None
                 raise StorageUnavailable(f"reading {self.path} failed: {exc}") from None
 
-    async def get(self, memory_id: str, now: int) -> Memory | None:
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ? AND {LIVE}", [memory_id, now])
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        params = Marks()
+        where = live_by_id(memory_id, now, namespace, params)
+        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
@@ -384,9 +418,11 @@ class SQLiteBackend(Backend):
         )
         return page_from_rows(rows, limit)
 
-    async def history(self, memory_id: str) -> builtins.list[HistoryEntry]:
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        in_namespace = "" if namespace is None else " AND namespace = ?"
         rows = await self._fetch(
-            "SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ? ORDER BY seq", [memory_id]
+            f"SELECT op, at, text, metadata, namespace FROM history WHERE memory_id = ?{in_namespace} ORDER BY seq",
+            [memory_id] if namespace is None else [memory_id, namespace],
         )
         return [history_from_row(r) for r in rows]
 
