@@ -9,14 +9,14 @@ from typing import Any
 import gm
 from gm.filters import COMPARISONS
 from gm.memory import (
+    ID_PATTERN,
     INT64_MAX,
     INT64_MIN,
-    MIN_TTL_SECONDS,
-    ID_PATTERN,
     MAX_BATCH,
     MAX_SCOPE_CHARS,
     MAX_TEXT_CHARS,
     MAX_TTL_SECONDS,
+    MIN_TTL_SECONDS,
     MODES,
     RESERVED_IDS,
 )
