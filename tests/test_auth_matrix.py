@@ -121,7 +121,8 @@ async def test_every_route_with_every_kind_of_key(server: RunningServer) -> None
             unknown_url = url.replace("b-1", "never-used-9")
             unknown_status, unknown = await a.call(method, unknown_url, **rest)
             assert (status, body) == (unknown_status, _with_id(unknown, "never-used-9", "b-1")), (method, url)
-            assert status == 404 and body["error"] == {"code": "not_found", "message": "no memory with id 'b-1'"}
+            unknown = {"code": "not_found", "message": "no memory with id 'b-1'", "details": {}}
+            assert status == 404 and body["error"] == unknown
         else:  # naming another namespace is refused outright
             assert status == 403 and body["error"]["code"] == "forbidden", (method, url, body)
     for probe in ("/v1/healthz", "/v1/readyz"):
@@ -175,7 +176,8 @@ async def test_a_memory_replaced_by_another_tenant_meanwhile_is_never_touched(
     await _replace_with_bs(server, "shared-1")
     gate.released.set()
     status, answer = await request
-    assert status == 404 and answer["error"] == {"code": "not_found", "message": "no memory with id 'shared-1'"}
+    unknown = {"code": "not_found", "message": "no memory with id 'shared-1'", "details": {}}
+    assert status == 404 and answer["error"] == unknown
     a.assert_saw_nothing_of_b()
     status, b_memory = await server.call("GET", "/v1/memories/shared-1", key=KEY_B)
     assert status == 200
