@@ -9,7 +9,7 @@ import resource
 import signal
 from typing import Any
 
-from gm import logs
+from gm import logs, loops
 from gm.cli.exits import EXIT_ERROR, exit_code
 from gm.config import ServerConfig, is_loopback
 from gm.errors import GMError
@@ -85,8 +85,7 @@ async def serve(config: ServerConfig) -> int:
             state.store.model.identity,
         )
         await stopped
-    if not opener.done():
-        opener.cancel()
+    await loops.stop(opener, stopped)  # an open still under way ends before the store is closed
     state.draining = True
     runner.close_idle()  # an idle keep-alive connection must not hold the stop back
     if code != 0:  # it never served: nothing to drain, nothing to report but the error above

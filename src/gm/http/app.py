@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gm import loops
 from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.connections import body_middleware, close_unfinished, end_connection
@@ -89,11 +90,7 @@ class ServerState:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait for in-flight requests to finish; False if some were still running at ``timeout``."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+        return await loops.pause(timeout, self._idle)
 
 
 STATE_KEY = web.AppKey("gm_state", ServerState)

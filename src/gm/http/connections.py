@@ -226,7 +226,8 @@ def body_middleware(body_timeout: float) -> Middleware:
             raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=declared)
         if request.body_exists:
             try:
-                await asyncio.wait_for(request.read(), body_timeout)
+                async with asyncio.timeout(body_timeout):  # (not wait_for: see gm.loops)
+                    await request.read()
             except TimeoutError:
                 raise BodyTimeout(
                     f"the request body did not arrive within {body_timeout:g} s (GM_BODY_TIMEOUT_SECONDS)"
