@@ -218,5 +218,6 @@ class WriteGate:
     async def _write(self, op: Any) -> Any:
         if isinstance(op, self.kind) and not self.reached.is_set():
             self.reached.set()
-            await asyncio.wait_for(self.released.wait(), 60)
+            async with asyncio.timeout(60):  # (not wait_for: see gm.loops)
+                await self.released.wait()
         return await self.write(op)

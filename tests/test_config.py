@@ -143,3 +143,11 @@ def test_gmem_refuses_a_bad_gm_url_in_one_line() -> None:
         "gmem: GM_URL='localhost:8420' is not valid: a server's URL starts with http://; "
         "did you mean http://localhost:8420?\n"
     )
+
+
+def test_an_empty_flag_counts_as_not_given() -> None:
+    """``gmem serve --host "$HOST"`` with HOST unset must not listen on every interface."""
+    loaded = ServerConfig.load({"host": "", "model_dir": "", "db": ""}, {})
+    assert loaded.host == "127.0.0.1" and loaded.model_dir is None and loaded.db == config.DEFAULT_DB
+    loaded = ServerConfig.load({"host": ""}, {"GM_HOST": "0.0.0.0"})  # no keys: GM_HOST off loopback is ignored
+    assert loaded.host == "127.0.0.1" and loaded.ignored_host == "0.0.0.0"

@@ -166,8 +166,14 @@ async def test_bulk_delete_and_list_paging(server: RunningServer) -> None:
 
 
 async def test_bad_requests_get_json_errors(server: RunningServer) -> None:
-    status, body = await server.call("POST", "/v1/memories", data=b'{"text": "unterminated', headers=JSON)
+    status, body = await server.call("POST", "/v1/memories", data=b'{"text": "unterminated', headers=dict(JSON))
     assert status == 400 and error_code(body) == "malformed_json"
+    # nested deeper than Python's own parser goes, with a long number that needs it: a 400, never a 500
+    deep = b'{"text": "x", "metadata": {"a": ' + b"[" * 1000 + b"12345678901234567890" + b"]" * 1000 + b"}}"
+    status, body = await server.call("POST", "/v1/memories", data=deep, headers=dict(JSON))
+    assert status == 400 and error_code(body) == "malformed_json"
+    status, body = await server.call("GET", "/v1/memories", params={"filter": "[" * 900 + "1" * 20 + "]" * 900})
+    assert status == 422 and body["error"]["details"]["path"] == "filter"
     status, body = await server.call("POST", "/v1/memories", json=["not", "an", "object"])
     assert status == 422
     status, body = await server.call("POST", "/v1/memories", json={"text": "x", "metadata": [1, 2]})

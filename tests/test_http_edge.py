@@ -222,7 +222,9 @@ async def test_over_the_cap_with_every_connection_busy_a_newcomer_gets_503_at_on
         writer.write(b"GET /v1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         status, headers, body = await read_response(reader, timeout=1)
         assert status == 503 and headers["content-type"] == "application/json"
-        assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+        assert orjson.loads(body)["error"] == {
+            "code": "too_many_connections", "message": orjson.loads(body)["error"]["message"], "details": {}
+        }
         writer.close()
         for reader, writer in busy:  # the busy ones were never cut: they get their own answer
             status, headers, body = await read_response(reader, timeout=5)
@@ -293,6 +295,43 @@ async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(tmp_p
         status, headers, body = await read_response(reader, timeout=2)
         assert status == 413 and orjson.loads(body)["error"]["code"] == "body_too_large"
         assert headers["connection"] == "close"
+        writer.close()
+    finally:
+        await server.stop()
+
+
+async def test_expect_100_continue_is_not_invited_over_the_limit_and_other_expectations_get_json(
+    tmp_path: Path,
+) -> None:
+    """curl sends ``Expect: 100-continue`` for bodies over 1 MiB; aiohttp answers it before
+    any middleware, so the declared-size check must be made there too."""
+    server = await start_server(store_factory(tmp_path / "expect.db"), max_body_bytes=1024)
+    try:
+        reader, writer = await connect(server)
+        writer.write(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 100000000\r\n\r\n")
+        status, headers, body = await read_response(reader, timeout=2)  # a 413, never "100 Continue"
+        assert status == 413 and orjson.loads(body)["error"]["code"] == "body_too_large"
+        assert headers["connection"] == "close"
+        writer.close()
+
+        reader, writer = await connect(server)
+        payload = b'{"text": "sent after the invitation"}'
+        writer.write(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n")
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(payload)
+        status, _, body = await read_response(reader)
+        assert status == 201 and orjson.loads(body)["text"] == "sent after the invitation"
+        writer.close()
+
+        reader, writer = await connect(server)
+        writer.write(b"POST /v1/memories HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Expect: teapot\r\nContent-Length: 2\r\n\r\n{}")
+        status, headers, body = await read_response(reader)
+        assert status == 417 and headers["content-type"] == "application/json"
+        assert orjson.loads(body)["error"]["code"] == "expectation_failed"
+        assert "teapot" not in body.decode()  # nothing of the request echoed
         writer.close()
     finally:
         await server.stop()

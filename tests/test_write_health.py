@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from gm.actor import Actor, Envelope, Overdue
-from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS, ServerConfig, write_timeout_seconds
+from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS, WRITE_TIMEOUT, ServerConfig
 from gm.errors import InvalidInput
 from gm.storage import is_postgres_url
 from tests.http_server import RunningServer, spawn_server, start_server, store_factory
@@ -114,9 +114,9 @@ async def test_stuck_writes_fail_fast_take_readyz_out_and_it_comes_back(server: 
 
 
 def test_the_write_timeout_setting_is_checked_at_start() -> None:
-    assert write_timeout_seconds({}) == DEFAULT_WRITE_TIMEOUT_SECONDS == 15.0
-    assert write_timeout_seconds({"GM_WRITE_TIMEOUT_SECONDS": "2.5"}) == 2.5
-    assert ServerConfig.load({}, {"GM_WRITE_TIMEOUT_SECONDS": "30"}).write_timeout == 30.0
+    assert WRITE_TIMEOUT.read({}) == DEFAULT_WRITE_TIMEOUT_SECONDS == 15.0
+    assert WRITE_TIMEOUT.read({"GM_WRITE_TIMEOUT_SECONDS": "2.5"}) == 2.5
+    assert ServerConfig.load({}, {"GM_WRITE_TIMEOUT_SECONDS": "30"}).store.write_timeout == 30.0
     for bad in ("0", "-1", "soon", "nan", "inf", "7200"):
         with pytest.raises(InvalidInput) as caught:
             ServerConfig.load({}, {"GM_WRITE_TIMEOUT_SECONDS": bad})

@@ -171,9 +171,11 @@ class Setting(Generic[T]):
     secret: bool = False
 
     def read(self, env: Mapping[str, str] | None = None, flags: Mapping[str, object] | None = None) -> T:
-        """The flag's value if given, else the variable's, else the default; checked."""
+        """The flag's value if given, else the variable's, else the default; checked. An
+        empty flag counts as not given, as an empty variable does (``--host "$UNSET"`` must
+        not mean every interface)."""
         given = (flags or {}).get(self.flag) if self.flag else None
-        if given is not None:
+        if given is not None and str(given) != "":
             raw, source = str(given), "--" + (self.flag or "").replace("_", "-")
         else:
             raw, source = (os.environ if env is None else env).get(self.variable, ""), self.variable
@@ -212,10 +214,6 @@ WRITE_TIMEOUT = Setting(
     "GM_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT_SECONDS, seconds(zero=False, most=MAX_WRITE_TIMEOUT_SECONDS)
 )
 
-
-def write_timeout_seconds(env: Mapping[str, str] | None = None) -> float:
-    """``GM_WRITE_TIMEOUT_SECONDS`` (default 15): how long a write may wait for its commit."""
-    return WRITE_TIMEOUT.read(env)
 
 
 @dataclass(frozen=True)
@@ -275,7 +273,6 @@ class ServerConfig:
     store: StoreSettings = StoreSettings()
     allowed_hosts: tuple[str, ...] | None = None
     limits: ConnectionLimits = ConnectionLimits()
-    write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS
 
     @property
     def target(self) -> str:
@@ -297,7 +294,7 @@ class ServerConfig:
         api_keys = API_KEYS.read(env)
         host = HOST.read(env, flags)
         ignored_host = None
-        if not api_keys and flags.get("host") is None and not is_loopback(host):
+        if not api_keys and flags.get("host") in (None, "") and not is_loopback(host):
             ignored_host, host = host, DEFAULT_HOST  # no keys: only --host itself may open it beyond loopback
         store = StoreSettings.load(env)
         return cls(
@@ -314,7 +311,6 @@ class ServerConfig:
             store=store,
             allowed_hosts=ALLOWED_HOSTS.read(env, flags),
             limits=ConnectionLimits.load(flags, env),
-            write_timeout=store.write_timeout,
         )
 
 

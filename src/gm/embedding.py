@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gm.actor import Actor, Envelope
-from gm.config import EMBED_THREADS, MODEL_DIR
+from gm.config import EMBED_THREADS
 from gm.errors import ModelError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,6 @@ class ModelSpec:
             digest.update(f.read(4 << 20))
         digest.update(str(spec.model_path.stat().st_size).encode())
         return cls(spec.model_path, spec.tokenizer_path, f"{folder.resolve().name}@{digest.hexdigest()[:12]}")
-
-    @classmethod
-    def from_env(cls) -> ModelSpec:
-        directory = MODEL_DIR.read()
-        return cls.from_dir(directory) if directory else cls.default()
 
     def check_files(self) -> None:
         for path in (self.model_path, self.tokenizer_path):

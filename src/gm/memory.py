@@ -262,7 +262,10 @@ def parse_json(raw: bytes | str) -> Any:
     value = orjson.loads(raw)
     data = raw.encode() if isinstance(raw, str) else raw
     if _LONG_DIGITS.search(data):  # rare (19+ digits, maybe only in a string): the exact, slower parser
-        value = json.loads(data)  # the same document: orjson has just accepted it, so it is strict JSON
+        try:  # the same document: orjson has just accepted it, so it is strict JSON
+            value = json.loads(data)
+        except RecursionError:  # nested deeper than Python's parser goes (orjson allows 1024 levels)
+            raise orjson.JSONDecodeError("nested too deeply", "", 0) from None
     return value
 
 

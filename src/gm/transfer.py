@@ -153,10 +153,14 @@ def check_fields(lines: Iterable[bytes]) -> int:
         except orjson.JSONDecodeError:
             continue  # reported, and skipped, by the import itself
         if isinstance(data, dict) and "greatmemory" not in data:
-            for name in data:
-                if name not in LINE_FIELDS:
-                    raise UnknownField(count, name)
+            _check_line_fields(count, data)
     return count
+
+
+def _check_line_fields(number: int, data: dict[str, Any]) -> None:
+    for name in data:
+        if name not in LINE_FIELDS:
+            raise UnknownField(number, name)
 
 
 @dataclass
@@ -198,9 +202,7 @@ class Importer:
             if isinstance(header, dict):
                 self.file_model = header.get("model")
             return None
-        for name in data:
-            if name not in LINE_FIELDS:
-                raise UnknownField(number, name)
+        _check_line_fields(number, data)
         memory_id = data.get("id") if isinstance(data.get("id"), str) else None
         try:
             return number, self._memory(data)

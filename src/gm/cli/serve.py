@@ -85,8 +85,8 @@ async def serve(config: ServerConfig) -> int:
             state.store.model.identity,
         )
         await stopped
-    await loops.stop(opener, stopped)  # an open still under way ends before the store is closed
     state.draining = True
+    await loops.stop(opener, stopped)  # an open still under way ends before the store is closed
     runner.close_idle()  # an idle keep-alive connection must not hold the stop back
     if code != 0:  # it never served: nothing to drain, nothing to report but the error above
         await runner.cleanup()

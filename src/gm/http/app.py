@@ -17,7 +17,7 @@ from aiohttp import web
 from gm import loops
 from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
-from gm.http.connections import body_middleware, close_unfinished, end_connection
+from gm.http.connections import body_middleware, close_unfinished, end_connection, expect_continue
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
@@ -107,9 +107,7 @@ async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     state = _state(request)
     if state.draining:
-        response = error_response(503, "draining", "this instance is shutting down; retry on another")
-        response.headers["Connection"] = "close"
-        return response
+        return error_response(503, "draining", "this instance is shutting down; retry on another")
     if not state.store.ready:
         reason = state.failure.message if state.failure else f"the server is {state.phase}; retry shortly"
         response = error_response(503, "not_ready", reason)
@@ -392,5 +390,5 @@ def make_app(
     app.on_response_prepare.append(close_unfinished)
     app.on_response_prepare.append(close_when_draining)
     for method, path, handler in ROUTES:
-        app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler)
+        app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler, expect_handler=expect_continue)
     return app

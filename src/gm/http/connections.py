@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler
@@ -17,7 +18,7 @@ from aiohttp.web_request import BaseRequest
 
 from gm.config import ConnectionLimits
 from gm.errors import GMError
-from gm.http.errors import Handler, error_response
+from gm.http.errors import Handler, error_body, error_response
 
 log = logging.getLogger("gm.http")
 
@@ -33,7 +34,7 @@ class BodyTimeout(GMError):
 
 def _raw_response(status: str, code: str, message: str) -> bytes:
     """A whole HTTP/1.1 response, for a connection refused before it has a request to answer."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
+    body = orjson.dumps(error_body(code, message))
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         "Retry-After: 1\r\nConnection: close\r\n\r\n"
@@ -136,8 +137,6 @@ class Connection(RequestHandler):
         elif isinstance(exc, HttpProcessingError):
             log.debug("unparsable request from %s: %s", request.remote, exc)
             response = error_response(400, "bad_request", "the request is not valid HTTP/1.1")
-        elif status == 504:
-            response = error_response(504, "timeout", "the request took too long")
         else:
             log.error("unexpected fault handling a request from %s", request.remote, exc_info=exc)
             response = error_response(500, "internal", "an unexpected fault; it was logged on the server")
@@ -235,6 +234,26 @@ def body_middleware(body_timeout: float) -> Middleware:
         return await handler(request)
 
     return middleware
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue`` (curl sends it for bodies over 1 MiB): aiohttp asks this before
+    any middleware runs, so the declared-size check is made here too, and a body over the limit
+    gets its 413 instead of an invitation to send it. Any other expectation: 417, as JSON."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return error_response(417, "expectation_failed", "the only Expect this server meets is 100-continue")
+    declared = request.content_length
+    if declared is not None and declared > request.client_max_size:
+        response = error_response(
+            413, "body_too_large",
+            f"the request body is over the {request.client_max_size}-byte limit (GM_MAX_BODY_BYTES)",
+        )
+        response.force_close()  # the body was never invited: do not read it as the next request
+        return response
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (as aiohttp's own handler does: the response proper is yet to come)
+    return None
 
 
 async def close_unfinished(request: web.Request, response: web.StreamResponse) -> None:

@@ -32,10 +32,14 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
     """The contract's error body, ``{"error": {"code", "message", "details"}}``; ``details``
     is always an object, empty when there is nothing more to say."""
-    return json_response({"error": {"code": code, "message": message, "details": details or {}}}, status)
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
+    return json_response(error_body(code, message, details), status)
 
 
 @web.middleware

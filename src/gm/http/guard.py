@@ -5,6 +5,7 @@ name (DNS rebinding) and a write whose body is not declared JSON (a cross-site f
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from aiohttp import web
@@ -67,10 +68,11 @@ class HostPolicy:
 def host_name(host: str) -> str:
     """The name in a Host header, without its port, lower-case, brackets off an IPv6 literal."""
     host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
+    if host.startswith("["):  # [v6] or [v6]:port, nothing else
+        inside, bracket, rest = host[1:].partition("]")
+        return inside if bracket and re.fullmatch(r"(:[0-9]+)?", rest) else host
     name, colon, port = host.rpartition(":")
-    if colon and port.isdigit():
+    if colon and re.fullmatch(r"[0-9]+", port):
         host = name
     return host.rstrip(".")
 

@@ -197,8 +197,15 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
+    """Error answers of a route: those named, 421 (a Host it does not answer to) on every
+    route, and with a body (415) also 408 (body too slow) and 417 (an Expect other than
+    100-continue)."""
+    statuses = (*statuses, 421, *((408, 417) if 415 in statuses else ()))
     text = {
         400: "Malformed JSON",
+        408: "Body not received within GM_BODY_TIMEOUT_SECONDS",
+        417: "An Expect header other than 100-continue",
+        421: "A Host header this server does not answer to",
         401: "Missing or wrong API key",
         403: "Key bound to another namespace",
         404: "Unknown id",
@@ -206,7 +213,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body over the size limit",
         415: "Body not sent as application/json",
         422: "Wrong shape or value, or an unknown query parameter",
-        503: "Not ready or draining",
+        503: "Not ready, draining, storage unavailable, or too many connections",
     }
     return {str(s): _json(_ref("Error"), text[s]) for s in statuses}
 

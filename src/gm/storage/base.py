@@ -128,7 +128,8 @@ class BatchWriter(Actor[WriteOp]):
     batch under way.
 
     A batch's history rows, ``updated_at`` and (for adds) ``created_at`` carry its stamp,
-    taken once the batch holds the database's write lock, so history is in commit order. The
+    taken once the batch holds the database's write lock (SQLite; on Postgres, once its
+    transaction begins: commit order per instance), so history is in commit order. The
     stamp never goes back, even if the clock does."""
 
     def __init__(self) -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from gm import loops
 from gm.actor import Envelope
-from gm.config import write_timeout_seconds
+from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -367,10 +367,10 @@ class PostgresBackend(Backend):
         steps: tuple[postgres_migrations.Step, ...] = postgres_migrations.STEPS,
         target_version: int | None = None,
         pool_size: int = POOL_SIZE,
-        write_timeout: float | None = None,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS,
     ) -> None:
         self.url = url
-        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
+        self.write_timeout = write_timeout
         self.where = redact(url)
         self.steps = steps
         self.target_version = target_version

@@ -19,7 +19,7 @@ import aiosqlite
 import orjson
 
 from gm.actor import Envelope
-from gm.config import write_timeout_seconds
+from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -313,12 +313,12 @@ class SQLiteBackend(Backend):
         *,
         steps: tuple[sqlite_migrations.Step, ...] = sqlite_migrations.STEPS,
         target_version: int | None = None,
-        write_timeout: float | None = None,
+        write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS,
     ) -> None:
         self.path = Path(path)
         self.steps = steps
         self.target_version = target_version
-        self.write_timeout = write_timeout if write_timeout is not None else write_timeout_seconds()
+        self.write_timeout = write_timeout
         self.schema_version = 0
         self.migrator = Migrator(self._migrate)
         self.writer: Writer | None = None
