@@ -77,7 +77,9 @@ async def test_unreachable_storage_is_unavailable_then_recovers(tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "fault", ["missing folder", "not SQLite", "SQLite header then garbage", "a directory", "no greatmemory tables"]
+    "fault",
+    ["missing folder", "not SQLite", "SQLite header then garbage", "a directory", "no greatmemory tables",
+     "an older version without its tables"],
 )
 async def test_a_database_that_can_never_open_fails_at_once_instead_of_retrying(tmp_path: Path, fault: str) -> None:
     db = tmp_path / "mem.db"
@@ -89,9 +91,9 @@ async def test_a_database_that_can_never_open_fails_at_once_instead_of_retrying(
         db.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 64)
     elif fault == "a directory":
         db.mkdir()
-    else:
+    else:  # a schema version (the latest, or one with migrations still to run) but not its tables
         conn = sqlite3.connect(db)
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute(f"PRAGMA user_version = {2 if fault == 'no greatmemory tables' else 1}")
         conn.execute("CREATE TABLE unrelated (x)")
         conn.close()
     server = await start_server(store_factory(db), open_store=False)

@@ -308,8 +308,9 @@ def migrate(
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         guard(db, version, latest)  # another process may have moved it since the read above
         pending = [s for s in steps if version < s.version <= target]
+        if version > 0:  # e.g. a stray file with user_version 2 (or 1, migrations to go) and no tables
+            check_schema(conn, db, version, steps)
         if not pending:
-            check_schema(conn, db, version, steps)  # e.g. a stray file with user_version 2 and no tables
             return version
         on_phase("migrating")
         snapshot = snapshot_path(db, pending[-1].version)
