@@ -276,9 +276,7 @@ async def update_memory(request: web.Request) -> web.Response:
     query(request)
     store = _state(request).store
     body = await json_object(request)
-    only_fields(body, ["text", "metadata", "expires_at"])
-    if not body:
-        raise InvalidInput("give at least one of text, metadata, expires_at")
+    only_fields(body, ["text", "metadata", "expires_at"])  # PATCH {}: Store.update refuses it before any lookup
     changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
