@@ -302,8 +302,8 @@ def _rebuild(sql: str) -> Callable[[sqlite3.Connection], None]:
 
 SQLITE_NEXT = sqlite_migrations.LATEST + 1
 SQLITE_BREACHES = {
-    "drop column": SqliteStep(SQLITE_NEXT, "drop session_id",
-                              sqlite_migrations._script("ALTER TABLE memories DROP COLUMN session_id")),
+    "drop column": SqliteStep(SQLITE_NEXT, "drop agent_id",
+                              sqlite_migrations._script("ALTER TABLE memories DROP COLUMN agent_id")),
     "rename column": SqliteStep(SQLITE_NEXT, "rename user_id",
                                 sqlite_migrations._script("ALTER TABLE memories RENAME COLUMN user_id TO owner_id")),
     "rename table": SqliteStep(SQLITE_NEXT, "rename history",

@@ -50,6 +50,7 @@ class Memory:
     created_at: int
     updated_at: int
     expires_at: int | None
+    occurred_at: int  # when it happened, as the client said (default: when it was added)
 
     def to_dict(self) -> dict[str, Any]:
         """The contract's JSON shape, with RFC 3339 times."""
@@ -64,6 +65,7 @@ class Memory:
             "created_at": format_time(self.created_at),
             "updated_at": format_time(self.updated_at),
             "expires_at": format_time(self.expires_at) if self.expires_at is not None else None,
+            "occurred_at": format_time(self.occurred_at),
         }
 
 
@@ -148,6 +150,7 @@ class NewMemory:
     created_at: int | None = None  # set only by imports, which keep the original times
     updated_at: int | None = None
     ttl_ms: int | None = None  # the expiry was given as a TTL: it counts from the commit
+    occurred_at: int | None = None  # None: when it is added (the commit's stamp)
 
     def same_content(self, other: Memory) -> bool:
         return (
@@ -157,6 +160,7 @@ class NewMemory:
             and self.scope.user_id == other.user_id
             and self.scope.agent_id == other.agent_id
             and self.scope.session_id == other.session_id
+            and (self.occurred_at is None or self.occurred_at == other.occurred_at)
         )
 
 
@@ -402,7 +406,8 @@ def check_mode(value: Any) -> str:
 
 def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     """Validate one memory input (the contract's fields) into a :class:`NewMemory`."""
-    known = {"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at", "ttl_seconds"}
+    known = {"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at", "ttl_seconds",
+             "occurred_at"}
     for key in data:
         if key not in known:
             raise InvalidInput(f"unknown field {prefix}{key}", path=prefix + key)
@@ -419,4 +424,6 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     metadata = check_metadata(data.get("metadata"), prefix + "metadata")
     expires_at = check_expiry(data.get("expires_at"), data.get("ttl_seconds"), now, prefix)
     ttl_ms = expires_at - now if expires_at is not None and data.get("ttl_seconds") is not None else None
-    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at, ttl_ms=ttl_ms)
+    occurred = data.get("occurred_at")
+    occurred_at = parse_time(occurred, prefix + "occurred_at") if occurred is not None else None
+    return NewMemory(mem_id, client_id, scope, text, metadata, expires_at, ttl_ms=ttl_ms, occurred_at=occurred_at)

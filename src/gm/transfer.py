@@ -26,7 +26,7 @@ from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_t
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import AddMemories
 from gm.storage.postgres import PostgresBackend, redact
-from gm.storage.sqlite import COLUMNS, LIVE, memory_from_row
+from gm.storage.sqlite import LIVE, columns_for, memory_from_row
 from gm.store import Store
 
 FORMAT = 1
@@ -58,7 +58,7 @@ def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace
             params.append(namespace)
         total = conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[0]
         yield _header(model_row[0] if model_row else None, version, total, vectors)
-        columns = COLUMNS + (", embedding" if vectors else "")
+        columns = columns_for(version) + (", embedding" if vectors else "")
         last = 0
         while True:
             rows = conn.execute(
@@ -99,7 +99,7 @@ async def export_lines_async(
                 params.append(namespace)
             total = await conn.fetchval(f"SELECT count(*) FROM memories WHERE {where}", *params)
             yield _header(model, version, total, vectors)
-            columns = COLUMNS + (", embedding" if vectors else "")
+            columns = columns_for(version) + (", embedding" if vectors else "")
             last = 0
             while True:
                 rows = await conn.fetch(
@@ -262,7 +262,7 @@ class Importer:
 def _as_memory(item: NewMemory) -> Memory:
     s = item.scope
     return Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, item.metadata,
-                  item.created_at or 0, item.updated_at or 0, item.expires_at)
+                  item.created_at or 0, item.updated_at or 0, item.expires_at, item.occurred_at or item.created_at or 0)
 
 
 async def import_lines(

@@ -39,6 +39,7 @@ class UpdateMemory:
     metadata: dict[str, Any] | None = None
     expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
     namespace: str | None = None
+    occurred_at: int | None = None  # None: keep
 
 
 @dataclass(slots=True)
@@ -89,15 +90,17 @@ def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
         op.metadata if op.metadata is not None else old.metadata,
         old.created_at, stamp,
         old.expires_at if op.expires_at is UNSET else op.expires_at,
+        old.occurred_at if op.occurred_at is None else op.occurred_at,
     )
 
 
-def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None]:
-    """An added memory's created_at, updated_at and expires_at: an import keeps its own
-    times; any other add is created at the commit ``stamp``, and a TTL counts from then."""
+def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None, int]:
+    """An added memory's created_at, updated_at, expires_at and occurred_at: an import keeps
+    its own times; any other add is created at the commit ``stamp``, and a TTL counts from
+    then; it occurred when the client says, else when it was created."""
     created = item.created_at or stamp
     expires = stamp + item.ttl_ms if item.ttl_ms is not None else item.expires_at
-    return created, item.updated_at or created, expires
+    return created, item.updated_at or created, expires, item.occurred_at or created
 
 
 class WriteHealth:

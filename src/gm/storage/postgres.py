@@ -54,11 +54,19 @@ from gm.storage.base import (
     updated,
 )
 from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
-from gm.storage.sqlite import decode_cursor, history_from_row, memory_from_row, page_from_rows, vector_row
+from gm.storage.sqlite import (
+    CONTEXT_VERSION,
+    LEGACY_COLUMNS,
+    columns_for,
+    decode_cursor,
+    history_from_row,
+    memory_from_row,
+    page_from_rows,
+    vector_row,
+)
 
 log = logging.getLogger(__name__)
 
-COLUMNS = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
 HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
 BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
@@ -261,18 +269,23 @@ class PgWriter(BatchWriter):
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created, updated, expires_at = added_times(item, self.stamp)
+            created, updated, expires_at, occurred = added_times(item, self.stamp)
             values = [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
                       created, updated, expires_at, item.vector]
+            extra: dict[str, Any] = {"vec": item.vector} if vec else {}
+            if self.backend.context:
+                extra["occurred_at"] = occurred
+            names = "".join(f", {name}" for name in extra)
+            marks = "".join(f", ${len(values) + i}" for i in range(1, len(extra) + 1))
             rowid = await conn.fetchval(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
-                f"created_at, updated_at, expires_at, embedding{', vec' if vec else ''}) "
-                f"VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11{', $12' if vec else ''}) "
+                f"created_at, updated_at, expires_at, embedding{names}) "
+                f"VALUES ($1,$2,$3,$4,$5,$6,$7::jsonb,$8,$9,$10,$11{marks}) "
                 "ON CONFLICT (id) DO NOTHING RETURNING rowid",
-                *values, *([item.vector] if vec else []),
+                *values, *extra.values(),
             )
             if rowid is None:
-                existing = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE id = $1", item.id)
+                existing = await conn.fetchrow(f"SELECT {self.backend.columns} FROM memories WHERE id = $1", item.id)
                 if existing is None:  # another instance deleted it in between: its id is free
                     raise StorageUnavailable(f"memory {item.id!r} was deleted while being added; retry")
                 memory = memory_from_row(existing)
@@ -282,7 +295,7 @@ class PgWriter(BatchWriter):
                 continue
             await self._history(conn, "add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, expires_at)
+                            item.metadata, created, updated, expires_at, occurred)
             out.append((memory, True))
             changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         if vec and changes:
@@ -292,7 +305,9 @@ class PgWriter(BatchWriter):
     async def _update(self, conn: asyncpg.Connection, op: UpdateMemory) -> WriteResult:
         by_id = PgParams()
         where = live_by_id(op.id, op.now, op.namespace, by_id)
-        row = await conn.fetchrow(f"SELECT {COLUMNS} FROM memories WHERE {where} FOR UPDATE", *by_id.values)
+        row = await conn.fetchrow(
+            f"SELECT {self.backend.columns} FROM memories WHERE {where} FOR UPDATE", *by_id.values
+        )
         if row is None:
             raise unknown_id(op.id)
         rowid, old = row[0], memory_from_row(row)
@@ -300,11 +315,15 @@ class PgWriter(BatchWriter):
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = $2, metadata = $3::jsonb, expires_at = $4, updated_at = $5"
         params: list[Any] = [rowid, memory.text, meta, memory.expires_at, memory.updated_at]
+        if self.backend.context:
+            params.append(memory.occurred_at)
+            assignments += f", occurred_at = ${len(params)}"
         if op.vector is not None:
-            assignments += ", embedding = $6"
             params.append(op.vector)
+            assignments += f", embedding = ${len(params)}"
             if self.backend.pgvector:
-                assignments += ", vec = $7"
+                params.append(op.vector)
+                assignments += f", vec = ${len(params)}"
                 params.append(op.vector)
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
         await self._history(conn, "update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
@@ -376,6 +395,8 @@ class PostgresBackend(Backend):
         self.target_version = target_version
         self.pool_size = pool_size
         self.schema_version = 0
+        self.columns = LEGACY_COLUMNS
+        self.context = False
         self.pgvector = False  # the schema has the pgvector column `vec`: this instance writes it
         self.backfilled = False  # every row has its `vec`: searches may use pgvector
         self.hnsw_dim: int | None = None  # once known committed
@@ -424,6 +445,8 @@ class PostgresBackend(Backend):
     ) -> None:
         self._on_reset = on_reset or (lambda: None)
         self.schema_version = await self.migrator.run()
+        self.columns = columns_for(self.schema_version)
+        self.context = self.schema_version >= CONTEXT_VERSION  # event time and session context
         try:
             self.pool = await self._create_pool(self.pool_size)
             self.write_pool = await self._create_pool(
@@ -525,14 +548,15 @@ class PostgresBackend(Backend):
     async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
         params = PgParams()
         where = live_by_id(memory_id, now, namespace, params)
-        rows = await self.fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", *params.values)
+        rows = await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", *params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
         if not ids:
             return {}
         rows = await self.fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE id = ANY($1::text[]) AND (expires_at IS NULL OR expires_at > $2)",
+            f"SELECT {self.columns} FROM memories WHERE id = ANY($1::text[]) "
+            "AND (expires_at IS NULL OR expires_at > $2)",
             ids, now,
         )
         return {row[1]: memory_from_row(row) for row in rows}
@@ -541,7 +565,7 @@ class PostgresBackend(Backend):
         if not rowids:
             return {}
         rows = await self.fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE rowid = ANY($1::bigint[]) "
+            f"SELECT {self.columns} FROM memories WHERE rowid = ANY($1::bigint[]) "
             "AND (expires_at IS NULL OR expires_at > $2)",
             rowids, now,
         )
@@ -554,7 +578,7 @@ class PostgresBackend(Backend):
             created, rowid = decode_cursor(cursor)
             where += f" AND (created_at, rowid) < ({params(created)}, {params(rowid)})"
         rows = await self.fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC "
+            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC "
             f"LIMIT {params(limit + 1)}",
             *params.values,
         )

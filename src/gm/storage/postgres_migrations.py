@@ -110,10 +110,28 @@ V2_PGVECTOR = (
     "FOR EACH ROW EXECUTE FUNCTION gm_clear_stale_vec()",
 )
 
+# Event time and session context, as on SQLite (see gm.context): `context` NULL is "not
+# built yet" for the online backfill; `search_tsv` weighs the text A and its context B.
+V3_CONTEXT = (
+    "ALTER TABLE memories ADD COLUMN occurred_at bigint",
+    "ALTER TABLE memories ADD COLUMN context text",
+    "ALTER TABLE memories ADD COLUMN search_embedding bytea",
+    "ALTER TABLE memories ADD COLUMN search_tsv tsvector GENERATED ALWAYS AS "
+    "(setweight(to_tsvector('english', text), 'A') || setweight(to_tsvector('english', coalesce(context, '')), 'B')) "
+    "STORED",
+    "CREATE INDEX memories_search_keywords ON memories USING gin (search_tsv)",
+    "CREATE INDEX memories_by_occurrence ON memories (namespace, (coalesce(occurred_at, created_at)), rowid)",
+    "CREATE INDEX memories_by_session_order ON memories "
+    "(namespace, session_id, (coalesce(occurred_at, created_at)), rowid) WHERE session_id IS NOT NULL",
+    "CREATE INDEX memories_without_context ON memories (rowid) WHERE context IS NULL",
+)
+
 STEPS: tuple[Step, ...] = (
     Step(1, "core tables: memories (tsvector keywords), history, meta, changes", V1_CORE),
     Step(2, "agent and session indexes; pgvector column when the extension is available",
          V2_SCOPES_AND_VECTORS, optional=V2_PGVECTOR),
+    Step(3, "event time and session context: occurred_at, context, search_embedding, weighted search_tsv",
+         V3_CONTEXT),
 )
 LATEST = STEPS[-1].version
 

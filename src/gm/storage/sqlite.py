@@ -50,7 +50,17 @@ from gm.storage.sqlite_files import DatabaseLock
 
 log = logging.getLogger(__name__)
 
-COLUMNS = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
+CONTEXT_VERSION = 3  # the schema version with occurred_at, context and search_embedding (both backends)
+# A row written by a release before event times has no occurred_at: it occurred when it was created.
+OCCURRED = "coalesce(occurred_at, created_at)"
+_BASE = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
+COLUMNS = f"{_BASE}, {OCCURRED}"
+LEGACY_COLUMNS = f"{_BASE}, created_at"  # a database capped below CONTEXT_VERSION (tests stand in for old releases)
+
+
+def columns_for(version: int) -> str:
+    """The memory columns a query reads on a schema at ``version``."""
+    return COLUMNS if version >= CONTEXT_VERSION else LEGACY_COLUMNS
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 READERS = 4
 
@@ -67,6 +77,7 @@ def memory_from_row(row: Any) -> Memory:
         created_at=row[8],
         updated_at=row[9],
         expires_at=row[10],
+        occurred_at=row[11],
     )
 
 
@@ -148,10 +159,14 @@ class Writer(BatchWriter):
 
     name = "writer"
 
-    def __init__(self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None]) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None], version: int
+    ) -> None:
         super().__init__()
         self.conn = conn
         self.on_commit = on_commit
+        self.context = version >= CONTEXT_VERSION  # the schema has event time and session context
+        self.columns = columns_for(version)
 
     async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
         outcomes: list[WriteResult | BaseException] = []
@@ -239,16 +254,17 @@ class Writer(BatchWriter):
                 changes.extend(purged.changes)
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
-            created, updated, expires_at = added_times(item, self.stamp)
+            created, updated, expires_at, occurred = added_times(item, self.stamp)
+            event = ", occurred_at" if self.context else ""
             rows = await self._fetch(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
-                "created_at, updated_at, expires_at, embedding) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (id) DO NOTHING RETURNING rowid",
+                f"created_at, updated_at, expires_at, embedding{event}) "
+                f"VALUES (?,?,?,?,?,?,?,?,?,?,?{',?' if event else ''}) ON CONFLICT (id) DO NOTHING RETURNING rowid",
                 [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                 created, updated, expires_at, item.vector],
+                 created, updated, expires_at, item.vector, *([occurred] if event else [])],
             )
             if not rows:
-                existing = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id = ?", [item.id])
+                existing = await self._fetch(f"SELECT {self.columns} FROM memories WHERE id = ?", [item.id])
                 memory = memory_from_row(existing[0])
                 if not item.same_content(memory):
                     raise id_conflict(item.id)
@@ -257,7 +273,7 @@ class Writer(BatchWriter):
             rowid = rows[0][0]
             await self._history("add", [(item.id, s.namespace, created, item.text, meta)])
             memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                            item.metadata, created, updated, expires_at)
+                            item.metadata, created, updated, expires_at, occurred)
             out.append((memory, True))
             changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
         return WriteResult(out, changes)
@@ -265,7 +281,7 @@ class Writer(BatchWriter):
     async def _update(self, op: UpdateMemory) -> WriteResult:
         by_id = Marks()
         where = live_by_id(op.id, op.now, op.namespace, by_id)
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", by_id.values)
+        rows = await self._fetch(f"SELECT {self.columns} FROM memories WHERE {where}", by_id.values)
         if not rows:
             raise unknown_id(op.id)
         rowid, old = rows[0][0], memory_from_row(rows[0])
@@ -273,6 +289,9 @@ class Writer(BatchWriter):
         meta = orjson.dumps(memory.metadata).decode()
         assignments = "text = ?, metadata = ?, expires_at = ?, updated_at = ?"
         params: list[Any] = [memory.text, meta, memory.expires_at, memory.updated_at]
+        if self.context:
+            assignments += ", occurred_at = ?"
+            params.append(memory.occurred_at)
         if op.vector is not None:
             assignments += ", embedding = ?"
             params.append(op.vector)
@@ -320,6 +339,7 @@ class SQLiteBackend(Backend):
         self.target_version = target_version
         self.write_timeout = write_timeout
         self.schema_version = 0
+        self.columns = LEGACY_COLUMNS
         self.migrator = Migrator(self._migrate)
         self.writer: Writer | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
@@ -341,6 +361,7 @@ class SQLiteBackend(Backend):
         sqlite_migrations.check_path(self.path)
         self._lock.acquire()
         self.schema_version = await self.migrator.run()
+        self.columns = columns_for(self.schema_version)
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
@@ -353,7 +374,7 @@ class SQLiteBackend(Backend):
                 self._readers.put_nowait(reader)
         except sqlite3.Error as exc:
             raise sqlite_migrations.storage_error(exc, self.path) from None
-        self.writer = Writer(conn, on_commit)
+        self.writer = Writer(conn, on_commit, self.schema_version)
         self.writer.start()
 
     async def close(self) -> None:
@@ -387,14 +408,14 @@ class SQLiteBackend(Backend):
     async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
         params = Marks()
         where = live_by_id(memory_id, now, namespace, params)
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE {where}", params.values)
+        rows = await self._fetch(f"SELECT {self.columns} FROM memories WHERE {where}", params.values)
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
         if not ids:
             return {}
         marks = ",".join("?" * len(ids))
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM memories WHERE id IN ({marks}) AND {LIVE}", [*ids, now])
+        rows = await self._fetch(f"SELECT {self.columns} FROM memories WHERE id IN ({marks}) AND {LIVE}", [*ids, now])
         return {row[1]: memory_from_row(row) for row in rows}
 
     async def get_many(self, rowids: list[int], now: int) -> dict[int, Memory]:
@@ -402,7 +423,7 @@ class SQLiteBackend(Backend):
             return {}
         marks = ",".join("?" * len(rowids))
         rows = await self._fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE rowid IN ({marks}) AND {LIVE}", [*rowids, now]
+            f"SELECT {self.columns} FROM memories WHERE rowid IN ({marks}) AND {LIVE}", [*rowids, now]
         )
         return {row[0]: memory_from_row(row) for row in rows}
 
@@ -413,7 +434,7 @@ class SQLiteBackend(Backend):
             where += " AND (created_at < ? OR (created_at = ? AND rowid < ?))"
             params += [created, created, rowid]
         rows = await self._fetch(
-            f"SELECT {COLUMNS} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
             [*params, limit + 1],
         )
         return page_from_rows(rows, limit)

@@ -96,9 +96,42 @@ END;
 INSERT INTO memories_fts (memories_fts) VALUES ('rebuild')
 """
 
+# Event time and session context (see gm.context). `context` NULL means "not built yet":
+# the online backfill builds it; until then the row is found by its text alone. The
+# search index moves to `memories_search` (FTS5 cannot add a column); `memories_fts` is
+# kept as it was, so the additive rule holds.
+V3_CONTEXT = """
+ALTER TABLE memories ADD COLUMN occurred_at INTEGER;
+ALTER TABLE memories ADD COLUMN context TEXT;
+ALTER TABLE memories ADD COLUMN search_embedding BLOB;
+CREATE INDEX memories_by_occurrence ON memories (namespace, coalesce(occurred_at, created_at), rowid);
+CREATE INDEX memories_by_session_order ON memories (namespace, session_id, coalesce(occurred_at, created_at), rowid)
+    WHERE session_id IS NOT NULL;
+CREATE INDEX memories_without_context ON memories (rowid) WHERE context IS NULL;
+CREATE VIRTUAL TABLE memories_search USING fts5 (
+    text, context, content='memories', content_rowid='rowid',
+    tokenize='porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER memories_search_insert AFTER INSERT ON memories BEGIN
+    INSERT INTO memories_search (rowid, text, context) VALUES (new.rowid, new.text, new.context);
+END;
+CREATE TRIGGER memories_search_delete AFTER DELETE ON memories BEGIN
+    INSERT INTO memories_search (memories_search, rowid, text, context)
+    VALUES ('delete', old.rowid, old.text, old.context);
+END;
+CREATE TRIGGER memories_search_update AFTER UPDATE OF text, context ON memories BEGIN
+    INSERT INTO memories_search (memories_search, rowid, text, context)
+    VALUES ('delete', old.rowid, old.text, old.context);
+    INSERT INTO memories_search (rowid, text, context) VALUES (new.rowid, new.text, new.context);
+END;
+INSERT INTO memories_search (memories_search) VALUES ('rebuild')
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(1, "core tables: memories, history, meta", _script(V1_CORE)),
     Step(2, "keyword index: FTS5 over memories.text", _script(V2_KEYWORDS)),
+    Step(3, "event time and session context: occurred_at, context, search_embedding, FTS5 over text and context",
+         _script(V3_CONTEXT)),
 )
 LATEST = STEPS[-1].version
 
