@@ -42,12 +42,13 @@ from typing import Any
 
 import numpy as np
 
-from gm.search import RRF_K, keyword_terms
+from gm.search import keyword_terms
 from study_ideas import diverse_top10, entity_weights, expand, near, neighbours, prf_weights
 from study_rankings import (
     DEFAULT_CACHE,
     DEFAULT_DATA,
     PRODUCT_DEPTH,
+    RRF_K,
     TOKENIZE,
     Block,
     Corpus,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from gm.embedding import MAX_TOKENS, Encoder, ModelSpec
-from gm.search import RRF_K, candidates, keyword_terms
+from gm.search import candidates, keyword_terms
 
 DEFAULT_DATA = Path("/work/shared/data/locomo/dev")
 DEFAULT_CACHE = Path("/tmp/gm-study")
@@ -27,6 +27,7 @@ CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 K1, B = 1.2, 0.75
 TOKENIZE = "porter unicode61 remove_diacritics 2"  # sqlite_migrations.V2_KEYWORDS
 PRODUCT_DEPTH = candidates(10)  # 50: what hybrid search fetches per ranking today
+RRF_K = 60  # the rank constant of the hybrid search the study compares against (RRF, equal weights)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

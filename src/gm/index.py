@@ -152,6 +152,15 @@ class VectorIndex:
                 if slot is not None:
                     self._a.expires[slot] = NEVER if change.expires_at is None else change.expires_at
 
+    def cosines(self, query: npt.NDArray[np.float32], rowids: Iterable[int]) -> dict[int, float]:
+        """The cosine of ``query`` with each of ``rowids`` the index holds."""
+        a = self._a
+        pairs = [(rowid, slot) for rowid in rowids if (slot := self._slot.get(rowid)) is not None]
+        if not pairs:
+            return {}
+        scores = a.vectors[[slot for _, slot in pairs]] @ query
+        return {rowid: float(score) for (rowid, _), score in zip(pairs, scores, strict=True)}
+
     def search(
         self,
         query: npt.NDArray[np.float32],

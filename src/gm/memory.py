@@ -71,13 +71,20 @@ class Memory:
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
-    """A search result: the memory and its score (higher is better; comparable within one response)."""
+    """A search result: the memory and its score (higher is better; comparable within one
+    response), with its parts: ``vector_score`` the cosine similarity and ``keyword_score``
+    the keyword rank, each None when that ranking did not find the memory."""
 
     memory: Memory
     score: float
+    vector_score: float | None = None
+    keyword_score: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.to_dict(), "score": self.score}
+        return {
+            "memory": self.memory.to_dict(), "score": self.score,
+            "vector_score": self.vector_score, "keyword_score": self.keyword_score,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +409,28 @@ def check_mode(value: Any) -> str:
     if value not in MODES:
         raise InvalidInput("mode must be one of hybrid, vector, keyword", path="mode")
     return str(value)
+
+
+MAX_RECENCY_DAYS = 100 * 365
+
+
+def check_min_score(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+        raise InvalidInput("min_score must be a number from -1 to 1 (a cosine similarity)", path="min_score")
+    return float(value)
+
+
+def check_recency(value: Any) -> float | None:
+    """A recency half-life in days (None: no recency boost)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_RECENCY_DAYS:
+        raise InvalidInput(
+            f"recency must be a half-life in days, a number above 0 and at most {MAX_RECENCY_DAYS}", path="recency"
+        )
+    return float(value)
 
 
 def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:

@@ -1,12 +1,34 @@
-"""How a question becomes ranked hits: keyword terms for BM25, and reciprocal rank
-fusion of the vector and keyword rankings for hybrid mode.
+"""The searcher: how a question becomes ranked hits. Keyword terms for BM25, the vector
+ranking, their fusion for hybrid mode, the recency boost and the ``min_score`` cut.
+
+Hybrid fusion was chosen by leave-one-conversation-out cross-validation on the LoCoMo dev
+split (docs/retrieval-study.md): each ranking fetches ``candidates(limit)`` (50 for a
+page of 10), each one's scores are min-max normalised over its own candidates (best 1,
+last 0; a memory the other ranking did not return gets 0 from it), and the fused score is
+``KEYWORD_WEIGHT * keyword + VECTOR_WEIGHT * vector``. Reciprocal rank fusion with k = 60
+and equal weights, used before, let the weaker vector ranking drag the keyword one down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-RRF_K = 60
+import numpy as np
+
+from gm.filters import Filter
+from gm.memory import Scope, SearchHit
+
+if TYPE_CHECKING:
+    from gm.store import Store
+
+KEYWORD_WEIGHT = 0.7
+VECTOR_WEIGHT = 1.0 - KEYWORD_WEIGHT
+DAY_MS = 86_400_000
 MAX_TERMS = 32
 _WORD = re.compile(r"\w+", re.UNICODE)
 STOPWORDS = frozenset(
@@ -14,6 +36,8 @@ STOPWORDS = frozenset(
     if in into is it its me my of on or our she so than that the their them then there these they
     this to was we were what when where which who whom why will with would you your""".split()
 )
+
+Ranking = list[tuple[int, float]]  # (rowid, score), best first
 
 
 def keyword_terms(query: str) -> list[str]:
@@ -24,15 +48,139 @@ def keyword_terms(query: str) -> list[str]:
     return kept[:MAX_TERMS]
 
 
-def fuse(rankings: list[list[tuple[int, float]]], limit: int) -> list[tuple[int, float]]:
-    """Reciprocal rank fusion: score(d) = sum over rankings of 1 / (RRF_K + rank)."""
-    scores: dict[int, float] = {}
-    for ranking in rankings:
-        for rank, (rowid, _) in enumerate(ranking, start=1):
-            scores[rowid] = scores.get(rowid, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(scores.items(), key=lambda item: -item[1])[:limit]
-
-
 def candidates(limit: int) -> int:
     """How deep each ranking goes before fusion: deeper lists let agreement surface."""
     return max(50, 4 * limit)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A memory one of the rankings found, with its score from each (None: not found by it)."""
+
+    rowid: int
+    score: float = 0.0
+    vector_score: float | None = None
+    keyword_score: float | None = None
+
+
+def _normalised(ranking: Ranking) -> dict[int, float]:
+    """Min-max over the ranking's own candidates: best 1, last 0; all alike (one candidate,
+    or ties throughout): 1, since each is as good as the best."""
+    if not ranking:
+        return {}
+    scores = [score for _, score in ranking]
+    low, high = min(scores), max(scores)
+    if high - low <= 1e-12:
+        return {rowid: 1.0 for rowid, _ in ranking}
+    return {rowid: (score - low) / (high - low) for rowid, score in ranking}
+
+
+def fuse(keyword: Ranking, vector: Ranking) -> list[Candidate]:
+    """The weighted sum of both rankings' normalised scores, best first (ties: the keyword
+    ranking's order, then the vector one's)."""
+    found: dict[int, Candidate] = {}
+    for rowid, score in keyword:
+        found[rowid] = Candidate(rowid, keyword_score=score)
+    for rowid, score in vector:
+        found.setdefault(rowid, Candidate(rowid)).vector_score = score
+    kw, vec = _normalised(keyword), _normalised(vector)
+    for candidate in found.values():
+        candidate.score = KEYWORD_WEIGHT * kw.get(candidate.rowid, 0.0) + VECTOR_WEIGHT * vec.get(candidate.rowid, 0.0)
+    return sorted(found.values(), key=lambda c: -c.score)
+
+
+def decay(age_ms: int, half_life_days: float) -> float:
+    """The recency factor: 1 for a memory that occurred now (or later), 1/2 one half-life ago."""
+    return math.exp2(-max(age_ms, 0) / (half_life_days * DAY_MS))
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """A validated search (see :meth:`gm.Store.search`)."""
+
+    query: str
+    scope: Scope
+    filter: Filter | None
+    limit: int
+    mode: str
+    now: int
+    min_score: float | None = None
+    recency: float | None = None  # half-life in days
+
+
+class Searcher:
+    """Runs a :class:`SearchRequest` against a store's backend, embedder and vector index."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def search(self, request: SearchRequest) -> list[SearchHit]:
+        r, backend = request, self.store.backend
+        # With a recency boost or a cosine cut, a single ranking also looks deeper, so a newer or
+        # closer memory further down can still make the page.
+        deep = r.mode == "hybrid" or r.recency is not None or r.min_score is not None
+        depth = candidates(r.limit) if deep else r.limit
+        wants_vector = r.mode != "keyword" or r.min_score is not None
+        query_vector, keyword = await asyncio.gather(
+            self._query_vector(r.query) if wants_vector else _none(),
+            backend.keyword_search(keyword_terms(r.query), r.scope, r.filter, depth, r.now)
+            if r.mode != "vector" else _empty(),
+        )
+        vector: Ranking = []
+        if r.mode != "keyword" and query_vector is not None:
+            vector = await self._vector_ranking(query_vector, r, depth)
+        if r.mode == "hybrid":
+            ranked = fuse(keyword, vector)
+        elif r.mode == "vector":
+            ranked = [Candidate(rowid, score, vector_score=score) for rowid, score in vector]
+        else:
+            ranked = [Candidate(rowid, score, keyword_score=score) for rowid, score in keyword]
+        if r.min_score is not None and query_vector is not None:
+            ranked = await self._cut(ranked, query_vector, r.min_score)
+        if r.recency is None:
+            ranked = ranked[: r.limit]
+        found = await backend.get_many([c.rowid for c in ranked], r.now)
+        if r.recency is not None:
+            for c in ranked:
+                if c.rowid in found:
+                    c.score *= decay(r.now - found[c.rowid].occurred_at, r.recency)
+            ranked = sorted(ranked, key=lambda c: -c.score)[: r.limit]
+        return [SearchHit(found[c.rowid], c.score, c.vector_score, c.keyword_score) for c in ranked if c.rowid in found]
+
+    async def _query_vector(self, query: str) -> np.ndarray:
+        vector, _ = await asyncio.gather(self.store.embedder.embed(query, urgent=True), self.store.wait_index_or_fail())
+        return np.asarray(vector)
+
+    async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int) -> Ranking:
+        backend = self.store.backend
+        if backend.native_vectors:
+            return await backend.vector_search(query.tobytes(), r.scope, r.filter, depth, r.now)
+        allowed: Iterable[int] | None = None
+        if r.filter is not None:
+            allowed = await backend.matching_rowids(r.scope, r.filter, r.now)
+        index = self.store.index
+        return await asyncio.to_thread(index.search, query, r.scope, r.now, depth, allowed)
+
+    async def _cut(self, ranked: list[Candidate], query: np.ndarray, min_score: float) -> list[Candidate]:
+        """Drop the candidates whose cosine is below ``min_score``; one the vector ranking did
+        not return has its cosine looked up (it stays out of ``vector_score``)."""
+        unknown = [c.rowid for c in ranked if c.vector_score is None]
+        cosines: dict[int, float] = {}
+        if unknown:
+            backend = self.store.backend
+            if backend.native_vectors:
+                cosines = await backend.cosines(query.tobytes(), unknown)
+            else:
+                cosines = self.store.index.cosines(query, unknown)
+        return [
+            c for c in ranked
+            if (c.vector_score if c.vector_score is not None else cosines.get(c.rowid, -1.0)) >= min_score
+        ]
+
+
+async def _empty() -> Ranking:
+    return []
+
+
+async def _none() -> None:
+    return None

@@ -11,13 +11,10 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from gm import filters, loops, search
+from gm import context, filters, loops
 from gm.config import DEFAULT_DB, StoreSettings
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotReady, StorageUnavailable, StoreClosed
@@ -33,13 +30,16 @@ from gm.memory import (
     check_id,
     check_limit,
     check_metadata,
+    check_min_score,
     check_mode,
+    check_recency,
     check_scope,
     check_scope_value,
     check_text,
     new_memory,
     now_ms,
 )
+from gm.search import Searcher, SearchRequest
 from gm.storage import is_postgres_url
 from gm.storage.base import (
     UNSET,
@@ -79,6 +79,7 @@ class Store:
         self.settings = settings or StoreSettings.load()
         self.embedder = Embedder(model, threads=self.settings.embed_threads)
         self.index = VectorIndex()
+        self.searcher = Searcher(self)
         self._index_ready = asyncio.Event()
         self.index_error: StorageUnavailable | None = None
         self._pending: list[IndexChange] | None = []  # changes committed while the index loads
@@ -102,6 +103,7 @@ class Store:
         elif self._loader is None:  # (the backend may have asked for a reload already)
             self._reload_index()
         self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
+        self._tasks.append(loop.create_task(context.backfill_forever(self.backend), name="gm-context-backfill"))
         return self
 
     async def close(self) -> None:
@@ -189,7 +191,7 @@ class Store:
                 log.exception("purging expired memories failed; will retry")
             await loops.pause(self.settings.purge_seconds)
 
-    async def _wait_index_or_fail(self) -> None:
+    async def wait_index_or_fail(self) -> None:
         """Wait for the index, unless (or until) loading it failed: then raise why, at once."""
         while not self._index_ready.is_set() and not self.backend.native_vectors:
             if self.index_error is not None:
@@ -214,6 +216,7 @@ class Store:
         id: str | None = None,
         expires_at: str | None = None,
         ttl_seconds: float | None = None,
+        occurred_at: str | None = None,
     ) -> Memory:
         """Store one memory and return it. With a client ``id``, adding the same content
         again returns the stored memory; other content raises :class:`gm.errors.Conflict`.
@@ -223,7 +226,7 @@ class Store:
         data = {
             "text": text, "namespace": namespace, "user_id": user_id, "agent_id": agent_id,
             "session_id": session_id, "metadata": metadata, "id": id, "expires_at": expires_at,
-            "ttl_seconds": ttl_seconds,
+            "ttl_seconds": ttl_seconds, "occurred_at": occurred_at,
         }
         [(memory, _)] = await self.add_inputs([{k: v for k, v in data.items() if v is not None}], batch=False)
         return memory
@@ -378,43 +381,32 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         mode: str | None = None,
+        min_score: float | None = None,
+        recency: float | None = None,
     ) -> builtins.list[SearchHit]:
         """The memories of a scope most relevant to ``query``, best first.
 
-        ``mode`` is ``hybrid`` (default: reciprocal rank fusion of both rankings),
-        ``vector`` (score = cosine similarity) or ``keyword`` (score = BM25).
+        ``mode`` is ``hybrid`` (default: the keyword and vector rankings fused, see
+        :mod:`gm.search`), ``vector`` (score = cosine similarity) or ``keyword`` (score =
+        the keyword rank). Each hit also carries ``vector_score`` and ``keyword_score``.
+        ``min_score`` drops hits whose cosine similarity is below it; ``recency`` (a
+        half-life in days) multiplies each score by 1/2 per half-life since it occurred.
 
         >>> hits = await mem.search("seat preference", user_id="u1", limit=5)
         >>> hits[0].memory.text, hits[0].score
         """
         self._check_open()
-        query = check_text(query, "query")
-        scope = check_scope(namespace, user_id, agent_id, session_id)
-        size = check_limit(limit, default=10, maximum=MAX_SEARCH_LIMIT)
-        chosen = check_mode(mode)
-        parsed = filters.parse(filter)
-        now = now_ms()
-        depth = size if chosen != "hybrid" else search.candidates(size)
-        rankings = await asyncio.gather(
-            self._vector_ranking(query, scope, parsed, depth, now) if chosen != "keyword" else _empty(),
-            self.backend.keyword_search(search.keyword_terms(query), scope, parsed, depth, now)
-            if chosen != "vector"
-            else _empty(),
+        request = SearchRequest(
+            query=check_text(query, "query"),
+            scope=check_scope(namespace, user_id, agent_id, session_id),
+            filter=filters.parse(filter),
+            limit=check_limit(limit, default=10, maximum=MAX_SEARCH_LIMIT),
+            mode=check_mode(mode),
+            now=now_ms(),
+            min_score=check_min_score(min_score),
+            recency=check_recency(recency),
         )
-        ranked = search.fuse(list(rankings), size) if chosen == "hybrid" else rankings[chosen == "keyword"]
-        found = await self.backend.get_many([rowid for rowid, _ in ranked], now)
-        return [SearchHit(found[rowid], score) for rowid, score in ranked if rowid in found]
-
-    async def _vector_ranking(
-        self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
-    ) -> builtins.list[tuple[int, float]]:
-        vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._wait_index_or_fail())
-        if self.backend.native_vectors:
-            return await self.backend.vector_search(vector.tobytes(), scope, parsed, depth, now)
-        allowed: Iterable[int] | None = None
-        if parsed is not None:
-            allowed = await self.backend.matching_rowids(scope, parsed, now)
-        return await asyncio.to_thread(self.index.search, np.asarray(vector), scope, now, depth, allowed)
+        return await self.searcher.search(request)
 
     async def stats(self) -> Stats:
         """Counts per namespace, schema version, backend and model (does not load the model)."""
@@ -463,10 +455,6 @@ def _limit_blas_threads(threads: int) -> None:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(threads, user_api="blas")
-
-
-async def _empty() -> list[tuple[int, float]]:
-    return []
 
 
 def open(

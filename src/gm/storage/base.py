@@ -78,7 +78,17 @@ class CheckWrites:
     now: int
 
 
-WriteOp = AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites
+@dataclass(slots=True)
+class BuildContext:
+    """Build the session context (gm.context) of up to ``limit`` memories that have none yet
+    (written before schema v3, or by an older release meanwhile); replies how many it built."""
+
+    limit: int
+
+
+WriteOp = (
+    AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites | BuildContext
+)
 
 
 def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
@@ -217,6 +227,7 @@ class Backend(abc.ABC):
     write_timeout: float  # seconds a write may wait for its commit before it fails (503)
 
     native_vectors = False  # True: vector_search answers; False: the store keeps an in-process index
+    context = False  # the schema holds event time and session context (v3 on): set once migrated
 
     @abc.abstractmethod
     async def open(
@@ -299,9 +310,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def counts(self, now: int) -> dict[str, int]: ...
 
+    @abc.abstractmethod
+    async def without_context(self) -> int:
+        """How many memories still wait for their session context to be built."""
+
     async def vector_search(
         self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int
     ) -> builtins.list[tuple[int, float]]:
+        raise NotImplementedError("this backend searches vectors with the in-process index")
+
+    async def cosines(self, vector: bytes, rowids: builtins.list[int]) -> dict[int, float]:
+        """The cosine of ``vector`` with each of ``rowids`` (native vector backends only)."""
         raise NotImplementedError("this backend searches vectors with the in-process index")
 
     async def check(self) -> None:

@@ -26,6 +26,18 @@ import orjson
 from gm import loops
 from gm.actor import Envelope
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
+from gm.context import (
+    CONTEXT_WEIGHT,
+    Position,
+    SessionRows,
+    Turn,
+    context_moves,
+    date_words,
+    deleted_positions,
+    refresh,
+    turn_from_row,
+    window_sql,
+)
 from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -36,6 +48,7 @@ from gm.storage.base import (
     AddMemories,
     Backend,
     BatchWriter,
+    BuildContext,
     CheckWrites,
     DeleteMemory,
     DeleteWhere,
@@ -57,11 +70,13 @@ from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
 from gm.storage.sqlite import (
     CONTEXT_VERSION,
     LEGACY_COLUMNS,
+    OCCURRED,
     columns_for,
     decode_cursor,
     history_from_row,
     memory_from_row,
     page_from_rows,
+    search_vector,
     vector_row,
 )
 
@@ -70,6 +85,7 @@ log = logging.getLogger(__name__)
 FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
 HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
 BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
+CONTEXT_LOCK = 0x676D6378  # "gmcx": one instance at a time builds missing session context
 CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
 CONNECT_TIMEOUT = 5.0
 CHECK_TIMEOUT = 2.0  # readyz's probe of the database
@@ -242,6 +258,8 @@ class PgWriter(BatchWriter):
             return result
         if isinstance(op, RecordModel):
             return await self._record_model(conn, op)
+        if isinstance(op, BuildContext):
+            return await self._build_context(conn, op)
         if isinstance(op, CheckWrites):
             await conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('write_check', $1) "
@@ -259,9 +277,31 @@ class PgWriter(BatchWriter):
                 [(memory_id, namespace, op, at, text, meta) for memory_id, namespace, at, text, meta in rows],
             )
 
+    async def _build_context(self, conn: asyncpg.Connection, op: BuildContext) -> WriteResult:
+        if not self.backend.context or not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", CONTEXT_LOCK):
+            return WriteResult(0)  # (another instance is building it)
+        rows = await conn.fetch(
+            f"SELECT rowid, namespace, session_id, {OCCURRED} FROM memories WHERE context IS NULL "
+            "ORDER BY rowid LIMIT $1",
+            op.limit,
+        )
+        await conn.executemany(
+            "UPDATE memories SET context = $2 WHERE rowid = $1",
+            [(r[0], date_words(r[3])) for r in rows if r[2] is None],
+        )
+        moved = [Position(r[1], r[2], r[3], r[0]) for r in rows if r[2] is not None]
+        return WriteResult(len(rows), await self._refresh(conn, moved))
+
+    async def _refresh(self, conn: asyncpg.Connection, moved: list[Position]) -> list[IndexChange]:
+        """Session context follows the write (see gm.context)."""
+        if not (self.backend.context and moved):
+            return []
+        return await refresh(PgSessionRows(conn, self.backend.pgvector), moved)
+
     async def _add(self, conn: asyncpg.Connection, op: AddMemories) -> WriteResult:
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
+        moved: list[Position] = []
         vec = self.backend.pgvector
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
@@ -274,7 +314,7 @@ class PgWriter(BatchWriter):
                       created, updated, expires_at, item.vector]
             extra: dict[str, Any] = {"vec": item.vector} if vec else {}
             if self.backend.context:
-                extra["occurred_at"] = occurred
+                extra["occurred_at"], extra["context"] = occurred, date_words(occurred)
             names = "".join(f", {name}" for name in extra)
             marks = "".join(f", ${len(values) + i}" for i in range(1, len(extra) + 1))
             rowid = await conn.fetchval(
@@ -298,9 +338,11 @@ class PgWriter(BatchWriter):
                             item.metadata, created, updated, expires_at, occurred)
             out.append((memory, True))
             changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
+            if s.session_id is not None:
+                moved.append(Position(s.namespace, s.session_id, occurred, rowid))
         if vec and changes:
             await self.backend.ensure_hnsw(conn, len(op.items[0].vector or b"") // 4)
-        return WriteResult(out, changes)
+        return WriteResult(out, changes + await self._refresh(conn, moved))
 
     async def _update(self, conn: asyncpg.Connection, op: UpdateMemory) -> WriteResult:
         by_id = PgParams()
@@ -324,22 +366,28 @@ class PgWriter(BatchWriter):
             if self.backend.pgvector:
                 params.append(op.vector)
                 assignments += f", vec = ${len(params)}"
-                params.append(op.vector)
+        if self.backend.context and old.session_id is None:  # alone, its context is its date
+            params.append(date_words(memory.occurred_at))
+            assignments += f", context = ${len(params)}"
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
         await self._history(conn, "update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
-        return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
+        changes = [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)]
+        return WriteResult(memory, changes + await self._refresh(conn, context_moves(old, memory, rowid)))
 
     async def _delete_where(
         self, conn: asyncpg.Connection, where: str, params: list[Any], missing: str | None = None
     ) -> WriteResult:
         rows = await conn.fetch(
-            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", *params
+            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace, session_id, "
+            f"{'coalesce(occurred_at, created_at)' if self.backend.context else 'created_at'}",
+            *params,
         )
         if missing is not None and not rows:
             raise unknown_id(missing)
         await self._history(conn, "delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
-        return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
+        removed = [IndexChange(r[0], remove=True) for r in rows]
+        return WriteResult(len(rows), removed + await self._refresh(conn, deleted_positions(rows)))
 
     async def _prune_changes(self, conn: asyncpg.Connection, now: int) -> None:
         pruned = await conn.fetchval(
@@ -365,6 +413,33 @@ class PgWriter(BatchWriter):
                 op.identity,
             )
         return WriteResult(op.identity)
+
+
+class PgSessionRows(SessionRows):
+    """The Writer's transaction as gm.context sees it; with pgvector, ``vec`` follows the
+    search embedding (it is what HNSW searches)."""
+
+    def __init__(self, conn: asyncpg.Connection, pgvector: bool) -> None:
+        self.conn = conn
+        self.pgvector = pgvector
+
+    async def around(self, at: Position, before: int, after: int) -> list[Turn]:
+        earlier, later = PgParams(), PgParams()
+        first = await self.conn.fetch(window_sql(at, True, before, earlier), *earlier.values)
+        rest = await self.conn.fetch(window_sql(at, False, after, later), *later.values)
+        return [turn_from_row(r) for r in reversed(first)] + [turn_from_row(r) for r in rest]
+
+    async def store(self, turn: Turn, context: str, search_embedding: bytes | None) -> None:
+        if self.pgvector:
+            await self.conn.execute(
+                "UPDATE memories SET context = $2, search_embedding = $3, vec = $4 WHERE rowid = $1",
+                turn.rowid, context, search_embedding, search_embedding or turn.embedding,
+            )
+        else:
+            await self.conn.execute(
+                "UPDATE memories SET context = $2, search_embedding = $3 WHERE rowid = $1",
+                turn.rowid, context, search_embedding,
+            )
 
 
 async def _rollback(transaction: Any) -> None:
@@ -601,11 +676,14 @@ class PostgresBackend(Backend):
         query = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
         if all(t in STOPWORDS for t in terms):  # English stemming drops them all: match the words as they are
             q, document = f"to_tsquery('simple', {params(query)})", "to_tsvector('simple', m.text)"
+        elif self.context:  # the text weighs A, its session context B (gm.context)
+            q, document = f"to_tsquery('english', {params(query)})", "m.search_tsv"
         else:
             q, document = f"to_tsquery('english', {params(query)})", "m.tsv"
         where = scope_sql(scope, filter, now, params, prefix="m.")
         rows = await self.fetch(
-            f"SELECT m.rowid, ts_rank({document}, {q}) AS rank FROM memories m "
+            f"SELECT m.rowid, ts_rank('{{0.1, 0.2, {CONTEXT_WEIGHT}, 1.0}}', {document}, {q}) AS rank "
+            "FROM memories m "
             f"WHERE {document} @@ {q} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
             *params.values,
         )
@@ -640,6 +718,15 @@ class PostgresBackend(Backend):
             # (pgvector < 0.8 has no iterative scan). An order the index cannot serve makes it exact.
             rows = await self._vector_rows(query.replace("ORDERING", f"({distance}) + 0"), params.values, limit)
         return [(r[0], 1.0 - float(r[1])) for r in rows]
+
+    async def cosines(self, vector: bytes, rowids: builtins.list[int]) -> dict[int, float]:
+        dim = len(vector) // 4
+        rows = await self.fetch(
+            f"SELECT rowid, 1 - (vec::vector({dim}) <=> $1::vector({dim})) FROM memories "
+            "WHERE rowid = ANY($2::bigint[]) AND vec IS NOT NULL",
+            vector, rowids,
+        )
+        return {r[0]: float(r[1]) for r in rows}
 
     async def _vector_rows(self, sql: str, params: builtins.list[Any], limit: int) -> builtins.list[Any]:
         for attempt in (1, 2):
@@ -704,14 +791,15 @@ class PostgresBackend(Backend):
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", BACKFILL_LOCK):
                 return False  # another instance is at it
             rows = await conn.fetch(
-                "SELECT rowid, embedding FROM memories WHERE vec IS NULL ORDER BY rowid LIMIT $1", size
+                f"SELECT rowid, embedding, {search_vector(self.context)} FROM memories WHERE vec IS NULL "
+                "ORDER BY rowid LIMIT $1", size
             )
             if not rows:
                 return False
             await self.ensure_hnsw(conn, len(rows[0][1]) // 4)
             await conn.executemany(
                 "UPDATE memories SET vec = $2 WHERE rowid = $1 AND embedding = $3 AND vec IS NULL",
-                [(r[0], r[1], r[1]) for r in rows],
+                [(r[0], r[2], r[1]) for r in rows],
             )
         log.info("vector backfill: %d more memories searchable by pgvector", len(rows))
         return len(rows) == size
@@ -720,7 +808,7 @@ class PostgresBackend(Backend):
         last = 0
         while True:
             rows = await self.fetch(
-                "SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, embedding "
+                f"SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, {search_vector(self.context)} "
                 "FROM memories WHERE rowid > $1 ORDER BY rowid LIMIT 20000",
                 last,
             )
@@ -728,6 +816,11 @@ class PostgresBackend(Backend):
                 return
             yield [vector_row(r) for r in rows]
             last = rows[-1][0]
+
+    async def without_context(self) -> int:
+        if not self.context:
+            return 0
+        return int(await self.fetchval("SELECT count(*) FROM memories WHERE context IS NULL"))
 
     async def counts(self, now: int) -> dict[str, int]:
         rows = await self.fetch(

@@ -15,6 +15,7 @@ from gm import loops
 from gm.errors import StorageUnavailable
 from gm.memory import Scope
 from gm.storage.base import IndexChange
+from gm.storage.sqlite import search_vector
 
 if TYPE_CHECKING:
     from gm.storage.postgres import PostgresBackend
@@ -60,7 +61,8 @@ class ChangeFeed:
             while True:
                 rows = await self.backend.fetch_own(
                     "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
-                    "m.embedding FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
+                    f"{search_vector(self.backend.context, 'm.')} "
+                    "FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
                     "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000",
                     self.last_seq,
                 )

@@ -20,6 +20,18 @@ import orjson
 
 from gm.actor import Envelope
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
+from gm.context import (
+    CONTEXT_WEIGHT,
+    Position,
+    SessionRows,
+    Turn,
+    context_moves,
+    date_words,
+    deleted_positions,
+    refresh,
+    turn_from_row,
+    window_sql,
+)
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
 from gm.memory import HistoryEntry, Memory, Page, Scope
@@ -29,6 +41,7 @@ from gm.storage.base import (
     AddMemories,
     Backend,
     BatchWriter,
+    BuildContext,
     CheckWrites,
     DeleteMemory,
     DeleteWhere,
@@ -56,6 +69,11 @@ OCCURRED = "coalesce(occurred_at, created_at)"
 _BASE = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, created_at, updated_at, expires_at"
 COLUMNS = f"{_BASE}, {OCCURRED}"
 LEGACY_COLUMNS = f"{_BASE}, created_at"  # a database capped below CONTEXT_VERSION (tests stand in for old releases)
+
+
+def search_vector(context: bool, prefix: str = "") -> str:
+    """The vector the index searches for a row: its search embedding (gm.context) if it has one."""
+    return f"coalesce({prefix}search_embedding, {prefix}embedding)" if context else f"{prefix}embedding"
 
 
 def columns_for(version: int) -> str:
@@ -225,6 +243,8 @@ class Writer(BatchWriter):
             return await self._delete_where("expires_at <= ?", [op.now])
         if isinstance(op, RecordModel):
             return await self._record_model(op)
+        if isinstance(op, BuildContext):
+            return await self._build_context(op)
         if isinstance(op, CheckWrites):
             await self.conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('write_check', ?) "
@@ -245,9 +265,28 @@ class Writer(BatchWriter):
                 [(memory_id, namespace, op, at, text, meta) for memory_id, namespace, at, text, meta in rows],
             )
 
+    async def _build_context(self, op: BuildContext) -> WriteResult:
+        if not self.context:
+            return WriteResult(0)
+        rows = await self._fetch(
+            f"SELECT rowid, namespace, session_id, {OCCURRED} FROM memories WHERE context IS NULL "
+            "ORDER BY rowid LIMIT ?",
+            [op.limit],
+        )
+        await self.conn.executemany(
+            "UPDATE memories SET context = ? WHERE rowid = ?", [(date_words(r[3]), r[0]) for r in rows if r[2] is None]
+        )
+        moved = [Position(r[1], r[2], r[3], r[0]) for r in rows if r[2] is not None]
+        return WriteResult(len(rows), await self._refresh(moved))
+
+    async def _refresh(self, moved: list[Position]) -> list[IndexChange]:
+        """Session context follows the write (see gm.context)."""
+        return await refresh(SQLiteSessionRows(self), moved) if self.context and moved else []
+
     async def _add(self, op: AddMemories) -> WriteResult:
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
+        moved: list[Position] = []
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
                 purged = await self._delete_where("id = ? AND expires_at <= ?", [item.id, op.now])
@@ -255,13 +294,13 @@ class Writer(BatchWriter):
             meta = orjson.dumps(item.metadata).decode()
             s = item.scope
             created, updated, expires_at, occurred = added_times(item, self.stamp)
-            event = ", occurred_at" if self.context else ""
+            event = ", occurred_at, context" if self.context else ""
             rows = await self._fetch(
                 "INSERT INTO memories (id, namespace, user_id, agent_id, session_id, text, metadata, "
                 f"created_at, updated_at, expires_at, embedding{event}) "
-                f"VALUES (?,?,?,?,?,?,?,?,?,?,?{',?' if event else ''}) ON CONFLICT (id) DO NOTHING RETURNING rowid",
+                f"VALUES (?,?,?,?,?,?,?,?,?,?,?{',?,?' if event else ''}) ON CONFLICT (id) DO NOTHING RETURNING rowid",
                 [item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, meta,
-                 created, updated, expires_at, item.vector, *([occurred] if event else [])],
+                 created, updated, expires_at, item.vector, *([occurred, date_words(occurred)] if event else [])],
             )
             if not rows:
                 existing = await self._fetch(f"SELECT {self.columns} FROM memories WHERE id = ?", [item.id])
@@ -276,7 +315,9 @@ class Writer(BatchWriter):
                             item.metadata, created, updated, expires_at, occurred)
             out.append((memory, True))
             changes.append(IndexChange(rowid, vector=item.vector, scope=s, expires_at=expires_at))
-        return WriteResult(out, changes)
+            if s.session_id is not None:
+                moved.append(Position(s.namespace, s.session_id, occurred, rowid))
+        return WriteResult(out, changes + await self._refresh(moved))
 
     async def _update(self, op: UpdateMemory) -> WriteResult:
         by_id = Marks()
@@ -292,22 +333,29 @@ class Writer(BatchWriter):
         if self.context:
             assignments += ", occurred_at = ?"
             params.append(memory.occurred_at)
+            if old.session_id is None:  # alone, its context is its date
+                assignments += ", context = ?"
+                params.append(date_words(memory.occurred_at))
         if op.vector is not None:
             assignments += ", embedding = ?"
             params.append(op.vector)
         await self.conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = ?", [*params, rowid])
         await self._history("update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
-        return WriteResult(memory, [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)])
+        changes = [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)]
+        return WriteResult(memory, changes + await self._refresh(context_moves(old, memory, rowid)))
 
     async def _delete_where(self, where: str, params: list[Any], missing: str | None = None) -> WriteResult:
         rows = await self._fetch(
-            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace", params
+            f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace, session_id, "
+            f"{'coalesce(occurred_at, created_at)' if self.context else 'created_at'}",
+            params,
         )
         if missing is not None and not rows:
             raise unknown_id(missing)
         await self._history("delete", [(r[1], r[4], self.stamp, r[2], r[3]) for r in rows])
-        return WriteResult(len(rows), [IndexChange(r[0], remove=True) for r in rows])
+        removed = [IndexChange(r[0], remove=True) for r in rows]
+        return WriteResult(len(rows), removed + await self._refresh(deleted_positions(rows)))
 
     async def _record_model(self, op: RecordModel) -> WriteResult:
         rows = await self._fetch("SELECT value FROM meta WHERE key = 'model'", [])
@@ -319,6 +367,25 @@ class Writer(BatchWriter):
             [op.identity],
         )
         return WriteResult(op.identity)
+
+
+class SQLiteSessionRows(SessionRows):
+    """The Writer's transaction as gm.context sees it."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+
+    async def around(self, at: Position, before: int, after: int) -> list[Turn]:
+        marks, later = Marks(), Marks()
+        earlier = await self.writer._fetch(window_sql(at, True, before, marks), marks.values)
+        rest = await self.writer._fetch(window_sql(at, False, after, later), later.values)
+        return [turn_from_row(r) for r in reversed(earlier)] + [turn_from_row(r) for r in rest]
+
+    async def store(self, turn: Turn, context: str, search_embedding: bytes | None) -> None:
+        await self.writer.conn.execute(
+            "UPDATE memories SET context = ?, search_embedding = ? WHERE rowid = ?",
+            [context, search_embedding, turn.rowid],
+        )
 
 
 class SQLiteBackend(Backend):
@@ -340,6 +407,7 @@ class SQLiteBackend(Backend):
         self.write_timeout = write_timeout
         self.schema_version = 0
         self.columns = LEGACY_COLUMNS
+        self.context = False
         self.migrator = Migrator(self._migrate)
         self.writer: Writer | None = None
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
@@ -362,6 +430,7 @@ class SQLiteBackend(Backend):
         self._lock.acquire()
         self.schema_version = await self.migrator.run()
         self.columns = columns_for(self.schema_version)
+        self.context = self.schema_version >= CONTEXT_VERSION
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
@@ -454,10 +523,13 @@ class SQLiteBackend(Backend):
             return []
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         where, params = scope_sql(scope, filter, now, prefix="m.")
+        # The context column counts CONTEXT_WEIGHT of the text's own words (gm.context).
+        table, rank = ("memories_search", f"bm25(memories_search, 1.0, {CONTEXT_WEIGHT})") if self.context else (
+            "memories_fts", "bm25(memories_fts)")
         rows = await self._fetch(
-            "SELECT m.rowid, bm25(memories_fts) AS rank FROM memories_fts "
-            "JOIN memories m ON m.rowid = memories_fts.rowid "
-            f"WHERE memories_fts MATCH ? AND {where} ORDER BY rank LIMIT ?",
+            f"SELECT m.rowid, {rank} AS rank FROM {table} "
+            f"JOIN memories m ON m.rowid = {table}.rowid "
+            f"WHERE {table} MATCH ? AND {where} ORDER BY rank LIMIT ?",
             [match, *params, limit],
         )
         return [(r[0], -float(r[1])) for r in rows]
@@ -470,7 +542,7 @@ class SQLiteBackend(Backend):
         last = 0
         while True:
             rows = await self._fetch(
-                "SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, embedding "
+                f"SELECT rowid, namespace, user_id, agent_id, session_id, expires_at, {search_vector(self.context)} "
                 "FROM memories WHERE rowid > ? ORDER BY rowid LIMIT 20000",
                 [last],
             )
@@ -478,6 +550,12 @@ class SQLiteBackend(Backend):
                 return
             yield [vector_row(r) for r in rows]
             last = rows[-1][0]
+
+    async def without_context(self) -> int:
+        if not self.context:
+            return 0
+        rows = await self._fetch("SELECT count(*) FROM memories WHERE context IS NULL", [])
+        return int(rows[0][0])
 
     async def counts(self, now: int) -> dict[str, int]:
         rows = await self._fetch(
