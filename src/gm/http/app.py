@@ -307,7 +307,8 @@ async def search_memories(request: web.Request) -> web.Response:
     started = time.perf_counter()
     query(request)
     body = await json_object(request)
-    only_fields(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode"])
+    only_fields(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode",
+                       "min_score", "recency"])
     if "query" not in body:
         raise InvalidInput("query is required", path="query")
     hits = await _state(request).store.search(
@@ -319,6 +320,8 @@ async def search_memories(request: web.Request) -> web.Response:
         filter=body.get("filter"),
         limit=body.get("limit"),
         mode=body.get("mode"),
+        min_score=body.get("min_score"),
+        recency=body.get("recency"),
     )
     took = (time.perf_counter() - started) * 1000
     return json_response({"hits": [h.to_dict() for h in hits], "took_ms": round(took, 3)})

@@ -13,6 +13,7 @@ from gm.memory import (
     INT64_MAX,
     INT64_MIN,
     MAX_BATCH,
+    MAX_RECENCY_DAYS,
     MAX_SCOPE_CHARS,
     MAX_TEXT_CHARS,
     MAX_TTL_SECONDS,
@@ -61,7 +62,7 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": [
             "id", "namespace", "user_id", "agent_id", "session_id", "text", "metadata", "created_at", "updated_at",
-            "expires_at",
+            "expires_at", "occurred_at",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -74,6 +75,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "updated_at": _TIME,
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "occurred_at": {**_TIME, "description": "when it happened, as the client said; default: when it was added"},
         },
     },
     "MemoryList": {
@@ -101,6 +103,11 @@ SCHEMAS: dict[str, Any] = {
                 "minimum": MIN_TTL_SECONDS,
                 "description": "seconds from now, at least a millisecond and at most 100 years",
                 "maximum": MAX_TTL_SECONDS,
+            },
+            "occurred_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when it happened (RFC 3339 with a time zone, 1970 to 9999); default: when it is added",
             },
         },
         "not": {  # both given (not null) is refused
@@ -231,6 +238,14 @@ _SEARCH = {
         "filter": _NULLABLE_FILTER,
         "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_SEARCH_LIMIT, "default": 10},
         "mode": {"enum": [*MODES, None], "default": "hybrid"},
+        "min_score": {
+            "type": ["number", "null"], "minimum": -1, "maximum": 1,
+            "description": "drop hits whose cosine similarity with the query is below this",
+        },
+        "recency": {
+            "type": ["number", "null"], "exclusiveMinimum": 0, "maximum": MAX_RECENCY_DAYS,
+            "description": "a half-life in days: each score is halved per half-life since the memory occurred",
+        },
     },
 }
 _BULK_DELETE = {
@@ -266,9 +281,16 @@ _HITS = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["memory", "score"],
+                "required": ["memory", "score", "vector_score", "keyword_score"],
                 "additionalProperties": False,
-                "properties": {"memory": _ref("Memory"), "score": {"type": "number"}},
+                "properties": {
+                    "memory": _ref("Memory"),
+                    "score": {"type": "number", "description": "the mode's score; in hybrid mode the fused one"},
+                    "vector_score": {"type": ["number", "null"],
+                                     "description": "cosine similarity; null if the vector ranking did not find it"},
+                    "keyword_score": {"type": ["number", "null"],
+                                      "description": "keyword rank; null if the keyword ranking did not find it"},
+                },
             },
         },
         "took_ms": {"type": "number"},
