@@ -43,6 +43,7 @@ MEMORY_KEYS = {
     "user_id",
     "agent_id",
     "session_id",
+    "occurred_at",
     "text",
     "metadata",
     "created_at",
@@ -878,7 +879,7 @@ def test_add_search_get_delete(where: str, served: Served, tmp_path: Path, capsy
     result = gmem(capsys, "search", *target, "--json", "--user-id", user, "--limit", "5", "where does she sit?")
     assert result.code == 0, result.err
     hits = result.json["hits"]
-    assert [set(h) for h in hits] == [{"memory", "score"}] * 2
+    assert [set(h) for h in hits] == [{"memory", "score", "vector_score", "keyword_score"}] * 2
     assert hits[0]["memory"] == memory and isinstance(hits[0]["score"], float)
     result = gmem(
         capsys,

@@ -421,8 +421,8 @@ async def test_rolling_upgrade_fails_no_request_and_loses_no_write(pg_url: str, 
             new_ready = time.monotonic()
             print(f"\nnew instance's readyz went {' -> '.join(phases)}")
             assert phases[0] in ("starting", "migrating") and "migrating" in phases and phases[-1] == "ready"
-            assert reply.body["schema_version"] == 2
-            assert await schema_rows(pg_url) == [(1, 1), (2, 1)], "v2 is additive: v1 code may still run"
+            assert reply.body["schema_version"] == 3
+            assert await schema_rows(pg_url) == [(1, 1), (2, 1), (3, 1)], "additive steps: v1 code may still run"
 
             balancer.register(new)
             await until(lambda: load.succeeded(new) >= 10, 30, "10 answers from the new instance")

@@ -33,7 +33,7 @@ FORMAT = 1
 BATCH = 256
 # A line's fields: the memory input's, plus what an export adds (the kept times and the vector).
 LINE_FIELDS = frozenset({"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at",
-                         "ttl_seconds", "created_at", "updated_at", "vector"})
+                         "ttl_seconds", "created_at", "updated_at", "occurred_at", "vector"})
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -126,8 +126,9 @@ def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes
 
 def _line(row: Any, vectors: bool) -> dict[str, Any]:
     line = memory_from_row(row).to_dict()
+    # (the columns of columns_for, then the embedding)
     if vectors:
-        line["vector"] = base64.b64encode(row[11]).decode()
+        line["vector"] = base64.b64encode(row[12]).decode()
     return line
 
 
@@ -213,7 +214,7 @@ class Importer:
     def _memory(self, data: dict[str, Any]) -> NewMemory:
         now = now_ms()
         fields = {k: data[k] for k in ("text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata",
-                                         "ttl_seconds") if data.get(k) is not None}
+                                         "ttl_seconds", "occurred_at") if data.get(k) is not None}
         if data.get("expires_at") is not None:
             fields["expires_at"] = data["expires_at"]
         item = new_memory(fields, now)

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", help="a metadata filter as JSON, e.g. '{\"topic\": \"travel\"}'")
     p.add_argument("--limit", type=int, default=10, help="how many hits (1-100, default 10)")
     p.add_argument("--mode", choices=["hybrid", "vector", "keyword"], default="hybrid")
+    p.add_argument("--min-score", type=float, help="drop hits whose cosine similarity is below this (-1 to 1)")
+    p.add_argument("--recency", type=float, metavar="DAYS",
+                   help="favour newer memories: a score halves per this many days since the memory occurred")
 
     p = _command(sub, "get", commands.get, "show one memory", "gmem get 0193a5c2-...")
     _target(p)

@@ -404,6 +404,9 @@ async def add(args: argparse.Namespace) -> int:
 
 async def search(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"query": args.query, **_scope(args), "limit": args.limit, "mode": args.mode}
+    for option in ("min_score", "recency"):
+        if getattr(args, option) is not None:
+            body[option] = getattr(args, option)
     if args.filter is not None:
         body["filter"] = _json_arg(args.filter, "filter")
     url = server_url(args)
