@@ -38,11 +38,18 @@ import numpy as np
 import gm
 from gm.embedding import Encoder, ModelSpec
 from gm.memory import new_id
+
+try:
+    from gm.context import date_words
+except ImportError:  # a release before session context (run against an older checkout)
+    def date_words(ms: int) -> str:
+        return ""
 from gm.storage import sqlite_migrations
 
 DIM = 384
 NAMESPACE = "bench"
 USERS = 100
+SESSION_TURNS = 20  # memories a session holds (schema v3 on)
 
 
 @dataclass(frozen=True)
@@ -386,6 +393,10 @@ def build_db(path: Path, n: int, seed: int) -> float:
     created = int(time.time() * 1000) - n * 60_000
     conn = sqlite3.connect(path)
     try:
+        # From schema v3 on, memories come in sessions of SESSION_TURNS with their context
+        # (gm.context: the date and the neighbours' text), as the Writer would store them, so
+        # the keyword index is as large as a real one and no backfill runs during the timing.
+        with_context = "context" in {r[1] for r in conn.execute("PRAGMA table_info(memories)")}
         chunk = 10_000
         for start in range(0, n, chunk):
             count = min(chunk, n - start)
@@ -393,12 +404,20 @@ def build_db(path: Path, n: int, seed: int) -> float:
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             rows = []
             for j in range(count):
-                at = created + (start + j) * 60_000
-                rows.append((new_id(), NAMESPACE, f"user-{users.randrange(USERS):03d}", texts[start + j],
-                             '{"source": "bench"}', at, at, vectors[j].tobytes()))
+                i = start + j
+                at = created + i * 60_000
+                row: tuple[Any, ...] = (new_id(), NAMESPACE, f"user-{users.randrange(USERS):03d}", texts[i],
+                                        '{"source": "bench"}', at, at, vectors[j].tobytes())
+                if with_context:
+                    first = i - i % SESSION_TURNS
+                    around = texts[max(first, i - 2) : i] + texts[i + 1 : min(i + 2, first + SESSION_TURNS, n)]
+                    row += (f"s{i // SESSION_TURNS}", "\n".join([date_words(at), *around]))
+                rows.append(row)
+            extra = ", session_id, context" if with_context else ""
             conn.executemany(
-                "INSERT INTO memories (id, namespace, user_id, text, metadata, created_at, updated_at, embedding) "
-                "VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO memories (id, namespace, user_id, text, metadata, created_at, updated_at, "
+                f"embedding{extra}) "
+                f"VALUES (?,?,?,?,?,?,?,?{',?,?' if with_context else ''})",
                 rows,
             )
             conn.commit()

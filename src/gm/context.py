@@ -157,7 +157,18 @@ async def refresh(rows: SessionRows, positions: list[Position]) -> list[IndexCha
     returns the index changes for the turns whose search vector changed."""
     done: set[int] = set()
     changes: list[IndexChange] = []
+    sessions: dict[tuple[str, str], int] = {}
     for at in positions:
+        sessions[at.namespace, at.session_id] = sessions.get((at.namespace, at.session_id), 0) + 1
+    emptied = set()
+    for (namespace, session_id), count in sessions.items():
+        # A delete of a whole session (or namespace) leaves nothing to refresh: one look saves
+        # a look around each of its places.
+        if count > 4 and not await rows.around(Position(namespace, session_id, -1, -1), 0, 1):
+            emptied.add((namespace, session_id))
+    for at in positions:
+        if (at.namespace, at.session_id) in emptied:
+            continue
         turns = await rows.around(at, _BEFORE, _AFTER)
         first = sum(1 for t in turns if (t.occurred_at, t.rowid) < (at.occurred_at, at.rowid))
         for i in range(max(0, first - 1), min(len(turns), first + 1 + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS))):
