@@ -315,7 +315,8 @@ async def measure_recall(mem: gm.Store, queries: list[dict[str, Any]], modes: li
         ranked = await ranked_ids(mem, queries, mode, limit)
         scores = [per_query(q, ids) for q, ids in zip(queries, ranked, strict=True)]
         figures[mode] = summarise(queries, scores)
-        rows[mode] = [{"id": q["id"], **s, "top": ids} for q, s, ids in zip(queries, scores, ranked, strict=True)]
+        rows[mode] = [{"id": q["id"], "namespace": q["namespace"], "category": q["category"], **s, "top": ids}
+                      for q, s, ids in zip(queries, scores, ranked, strict=True)]
         print(f"  {mode:<8} {len(queries)} searches in {time.perf_counter() - started:.1f}s")
     return figures, rows
 
@@ -441,6 +442,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     modes: list[str] = list(dict.fromkeys(args.mode or MODES))
     memories = read_jsonl(data / "memories.jsonl")
     queries = read_jsonl(data / "queries.jsonl")
+    unanswerable = [q["id"] for q in queries if not q.get("evidence")]
+    queries = [q for q in queries if q.get("evidence")]
     known = {m["id"] for m in memories}
     missing = sum(1 for q in queries for e in set(q["evidence"]) if e not in known)
     namespaces = sorted({m["namespace"] for m in memories})
@@ -456,7 +459,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"greatmemory {gm.__version__} at {describe_commit(report['gm']['commit'])}")
     print(f"  package {report['gm']['path']}; this script at {describe_commit(report['script_commit'])}")
     print(f"data {data}: {len(memories):,} memories in {len(namespaces)} conversations, {len(queries):,} queries"
-          + (f"; WARNING: {missing} evidence ids are not among the memories" if missing else ""))
+          + (f"; WARNING: {missing} evidence ids are not among the memories" if missing else "")
+          + (f"; {len(unanswerable)} queries without evidence left out" if unanswerable else ""))
 
     shared: list[SharedEmbedder] = []
     with tempfile.TemporaryDirectory(prefix="gm-recall-") as directory:
