@@ -324,7 +324,6 @@ class PgWriter(BatchWriter):
             if self.backend.pgvector:
                 params.append(op.vector)
                 assignments += f", vec = ${len(params)}"
-                params.append(op.vector)
         await conn.execute(f"UPDATE memories SET {assignments} WHERE rowid = $1", *params)
         await self._history(conn, "update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
