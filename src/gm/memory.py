@@ -34,6 +34,7 @@ _LONG_DIGITS = re.compile(rb"\d{19}")  # the shortest run that can spell an inte
 
 Mode = Literal["hybrid", "vector", "keyword"]
 MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
+ORDERS: tuple[str, ...] = ("created_at", "occurred_at")  # what a list can be ordered by, newest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,15 @@ class Scope:
     user_id: str | None = None
     agent_id: str | None = None
     session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """Memories whose event time (``occurred_at``) lies in ``[after, before)``, in
+    milliseconds since the epoch; None on a side means unbounded there."""
+
+    after: int | None = None
+    before: int | None = None
 
 
 @dataclass(slots=True)
@@ -397,6 +407,27 @@ def check_limit(value: Any, *, default: int, maximum: int, path: str = "limit") 
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise InvalidInput(f"{path} must be an integer from 1 to {maximum}", path=path)
     return value
+
+
+def check_time_range(after: Any, before: Any) -> TimeRange | None:
+    """``occurred_after`` (inclusive) and ``occurred_before`` (exclusive) as a range, or None
+    if neither is given. An ``after`` later than ``before`` is refused: it can match nothing."""
+    if after is None and before is None:
+        return None
+    start = parse_time(after, "occurred_after") if after is not None else None
+    end = parse_time(before, "occurred_before") if before is not None else None
+    if start is not None and end is not None and start > end:
+        raise InvalidInput("occurred_after is later than occurred_before; no memory can lie between them",
+                           path="occurred_after")
+    return TimeRange(start, end)
+
+
+def check_order(value: Any) -> str:
+    if value is None:
+        return "created_at"
+    if value not in ORDERS:
+        raise InvalidInput("order_by must be created_at or occurred_at", path="order_by")
+    return str(value)
 
 
 def check_mode(value: Any) -> str:

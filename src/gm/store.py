@@ -29,16 +29,20 @@ from gm.memory import (
     Page,
     SearchHit,
     Stats,
+    TimeRange,
     check_expiry,
     check_id,
     check_limit,
     check_metadata,
     check_mode,
+    check_order,
     check_scope,
     check_scope_value,
     check_text,
+    check_time_range,
     new_memory,
     now_ms,
+    parse_time,
 )
 from gm.storage import is_postgres_url
 from gm.storage.base import (
@@ -214,16 +218,18 @@ class Store:
         id: str | None = None,
         expires_at: str | None = None,
         ttl_seconds: float | None = None,
+        occurred_at: str | None = None,
     ) -> Memory:
         """Store one memory and return it. With a client ``id``, adding the same content
         again returns the stored memory; other content raises :class:`gm.errors.Conflict`.
+        ``occurred_at`` (RFC 3339) is when it happened; by default, when it is added.
 
         >>> await mem.add("Allergic to peanuts.", user_id="u1", metadata={"topic": "health"})
         """
         data = {
             "text": text, "namespace": namespace, "user_id": user_id, "agent_id": agent_id,
             "session_id": session_id, "metadata": metadata, "id": id, "expires_at": expires_at,
-            "ttl_seconds": ttl_seconds,
+            "ttl_seconds": ttl_seconds, "occurred_at": occurred_at,
         }
         [(memory, _)] = await self.add_inputs([{k: v for k, v in data.items() if v is not None}], batch=False)
         return memory
@@ -262,9 +268,11 @@ class Store:
         metadata: dict[str, Any] | None = None,
         expires_at: Any = UNSET,
         namespace: str | None = None,
+        occurred_at: str | None = None,
     ) -> Memory:
-        """Change a memory's text (re-embedded), metadata (replaced whole) and/or
-        ``expires_at`` (an RFC 3339 time, or None to never expire). Raises NotFound.
+        """Change a memory's text (re-embedded), metadata (replaced whole), ``expires_at``
+        (an RFC 3339 time, or None to never expire) and/or ``occurred_at`` (an RFC 3339
+        time; None keeps it: a memory always has an event time). Raises NotFound.
 
         With ``namespace``, only a memory in that namespace is changed; one elsewhere is
         NotFound, as an unknown id is. The check is made in the transaction that writes, so
@@ -276,8 +284,8 @@ class Store:
         self._check_open()
         check_id(id)
         ns = _check_namespace(namespace)
-        if text is None and metadata is None and expires_at is UNSET:
-            raise InvalidInput("give at least one of text, metadata, expires_at")
+        if text is None and metadata is None and expires_at is UNSET and occurred_at is None:
+            raise InvalidInput("give at least one of text, metadata, expires_at, occurred_at")
         now = now_ms()
         op = UpdateMemory(id, now, namespace=ns)
         if text is not None:
@@ -286,6 +294,8 @@ class Store:
             op.metadata = check_metadata(metadata)
         if expires_at is not UNSET:
             op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
+        if occurred_at is not None:
+            op.occurred_at = parse_time(occurred_at, "occurred_at")
         if op.text is not None:
             if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
                 raise unknown_id(id)
@@ -344,8 +354,14 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        occurred_after: str | None = None,
+        occurred_before: str | None = None,
+        order_by: str | None = None,
     ) -> Page:
-        """Memories of a scope, newest first, ``limit`` (default 50) a page.
+        """Memories of a scope, newest first, ``limit`` (default 50) a page. ``order_by`` is
+        ``created_at`` (default: when they were added) or ``occurred_at`` (when they
+        happened); a cursor goes on in the order it came from. ``occurred_after``
+        (inclusive) and ``occurred_before`` (exclusive), RFC 3339, bound the event time.
 
         >>> page = await mem.list(user_id="u1")
         >>> more = await mem.list(user_id="u1", cursor=page.next_cursor)
@@ -355,7 +371,10 @@ class Store:
         size = check_limit(limit, default=50, maximum=MAX_LIST_LIMIT)
         if cursor is not None and not isinstance(cursor, str):
             raise InvalidInput("cursor must be a string", path="cursor")
-        return await self.backend.list(scope, filters.parse(filter), size, cursor, now_ms())
+        order = check_order(order_by)
+        during = check_time_range(occurred_after, occurred_before)
+        parsed = filters.parse(filter)
+        return await self.backend.list(scope, parsed, size, cursor, now_ms(), order_by=order, time_range=during)
 
     async def history(self, id: str, *, namespace: str | None = None) -> builtins.list[HistoryEntry]:
         """Every add/update/delete of a memory, in commit order; NotFound if it never existed.
@@ -378,11 +397,15 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         mode: str | None = None,
+        occurred_after: str | None = None,
+        occurred_before: str | None = None,
     ) -> builtins.list[SearchHit]:
         """The memories of a scope most relevant to ``query``, best first.
 
         ``mode`` is ``hybrid`` (default: reciprocal rank fusion of both rankings),
         ``vector`` (score = cosine similarity) or ``keyword`` (score = BM25).
+        ``occurred_after`` (inclusive) and ``occurred_before`` (exclusive), RFC 3339, keep
+        only memories whose event time lies between them.
 
         >>> hits = await mem.search("seat preference", user_id="u1", limit=5)
         >>> hits[0].memory.text, hits[0].score
@@ -393,11 +416,12 @@ class Store:
         size = check_limit(limit, default=10, maximum=MAX_SEARCH_LIMIT)
         chosen = check_mode(mode)
         parsed = filters.parse(filter)
+        during = check_time_range(occurred_after, occurred_before)
         now = now_ms()
         depth = size if chosen != "hybrid" else search.candidates(size)
         rankings = await asyncio.gather(
-            self._vector_ranking(query, scope, parsed, depth, now) if chosen != "keyword" else _empty(),
-            self.backend.keyword_search(search.keyword_terms(query), scope, parsed, depth, now)
+            self._vector_ranking(query, scope, parsed, depth, now, during) if chosen != "keyword" else _empty(),
+            self.backend.keyword_search(search.keyword_terms(query), scope, parsed, depth, now, time_range=during)
             if chosen != "vector"
             else _empty(),
         )
@@ -406,14 +430,15 @@ class Store:
         return [SearchHit(found[rowid], score) for rowid, score in ranked if rowid in found]
 
     async def _vector_ranking(
-        self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int
+        self, query: str, scope: Any, parsed: filters.Filter | None, depth: int, now: int,
+        during: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]:
         vector, _ = await asyncio.gather(self.embedder.embed(query, urgent=True), self._wait_index_or_fail())
         if self.backend.native_vectors:
-            return await self.backend.vector_search(vector.tobytes(), scope, parsed, depth, now)
+            return await self.backend.vector_search(vector.tobytes(), scope, parsed, depth, now, time_range=during)
         allowed: Iterable[int] | None = None
-        if parsed is not None:
-            allowed = await self.backend.matching_rowids(scope, parsed, now)
+        if parsed is not None or during is not None:  # the index knows scopes and expiry, not metadata or times
+            allowed = await self.backend.matching_rowids(scope, parsed, now, time_range=during)
         return await asyncio.to_thread(self.index.search, np.asarray(vector), scope, now, depth, allowed)
 
     async def stats(self) -> Stats:
