@@ -18,6 +18,7 @@ from gm.memory import (
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
     MODES,
+    ORDERS,
     RESERVED_IDS,
 )
 from gm.storage.sqlite import CURSOR_PATTERN
@@ -40,6 +41,11 @@ _ID = {
 _SCOPE_VALUE = {"type": "string", "minLength": 1, "maxLength": MAX_SCOPE_CHARS, "pattern": _NO_NUL}
 _NULLABLE_STR = {"type": ["string", "null"]}
 _TIME = {"type": "string", "format": "date-time"}
+_EVENT_TIME = {**_TIME, "description": "RFC 3339 with a time zone, from 1970 to the end of 9999 (UTC)"}
+_OCCURRED_AFTER = {**_EVENT_TIME, "description": "only memories that occurred at or after this time (inclusive); "
+                   "not later than occurred_before. RFC 3339 with a time zone, 1970-9999"}
+_OCCURRED_BEFORE = {**_EVENT_TIME, "description": "only memories that occurred before this time (exclusive). "
+                    "RFC 3339 with a time zone, 1970-9999"}
 _INPUT_SCOPE = {  # null is the same as leaving the field out
     "namespace": {**_SCOPE_VALUE, "type": ["string", "null"], "default": "default"},
     "user_id": {**_SCOPE_VALUE, "type": ["string", "null"]},
@@ -61,7 +67,7 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "required": [
             "id", "namespace", "user_id", "agent_id", "session_id", "text", "metadata", "created_at", "updated_at",
-            "expires_at",
+            "expires_at", "occurred_at",
         ],
         "properties": {
             "id": {"type": "string"},
@@ -74,6 +80,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "updated_at": _TIME,
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "occurred_at": {**_TIME, "description": "when it happened, as the client said; else when it was added"},
         },
     },
     "MemoryList": {
@@ -101,6 +108,12 @@ SCHEMAS: dict[str, Any] = {
                 "minimum": MIN_TTL_SECONDS,
                 "description": "seconds from now, at least a millisecond and at most 100 years",
                 "maximum": MAX_TTL_SECONDS,
+            },
+            "occurred_at": {
+                **_EVENT_TIME,
+                "type": ["string", "null"],
+                "description": "when it happened (default, or null: when it is added); RFC 3339 with a time zone, "
+                "from 1970 to the end of 9999 (UTC)",
             },
         },
         "not": {  # both given (not null) is refused
@@ -231,6 +244,8 @@ _SEARCH = {
         "filter": _NULLABLE_FILTER,
         "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_SEARCH_LIMIT, "default": 10},
         "mode": {"enum": [*MODES, None], "default": "hybrid"},
+        "occurred_after": {**_OCCURRED_AFTER, "type": ["string", "null"]},
+        "occurred_before": {**_OCCURRED_BEFORE, "type": ["string", "null"]},
     },
 }
 _BULK_DELETE = {
@@ -248,6 +263,8 @@ _PATCH = {
         "text": _TEXT,
         "metadata": _ref("Metadata"),
         "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "null: never expires"},
+        "occurred_at": {**_EVENT_TIME, "description": "when it happened (it cannot be cleared: a memory always "
+                        "has an event time); RFC 3339 with a time zone, 1970-9999"},
     },
 }
 _LIST_PARAMETERS = [
@@ -255,7 +272,12 @@ _LIST_PARAMETERS = [
                                                                           "session_id")),
     {"name": "filter", "in": "query", "content": {"application/json": {"schema": _ref("Filter")}}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}},
-    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"},
+     "description": "next_cursor of the previous page, listed with the same order_by"},
+    {"name": "occurred_after", "in": "query", "schema": _OCCURRED_AFTER},
+    {"name": "occurred_before", "in": "query", "schema": _OCCURRED_BEFORE},
+    {"name": "order_by", "in": "query", "schema": {"enum": list(ORDERS), "default": "created_at"},
+     "description": "newest first by when memories were added (created_at) or when they happened (occurred_at)"},
 ]
 _HITS = {
     "type": "object",
@@ -380,7 +402,7 @@ PATHS: dict[str, Any] = {
             "responses": {"200": _json(_ref("Memory"), "The memory"), **_errors(404, 422, *_AUTH)},
         },
         "patch": {
-            "summary": "Change text (re-embedded), metadata (replaced) and/or expires_at (null: never)",
+            "summary": "Change text (re-embedded), metadata (replaced), expires_at (null: never) and/or occurred_at",
             "requestBody": _body(_PATCH),
             "responses": {"200": _json(_ref("Memory"), "Updated"), **_errors(400, 404, 413, 415, 422, *_AUTH)},
         },
