@@ -12,9 +12,12 @@ from gm.config import parse_api_keys
 from gm.http.app import ROUTES, make_app
 from gm.http.openapi import openapi_document
 from gm.memory import MAX_BATCH, MAX_TTL_SECONDS
+from gm.storage import postgres_migrations, sqlite_migrations
 from tests.http_server import RunningServer, start_server, store_factory
 
 JSON = {"Content-Type": "application/json"}
+LATEST = sqlite_migrations.LATEST
+assert postgres_migrations.LATEST == LATEST  # both backends number their schemas alike
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def error_code(body: dict) -> str:
 async def test_probes(server: RunningServer) -> None:
     assert await server.call("GET", "/v1/healthz") == (200, {"status": "ok"})
     status, body = await server.call("GET", "/v1/readyz")
-    assert status == 200 and body["status"] == "ready" and body["schema_version"] == 2
+    assert status == 200 and body["status"] == "ready" and body["schema_version"] == LATEST
 
 
 async def test_add_get_list_update_delete_history(server: RunningServer) -> None:
@@ -246,7 +249,7 @@ async def test_stats_shape(server: RunningServer, target: str) -> None:
     status, stats = await server.call("GET", "/v1/stats")
     assert status == 200
     assert stats["memories"] == 2 and stats["namespaces"] == {"n1": 1, "n2": 1}
-    assert stats["schema_version"] == 2 and stats["model"].startswith("all-MiniLM")
+    assert stats["schema_version"] == LATEST and stats["model"].startswith("all-MiniLM")
     assert stats["backend"] == ("postgres" if target.startswith("postgresql:") else "sqlite")
 
 
