@@ -914,6 +914,33 @@ def test_add_search_get_delete(where: str, served: Served, tmp_path: Path, capsy
     assert gmem(capsys, "delete", *target, other.out.split()[1]).code == 0
 
 
+@pytest.mark.parametrize("where", ["db", "url"])
+def test_add_and_search_by_event_time(where: str, served: Served, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    target = ["--db", str(tmp_path / "mem.db")] if where == "db" else ["--url", served.url]
+    user = f"when-{where}"
+    added = gmem(capsys, "add", *target, "--json", "--user-id", user, "--occurred-at", "2023-06-01T14:00:00+02:00",
+                 "Moved to Lisbon.")
+    assert added.code == 0, added.err
+    assert added.json["occurred_at"] == "2023-06-01T12:00:00.000Z"
+    assert gmem(capsys, "add", *target, "--user-id", user, "Moved to Porto.").code == 0  # occurred now
+    assert "  occurred 2023-06-01T12:00:00.000Z\n" in gmem(capsys, "get", *target, added.json["id"]).out
+
+    def found(*bounds: str) -> list[str]:
+        result = gmem(capsys, "search", *target, "--json", "--user-id", user, *bounds, "where did she move?")
+        assert result.code == 0, result.err
+        return [h["memory"]["text"] for h in result.json["hits"]]
+
+    assert sorted(found()) == ["Moved to Lisbon.", "Moved to Porto."]
+    assert found("--occurred-before", "2024-01-01T00:00:00Z") == ["Moved to Lisbon."]
+    assert found("--occurred-after", "2024-01-01T00:00:00Z") == ["Moved to Porto."]
+    bad = gmem(capsys, "add", *target, "--occurred-at", "last june", "Moved away.")
+    assert bad.code == 2 and "occurred_at" in bad.error_line
+    bad = gmem(capsys, "search", *target, "--occurred-after", "2024-02-01T00:00:00Z", "--occurred-before",
+               "2024-01-01T00:00:00Z", "q")
+    assert bad.code == 2 and "occurred_after" in bad.error_line
+
+
 def test_usage_errors_exit_2_with_one_gmem_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "mem.db"
     for argv in (

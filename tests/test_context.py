@@ -6,6 +6,7 @@ for memories written before it existed; the fused search and the scores a client
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -140,16 +141,22 @@ async def test_context_lets_a_turn_be_found_by_its_neighbours_words(target: str)
 
 
 @pytest.mark.parametrize("capped", [2])
-async def test_an_older_database_gets_its_context_built_online(target: str, capped: int) -> None:
+async def test_an_older_database_gets_its_context_built_online(
+    target: str, capped: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gm.context")
     async with gm.open(target, target_version=capped) as old:
         assert not old.backend.context
         await add_session(old)  # an older release: no occurred_at, no context
     async with gm.open(target) as mem:
         assert mem.backend.context
+        assert await mem.search("pottery class", mode="keyword", limit=1)  # ready and searchable at once
         deadline = time.perf_counter() + 20
-        while await mem.backend.without_context():
+        while not any("session context: built for 5 memories" in r.getMessage() for r in caplog.records):
             assert time.perf_counter() < deadline, "the context backfill never finished"
             await asyncio.sleep(0.05)
+        assert any("session context: building it for 5 memories" in r.getMessage() for r in caplog.records)
+        assert await mem.backend.without_context() == 0
         made = {memory_id: await mem.get(memory_id) for memory_id, _ in TURNS}
         contexts = await stored(target)
         for i, (memory_id, _) in enumerate(TURNS):

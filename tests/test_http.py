@@ -12,10 +12,12 @@ from gm.config import parse_api_keys
 from gm.http.app import ROUTES, make_app
 from gm.http.openapi import openapi_document
 from gm.memory import MAX_BATCH, MAX_TTL_SECONDS
-from gm.storage.sqlite_migrations import LATEST
+from gm.storage import postgres_migrations, sqlite_migrations
 from tests.http_server import RunningServer, start_server, store_factory
 
 JSON = {"Content-Type": "application/json"}
+LATEST = sqlite_migrations.LATEST
+assert postgres_migrations.LATEST == LATEST  # both backends number their schemas alike
 
 
 @pytest.fixture

@@ -187,6 +187,7 @@ async def refresh(rows: SessionRows, positions: list[Position]) -> list[IndexCha
 
 
 BACKFILL_BATCH = 500  # memories a backfill write builds: short enough not to hold up other writes
+PROGRESS_SECONDS = 5.0  # how often the backfill logs its progress
 BACKFILL_IDLE_SECONDS = 60.0  # then it looks again (an older release may still be writing rows without context)
 
 
@@ -199,10 +200,12 @@ async def backfill_forever(backend: Backend) -> None:
             waiting = await backend.without_context()
             if waiting:
                 log.info("session context: building it for %d memories", waiting)
-                started, built = time.perf_counter(), 0
+                started, built, said = time.perf_counter(), 0, time.perf_counter()
                 while count := await backend.write(BuildContext(BACKFILL_BATCH)):
                     built += count
-                    log.info("session context: %d of %d memories built", built, waiting)
+                    if time.perf_counter() - said >= PROGRESS_SECONDS:
+                        log.info("session context: %d of %d memories built", built, waiting)
+                        said = time.perf_counter()
                 log.info("session context: built for %d memories in %.1fs", built, time.perf_counter() - started)
         except GMError as exc:
             log.warning("session context backfill: %s; will retry", exc.message)

@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -34,6 +34,7 @@ _LONG_DIGITS = re.compile(rb"\d{19}")  # the shortest run that can spell an inte
 
 Mode = Literal["hybrid", "vector", "keyword"]
 MODES: tuple[str, ...] = ("hybrid", "vector", "keyword")
+ORDERS: tuple[str, ...] = ("created_at", "occurred_at")  # what a list can be ordered by, newest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,15 @@ class Scope:
     session_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TimeRange:
+    """Memories whose event time (``occurred_at``) lies in ``[after, before)``, in
+    milliseconds since the epoch; None on a side means unbounded there."""
+
+    after: int | None = None
+    before: int | None = None
+
+
 @dataclass(slots=True)
 class NewMemory:
     """A validated memory input, before it gets its vector and row."""
@@ -183,11 +193,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def format_time(ms: int) -> str:
-    """Milliseconds since the epoch as RFC 3339 UTC, e.g. ``2026-11-29T16:20:00.123Z``."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    """Milliseconds since the epoch as RFC 3339 UTC, e.g. ``2026-11-29T16:20:00.123Z``. In
+    integers: through a float, 4 in 10 times came back a millisecond off."""
+    return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: Any, path: str) -> int:
@@ -205,7 +218,7 @@ def parse_time(value: Any, path: str) -> int:
         raise InvalidInput(f"{path} must be an RFC 3339 time string", path=path)
     if moment.tzinfo is None:
         raise InvalidInput(f"{path} needs a time zone, e.g. a trailing Z for UTC", path=path)
-    ms = int(moment.timestamp() * 1000)
+    ms = (moment - _EPOCH) // _MS  # (whole milliseconds, rounded down; a float would lose the last one)
     if not 0 <= ms <= MAX_TIME_MS:  # times are stored and written back as UTC years 1970-9999
         raise InvalidInput(f"{path} must lie between 1970 and the end of 9999 (UTC)", path=path)
     return ms
@@ -401,6 +414,27 @@ def check_limit(value: Any, *, default: int, maximum: int, path: str = "limit") 
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise InvalidInput(f"{path} must be an integer from 1 to {maximum}", path=path)
     return value
+
+
+def check_time_range(after: Any, before: Any) -> TimeRange | None:
+    """``occurred_after`` (inclusive) and ``occurred_before`` (exclusive) as a range, or None
+    if neither is given. An ``after`` later than ``before`` is refused: it can match nothing."""
+    if after is None and before is None:
+        return None
+    start = parse_time(after, "occurred_after") if after is not None else None
+    end = parse_time(before, "occurred_before") if before is not None else None
+    if start is not None and end is not None and start > end:
+        raise InvalidInput("occurred_after is later than occurred_before; no memory can lie between them",
+                           path="occurred_after")
+    return TimeRange(start, end)
+
+
+def check_order(value: Any) -> str:
+    if value is None:
+        return "created_at"
+    if value not in ORDERS:
+        raise InvalidInput("order_by must be created_at or occurred_at", path="order_by")
+    return str(value)
 
 
 def check_mode(value: Any) -> str:

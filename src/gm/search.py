@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gm.filters import Filter
-from gm.memory import Scope, SearchHit
+from gm.memory import Scope, SearchHit, TimeRange
 
 if TYPE_CHECKING:
     from gm.store import Store
@@ -104,6 +104,7 @@ class SearchRequest:
     limit: int
     mode: str
     now: int
+    time_range: TimeRange | None = None
     min_score: float | None = None
     recency: float | None = None  # half-life in days
 
@@ -123,7 +124,7 @@ class Searcher:
         wants_vector = r.mode != "keyword" or r.min_score is not None
         query_vector, keyword = await asyncio.gather(
             self._query_vector(r.query) if wants_vector else _none(),
-            backend.keyword_search(keyword_terms(r.query), r.scope, r.filter, depth, r.now)
+            backend.keyword_search(keyword_terms(r.query), r.scope, r.filter, depth, r.now, time_range=r.time_range)
             if r.mode != "vector" else _empty(),
         )
         vector: Ranking = []
@@ -154,10 +155,12 @@ class Searcher:
     async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int) -> Ranking:
         backend = self.store.backend
         if backend.native_vectors:
-            return await backend.vector_search(query.tobytes(), r.scope, r.filter, depth, r.now)
+            return await backend.vector_search(
+                query.tobytes(), r.scope, r.filter, depth, r.now, time_range=r.time_range
+            )
         allowed: Iterable[int] | None = None
-        if r.filter is not None:
-            allowed = await backend.matching_rowids(r.scope, r.filter, r.now)
+        if r.filter is not None or r.time_range is not None:  # the index knows scopes and expiry, not the rest
+            allowed = await backend.matching_rowids(r.scope, r.filter, r.now, time_range=r.time_range)
         index = self.store.index
         return await asyncio.to_thread(index.search, query, r.scope, r.now, depth, allowed)
 

@@ -32,12 +32,15 @@ from gm.memory import (
     check_metadata,
     check_min_score,
     check_mode,
+    check_order,
     check_recency,
     check_scope,
     check_scope_value,
     check_text,
+    check_time_range,
     new_memory,
     now_ms,
+    parse_time,
 )
 from gm.search import Searcher, SearchRequest
 from gm.storage import is_postgres_url
@@ -220,6 +223,7 @@ class Store:
     ) -> Memory:
         """Store one memory and return it. With a client ``id``, adding the same content
         again returns the stored memory; other content raises :class:`gm.errors.Conflict`.
+        ``occurred_at`` (RFC 3339) is when it happened; by default, when it is added.
 
         >>> await mem.add("Allergic to peanuts.", user_id="u1", metadata={"topic": "health"})
         """
@@ -265,9 +269,11 @@ class Store:
         metadata: dict[str, Any] | None = None,
         expires_at: Any = UNSET,
         namespace: str | None = None,
+        occurred_at: str | None = None,
     ) -> Memory:
-        """Change a memory's text (re-embedded), metadata (replaced whole) and/or
-        ``expires_at`` (an RFC 3339 time, or None to never expire). Raises NotFound.
+        """Change a memory's text (re-embedded), metadata (replaced whole), ``expires_at``
+        (an RFC 3339 time, or None to never expire) and/or ``occurred_at`` (an RFC 3339
+        time; None keeps it: a memory always has an event time). Raises NotFound.
 
         With ``namespace``, only a memory in that namespace is changed; one elsewhere is
         NotFound, as an unknown id is. The check is made in the transaction that writes, so
@@ -279,8 +285,8 @@ class Store:
         self._check_open()
         check_id(id)
         ns = _check_namespace(namespace)
-        if text is None and metadata is None and expires_at is UNSET:
-            raise InvalidInput("give at least one of text, metadata, expires_at")
+        if text is None and metadata is None and expires_at is UNSET and occurred_at is None:
+            raise InvalidInput("give at least one of text, metadata, expires_at, occurred_at")
         now = now_ms()
         op = UpdateMemory(id, now, namespace=ns)
         if text is not None:
@@ -289,6 +295,8 @@ class Store:
             op.metadata = check_metadata(metadata)
         if expires_at is not UNSET:
             op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
+        if occurred_at is not None:
+            op.occurred_at = parse_time(occurred_at, "occurred_at")
         if op.text is not None:
             if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
                 raise unknown_id(id)
@@ -347,8 +355,14 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
+        occurred_after: str | None = None,
+        occurred_before: str | None = None,
+        order_by: str | None = None,
     ) -> Page:
-        """Memories of a scope, newest first, ``limit`` (default 50) a page.
+        """Memories of a scope, newest first, ``limit`` (default 50) a page. ``order_by`` is
+        ``created_at`` (default: when they were added) or ``occurred_at`` (when they
+        happened); a cursor goes on in the order it came from. ``occurred_after``
+        (inclusive) and ``occurred_before`` (exclusive), RFC 3339, bound the event time.
 
         >>> page = await mem.list(user_id="u1")
         >>> more = await mem.list(user_id="u1", cursor=page.next_cursor)
@@ -358,7 +372,10 @@ class Store:
         size = check_limit(limit, default=50, maximum=MAX_LIST_LIMIT)
         if cursor is not None and not isinstance(cursor, str):
             raise InvalidInput("cursor must be a string", path="cursor")
-        return await self.backend.list(scope, filters.parse(filter), size, cursor, now_ms())
+        order = check_order(order_by)
+        during = check_time_range(occurred_after, occurred_before)
+        parsed = filters.parse(filter)
+        return await self.backend.list(scope, parsed, size, cursor, now_ms(), order_by=order, time_range=during)
 
     async def history(self, id: str, *, namespace: str | None = None) -> builtins.list[HistoryEntry]:
         """Every add/update/delete of a memory, in commit order; NotFound if it never existed.
@@ -381,6 +398,8 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         mode: str | None = None,
+        occurred_after: str | None = None,
+        occurred_before: str | None = None,
         min_score: float | None = None,
         recency: float | None = None,
     ) -> builtins.list[SearchHit]:
@@ -389,8 +408,10 @@ class Store:
         ``mode`` is ``hybrid`` (default: the keyword and vector rankings fused, see
         :mod:`gm.search`), ``vector`` (score = cosine similarity) or ``keyword`` (score =
         the keyword rank). Each hit also carries ``vector_score`` and ``keyword_score``.
-        ``min_score`` drops hits whose cosine similarity is below it; ``recency`` (a
-        half-life in days) multiplies each score by 1/2 per half-life since it occurred.
+        ``occurred_after`` (inclusive) and ``occurred_before`` (exclusive), RFC 3339, keep
+        only memories whose event time lies between them. ``min_score`` drops hits whose
+        cosine similarity is below it; ``recency`` (a half-life in days) multiplies each
+        score by 1/2 per half-life since the memory occurred.
 
         >>> hits = await mem.search("seat preference", user_id="u1", limit=5)
         >>> hits[0].memory.text, hits[0].score
@@ -403,6 +424,7 @@ class Store:
             limit=check_limit(limit, default=10, maximum=MAX_SEARCH_LIMIT),
             mode=check_mode(mode),
             now=now_ms(),
+            time_range=check_time_range(occurred_after, occurred_before),
             min_score=check_min_score(min_score),
             recency=check_recency(recency),
         )

@@ -4,8 +4,10 @@ through a store, batched and idempotent by id.
 
 The first line of an export is a header, ``{"greatmemory": {"format": 1, "model": ...,
 "schema_version": ..., "memories": N, "vectors": bool}}``; every other line is one memory
-with the contract's fields plus, with ``--vectors``, ``"vector"``: its float32 embedding
-in base64. Import also takes plain lines with just ``"text"`` (and any other input field).
+with the contract's fields (``occurred_at`` among them) plus, with ``--vectors``,
+``"vector"``: its float32 embedding in base64. Import also takes plain lines with just
+``"text"`` (and any other input field); a line without ``occurred_at`` occurred at its
+``created_at``, or, without that too, when it is imported.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ FORMAT = 1
 BATCH = 256
 # A line's fields: the memory input's, plus what an export adds (the kept times and the vector).
 LINE_FIELDS = frozenset({"text", "id", "namespace", "user_id", "agent_id", "session_id", "metadata", "expires_at",
-                         "ttl_seconds", "created_at", "updated_at", "occurred_at", "vector"})
+                         "ttl_seconds", "occurred_at", "created_at", "updated_at", "vector"})
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -126,9 +128,8 @@ def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes
 
 def _line(row: Any, vectors: bool) -> dict[str, Any]:
     line = memory_from_row(row).to_dict()
-    # (the columns of columns_for, then the embedding)
     if vectors:
-        line["vector"] = base64.b64encode(row[12]).decode()
+        line["vector"] = base64.b64encode(row[12]).decode()  # the column after columns_for's
     return line
 
 
@@ -263,7 +264,8 @@ class Importer:
 def _as_memory(item: NewMemory) -> Memory:
     s = item.scope
     return Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text, item.metadata,
-                  item.created_at or 0, item.updated_at or 0, item.expires_at, item.occurred_at or item.created_at or 0)
+                  item.created_at or 0, item.updated_at or 0, item.expires_at,
+                  item.occurred_at if item.occurred_at is not None else item.created_at or 0)
 
 
 async def import_lines(

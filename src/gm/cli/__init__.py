@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", help="a JSON object")
     p.add_argument("--id", help="your own id (makes retries idempotent)")
     p.add_argument("--ttl-seconds", type=float, help="forget it after this many seconds")
+    p.add_argument("--occurred-at", help="when it happened, RFC 3339 (default: now), e.g. 2024-03-15T09:30:00Z")
 
     p = _command(sub, "search", commands.search, "find the memories most relevant to a question",
                  "gmem search --user-id u1 \"where does she like to sit?\"")
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", help="a metadata filter as JSON, e.g. '{\"topic\": \"travel\"}'")
     p.add_argument("--limit", type=int, default=10, help="how many hits (1-100, default 10)")
     p.add_argument("--mode", choices=["hybrid", "vector", "keyword"], default="hybrid")
+    p.add_argument("--occurred-after", help="only memories that happened at or after this RFC 3339 time")
+    p.add_argument("--occurred-before", help="only memories that happened before this RFC 3339 time")
     p.add_argument("--min-score", type=float, help="drop hits whose cosine similarity is below this (-1 to 1)")
     p.add_argument("--recency", type=float, metavar="DAYS",
                    help="favour newer memories: a score halves per this many days since the memory occurred")

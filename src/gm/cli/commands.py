@@ -379,6 +379,8 @@ def _describe(memory: dict[str, Any]) -> str:
     lines = [f"{memory['id']}  [{scope}]", f"  {memory['text']}"]
     if memory.get("metadata"):
         lines.append(f"  metadata: {orjson.dumps(memory['metadata']).decode()}")
+    if memory.get("occurred_at") not in (None, memory["created_at"]):
+        lines.append(f"  occurred {memory['occurred_at']}")
     lines.append(f"  created {memory['created_at']}, updated {memory['updated_at']}"
                  + (f", expires {memory['expires_at']}" if memory.get("expires_at") else ""))
     return "\n".join(lines)
@@ -387,7 +389,7 @@ def _describe(memory: dict[str, Any]) -> str:
 async def add(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"text": args.text, **_scope(args)}
     for key, value in (("metadata", _json_arg(args.metadata, "metadata")), ("id", args.id),
-                       ("ttl_seconds", args.ttl_seconds)):
+                       ("ttl_seconds", args.ttl_seconds), ("occurred_at", args.occurred_at)):
         if value is not None:
             body[key] = value
     url = server_url(args)
@@ -409,6 +411,9 @@ async def search(args: argparse.Namespace) -> int:
             body[option] = getattr(args, option)
     if args.filter is not None:
         body["filter"] = _json_arg(args.filter, "filter")
+    for key in ("occurred_after", "occurred_before"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
     url = server_url(args)
     if url:
         async with client(args, url) as remote:

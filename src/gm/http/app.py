@@ -255,7 +255,8 @@ async def get_memory(request: web.Request) -> web.Response:
     return json_response(memory.to_dict())
 
 
-LIST_PARAMETERS = ("namespace", "user_id", "agent_id", "session_id", "filter", "limit", "cursor")
+LIST_PARAMETERS = ("namespace", "user_id", "agent_id", "session_id", "filter", "limit", "cursor",
+                   "occurred_after", "occurred_before", "order_by")
 
 
 async def list_memories(request: web.Request) -> web.Response:
@@ -268,6 +269,9 @@ async def list_memories(request: web.Request) -> web.Response:
         filter=query_json(q, "filter"),
         limit=query_int(q, "limit"),
         cursor=q.get("cursor"),
+        occurred_after=q.get("occurred_after"),
+        occurred_before=q.get("occurred_before"),
+        order_by=q.get("order_by"),
     )
     return json_response({"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor})
 
@@ -276,14 +280,18 @@ async def update_memory(request: web.Request) -> web.Response:
     query(request)
     store = _state(request).store
     body = await json_object(request)
-    only_fields(body, ["text", "metadata", "expires_at"])  # PATCH {}: Store.update refuses it before any lookup
-    changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata") if body.get(k) is not None}
+    # PATCH {}: Store.update refuses it before any lookup
+    only_fields(body, ["text", "metadata", "expires_at", "occurred_at"])
+    changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata", "occurred_at") if body.get(k) is not None}
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
     if "metadata" in body and body["metadata"] is None:
         raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
     if "text" in body and body["text"] is None:
         raise InvalidInput("text must be a non-empty string", path="text")
+    if "occurred_at" in body and body["occurred_at"] is None:
+        raise InvalidInput("occurred_at cannot be cleared: a memory always has an event time; "
+                           "give an RFC 3339 time such as 2026-11-29T16:20:00Z", path="occurred_at")
     # A bound key's namespace goes with the write: an id in another namespace is a 404, as an
     # unknown one is, decided in the transaction that writes (never by a read before it).
     memory = await store.update(request.match_info["id"], namespace=request.get(NAMESPACE_KEY), **changes)
@@ -308,7 +316,7 @@ async def search_memories(request: web.Request) -> web.Response:
     query(request)
     body = await json_object(request)
     only_fields(body, ["query", "namespace", "user_id", "agent_id", "session_id", "filter", "limit", "mode",
-                       "min_score", "recency"])
+                       "min_score", "recency", "occurred_after", "occurred_before"])
     if "query" not in body:
         raise InvalidInput("query is required", path="query")
     hits = await _state(request).store.search(
@@ -322,6 +330,8 @@ async def search_memories(request: web.Request) -> web.Response:
         mode=body.get("mode"),
         min_score=body.get("min_score"),
         recency=body.get("recency"),
+        occurred_after=body.get("occurred_after"),
+        occurred_before=body.get("occurred_before"),
     )
     took = (time.perf_counter() - started) * 1000
     return json_response({"hits": [h.to_dict() for h in hits], "took_ms": round(took, 3)})

@@ -19,6 +19,7 @@ from gm.memory import (
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
     MODES,
+    ORDERS,
     RESERVED_IDS,
 )
 from gm.storage.sqlite import CURSOR_PATTERN
@@ -41,6 +42,11 @@ _ID = {
 _SCOPE_VALUE = {"type": "string", "minLength": 1, "maxLength": MAX_SCOPE_CHARS, "pattern": _NO_NUL}
 _NULLABLE_STR = {"type": ["string", "null"]}
 _TIME = {"type": "string", "format": "date-time"}
+_EVENT_TIME = {**_TIME, "description": "RFC 3339 with a time zone, from 1970 to the end of 9999 (UTC)"}
+_OCCURRED_AFTER = {**_EVENT_TIME, "description": "only memories that occurred at or after this time (inclusive); "
+                   "not later than occurred_before. RFC 3339 with a time zone, 1970-9999"}
+_OCCURRED_BEFORE = {**_EVENT_TIME, "description": "only memories that occurred before this time (exclusive). "
+                    "RFC 3339 with a time zone, 1970-9999"}
 _INPUT_SCOPE = {  # null is the same as leaving the field out
     "namespace": {**_SCOPE_VALUE, "type": ["string", "null"], "default": "default"},
     "user_id": {**_SCOPE_VALUE, "type": ["string", "null"]},
@@ -75,7 +81,7 @@ SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "updated_at": _TIME,
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
-            "occurred_at": {**_TIME, "description": "when it happened, as the client said; default: when it was added"},
+            "occurred_at": {**_TIME, "description": "when it happened, as the client said; else when it was added"},
         },
     },
     "MemoryList": {
@@ -105,9 +111,10 @@ SCHEMAS: dict[str, Any] = {
                 "maximum": MAX_TTL_SECONDS,
             },
             "occurred_at": {
+                **_EVENT_TIME,
                 "type": ["string", "null"],
-                "format": "date-time",
-                "description": "when it happened (RFC 3339 with a time zone, 1970 to 9999); default: when it is added",
+                "description": "when it happened (default, or null: when it is added); RFC 3339 with a time zone, "
+                "from 1970 to the end of 9999 (UTC)",
             },
         },
         "not": {  # both given (not null) is refused
@@ -238,6 +245,8 @@ _SEARCH = {
         "filter": _NULLABLE_FILTER,
         "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_SEARCH_LIMIT, "default": 10},
         "mode": {"enum": [*MODES, None], "default": "hybrid"},
+        "occurred_after": {**_OCCURRED_AFTER, "type": ["string", "null"]},
+        "occurred_before": {**_OCCURRED_BEFORE, "type": ["string", "null"]},
         "min_score": {
             "type": ["number", "null"], "minimum": -1, "maximum": 1,
             "description": "drop hits whose cosine similarity with the query is below this",
@@ -263,6 +272,8 @@ _PATCH = {
         "text": _TEXT,
         "metadata": _ref("Metadata"),
         "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "null: never expires"},
+        "occurred_at": {**_EVENT_TIME, "description": "when it happened (it cannot be cleared: a memory always "
+                        "has an event time); RFC 3339 with a time zone, 1970-9999"},
     },
 }
 _LIST_PARAMETERS = [
@@ -270,7 +281,12 @@ _LIST_PARAMETERS = [
                                                                           "session_id")),
     {"name": "filter", "in": "query", "content": {"application/json": {"schema": _ref("Filter")}}},
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT}},
-    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"},
+     "description": "next_cursor of the previous page, listed with the same order_by"},
+    {"name": "occurred_after", "in": "query", "schema": _OCCURRED_AFTER},
+    {"name": "occurred_before", "in": "query", "schema": _OCCURRED_BEFORE},
+    {"name": "order_by", "in": "query", "schema": {"enum": list(ORDERS), "default": "created_at"},
+     "description": "newest first by when memories were added (created_at) or when they happened (occurred_at)"},
 ]
 _HITS = {
     "type": "object",
@@ -402,7 +418,7 @@ PATHS: dict[str, Any] = {
             "responses": {"200": _json(_ref("Memory"), "The memory"), **_errors(404, 422, *_AUTH)},
         },
         "patch": {
-            "summary": "Change text (re-embedded), metadata (replaced) and/or expires_at (null: never)",
+            "summary": "Change text (re-embedded), metadata (replaced), expires_at (null: never) and/or occurred_at",
             "requestBody": _body(_PATCH),
             "responses": {"200": _json(_ref("Memory"), "Updated"), **_errors(400, 404, 413, 415, 422, *_AUTH)},
         },

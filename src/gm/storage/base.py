@@ -13,7 +13,7 @@ from typing import Any
 from gm.actor import Actor, Overdue
 from gm.errors import Conflict, GMError, ModelMismatch, NotFound, StorageUnavailable
 from gm.filters import Filter
-from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, format_time, now_ms
+from gm.memory import HistoryEntry, Memory, NewMemory, Page, Scope, TimeRange, format_time, now_ms
 
 UNSET: Any = object()
 
@@ -108,9 +108,10 @@ def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None, int]
     """An added memory's created_at, updated_at, expires_at and occurred_at: an import keeps
     its own times; any other add is created at the commit ``stamp``, and a TTL counts from
     then; it occurred when the client says, else when it was created."""
-    created = item.created_at or stamp
+    created = item.created_at if item.created_at is not None else stamp  # (0 is 1970, a time like any other)
     expires = stamp + item.ttl_ms if item.ttl_ms is not None else item.expires_at
-    return created, item.updated_at or created, expires, item.occurred_at or created
+    occurred = item.occurred_at if item.occurred_at is not None else created
+    return created, item.updated_at if item.updated_at is not None else created, expires, occurred
 
 
 class WriteHealth:
@@ -288,8 +289,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def list(
-        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int
-    ) -> Page: ...
+        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int,
+        *, order_by: str = "created_at", time_range: TimeRange | None = None,
+    ) -> Page:
+        """A page of live memories, newest first by ``order_by`` (created_at or occurred_at),
+        those in ``time_range`` only (when given); ``cursor`` must come from the same order."""
 
     @abc.abstractmethod
     async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
@@ -298,11 +302,16 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def keyword_search(
-        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
+        *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]: ...
 
     @abc.abstractmethod
-    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]: ...
+    async def matching_rowids(
+        self, scope: Scope, filter: Filter | None, now: int, *, time_range: TimeRange | None = None
+    ) -> builtins.list[int]:
+        """The rowids of the live memories in ``scope`` matching ``filter`` and ``time_range``
+        (what the in-process vector index is restricted to)."""
 
     @abc.abstractmethod
     def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]: ...
@@ -315,7 +324,8 @@ class Backend(abc.ABC):
         """How many memories still wait for their session context to be built."""
 
     async def vector_search(
-        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int
+        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,
+        *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]:
         raise NotImplementedError("this backend searches vectors with the in-process index")
 

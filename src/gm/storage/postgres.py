@@ -40,7 +40,7 @@ from gm.context import (
 )
 from gm.errors import GMError, InvalidInput, ModelMismatch, StorageUnavailable
 from gm.filters import Filter, PgParams, to_postgres
-from gm.memory import HistoryEntry, Memory, Page, Scope
+from gm.memory import HistoryEntry, Memory, Page, Scope, TimeRange
 from gm.migrator import Migrator
 from gm.search import STOPWORDS
 from gm.storage import postgres_migrations
@@ -73,10 +73,12 @@ from gm.storage.sqlite import (
     OCCURRED,
     columns_for,
     decode_cursor,
+    event_time_sql,
     history_from_row,
     memory_from_row,
     page_from_rows,
     search_vector,
+    time_range_sql,
     vector_row,
 )
 
@@ -113,8 +115,12 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def scope_sql(scope: Scope, filter: Filter | None, now: int, params: PgParams, prefix: str = "") -> str:
-    """A WHERE clause for live memories in ``scope`` matching ``filter``."""
+def scope_sql(
+    scope: Scope, filter: Filter | None, now: int, params: PgParams, prefix: str = "",
+    time_range: TimeRange | None = None, version: int = CONTEXT_VERSION,
+) -> str:
+    """A WHERE clause for live memories in ``scope`` matching ``filter`` whose event time
+    lies in ``time_range`` (on a schema at ``version``)."""
     clauses = [
         f"{prefix}namespace = {params(scope.namespace)}",
         f"({prefix}expires_at IS NULL OR {prefix}expires_at > {params(now)})",
@@ -125,6 +131,8 @@ def scope_sql(scope: Scope, filter: Filter | None, now: int, params: PgParams, p
             clauses.append(f"{prefix}{column} = {params(value)}")
     if filter is not None:
         clauses.append(to_postgres(filter, params, f"{prefix}metadata"))
+    if time_range is not None:
+        clauses.extend(time_range_sql(time_range, event_time_sql(version, prefix), params))
     return " AND ".join(clauses)
 
 
@@ -646,18 +654,22 @@ class PostgresBackend(Backend):
         )
         return {row[0]: memory_from_row(row) for row in rows}
 
-    async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
+    async def list(
+        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int,
+        *, order_by: str = "created_at", time_range: TimeRange | None = None,
+    ) -> Page:
         params = PgParams()
-        where = scope_sql(scope, filter, now, params)
+        where = scope_sql(scope, filter, now, params, time_range=time_range, version=self.schema_version)
+        key = event_time_sql(self.schema_version) if order_by == "occurred_at" else "created_at"
         if cursor is not None:
-            created, rowid = decode_cursor(cursor)
-            where += f" AND (created_at, rowid) < ({params(created)}, {params(rowid)})"
+            last, rowid = decode_cursor(cursor, order_by)
+            where += f" AND ({key}, rowid) < ({params(last)}, {params(rowid)})"
         rows = await self.fetch(
-            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC "
+            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY {key} DESC, rowid DESC "
             f"LIMIT {params(limit + 1)}",
             *params.values,
         )
-        return page_from_rows(rows, limit)
+        return page_from_rows(rows, limit, order_by)
 
     async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
         in_namespace = "" if namespace is None else " AND namespace = $2"
@@ -668,7 +680,8 @@ class PostgresBackend(Backend):
         return [history_from_row(r) for r in rows]
 
     async def keyword_search(
-        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
+        *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]:
         if not terms:
             return []
@@ -680,7 +693,7 @@ class PostgresBackend(Backend):
             q, document = f"to_tsquery('english', {params(query)})", "m.search_tsv"
         else:
             q, document = f"to_tsquery('english', {params(query)})", "m.tsv"
-        where = scope_sql(scope, filter, now, params, prefix="m.")
+        where = scope_sql(scope, filter, now, params, "m.", time_range, self.schema_version)
         rows = await self.fetch(
             f"SELECT m.rowid, ts_rank('{{0.1, 0.2, {CONTEXT_WEIGHT}, 1.0}}', {document}, {q}) AS rank "
             "FROM memories m "
@@ -689,13 +702,16 @@ class PostgresBackend(Backend):
         )
         return [(r[0], float(r[1])) for r in rows]
 
-    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]:
+    async def matching_rowids(
+        self, scope: Scope, filter: Filter | None, now: int, *, time_range: TimeRange | None = None
+    ) -> builtins.list[int]:
         params = PgParams()
-        where = scope_sql(scope, filter, now, params)
+        where = scope_sql(scope, filter, now, params, time_range=time_range, version=self.schema_version)
         return [r[0] for r in await self.fetch(f"SELECT rowid FROM memories WHERE {where}", *params.values)]
 
     async def vector_search(
-        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int
+        self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,
+        *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]:
         """pgvector: the ``limit`` nearest by cosine distance among live memories of the scope
         (HNSW with iterative scans, so a narrow scope or filter still fills the page)."""
@@ -708,7 +724,7 @@ class PostgresBackend(Backend):
             raise InvalidInput(f"the query vector has {dim} dimensions but the stored ones have {self.hnsw_dim}")
         params = PgParams()
         target = params(vector, f"vector({dim})")
-        where = scope_sql(scope, filter, now, params)
+        where = scope_sql(scope, filter, now, params, time_range=time_range, version=self.schema_version)
         distance = f"vec::vector({dim}) <=> {target}"
         query = (f"SELECT rowid, {distance} AS distance FROM memories WHERE vec IS NOT NULL AND {where} "
                  f"ORDER BY ORDERING LIMIT {params(limit)}")

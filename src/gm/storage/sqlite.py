@@ -34,7 +34,7 @@ from gm.context import (
 )
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.filters import Filter, to_sqlite
-from gm.memory import HistoryEntry, Memory, Page, Scope
+from gm.memory import HistoryEntry, Memory, Page, Scope, TimeRange
 from gm.migrator import Migrator
 from gm.storage import sqlite_migrations
 from gm.storage.base import (
@@ -79,6 +79,17 @@ def search_vector(context: bool, prefix: str = "") -> str:
 def columns_for(version: int) -> str:
     """The memory columns a query reads on a schema at ``version``."""
     return COLUMNS if version >= CONTEXT_VERSION else LEGACY_COLUMNS
+
+
+def event_time_sql(version: int, prefix: str = "") -> str:
+    """A memory's event time in SQL on a schema at ``version``: ``OCCURRED`` (the expression
+    the indexes memories_by_occurrence and memories_by_session_order hold); before event
+    times existed, every memory occurred when it was created."""
+    if version >= CONTEXT_VERSION:
+        return f"coalesce({prefix}occurred_at, {prefix}created_at)"
+    return f"{prefix}created_at"
+
+
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 READERS = 4
 
@@ -99,11 +110,11 @@ def memory_from_row(row: Any) -> Memory:
     )
 
 
-def page_from_rows(rows: list[Any], limit: int) -> Page:
+def page_from_rows(rows: list[Any], limit: int, order_by: str = "created_at") -> Page:
     """A list query's rows (``COLUMNS``, up to ``limit + 1`` of them) as a page and its cursor."""
     memories = [memory_from_row(r) for r in rows[:limit]]
     more = len(rows) > limit
-    return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0]) if more else None)
+    return Page(memories, encode_cursor(memories[-1], rows[limit - 1][0], order_by) if more else None)
 
 
 def history_from_row(row: Any) -> HistoryEntry:
@@ -116,8 +127,12 @@ def vector_row(row: Any) -> VectorRow:
     return VectorRow(row[0], Scope(row[1], row[2], row[3], row[4]), row[5], row[6])
 
 
-def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -> tuple[str, list[Any]]:
-    """A WHERE clause for live memories in ``scope`` matching ``filter``."""
+def scope_sql(
+    scope: Scope, filter: Filter | None, now: int, prefix: str = "",
+    time_range: TimeRange | None = None, version: int = CONTEXT_VERSION,
+) -> tuple[str, list[Any]]:
+    """A WHERE clause for live memories in ``scope`` matching ``filter`` whose event time
+    lies in ``time_range`` (on a schema at ``version``)."""
     clauses = [f"{prefix}namespace = ?", f"({prefix}expires_at IS NULL OR {prefix}expires_at > ?)"]
     params: list[Any] = [scope.namespace, now]
     for column in ("user_id", "agent_id", "session_id"):
@@ -129,7 +144,22 @@ def scope_sql(scope: Scope, filter: Filter | None, now: int, prefix: str = "") -
         sql, filter_params = to_sqlite(filter, f"{prefix}metadata")
         clauses.append(sql)
         params.extend(filter_params)
+    if time_range is not None:
+        marks = Marks()
+        clauses.extend(time_range_sql(time_range, event_time_sql(version, prefix), marks))
+        params.extend(marks.values)
     return " AND ".join(clauses), params
+
+
+def time_range_sql(time_range: TimeRange, event_time: str, param: Callable[[Any], str]) -> list[str]:
+    """The clauses for ``event_time`` in ``time_range``: from ``after`` (inclusive) up to
+    ``before`` (exclusive), each value passed through ``param`` (both backends)."""
+    clauses = []
+    if time_range.after is not None:
+        clauses.append(f"{event_time} >= {param(time_range.after)}")
+    if time_range.before is not None:
+        clauses.append(f"{event_time} < {param(time_range.before)}")
+    return clauses
 
 
 class Marks:
@@ -143,19 +173,29 @@ class Marks:
         return "?"
 
 
-def encode_cursor(memory: Memory, rowid: int) -> str:
-    return f"{memory.created_at}.{rowid}"
-
-
-CURSOR_PATTERN = r"[0-9]{1,18}\.[0-9]{1,18}"  # created_at ms and rowid, in ASCII digits (int() takes "+5", "١٢")
+# A cursor is the last memory's sort key and rowid, in ASCII digits (int() takes "+5", "١٢"); one
+# of a list ordered by occurred_at starts with "o", so it cannot be taken for the other order's.
+CURSOR_PATTERN = r"o?[0-9]{1,18}\.[0-9]{1,18}"
 _CURSOR_RE = re.compile(CURSOR_PATTERN)
+_CURSOR_PREFIX = {"created_at": "", "occurred_at": "o"}
 
 
-def decode_cursor(cursor: str) -> tuple[int, int]:
+def encode_cursor(memory: Memory, rowid: int, order_by: str = "created_at") -> str:
+    key = memory.occurred_at if order_by == "occurred_at" else memory.created_at
+    return f"{_CURSOR_PREFIX[order_by]}{key}.{rowid}"
+
+
+def decode_cursor(cursor: str, order_by: str = "created_at") -> tuple[int, int]:
+    """A cursor's sort key and rowid; refused if it was not given out for a list in ``order_by``."""
     if not _CURSOR_RE.fullmatch(cursor):
         raise InvalidInput("cursor is not one this server gave out; start again without it", path="cursor")
-    created, rowid = cursor.split(".")
-    return int(created), int(rowid)
+    given = "occurred_at" if cursor.startswith("o") else "created_at"
+    if given != order_by:
+        raise InvalidInput(
+            f"cursor belongs to a list ordered by {given}, not {order_by}; pass order_by={given} with it, "
+            "or start again without it", path="cursor")
+    key, rowid = cursor.removeprefix("o").split(".")
+    return int(key), int(rowid)
 
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
@@ -496,17 +536,21 @@ class SQLiteBackend(Backend):
         )
         return {row[0]: memory_from_row(row) for row in rows}
 
-    async def list(self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int) -> Page:
-        where, params = scope_sql(scope, filter, now)
+    async def list(
+        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int,
+        *, order_by: str = "created_at", time_range: TimeRange | None = None,
+    ) -> Page:
+        where, params = scope_sql(scope, filter, now, time_range=time_range, version=self.schema_version)
+        key = event_time_sql(self.schema_version) if order_by == "occurred_at" else "created_at"
         if cursor is not None:
-            created, rowid = decode_cursor(cursor)
-            where += " AND (created_at < ? OR (created_at = ? AND rowid < ?))"
-            params += [created, created, rowid]
+            last, rowid = decode_cursor(cursor, order_by)
+            where += f" AND ({key} < ? OR ({key} = ? AND rowid < ?))"
+            params += [last, last, rowid]
         rows = await self._fetch(
-            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY {key} DESC, rowid DESC LIMIT ?",
             [*params, limit + 1],
         )
-        return page_from_rows(rows, limit)
+        return page_from_rows(rows, limit, order_by)
 
     async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
         in_namespace = "" if namespace is None else " AND namespace = ?"
@@ -517,12 +561,13 @@ class SQLiteBackend(Backend):
         return [history_from_row(r) for r in rows]
 
     async def keyword_search(
-        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int
+        self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
+        *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]:
         if not terms:
             return []
         match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-        where, params = scope_sql(scope, filter, now, prefix="m.")
+        where, params = scope_sql(scope, filter, now, "m.", time_range, self.schema_version)
         # The context column counts CONTEXT_WEIGHT of the text's own words (gm.context).
         table, rank = ("memories_search", f"bm25(memories_search, 1.0, {CONTEXT_WEIGHT})") if self.context else (
             "memories_fts", "bm25(memories_fts)")
@@ -534,8 +579,10 @@ class SQLiteBackend(Backend):
         )
         return [(r[0], -float(r[1])) for r in rows]
 
-    async def matching_rowids(self, scope: Scope, filter: Filter, now: int) -> builtins.list[int]:
-        where, params = scope_sql(scope, filter, now)
+    async def matching_rowids(
+        self, scope: Scope, filter: Filter | None, now: int, *, time_range: TimeRange | None = None
+    ) -> builtins.list[int]:
+        where, params = scope_sql(scope, filter, now, time_range=time_range, version=self.schema_version)
         return [r[0] for r in await self._fetch(f"SELECT rowid FROM memories WHERE {where}", params)]
 
     async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
