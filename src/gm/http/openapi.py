@@ -211,12 +211,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
-    """Error answers of a route: those named, 421 (a Host it does not answer to) on every
-    route, and with a body (415) also 408 (body too slow) and 417 (an Expect other than
-    100-continue)."""
-    statuses = (*statuses, 421, *((408, 417) if 415 in statuses else ()))
+    """Error answers of a route: those named, 400 (a request line or header over the limit)
+    and 421 (a Host it does not answer to) on every route, and with a body (415) also 408
+    (body too slow) and 417 (an Expect other than 100-continue)."""
+    statuses = tuple(dict.fromkeys((400, *statuses, 421, *((408, 417) if 415 in statuses else ()))))
     text = {
-        400: "Malformed JSON",
+        400: "Malformed JSON, or a request line or header over 8190 bytes",
         408: "Body not received within GM_BODY_TIMEOUT_SECONDS",
         417: "An Expect header other than 100-continue",
         421: "A Host header this server does not answer to",
