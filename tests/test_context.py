@@ -254,3 +254,63 @@ async def test_bad_search_options_are_refused_naming_the_field(sqlite_store: gm.
     with pytest.raises(gm.errors.InvalidInput) as caught:
         await sqlite_store.search("anything", **{field: value})
     assert caught.value.path == field
+
+
+async def test_two_postgres_instances_writing_one_session_at_once_keep_its_context_exact(pg_url: str) -> None:
+    # Two instances behind a load balancer store alternate turns of one conversation at the
+    # same moment: each must see the other's turn when it recomputes the neighbours.
+    from gm.context import TURN_COLUMNS, context_of, search_embedding_of, turn_from_row
+    from gm.memory import NewMemory, Scope
+    from gm.storage.base import AddMemories
+    from gm.storage.postgres import PostgresBackend
+
+    rng = np.random.default_rng(0)
+
+    def vector() -> bytes:
+        v = rng.standard_normal(8).astype(np.float32)
+        return (v / np.linalg.norm(v)).tobytes()
+
+    first, second = PostgresBackend(pg_url), PostgresBackend(pg_url)
+    await first.open(lambda changes: None)
+    await second.open(lambda changes: None)
+    try:
+        async def add(backend: PostgresBackend, k: int) -> None:
+            item = NewMemory(f"m{k}", True, Scope("ns", None, None, "s1"), f"turn {k}", {}, None, vector=vector(),
+                             occurred_at=k * 1000)
+            await backend.write(AddMemories([item], 1))
+
+        for k in range(0, 40, 2):
+            await asyncio.gather(add(first, k), add(second, k + 1))
+    finally:
+        await first.close()
+        await second.close()
+    rows = await pg_fetch(pg_url, f"SELECT {TURN_COLUMNS} FROM memories ORDER BY 3, 1")
+    turns = [turn_from_row(r) for r in rows]
+    assert len(turns) == 40
+    stale = [t.text for i, t in enumerate(turns)
+             if (t.context, t.search_embedding) != (context_of(turns, i), search_embedding_of(turns, i))]
+    assert stale == []
+
+
+async def test_postgres_finds_rows_without_search_tsv_by_their_text_until_the_backfill_reaches_them(
+    pg_url: str,
+) -> None:
+    from gm.memory import Scope
+    from gm.storage.postgres import PostgresBackend
+
+    async with gm.open(pg_url) as mem:
+        await add_session(mem)
+    # What the v3 migration leaves on rows written before it: no search_tsv (a trigger fills
+    # it on the next write of text or context), no context yet.
+    await pg_fetch(pg_url, "UPDATE memories SET context = NULL")
+    await pg_fetch(pg_url, "UPDATE memories SET search_tsv = NULL")  # (not a column the trigger follows)
+    assert await pg_fetch(pg_url, "SELECT id FROM memories WHERE search_tsv IS NOT NULL") == []
+    backend = PostgresBackend(pg_url)  # a backend alone runs no backfill
+    await backend.open(lambda changes: None)
+    try:
+        assert await backend.without_context() == len(TURNS)
+        hits = await backend.keyword_search(["pottery", "class"], Scope(), None, 10, int(time.time() * 1000))
+        rows = await pg_fetch(pg_url, "SELECT rowid FROM memories WHERE id = 't0'")
+        assert [rowid for rowid, _ in hits] == [rows[0][0]]
+    finally:
+        await backend.close()

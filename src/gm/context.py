@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from gm import loops
-from gm.errors import GMError
 from gm.memory import Memory, Scope
 from gm.storage.base import Backend, BuildContext, IndexChange
 
@@ -37,10 +36,13 @@ KEYWORD_NEXT = 1  # turns after it (so an answer finds the question it answers)
 VECTOR_PREVIOUS = 2  # embeddings before it mixed into the vector the index searches
 VECTOR_MIX = 0.25  # each one's weight beside the memory's own (1.0)
 CONTEXT_WEIGHT = 0.5  # a context word counts half a word of the memory's own text (BM25 column weight)
-# Rows fetched around a changed position: enough before and after it to recompute every
-# turn whose window contains that position (the one before it and the two after it).
-_BEFORE = 1 + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS)
-_AFTER = 1 + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS) + KEYWORD_NEXT
+# The turns whose window holds a changed position: the KEYWORD_NEXT before it (their next
+# turns) and the _REACH at or after it (their previous ones); and the rows fetched around
+# it to recompute them, each with its own window.
+_REACH = 1 + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS)
+_BEFORE = KEYWORD_NEXT + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS)
+_AFTER = _REACH + KEYWORD_NEXT
+WHOLE_SESSION_CHECK = 4  # more places than this in one session: first look whether any of it is left
 
 
 def date_words(ms: int) -> str:
@@ -129,12 +131,16 @@ def window_sql(at: Position, before: bool, limit: int, param: Callable[[Any], st
     """The turns of ``at``'s session before it (nearest first) or at and after it, as SQL
     both backends run (``param`` gives each value's placeholder); the session-order index
     ``memories_by_session_order`` serves it."""
+    key = "coalesce(occurred_at, created_at)"
+    session = f"namespace = {param(at.namespace)} AND session_id = {param(at.session_id)}"  # (placeholders in order)
+    if before:  # (key, rowid) < (t, r), spelt so SQLite ranges the index on key (a row value it would not)
+        place = f"{key} <= {param(at.occurred_at)} AND ({key} < {param(at.occurred_at)} OR rowid < {param(at.rowid)})"
+    else:
+        place = f"{key} >= {param(at.occurred_at)} AND ({key} > {param(at.occurred_at)} OR rowid >= {param(at.rowid)})"
     order = "DESC" if before else "ASC"
     return (
-        f"SELECT {TURN_COLUMNS} FROM memories WHERE namespace = {param(at.namespace)} "
-        f"AND session_id = {param(at.session_id)} AND (coalesce(occurred_at, created_at), rowid) "
-        f"{'<' if before else '>='} ({param(at.occurred_at)}, {param(at.rowid)}) "
-        f"ORDER BY coalesce(occurred_at, created_at) {order}, rowid {order} LIMIT {param(limit)}"
+        f"SELECT {TURN_COLUMNS} FROM memories WHERE {session} AND {place} "
+        f"ORDER BY {key} {order}, rowid {order} LIMIT {param(limit)}"
     )
 
 
@@ -164,14 +170,14 @@ async def refresh(rows: SessionRows, positions: list[Position]) -> list[IndexCha
     for (namespace, session_id), count in sessions.items():
         # A delete of a whole session (or namespace) leaves nothing to refresh: one look saves
         # a look around each of its places.
-        if count > 4 and not await rows.around(Position(namespace, session_id, -1, -1), 0, 1):
+        if count > WHOLE_SESSION_CHECK and not await rows.around(Position(namespace, session_id, -1, -1), 0, 1):
             emptied.add((namespace, session_id))
     for at in positions:
         if (at.namespace, at.session_id) in emptied:
             continue
         turns = await rows.around(at, _BEFORE, _AFTER)
         first = sum(1 for t in turns if (t.occurred_at, t.rowid) < (at.occurred_at, at.rowid))
-        for i in range(max(0, first - 1), min(len(turns), first + 1 + max(KEYWORD_PREVIOUS, VECTOR_PREVIOUS))):
+        for i in range(max(0, first - KEYWORD_NEXT), min(len(turns), first + _REACH)):
             turn = turns[i]
             if turn.rowid in done:
                 continue
@@ -207,6 +213,6 @@ async def backfill_forever(backend: Backend) -> None:
                         log.info("session context: %d of %d memories built", built, waiting)
                         said = time.perf_counter()
                 log.info("session context: built for %d memories in %.1fs", built, time.perf_counter() - started)
-        except GMError as exc:
-            log.warning("session context backfill: %s; will retry", exc.message)
+        except Exception as exc:
+            log.warning("session context backfill: %s; will retry", getattr(exc, "message", exc))
         await loops.pause(BACKFILL_IDLE_SECONDS)

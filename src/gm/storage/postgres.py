@@ -87,7 +87,6 @@ log = logging.getLogger(__name__)
 FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
 HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
 BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
-CONTEXT_LOCK = 0x676D6378  # "gmcx": one instance at a time builds missing session context
 CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
 CONNECT_TIMEOUT = 5.0
 CHECK_TIMEOUT = 2.0  # readyz's probe of the database
@@ -221,6 +220,12 @@ class PgWriter(BatchWriter):
     ) -> tuple[list[WriteResult | BaseException], int | None]:
         outcomes: list[WriteResult | BaseException] = []
         try:
+            if self.backend.context:
+                # Session context reads its neighbours: two instances writing one session at once
+                # would each miss the other's uncommitted turn. Batches take the feed lock first
+                # (held to commit, and always the first lock, so no deadlock), so each sees the
+                # other's committed rows; writes across instances commit one batch at a time.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
             for envelope in batch:
                 try:
                     async with conn.transaction():  # a savepoint
@@ -286,8 +291,8 @@ class PgWriter(BatchWriter):
             )
 
     async def _build_context(self, conn: asyncpg.Connection, op: BuildContext) -> WriteResult:
-        if not self.backend.context or not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", CONTEXT_LOCK):
-            return WriteResult(0)  # (another instance is building it)
+        if not self.backend.context:
+            return WriteResult(0)
         rows = await conn.fetch(
             f"SELECT rowid, namespace, session_id, {OCCURRED} FROM memories WHERE context IS NULL "
             "ORDER BY rowid LIMIT $1",
@@ -688,16 +693,22 @@ class PostgresBackend(Backend):
         params = PgParams()
         query = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
         if all(t in STOPWORDS for t in terms):  # English stemming drops them all: match the words as they are
-            q, document = f"to_tsquery('simple', {params(query)})", "to_tsvector('simple', m.text)"
-        elif self.context:  # the text weighs A, its session context B (gm.context)
-            q, document = f"to_tsquery('english', {params(query)})", "m.search_tsv"
+            q = f"to_tsquery('simple', {params(query)})"
+            match, rank = f"to_tsvector('simple', m.text) @@ {q}", f"ts_rank(to_tsvector('simple', m.text), {q})"
+        elif self.context:
+            # The text weighs A and its session context B (gm.context). A row the context backfill
+            # has not reached yet has no search_tsv: its text alone (tsv, weight D) is ranked as A.
+            q = f"to_tsquery('english', {params(query)})"
+            match = f"(m.search_tsv @@ {q} OR (m.search_tsv IS NULL AND m.tsv @@ {q}))"
+            rank = (f"CASE WHEN m.search_tsv IS NULL THEN ts_rank('{{1, 1, 1, 1}}', m.tsv, {q}) "
+                    f"ELSE ts_rank('{{0.1, 0.2, {CONTEXT_WEIGHT}, 1}}', m.search_tsv, {q}) END")
         else:
-            q, document = f"to_tsquery('english', {params(query)})", "m.tsv"
+            q = f"to_tsquery('english', {params(query)})"
+            match, rank = f"m.tsv @@ {q}", f"ts_rank(m.tsv, {q})"
         where = scope_sql(scope, filter, now, params, "m.", time_range, self.schema_version)
         rows = await self.fetch(
-            f"SELECT m.rowid, ts_rank('{{0.1, 0.2, {CONTEXT_WEIGHT}, 1.0}}', {document}, {q}) AS rank "
-            "FROM memories m "
-            f"WHERE {document} @@ {q} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
+            f"SELECT m.rowid, {rank} AS rank FROM memories m "
+            f"WHERE {match} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
             *params.values,
         )
         return [(r[0], float(r[1])) for r in rows]

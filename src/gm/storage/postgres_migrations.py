@@ -112,13 +112,23 @@ V2_PGVECTOR = (
 
 # Event time and session context, as on SQLite (see gm.context): `context` NULL is "not
 # built yet" for the online backfill; `search_tsv` weighs the text A and its context B.
+# Every statement is quick on a large table except the index builds (see docs/postgres.md).
 V3_CONTEXT = (
     "ALTER TABLE memories ADD COLUMN occurred_at bigint",
     "ALTER TABLE memories ADD COLUMN context text",
     "ALTER TABLE memories ADD COLUMN search_embedding bytea",
-    "ALTER TABLE memories ADD COLUMN search_tsv tsvector GENERATED ALWAYS AS "
-    "(setweight(to_tsvector('english', text), 'A') || setweight(to_tsvector('english', coalesce(context, '')), 'B')) "
-    "STORED",
+    # Filled by a trigger, not a generated column: adding a stored generated column rewrites
+    # the table under an exclusive lock, which would stop an older release's instances. Rows
+    # from before it get it when the context backfill writes their context.
+    "ALTER TABLE memories ADD COLUMN search_tsv tsvector",
+    """CREATE FUNCTION gm_search_tsv() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.search_tsv := setweight(to_tsvector('english', NEW.text), 'A')
+            || setweight(to_tsvector('english', coalesce(NEW.context, '')), 'B');
+        RETURN NEW;
+    END $$""",
+    "CREATE TRIGGER memories_search_tsv BEFORE INSERT OR UPDATE OF text, context ON memories "
+    "FOR EACH ROW EXECUTE FUNCTION gm_search_tsv()",
     "CREATE INDEX memories_search_keywords ON memories USING gin (search_tsv)",
     "CREATE INDEX memories_by_occurrence ON memories (namespace, (coalesce(occurred_at, created_at)), rowid)",
     "CREATE INDEX memories_by_session_order ON memories "
