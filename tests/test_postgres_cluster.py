@@ -484,7 +484,7 @@ async def test_rolling_upgrade_fails_no_request_and_loses_no_write(pg_url: str, 
     assert exits == {"old-a": 0, "old-b": 0}, (fleet.log("old-a"), fleet.log("old-b"))
     for name in ("old-a", "old-b"):
         assert "stopped; every acknowledged write is committed" in fleet.log(name)
-    assert await schema_rows(pg_url) == [(1, 1), (2, 1)]
+    assert await schema_rows(pg_url) == [(1, 1), (2, 1), (3, 1)]
 
 
 # -- 3. faults --------------------------------------------------------------------------

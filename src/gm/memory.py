@@ -203,11 +203,16 @@ def format_time(ms: int) -> str:
     return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?")
+
+
 def parse_time(value: Any, path: str) -> int:
     """An RFC 3339 string (or a datetime) as milliseconds since the epoch."""
     if isinstance(value, datetime):
         moment = value
     elif isinstance(value, str):
+        if not _RFC3339.fullmatch(value):  # fromisoformat alone also takes 20240115T093000Z and the like
+            raise InvalidInput(f"{path} must be an RFC 3339 time such as 2026-11-29T16:20:00Z", path=path)
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:

@@ -204,6 +204,21 @@ class IndexChange:
     expires_at: int | None = None
 
 
+def final_changes(changes: list[IndexChange]) -> list[IndexChange]:
+    """A batch's index changes with one per row, its final state: an add into a session
+    first carries the memory's own vector, then the mixed one (gm.context); the index then
+    writes one slot, not two. An expiry-only change keeps the vector before it."""
+    final: dict[int, IndexChange] = {}
+    for change in changes:
+        before = final.get(change.rowid)
+        if before is not None and not change.remove and change.vector is None and not before.remove:
+            before.expires_at = change.expires_at
+        else:
+            final.pop(change.rowid, None)  # (re-inserted: the dict keeps the order of final states)
+            final[change.rowid] = change
+    return list(final.values())
+
+
 @dataclass(slots=True)
 class WriteResult:
     value: Any

@@ -129,11 +129,12 @@ V3_CONTEXT = (
     END $$""",
     "CREATE TRIGGER memories_search_tsv BEFORE INSERT OR UPDATE OF text, context ON memories "
     "FOR EACH ROW EXECUTE FUNCTION gm_search_tsv()",
-    "CREATE INDEX memories_search_keywords ON memories USING gin (search_tsv)",
-    "CREATE INDEX memories_by_occurrence ON memories (namespace, (coalesce(occurred_at, created_at)), rowid)",
-    "CREATE INDEX memories_by_session_order ON memories "
+    "CREATE INDEX IF NOT EXISTS memories_search_keywords ON memories USING gin (search_tsv)",
+    "CREATE INDEX IF NOT EXISTS memories_by_occurrence ON memories "
+    "(namespace, (coalesce(occurred_at, created_at)), rowid)",
+    "CREATE INDEX IF NOT EXISTS memories_by_session_order ON memories "
     "(namespace, session_id, (coalesce(occurred_at, created_at)), rowid) WHERE session_id IS NOT NULL",
-    "CREATE INDEX memories_without_context ON memories (rowid) WHERE context IS NULL",
+    "CREATE INDEX IF NOT EXISTS memories_without_context ON memories (rowid) WHERE context IS NULL",
 )
 
 STEPS: tuple[Step, ...] = (

@@ -53,6 +53,7 @@ from gm.storage.base import (
     WriteOp,
     WriteResult,
     added_times,
+    final_changes,
     id_conflict,
     live_by_id,
     model_mismatch,
@@ -255,7 +256,7 @@ class Writer(BatchWriter):
                 envelope.fail(error)
             return
         self.health.committed()
-        changes = [c for o in outcomes if isinstance(o, WriteResult) for c in o.changes]
+        changes = final_changes([c for o in outcomes if isinstance(o, WriteResult) for c in o.changes])
         if changes:
             self.on_commit(changes)
         for envelope, outcome in zip(batch, outcomes, strict=True):

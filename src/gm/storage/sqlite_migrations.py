@@ -98,9 +98,15 @@ INSERT INTO memories_fts (memories_fts) VALUES ('rebuild')
 
 # Event time and session context (see gm.context). `context` NULL means "not built yet":
 # the online backfill builds it; until then the row is found by its text alone. The
-# search index moves to `memories_search` (FTS5 cannot add a column); `memories_fts` is
-# kept as it was, so the additive rule holds.
+# search index moves to `memories_search` (FTS5 cannot add a column). The table
+# `memories_fts` stays (no table is dropped), emptied and no longer kept by triggers: an
+# older release never runs on this file (the downgrade guard refuses it; a rollback
+# restores the pre-v3 snapshot), so keeping it current would only cost every write.
 V3_CONTEXT = """
+DROP TRIGGER memories_fts_insert;
+DROP TRIGGER memories_fts_delete;
+DROP TRIGGER memories_fts_update;
+INSERT INTO memories_fts (memories_fts) VALUES ('delete-all');
 ALTER TABLE memories ADD COLUMN occurred_at INTEGER;
 ALTER TABLE memories ADD COLUMN context TEXT;
 ALTER TABLE memories ADD COLUMN search_embedding BLOB;
