@@ -314,3 +314,24 @@ async def test_postgres_finds_rows_without_search_tsv_by_their_text_until_the_ba
         assert [rowid for rowid, _ in hits] == [rows[0][0]]
     finally:
         await backend.close()
+
+
+async def test_an_older_release_changing_or_deleting_a_turn_hands_its_neighbours_to_the_backfill(
+    pg_url: str,
+) -> None:
+    async with gm.open(pg_url) as mem:
+        await add_session(mem)
+    # What a release before v3 does, running beside this one during a rolling deploy: it
+    # writes the row alone, knowing nothing of its neighbours' context.
+    await pg_fetch(pg_url, "DELETE FROM memories WHERE id = 't2'")
+    await pg_fetch(pg_url, "UPDATE memories SET text = 'Melanie: What colour was it?' WHERE id = 't1'")
+    left = await stored(pg_url)
+    assert not [i for i, (context, _) in left.items() if context and "blue bowl" in context]  # gone at once
+    assert {i for i, (context, _) in left.items() if context is None} == {"t0", "t1", "t3", "t4"}
+    async with gm.open(pg_url) as mem:
+        deadline = time.perf_counter() + 20
+        while await mem.backend.without_context():
+            assert time.perf_counter() < deadline, "the context backfill never finished"
+            await asyncio.sleep(0.05)
+    turns = [TURNS[0], ("t1", "Melanie: What colour was it?"), TURNS[3], TURNS[4]]
+    assert await stored(pg_url) == expected(turns)

@@ -135,6 +135,48 @@ V3_CONTEXT = (
     "CREATE INDEX IF NOT EXISTS memories_by_session_order ON memories "
     "(namespace, session_id, (coalesce(occurred_at, created_at)), rowid) WHERE session_id IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS memories_without_context ON memories (rowid) WHERE context IS NULL",
+    "CREATE INDEX IF NOT EXISTS memories_by_user_occurrence ON memories "
+    "(namespace, user_id, (coalesce(occurred_at, created_at)), rowid)",
+    # An older release still running beside this one (a rolling deploy) changes or deletes a
+    # memory of a session without knowing its neighbours' context: the triggers clear the
+    # context of the memories whose window held it (the one before it and the two after it,
+    # gm.context's windows), which drops its old text from their index at once and hands them
+    # to the context backfill. This release's own writes clear them too, then rebuild them
+    # in the same transaction.
+    """CREATE FUNCTION gm_context_stale(ns text, sess text, key bigint, row_id bigint) RETURNS void
+    LANGUAGE sql AS $$
+        UPDATE memories SET context = NULL, search_embedding = NULL WHERE rowid IN (
+            (SELECT rowid FROM memories WHERE namespace = ns AND session_id = sess
+                AND (coalesce(occurred_at, created_at), rowid) < (key, row_id)
+                ORDER BY coalesce(occurred_at, created_at) DESC, rowid DESC LIMIT 1)
+            UNION ALL
+            (SELECT rowid FROM memories WHERE namespace = ns AND session_id = sess
+                AND (coalesce(occurred_at, created_at), rowid) > (key, row_id)
+                ORDER BY coalesce(occurred_at, created_at), rowid LIMIT 2))
+    $$""",
+    """CREATE FUNCTION gm_context_follow_update() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF OLD.session_id IS NOT NULL AND NEW.context IS NOT DISTINCT FROM OLD.context
+                AND (NEW.text IS DISTINCT FROM OLD.text OR NEW.embedding IS DISTINCT FROM OLD.embedding) THEN
+            NEW.context := NULL;
+            NEW.search_embedding := NULL;
+            PERFORM gm_context_stale(OLD.namespace, OLD.session_id, coalesce(OLD.occurred_at, OLD.created_at),
+                                     OLD.rowid);
+        END IF;
+        RETURN NEW;
+    END $$""",
+    "CREATE TRIGGER memories_context_follow_update BEFORE UPDATE OF text, embedding ON memories "
+    "FOR EACH ROW EXECUTE FUNCTION gm_context_follow_update()",
+    """CREATE FUNCTION gm_context_follow_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF OLD.session_id IS NOT NULL THEN
+            PERFORM gm_context_stale(OLD.namespace, OLD.session_id, coalesce(OLD.occurred_at, OLD.created_at),
+                                     OLD.rowid);
+        END IF;
+        RETURN NULL;
+    END $$""",
+    "CREATE TRIGGER memories_context_follow_delete AFTER DELETE ON memories "
+    "FOR EACH ROW EXECUTE FUNCTION gm_context_follow_delete()",
 )
 
 STEPS: tuple[Step, ...] = (

@@ -114,6 +114,7 @@ CREATE INDEX memories_by_occurrence ON memories (namespace, coalesce(occurred_at
 CREATE INDEX memories_by_session_order ON memories (namespace, session_id, coalesce(occurred_at, created_at), rowid)
     WHERE session_id IS NOT NULL;
 CREATE INDEX memories_without_context ON memories (rowid) WHERE context IS NULL;
+CREATE INDEX memories_by_user_occurrence ON memories (namespace, user_id, coalesce(occurred_at, created_at), rowid);
 CREATE VIRTUAL TABLE memories_search USING fts5 (
     text, context, content='memories', content_rowid='rowid',
     tokenize='porter unicode61 remove_diacritics 2'
