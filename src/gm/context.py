@@ -156,6 +156,30 @@ class SessionRows(abc.ABC):
     async def store(self, turn: Turn, context: str, search_embedding: bytes | None) -> None:
         """Write a turn's new context and search embedding (and whatever index follows them)."""
 
+    @abc.abstractmethod
+    async def missing(self, limit: int) -> list[tuple[int, str, str | None, int]]:
+        """Up to ``limit`` memories without context, oldest rows first: (rowid, namespace,
+        session_id, occurred_at)."""
+
+    @abc.abstractmethod
+    async def store_alone(self, contexts: list[tuple[int, str]]) -> None:
+        """Write the context of memories without a session: (rowid, context)."""
+
+
+MISSING_SQL = (
+    "SELECT rowid, namespace, session_id, coalesce(occurred_at, created_at) FROM memories "
+    "WHERE context IS NULL ORDER BY rowid LIMIT {limit}"
+)
+
+
+async def build_missing(rows: SessionRows, limit: int) -> tuple[int, list[IndexChange]]:
+    """Build the context of up to ``limit`` memories that have none (the backfill's one
+    write): how many, and the index changes for their new search vectors."""
+    found = await rows.missing(limit)
+    await rows.store_alone([(rowid, date_words(at)) for rowid, _, session, at in found if session is None])
+    places = [Position(ns, session, at, rowid) for rowid, ns, session, at in found if session is not None]
+    return len(found), await refresh(rows, places)
+
 
 async def refresh(rows: SessionRows, positions: list[Position]) -> list[IndexChange]:
     """Recompute the context and search embedding of every turn whose window holds one of

@@ -28,9 +28,11 @@ from gm.actor import Envelope
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.context import (
     CONTEXT_WEIGHT,
+    MISSING_SQL,
     Position,
     SessionRows,
     Turn,
+    build_missing,
     context_moves,
     date_words,
     deleted_positions,
@@ -70,7 +72,6 @@ from gm.storage.postgres_feed import CHANNEL, POLL_SECONDS, ChangeFeed
 from gm.storage.sqlite import (
     CONTEXT_VERSION,
     LEGACY_COLUMNS,
-    OCCURRED,
     columns_for,
     decode_cursor,
     event_time_sql,
@@ -293,17 +294,8 @@ class PgWriter(BatchWriter):
     async def _build_context(self, conn: asyncpg.Connection, op: BuildContext) -> WriteResult:
         if not self.backend.context:
             return WriteResult(0)
-        rows = await conn.fetch(
-            f"SELECT rowid, namespace, session_id, {OCCURRED} FROM memories WHERE context IS NULL "
-            "ORDER BY rowid LIMIT $1",
-            op.limit,
-        )
-        await conn.executemany(
-            "UPDATE memories SET context = $2 WHERE rowid = $1",
-            [(r[0], date_words(r[3])) for r in rows if r[2] is None],
-        )
-        moved = [Position(r[1], r[2], r[3], r[0]) for r in rows if r[2] is not None]
-        return WriteResult(len(rows), await self._refresh(conn, moved))
+        count, changes = await build_missing(PgSessionRows(conn, self.backend.pgvector), op.limit)
+        return WriteResult(count, changes)
 
     async def _refresh(self, conn: asyncpg.Connection, moved: list[Position]) -> list[IndexChange]:
         """Session context follows the write (see gm.context)."""
@@ -393,7 +385,7 @@ class PgWriter(BatchWriter):
     ) -> WriteResult:
         rows = await conn.fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace, session_id, "
-            f"{'coalesce(occurred_at, created_at)' if self.backend.context else 'created_at'}",
+            f"{event_time_sql(self.backend.schema_version)}",
             *params,
         )
         if missing is not None and not rows:
@@ -453,6 +445,12 @@ class PgSessionRows(SessionRows):
                 "UPDATE memories SET context = $2, search_embedding = $3 WHERE rowid = $1",
                 turn.rowid, context, search_embedding,
             )
+
+    async def missing(self, limit: int) -> list[tuple[int, str, str | None, int]]:
+        return [tuple(r) for r in await self.conn.fetch(MISSING_SQL.format(limit="$1"), limit)]
+
+    async def store_alone(self, contexts: list[tuple[int, str]]) -> None:
+        await self.conn.executemany("UPDATE memories SET context = $2 WHERE rowid = $1", contexts)
 
 
 async def _rollback(transaction: Any) -> None:

@@ -22,9 +22,11 @@ from gm.actor import Envelope
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.context import (
     CONTEXT_WEIGHT,
+    MISSING_SQL,
     Position,
     SessionRows,
     Turn,
+    build_missing,
     context_moves,
     date_words,
     deleted_positions,
@@ -224,6 +226,7 @@ class Writer(BatchWriter):
         super().__init__()
         self.conn = conn
         self.on_commit = on_commit
+        self.version = version
         self.context = version >= CONTEXT_VERSION  # the schema has event time and session context
         self.columns = columns_for(version)
 
@@ -309,16 +312,8 @@ class Writer(BatchWriter):
     async def _build_context(self, op: BuildContext) -> WriteResult:
         if not self.context:
             return WriteResult(0)
-        rows = await self._fetch(
-            f"SELECT rowid, namespace, session_id, {OCCURRED} FROM memories WHERE context IS NULL "
-            "ORDER BY rowid LIMIT ?",
-            [op.limit],
-        )
-        await self.conn.executemany(
-            "UPDATE memories SET context = ? WHERE rowid = ?", [(date_words(r[3]), r[0]) for r in rows if r[2] is None]
-        )
-        moved = [Position(r[1], r[2], r[3], r[0]) for r in rows if r[2] is not None]
-        return WriteResult(len(rows), await self._refresh(moved))
+        count, changes = await build_missing(SQLiteSessionRows(self), op.limit)
+        return WriteResult(count, changes)
 
     async def _refresh(self, moved: list[Position]) -> list[IndexChange]:
         """Session context follows the write (see gm.context)."""
@@ -389,7 +384,7 @@ class Writer(BatchWriter):
     async def _delete_where(self, where: str, params: list[Any], missing: str | None = None) -> WriteResult:
         rows = await self._fetch(
             f"DELETE FROM memories WHERE {where} RETURNING rowid, id, text, metadata, namespace, session_id, "
-            f"{'coalesce(occurred_at, created_at)' if self.context else 'created_at'}",
+            f"{event_time_sql(self.version)}",
             params,
         )
         if missing is not None and not rows:
@@ -426,6 +421,14 @@ class SQLiteSessionRows(SessionRows):
         await self.writer.conn.execute(
             "UPDATE memories SET context = ?, search_embedding = ? WHERE rowid = ?",
             [context, search_embedding, turn.rowid],
+        )
+
+    async def missing(self, limit: int) -> list[tuple[int, str, str | None, int]]:
+        return [tuple(r) for r in await self.writer._fetch(MISSING_SQL.format(limit="?"), [limit])]
+
+    async def store_alone(self, contexts: list[tuple[int, str]]) -> None:
+        await self.writer.conn.executemany(
+            "UPDATE memories SET context = ? WHERE rowid = ?", [(context, rowid) for rowid, context in contexts]
         )
 
 
