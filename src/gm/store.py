@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,9 +218,9 @@ class Store:
         session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         id: str | None = None,
-        expires_at: str | None = None,
+        expires_at: str | datetime | None = None,
         ttl_seconds: float | None = None,
-        occurred_at: str | None = None,
+        occurred_at: str | datetime | None = None,
     ) -> Memory:
         """Store one memory and return it. With a client ``id``, adding the same content
         again returns the stored memory; other content raises :class:`gm.errors.Conflict`.
@@ -269,7 +270,7 @@ class Store:
         metadata: dict[str, Any] | None = None,
         expires_at: Any = UNSET,
         namespace: str | None = None,
-        occurred_at: str | None = None,
+        occurred_at: str | datetime | None = None,
     ) -> Memory:
         """Change a memory's text (re-embedded), metadata (replaced whole), ``expires_at``
         (an RFC 3339 time, or None to never expire) and/or ``occurred_at`` (an RFC 3339
@@ -355,8 +356,8 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         cursor: str | None = None,
-        occurred_after: str | None = None,
-        occurred_before: str | None = None,
+        occurred_after: str | datetime | None = None,
+        occurred_before: str | datetime | None = None,
         order_by: str | None = None,
     ) -> Page:
         """Memories of a scope, newest first, ``limit`` (default 50) a page. ``order_by`` is
@@ -398,8 +399,8 @@ class Store:
         filter: dict[str, Any] | None = None,
         limit: int | None = None,
         mode: str | None = None,
-        occurred_after: str | None = None,
-        occurred_before: str | None = None,
+        occurred_after: str | datetime | None = None,
+        occurred_before: str | datetime | None = None,
         min_score: float | None = None,
         recency: float | None = None,
     ) -> builtins.list[SearchHit]:
