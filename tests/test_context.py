@@ -71,6 +71,14 @@ def _ms(day: int) -> int:
     return int(datetime(2023, 5, day, 13, tzinfo=UTC).timestamp() * 1000)
 
 
+async def backfilled(mem: gm.Store) -> None:
+    """Wait (at most 20 s) until the store's context backfill has left no memory without context."""
+    deadline = time.perf_counter() + 20
+    while await mem.backend.without_context():
+        assert time.perf_counter() < deadline, "the context backfill never finished"
+        await asyncio.sleep(0.05)
+
+
 async def add_session(mem: gm.Store, turns: list[tuple[str, str]] = TURNS) -> None:
     await mem.add_many([
         {"id": memory_id, "text": text, "session_id": "s1", "occurred_at": at(i)}
@@ -174,10 +182,7 @@ async def test_rows_whose_context_is_missing_are_found_by_their_text_and_built_a
     # backfill was cut short by a restart.
     await execute(target, "UPDATE memories SET context = NULL, search_embedding = NULL")
     async with gm.open(target) as mem:
-        deadline = time.perf_counter() + 20
-        while await mem.backend.without_context():
-            assert time.perf_counter() < deadline, "the context backfill never finished"
-            await asyncio.sleep(0.05)
+        await backfilled(mem)
         assert await stored(target) == expected(TURNS)
         hits = await mem.search("pottery class", mode="keyword", limit=1)
         assert [h.memory.id for h in hits] == ["t0"]
@@ -329,9 +334,6 @@ async def test_an_older_release_changing_or_deleting_a_turn_hands_its_neighbours
     assert not [i for i, (context, _) in left.items() if context and "blue bowl" in context]  # gone at once
     assert {i for i, (context, _) in left.items() if context is None} == {"t0", "t1", "t3", "t4"}
     async with gm.open(pg_url) as mem:
-        deadline = time.perf_counter() + 20
-        while await mem.backend.without_context():
-            assert time.perf_counter() < deadline, "the context backfill never finished"
-            await asyncio.sleep(0.05)
+        await backfilled(mem)
     turns = [TURNS[0], ("t1", "Melanie: What colour was it?"), TURNS[3], TURNS[4]]
     assert await stored(pg_url) == expected(turns)
