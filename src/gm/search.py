@@ -122,14 +122,11 @@ class Searcher:
         deep = r.mode == "hybrid" or r.recency is not None or r.min_score is not None
         depth = candidates(r.limit) if deep else r.limit
         wants_vector = r.mode != "keyword" or r.min_score is not None
-        query_vector, keyword = await asyncio.gather(
-            self._query_vector(r.query) if wants_vector else _none(),
+        (query_vector, vector), keyword = await asyncio.gather(  # the keyword query runs beside both vector steps
+            self._vector_side(r, depth) if wants_vector else _no_vector(),
             backend.keyword_search(keyword_terms(r.query), r.scope, r.filter, depth, r.now, time_range=r.time_range)
             if r.mode != "vector" else _empty(),
         )
-        vector: Ranking = []
-        if r.mode != "keyword" and query_vector is not None:
-            vector = await self._vector_ranking(query_vector, r, depth)
         if r.mode == "hybrid":
             ranked = fuse(keyword, vector)
         elif r.mode == "vector":
@@ -148,9 +145,14 @@ class Searcher:
             ranked = sorted(ranked, key=lambda c: -c.score)[: r.limit]
         return [SearchHit(found[c.rowid], c.score, c.vector_score, c.keyword_score) for c in ranked if c.rowid in found]
 
-    async def _query_vector(self, query: str) -> np.ndarray:
-        vector, _ = await asyncio.gather(self.store.embedder.embed(query, urgent=True), self.store.wait_index_or_fail())
-        return np.asarray(vector)
+    async def _vector_side(self, r: SearchRequest, depth: int) -> tuple[np.ndarray, Ranking]:
+        """The query's embedding, and the vector ranking unless only the embedding is needed
+        (keyword mode with ``min_score``)."""
+        vector, _ = await asyncio.gather(
+            self.store.embedder.embed(r.query, urgent=True), self.store.wait_index_or_fail()
+        )
+        query = np.asarray(vector)
+        return query, (await self._vector_ranking(query, r, depth) if r.mode != "keyword" else [])
 
     async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int) -> Ranking:
         backend = self.store.backend
@@ -185,5 +187,5 @@ async def _empty() -> Ranking:
     return []
 
 
-async def _none() -> None:
-    return None
+async def _no_vector() -> tuple[None, Ranking]:
+    return None, []
