@@ -95,6 +95,11 @@ def event_time_sql(version: int, prefix: str = "") -> str:
 
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 READERS = 4
+# Reads map the file instead of copying pages through SQLite's own 2 MB page cache: a keyword
+# search at 10k memories joins a few thousand FTS matches to their rows, and those page reads
+# dominated it (measured: 9.3 -> 2.9 ms p50). The mapping is the OS page cache, shared by all
+# connections and given back under memory pressure, not memory of the process's own.
+MMAP_BYTES = 256 << 20  # (a larger file is mapped up to this much, read as before beyond it)
 
 
 def memory_from_row(row: Any) -> Memory:
@@ -477,12 +482,14 @@ class SQLiteBackend(Backend):
         self.context = self.schema_version >= CONTEXT_VERSION
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
-            for pragma in ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000"):
+            pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000", f"mmap_size = {MMAP_BYTES}")
+            for pragma in pragmas:
                 await conn.execute(f"PRAGMA {pragma}")
             uri = f"file:{self.path.resolve()}?mode=ro"
             for _ in range(READERS):
                 reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
                 await reader.execute("PRAGMA busy_timeout = 10000")
+                await reader.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
                 self._all_readers.append(reader)
                 self._readers.put_nowait(reader)
         except sqlite3.Error as exc:
