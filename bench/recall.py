@@ -42,7 +42,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -54,11 +53,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import gm
 from gm.config import StoreSettings
 from gm.errors import InvalidInput
+from servers import Databases, check_loopback_postgres  # bench/servers.py: the bench's shared Postgres helpers
 
 DEFAULT_DATA = Path("/work/shared/data/locomo/dev")
 MODES = ("default", "hybrid", "vector", "keyword")  # "default": search() without a mode
@@ -185,39 +184,21 @@ class SharedEmbedder:
 
 
 class Target:
-    """Where the stores live: temporary SQLite files, or fresh databases on a Postgres."""
+    """Where the stores live: temporary SQLite files, or fresh databases on a Postgres
+    (bench/servers.py's ``Databases``, dropped at the end)."""
 
     def __init__(self, directory: Path, database_url: str | None) -> None:
         self.directory = directory
-        self.admin_url = database_url
-        self.made: list[str] = []
+        self.databases = Databases(database_url) if database_url is not None else None
 
     async def location(self, label: str) -> str:
-        if self.admin_url is None:
+        if self.databases is None:
             return str(self.directory / f"{label}.db")
-        import asyncpg
-
-        name = f"gm_recall_{os.getpid()}_{label}"
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        self.made.append(name)
-        return urlunsplit(urlsplit(self.admin_url)._replace(path="/" + name))
+        return await self.databases.create(f"recall_{label}")
 
     async def drop_all(self) -> None:
-        if self.admin_url is None or not self.made:
-            return
-        import asyncpg
-
-        conn = await asyncpg.connect(self.admin_url)
-        try:
-            for name in self.made:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        if self.databases is not None:
+            await self.databases.drop_all()
 
 
 @contextlib.asynccontextmanager
@@ -555,6 +536,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.database_url and not args.database_url.startswith(("postgresql://", "postgres://")):
         parser.error("--database-url must be a postgresql:// URL")
+    if args.database_url:
+        check_loopback_postgres(args.database_url, "--database-url")  # bench load stays on this machine
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows when piped
     began = time.perf_counter()
     report = asyncio.run(run(args))
