@@ -108,6 +108,11 @@ async def test_context_follows_adds_updates_and_deletes(target: str) -> None:
         turns = [("t-early", "Melanie: Did you sleep well?"), *turns]
         assert await stored(target) == expected(turns)
 
+        # A PATCH of the event time moves a memory: its old neighbours and its new ones follow.
+        await mem.update("t0", occurred_at="2023-05-08T13:59:00Z")
+        turns = [t for t in turns if t[0] != "t0"] + [t for t in turns if t[0] == "t0"]
+        assert await stored(target) == expected(turns)
+
         await mem.delete_many(namespace="default", session_id="s1", filter=None)
         assert await stored(target) == {}
 

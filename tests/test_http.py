@@ -127,6 +127,12 @@ async def test_search_modes_filters_and_scope(server: RunningServer) -> None:
         "POST", "/v1/memories/search", json={"query": "food", "filter": {"priority": {"$gte": 4}}, "limit": 5}
     )
     assert [h["memory"]["text"] for h in body["hits"]] == ["Allergic to peanuts and shellfish."]
+    # Each hit carries its parts; min_score cuts the unrelated ones; recency is taken.
+    status, body = await server.call("POST", "/v1/memories/search", json={
+        "query": "which seat on the flights", "user_id": "u1", "min_score": 0.3, "recency": 30})
+    assert status == 200, body
+    assert [h["memory"]["text"] for h in body["hits"]] == ["Prefers window seats on long flights."]
+    assert isinstance(body["hits"][0]["vector_score"], float) and isinstance(body["hits"][0]["keyword_score"], float)
 
     for payload, path in [
         ({"query": ""}, "query"),
@@ -134,6 +140,10 @@ async def test_search_modes_filters_and_scope(server: RunningServer) -> None:
         ({"query": "x", "limit": 0}, "limit"),
         ({"query": "x", "filter": {"priority": {"$near": 1}}}, "filter.priority.$near"),
         ({"query": "x", "colour": "red"}, "colour"),
+        ({"query": "x", "min_scor": 0.3}, "min_scor"),
+        ({"query": "x", "min_score": 1.5}, "min_score"),
+        ({"query": "x", "recency": 0}, "recency"),
+        ({"query": "x", "recency": "30d"}, "recency"),
         ({}, "query"),
     ]:
         status, body = await server.call("POST", "/v1/memories/search", json=payload)

@@ -116,8 +116,9 @@ def deleted_positions(rows: list[Any]) -> list[Position]:
     return [Position(r[4], r[5], r[6], r[0]) for r in rows if r[5] is not None]
 
 
+ORDER_KEY = "coalesce(occurred_at, created_at)"  # a session's order: event time, then rowid (its index holds it)
 TURN_COLUMNS = (
-    "rowid, text, coalesce(occurred_at, created_at), embedding, context, search_embedding, "
+    f"rowid, text, {ORDER_KEY}, embedding, context, search_embedding, "
     "namespace, user_id, agent_id, session_id, expires_at"
 )
 
@@ -131,7 +132,7 @@ def window_sql(at: Position, before: bool, limit: int, param: Callable[[Any], st
     """The turns of ``at``'s session before it (nearest first) or at and after it, as SQL
     both backends run (``param`` gives each value's placeholder); the session-order index
     ``memories_by_session_order`` serves it."""
-    key = "coalesce(occurred_at, created_at)"
+    key = ORDER_KEY
     session = f"namespace = {param(at.namespace)} AND session_id = {param(at.session_id)}"  # (placeholders in order)
     if before:  # (key, rowid) < (t, r), spelt so SQLite ranges the index on key (a row value it would not)
         place = f"{key} <= {param(at.occurred_at)} AND ({key} < {param(at.occurred_at)} OR rowid < {param(at.rowid)})"
@@ -167,7 +168,7 @@ class SessionRows(abc.ABC):
 
 
 MISSING_SQL = (
-    "SELECT rowid, namespace, session_id, coalesce(occurred_at, created_at) FROM memories "
+    f"SELECT rowid, namespace, session_id, {ORDER_KEY} FROM memories "
     "WHERE context IS NULL ORDER BY rowid LIMIT {limit}"
 )
 
