@@ -123,15 +123,15 @@ def test_the_write_timeout_setting_is_checked_at_start() -> None:
         assert "GM_WRITE_TIMEOUT_SECONDS" in caught.value.message
 
 
-class Holding(Actor[str]):
+class Holding(Actor[str, str]):
     """An actor that takes messages up and answers only when the test says so."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.held: list[Envelope[str]] = []
+        self.held: list[Envelope[str, str]] = []
         self.took = asyncio.Event()
 
-    async def handle(self, batch: list[Envelope[str]]) -> None:
+    async def handle(self, batch: list[Envelope[str, str]]) -> None:
         self.held.extend(batch)
         self.took.set()
         while not all(envelope.reply.done() for envelope in batch):

@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from gm.errors import StoreClosed
 
 log = logging.getLogger(__name__)
 
 Msg = TypeVar("Msg")
-
-_STOP = object()
+Reply = TypeVar("Reply")
 
 
 class Overdue(Exception):
@@ -30,25 +29,25 @@ class Overdue(Exception):
         self.taken = taken
 
 
-def _unheard(reply: asyncio.Future[Any]) -> None:
+def _unheard(reply: asyncio.Future[Reply]) -> None:
     """The late outcome of a message whose sender stopped waiting: nobody will read it."""
     if not reply.cancelled():
         reply.exception()
 
 
-class Envelope(Generic[Msg]):
+class Envelope(Generic[Msg, Reply]):
     """A message, the future its sender awaits, when it was sent, and whether the actor has
     taken it up."""
 
     __slots__ = ("msg", "reply", "queued_at", "taken")
 
-    def __init__(self, msg: Msg, reply: asyncio.Future[Any]) -> None:
+    def __init__(self, msg: Msg, reply: asyncio.Future[Reply]) -> None:
         self.msg = msg
         self.reply = reply
         self.queued_at = time.monotonic()
         self.taken = False
 
-    def answer(self, result: Any) -> None:
+    def answer(self, result: Reply) -> None:
         if not self.reply.done():
             self.reply.set_result(result)
 
@@ -57,8 +56,9 @@ class Envelope(Generic[Msg]):
             self.reply.set_exception(error)
 
 
-class Actor(Generic[Msg]):
-    """A mailbox drained by one task, up to ``max_batch`` messages at a time.
+class Actor(Generic[Msg, Reply]):
+    """A mailbox drained by one task, up to ``max_batch`` messages at a time; each message
+    of type ``Msg`` is answered with a ``Reply``.
 
     Subclasses implement :meth:`handle`, which must answer or fail every envelope.
     :meth:`stop` refuses new messages, lets the loop handle everything already queued,
@@ -69,7 +69,7 @@ class Actor(Generic[Msg]):
 
     def __init__(self, *, max_batch: int = 1) -> None:
         self.max_batch = max_batch
-        self._mailbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._mailbox: asyncio.Queue[Envelope[Msg, Reply] | None] = asyncio.Queue()  # None: stop
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._oldest_unanswered: float | None = None  # queued_at of the batch under way, if any
@@ -78,13 +78,13 @@ class Actor(Generic[Msg]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def ask(self, msg: Msg, timeout: float | None = None) -> Any:
+    async def ask(self, msg: Msg, timeout: float | None = None) -> Reply:
         """Send ``msg`` and wait for the actor's reply (or its exception); after ``timeout``
         seconds raise :class:`Overdue`, withdrawing the message if it was not taken up yet."""
         if self._closing:
             raise StoreClosed(f"the {self.name} has stopped; open the store again")
         self.start()
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         envelope = Envelope(msg, reply)
         self._mailbox.put_nowait(envelope)
         if timeout is None:
@@ -111,7 +111,7 @@ class Actor(Generic[Msg]):
         since = self._oldest_unanswered
         return 0.0 if since is None else time.monotonic() - since
 
-    async def handle(self, batch: list[Envelope[Msg]]) -> None:
+    async def handle(self, batch: list[Envelope[Msg, Reply]]) -> None:
         raise NotImplementedError
 
     async def on_stop(self) -> None:
@@ -126,7 +126,7 @@ class Actor(Generic[Msg]):
         self._closing = True
         if self._task is None:
             return
-        self._mailbox.put_nowait(_STOP)
+        self._mailbox.put_nowait(None)
         await asyncio.shield(self._task)
 
     async def _run(self) -> None:
@@ -134,9 +134,9 @@ class Actor(Generic[Msg]):
         try:
             while not stopping:
                 item = await self._mailbox.get()
-                batch: list[Envelope[Msg]] = []
+                batch: list[Envelope[Msg, Reply]] = []
                 while True:
-                    if item is _STOP:
+                    if item is None:
                         stopping = True
                     else:
                         batch.append(item)

@@ -147,7 +147,15 @@ class Encoder:
         return unit
 
 
-class Embedder(Actor[tuple[str, bool]]):
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """A text to embed; ``urgent`` (a search's query) goes ahead of queued texts being added."""
+
+    text: str
+    urgent: bool = False
+
+
+class Embedder(Actor[Embed, Vector]):
     """Embeds texts for every caller of a store; loads the model on first use.
 
     Concurrent callers' texts are gathered into one batch (up to ``max_batch``), and one
@@ -171,11 +179,10 @@ class Embedder(Actor[tuple[str, bool]]):
     async def embed(self, text: str, *, urgent: bool = False) -> Vector:
         """The unit vector of ``text``. ``urgent`` (a search's query) goes ahead of queued
         texts being added, in a call of its own, so searches don't wait behind bulk writes."""
-        vector: Vector = await self.ask((text, urgent))
-        return vector
+        return await self.ask(Embed(text, urgent))
 
     async def embed_many(self, texts: list[str]) -> list[Vector]:
-        return list(await asyncio.gather(*(self.ask((t, False)) for t in texts)))
+        return list(await asyncio.gather(*(self.ask(Embed(t)) for t in texts)))
 
     def _encode(self, texts: list[str]) -> Vector:
         if self._encoder is None:
@@ -185,13 +192,13 @@ class Embedder(Actor[tuple[str, bool]]):
             log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
         return self._encoder.encode(texts)
 
-    async def handle(self, batch: list[Envelope[tuple[str, bool]]]) -> None:
+    async def handle(self, batch: list[Envelope[Embed, Vector]]) -> None:
         loop = asyncio.get_running_loop()
-        urgent = [e for e in batch if e.msg[1]]
-        for group in (urgent, [e for e in batch if not e.msg[1]]):
+        urgent = [e for e in batch if e.msg.urgent]
+        for group in (urgent, [e for e in batch if not e.msg.urgent]):
             if group:
                 try:
-                    vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg[0] for e in group])
+                    vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg.text for e in group])
                 except ModelError as exc:  # the model's files, not a bug: one line, no traceback
                     log.error("%s", exc.message)
                     for envelope in group:

@@ -8,7 +8,7 @@ import abc
 import builtins
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from gm.actor import Actor, Overdue
 from gm.errors import Conflict, GMError, ModelMismatch, NotFound, StorageUnavailable
@@ -136,7 +136,7 @@ class WriteHealth:
         self.consecutive_failures += 1
 
 
-class BatchWriter(Actor[WriteOp]):
+class BatchWriter(Actor[WriteOp, object]):
     """What the two Writers share around their own transaction frames: a mailbox drained in
     batches of up to 512 writes, the health of their commits, and the commit stamp of the
     batch under way.
@@ -255,6 +255,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @overload
+    async def write(self, op: AddMemories) -> builtins.list[tuple[Memory, bool]]: ...
+    @overload
+    async def write(self, op: UpdateMemory) -> Memory: ...
+    @overload
+    async def write(self, op: DeleteMemory | DeleteWhere | PurgeExpired | BuildContext) -> int: ...
+    @overload
+    async def write(self, op: RecordModel) -> str: ...
+    @overload
+    async def write(self, op: CheckWrites) -> None: ...
 
     async def write(self, op: WriteOp) -> Any:
         """Hand ``op`` to the Writer; its reply once committed. A write not answered within

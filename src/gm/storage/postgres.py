@@ -179,7 +179,7 @@ class PgWriter(BatchWriter):
         super().__init__()
         self.backend = backend
 
-    async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
+    async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
         for attempt in (1, 2):
             committing = False
             try:
@@ -217,7 +217,7 @@ class PgWriter(BatchWriter):
                 envelope.fail(outcome)
 
     async def _apply_all(
-        self, conn: asyncpg.Connection, batch: list[Envelope[WriteOp]]
+        self, conn: asyncpg.Connection, batch: list[Envelope[WriteOp, object]]
     ) -> tuple[list[WriteResult | BaseException], int | None]:
         outcomes: list[WriteResult | BaseException] = []
         try:

@@ -235,7 +235,7 @@ class Writer(BatchWriter):
         self.context = version >= CONTEXT_VERSION  # the schema has event time and session context
         self.columns = columns_for(version)
 
-    async def handle(self, batch: list[Envelope[WriteOp]]) -> None:
+    async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
         outcomes: list[WriteResult | BaseException] = []
         try:
             await self.conn.execute("BEGIN IMMEDIATE")
