@@ -29,6 +29,10 @@ TURNS = [
 ]
 
 
+async def ignore_changes(changes: list[Any]) -> None:
+    """A backend opened alone: no index follows its commits."""
+
+
 def at(minute: int, day: int = 8) -> str:
     return f"2023-05-{day:02d}T13:{minute:02d}:00Z"
 
@@ -282,8 +286,8 @@ async def test_two_postgres_instances_writing_one_session_at_once_keep_its_conte
         return (v / np.linalg.norm(v)).tobytes()
 
     first, second = PostgresBackend(pg_url), PostgresBackend(pg_url)
-    await first.open(lambda changes: None)
-    await second.open(lambda changes: None)
+    await first.open(ignore_changes)
+    await second.open(ignore_changes)
     try:
         async def add(backend: PostgresBackend, k: int) -> None:
             item = NewMemory(f"m{k}", True, Scope("ns", None, None, "s1"), f"turn {k}", {}, None, vector=vector(),
@@ -317,7 +321,7 @@ async def test_postgres_finds_rows_without_search_tsv_by_their_text_until_the_ba
     await pg_fetch(pg_url, "UPDATE memories SET search_tsv = NULL")  # (not a column the trigger follows)
     assert await pg_fetch(pg_url, "SELECT id FROM memories WHERE search_tsv IS NOT NULL") == []
     backend = PostgresBackend(pg_url)  # a backend alone runs no backfill
-    await backend.open(lambda changes: None)
+    await backend.open(ignore_changes)
     try:
         assert await backend.without_context() == len(TURNS)
         hits = await backend.keyword_search(["pottery", "class"], Scope(), None, 10, int(time.time() * 1000))

@@ -137,7 +137,7 @@ class Store:
         if not self._opened:
             raise NotReady(f"the store is still {self.backend.phase}; try again shortly")
 
-    def _on_commit(self, changes: list[IndexChange]) -> None:
+    async def _on_commit(self, changes: list[IndexChange]) -> None:
         if self._pending is not None:
             self._pending.extend(changes)
         else:

@@ -13,22 +13,18 @@ with the contract's fields (``occurred_at`` among them) plus, with ``--vectors``
 from __future__ import annotations
 
 import base64
-import os
-import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 import orjson
 
 import gm
-from gm.errors import GMError, InvalidInput, StorageUnavailable
+from gm.errors import GMError, InvalidInput
 from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_time
-from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import AddMemories
-from gm.storage.postgres import PostgresBackend, redact
-from gm.storage.sqlite import LIVE, columns_for, memory_from_row
+from gm.storage.snapshot import snapshot
+from gm.storage.sql import memory_from_row
 from gm.store import Store
 
 FORMAT = 1
@@ -39,85 +35,22 @@ LINE_FIELDS = frozenset({"text", "id", "namespace", "user_id", "agent_id", "sess
 Progress = Callable[[int, int], None]  # (done, total)
 
 
-def export_lines(db: str | os.PathLike[str], *, vectors: bool = False, namespace: str | None = None) -> Iterator[bytes]:
-    """The export of ``db`` line by line (header first), read in one consistent snapshot."""
-    path = sqlite_migrations.check_path(db)
-    if not path.is_file():
-        raise StorageUnavailable(f"there is no database at {path}")
-    version = sqlite_migrations.read_version(path) or 0
-    sqlite_migrations.guard(path, version, sqlite_migrations.LATEST)
-    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, isolation_level=None)
-    try:
-        conn.execute("BEGIN")
-        if version == 0:
-            yield _header(None, version, 0, vectors)
-            return
-        model_row = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-        where = LIVE
-        params: list[Any] = [now_ms()]
-        if namespace is not None:
-            where += " AND namespace = ?"
-            params.append(namespace)
-        total = conn.execute(f"SELECT count(*) FROM memories WHERE {where}", params).fetchone()[0]
-        yield _header(model_row[0] if model_row else None, version, total, vectors)
-        columns = columns_for(version) + (", embedding" if vectors else "")
-        last = 0
-        while True:
-            rows = conn.execute(
-                f"SELECT {columns} FROM memories WHERE rowid > ? AND {where} ORDER BY rowid LIMIT 1000",
-                [last, *params],
-            ).fetchall()
-            if not rows:
-                break
-            for row in rows:
-                yield orjson.dumps(_line(row, vectors)) + b"\n"
-            last = rows[-1][0]
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
 async def export_lines_async(
     target: str, *, vectors: bool = False, namespace: str | None = None
 ) -> AsyncIterator[bytes]:
-    """:func:`export_lines` for a SQLite path or a ``postgresql://`` URL."""
-    if not is_postgres_url(target):
-        for line in export_lines(target, vectors=vectors, namespace=namespace):
-            yield line
-        return
-    conn = await PostgresBackend(target).connect()
-    try:
-        version, compatible_from = await postgres_migrations.read_version(conn)
-        postgres_migrations.guard(redact(target), version, compatible_from, postgres_migrations.LATEST)
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            if version == 0:
-                yield _header(None, version, 0, vectors)
-                return
-            model = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
-            params: list[Any] = [now_ms()]
-            where = "(expires_at IS NULL OR expires_at > $1)"
-            if namespace is not None:
-                where += " AND namespace = $2"
-                params.append(namespace)
-            total = await conn.fetchval(f"SELECT count(*) FROM memories WHERE {where}", *params)
-            yield _header(model, version, total, vectors)
-            columns = columns_for(version) + (", embedding" if vectors else "")
-            last = 0
-            while True:
-                rows = await conn.fetch(
-                    f"SELECT {columns} FROM memories WHERE rowid > ${len(params) + 1} AND {where} "
-                    "ORDER BY rowid LIMIT 1000",
-                    *params, last,
-                )
-                if not rows:
-                    break
-                for row in rows:
-                    yield orjson.dumps(_line(row, vectors)) + b"\n"
-                last = rows[-1][0]
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StorageUnavailable(f"exporting from {redact(target)} failed: {exc}") from None
-    finally:
-        await conn.close()
+    """The export of the SQLite file or ``postgresql://`` database ``target``, line by line
+    (header first), read in one consistent snapshot."""
+    async with snapshot(target) as database_now:
+        database_now.guard()
+        if database_now.schema_version == 0:
+            yield _header(None, 0, 0, vectors)
+            return
+        now = now_ms()
+        total = sum((await database_now.counts(now, namespace)).values())
+        yield _header(await database_now.meta("model"), database_now.schema_version, total, vectors)
+        async for rows in database_now.export_rows(now, vectors=vectors, namespace=namespace):
+            for row in rows:
+                yield orjson.dumps(_line(row, vectors)) + b"\n"
 
 
 def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes:

@@ -6,28 +6,24 @@ errors are raised as typed exceptions and turned into one line on stderr by ``ma
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import secrets
 import shutil
-import sqlite3
 import sys
 import tempfile
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TextIO
 
-import asyncpg
 import orjson
 
 import gm
 from gm import config, transfer
 from gm.client import Client
 from gm.errors import InvalidInput, StorageUnavailable
-from gm.memory import now_ms, parse_json
+from gm.memory import parse_json
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
-from gm.storage.postgres import PostgresBackend, redact
-from gm.storage.sqlite import LIVE
+from gm.storage.snapshot import snapshot
 
 # -- output -------------------------------------------------------------------------------
 
@@ -100,60 +96,6 @@ def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Stor
 # -- status -----------------------------------------------------------------------------------
 
 
-def server_holding(db: Path) -> str | None:
-    """Who holds ``db``'s lock (a running server), found without taking or changing anything."""
-    lock = sqlite_files.lock_path(db)
-    if not lock.exists():
-        return None
-    with lock.open("r") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return handle.read().strip() or "another process"
-    return None
-
-
-def status_of_file(db: Path) -> dict[str, Any]:
-    """Everything ``gmem status --db`` reports, read through a read-only connection."""
-    if not db.exists():
-        raise StorageUnavailable(f"there is no database at {db}")
-    version = sqlite_migrations.read_version(db) or 0
-    latest = sqlite_migrations.LATEST
-    namespaces: dict[str, int] = {}
-    model = None
-    if 0 < version:
-        conn = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
-        try:
-            rows = conn.execute(
-                f"SELECT namespace, count(*) FROM memories WHERE {LIVE} "
-                "GROUP BY namespace ORDER BY namespace", [now_ms()]
-            ).fetchall()
-            namespaces = {r[0]: r[1] for r in rows}
-            found = conn.execute("SELECT value FROM meta WHERE key = 'model'").fetchone()
-            model = found[0] if found else None
-        except sqlite3.DatabaseError as exc:
-            raise StorageUnavailable(f"cannot read {db}: {exc}") from None
-        finally:
-            conn.close()
-    size = sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists())
-    holder = server_holding(db)
-    readiness = "ready" if version == latest else ("refused: newer than this release" if version > latest
-                                                   else "migrations pending (applied on next open)")
-    return {
-        "target": str(db),
-        "backend": "sqlite",
-        "schema_version": version,
-        "latest_schema_version": latest,
-        "migrations_pending": version < latest,
-        "readiness": readiness,
-        "in_use_by": holder,
-        "memories": sum(namespaces.values()),
-        "namespaces": namespaces,
-        "database_bytes": size,
-        "model": model,
-    }
-
-
 async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]:
     async with client(args, url) as remote:
         code, ready = await remote.readyz()
@@ -167,65 +109,14 @@ async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]
     return result
 
 
-async def status_of_postgres(url: str) -> dict[str, Any]:
-    """Everything ``gmem status`` reports on a Postgres database; reads only, never migrates."""
-    conn = await PostgresBackend(url).connect()
-    try:
-        version, compatible_from = await postgres_migrations.read_version(conn)
-        latest = postgres_migrations.LATEST
-        namespaces: dict[str, int] = {}
-        model = vectors = None
-        if version > 0:
-            rows = await conn.fetch(
-                "SELECT namespace, count(*) FROM memories WHERE expires_at IS NULL OR expires_at > $1 "
-                "GROUP BY namespace ORDER BY namespace", now_ms()
-            )
-            namespaces = {r[0]: r[1] for r in rows}
-            model = await conn.fetchval("SELECT value FROM meta WHERE key = 'model'")
-            has_vec = await conn.fetchval(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-                "AND table_name = 'memories' AND column_name = 'vec')"
-            )
-            vectors = "pgvector (HNSW, cosine)" if has_vec else "in-process index in each instance"
-        size = await conn.fetchval("SELECT pg_database_size(current_database())")
-        instances = await conn.fetchval(  # each instance's connections carry its name (see SERVER_SETTINGS)
-            "SELECT count(DISTINCT application_name) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND application_name LIKE 'greatmemory %' AND application_name <> current_setting('application_name')"
-        )
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise StorageUnavailable(f"cannot read {redact(url)}: {exc}") from None
-    finally:
-        await conn.close()
-    if version > latest:
-        readiness = ("refused: newer than this release" if compatible_from > latest
-                     else "newer than this release, backward compatible (this release runs on it)")
-    else:
-        readiness = "ready" if version == latest else "migrations pending (the first instance to start applies them)"
-    return {
-        "target": redact(url),
-        "backend": "postgres",
-        "schema_version": version,
-        "latest_schema_version": latest,
-        "migrations_pending": version < latest,
-        "readiness": readiness,
-        "memories": sum(namespaces.values()),
-        "namespaces": namespaces,
-        "database_bytes": size,
-        "model": model,
-        "vector_search": vectors,
-        "connected_instances": instances,
-    }
-
-
 async def status(args: argparse.Namespace) -> int:
     url = server_url(args)
     target = database(args)
     if url:
         result = await status_of_server(args, url)
-    elif is_postgres_url(target):
-        result = await status_of_postgres(target)
     else:
-        result = status_of_file(Path(target))
+        async with snapshot(target) as database_now:
+            result = await database_now.status()
     lines = [f"{'server' if url else 'database'}: {result['target']}", f"readiness: {result['readiness']}"]
     if "backend" in result:
         lines.append(f"backend: {result['backend']}")

@@ -22,7 +22,7 @@ from gm.memory import (
     ORDERS,
     RESERVED_IDS,
 )
-from gm.storage.sqlite import CURSOR_PATTERN
+from gm.storage.sql import CURSOR_PATTERN
 from gm.store import MAX_LIST_LIMIT, MAX_SEARCH_LIMIT
 
 # The bounds below are the validation's own constants (gm.memory, gm.store, gm.filters), so the

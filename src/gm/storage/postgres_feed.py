@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
 from gm import loops
 from gm.errors import StorageUnavailable
 from gm.memory import Scope
-from gm.storage.base import IndexChange
-from gm.storage.sqlite import search_vector
-
-if TYPE_CHECKING:
-    from gm.storage.postgres import PostgresBackend
+from gm.storage.ops import IndexChange
+from gm.storage.sql import search_vector
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +29,19 @@ class ChangeFeed:
     ``changes`` rows after the last one seen, joined with the rows' current state. Also
     polls every ``POLL_SECONDS`` and catches up after reconnecting, so nothing is missed."""
 
-    def __init__(self, backend: PostgresBackend, apply: Callable[[list[IndexChange]], None]) -> None:
-        self.backend = backend
+    def __init__(
+        self,
+        fetch: Callable[[str, list[Any]], Awaitable[list[Any]]],
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        apply: Callable[[list[IndexChange]], Awaitable[None]],
+        reload: Callable[[], None],
+        context: bool,
+    ) -> None:
+        self.fetch = fetch  # a read on a connection not queued behind requests' reads
+        self.connect = connect
         self.apply = apply
+        self.reload = reload  # the index must be loaded afresh: changes were pruned before we read them
+        self.context = context
         self.last_seq = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -59,18 +66,18 @@ class ChangeFeed:
     async def catch_up(self) -> None:
         async with self._lock:
             while True:
-                rows = await self.backend.fetch_own(
+                rows = await self.fetch(
                     "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
-                    f"{search_vector(self.backend.context, 'm.')} "
+                    f"{search_vector(self.context, 'm.')} "
                     "FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
                     "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000",
-                    self.last_seq,
+                    [self.last_seq],
                 )
                 if not rows:
                     return
                 if rows[0][0] > self.last_seq + 1 and await self._pruned_past():
                     log.warning("change feed: fell behind the kept changes; reloading the vector index")
-                    self.backend.request_reload()
+                    self.reload()
                 changes = []
                 for r in rows:
                     if r[2] is None:
@@ -78,11 +85,11 @@ class ChangeFeed:
                     else:
                         changes.append(IndexChange(r[1], vector=r[7], scope=Scope(r[2], r[3], r[4], r[5]),
                                                    expires_at=r[6]))
-                self.apply(changes)
+                await self.apply(changes)
                 self.last_seq = rows[-1][0]
 
     async def _pruned_past(self) -> bool:
-        rows = await self.backend.fetch_own("SELECT value FROM meta WHERE key = 'changes_pruned_through'")
+        rows = await self.fetch("SELECT value FROM meta WHERE key = 'changes_pruned_through'", [])
         return bool(rows) and int(rows[0][0]) > self.last_seq
 
     async def _run(self) -> None:
@@ -118,7 +125,7 @@ class ChangeFeed:
                 listener.terminate()
 
     async def _listen(self) -> asyncpg.Connection:
-        conn = await self.backend.connect()
+        conn = await self.connect()
         try:
             await conn.add_listener(CHANNEL, lambda *_: self._wake.set())
         except BaseException:

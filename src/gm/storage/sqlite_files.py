@@ -27,6 +27,19 @@ def lock_path(db: str | os.PathLike[str]) -> Path:
     return Path(f"{Path(db).resolve()}.lock")
 
 
+def holder(db: str | os.PathLike[str]) -> str | None:
+    """Who holds ``db``'s lock (a running server), found without taking or changing anything."""
+    lock = lock_path(db)
+    if not lock.exists():
+        return None
+    with lock.open("r") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+    return None
+
+
 class DatabaseLock:
     """An exclusive advisory lock on ``<db>.lock``, held while a store has the database
     open, so a second server or a restore cannot run against it at the same time."""

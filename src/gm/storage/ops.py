@@ -1,0 +1,173 @@
+"""The write operations (the messages a backend's Writer receives), what a committed write
+replies and the index changes it produces, and the errors every backend answers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gm.errors import Conflict, ModelMismatch, NotFound
+from gm.filters import Filter
+from gm.memory import Memory, NewMemory, Scope
+
+UNSET: Any = object()
+
+
+@dataclass(slots=True)
+class AddMemories:
+    """Insert all items or none; a client id seen before with the same content is returned as is."""
+
+    items: list[NewMemory]
+    now: int
+
+
+@dataclass(slots=True)
+class UpdateMemory:
+    """Change the live memory ``id``; with ``namespace``, only if it lies in that namespace
+    (checked in the transaction that writes, so a memory that another tenant added under the
+    same id meanwhile is never touched)."""
+
+    id: str
+    now: int
+    text: str | None = None
+    vector: bytes | None = None
+    metadata: dict[str, Any] | None = None
+    expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
+    namespace: str | None = None
+    occurred_at: int | None = None  # None: keep
+
+
+@dataclass(slots=True)
+class DeleteMemory:
+    """Delete the live memory ``id``; with ``namespace``, only if it lies in that namespace."""
+
+    id: str
+    now: int
+    namespace: str | None = None
+
+
+@dataclass(slots=True)
+class DeleteWhere:
+    scope: Scope
+    filter: Filter | None
+    now: int
+
+
+@dataclass(slots=True)
+class PurgeExpired:
+    now: int
+
+
+@dataclass(slots=True)
+class RecordModel:
+    """Record the model identity of the vectors, or fail with ModelMismatch if another one holds data."""
+
+    identity: str
+
+
+@dataclass(slots=True)
+class CheckWrites:
+    """Commit a one-row write (``meta.write_check``): readyz's probe of whether writes work
+    again after they failed, so an instance out of rotation comes back without traffic."""
+
+    now: int
+
+
+@dataclass(slots=True)
+class BuildContext:
+    """Build the session context (gm.context) of up to ``limit`` memories that have none yet
+    (written before schema v3, or by an older release meanwhile); replies how many it built."""
+
+    limit: int
+
+
+WriteOp = (
+    AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites | BuildContext
+)
+
+
+def updated(old: Memory, op: UpdateMemory, stamp: int) -> Memory:
+    """``old`` with the update's fields applied at commit time ``stamp`` (what the Writers
+    store and return)."""
+    return Memory(
+        old.id, old.namespace, old.user_id, old.agent_id, old.session_id,
+        op.text if op.text is not None else old.text,
+        op.metadata if op.metadata is not None else old.metadata,
+        old.created_at, stamp,
+        old.expires_at if op.expires_at is UNSET else op.expires_at,
+        old.occurred_at if op.occurred_at is None else op.occurred_at,
+    )
+
+
+def added_times(item: NewMemory, stamp: int) -> tuple[int, int, int | None, int]:
+    """An added memory's created_at, updated_at, expires_at and occurred_at: an import keeps
+    its own times; any other add is created at the commit ``stamp``, and a TTL counts from
+    then; it occurred when the client says, else when it was created."""
+    created = item.created_at if item.created_at is not None else stamp  # (0 is 1970, a time like any other)
+    expires = stamp + item.ttl_ms if item.ttl_ms is not None else item.expires_at
+    occurred = item.occurred_at if item.occurred_at is not None else created
+    return created, item.updated_at if item.updated_at is not None else created, expires, occurred
+
+
+def unknown_id(memory_id: str) -> NotFound:
+    """The one answer for an id that names no live memory, or one in a namespace the caller
+    may not see: the two are indistinguishable."""
+    return NotFound(f"no memory with id {memory_id!r}")
+
+
+def id_conflict(memory_id: str) -> Conflict:
+    return Conflict(
+        f"id {memory_id!r} already names a memory with other content; choose another id or update that memory"
+    )
+
+
+def model_mismatch(stored: str, configured: str) -> ModelMismatch:
+    return ModelMismatch(
+        f"this database's vectors were made by model {stored!r} but the configured "
+        f"model is {configured!r}; set GM_MODEL_DIR to the model the database was built "
+        "with, or export and re-import its memories into a new database"
+    )
+
+
+@dataclass(slots=True)
+class IndexChange:
+    """One committed change the in-process vector index must follow.
+
+    ``vector`` None with ``remove`` False means only ``expires_at`` changed.
+    """
+
+    rowid: int
+    remove: bool = False
+    vector: bytes | None = None
+    scope: Scope | None = None
+    expires_at: int | None = None
+
+
+def final_changes(changes: list[IndexChange]) -> list[IndexChange]:
+    """A batch's index changes with one per row, its final state: an add into a session
+    first carries the memory's own vector, then the mixed one (gm.context); the index then
+    writes one slot, not two. An expiry-only change keeps the vector before it."""
+    final: dict[int, IndexChange] = {}
+    for change in changes:
+        before = final.get(change.rowid)
+        if before is not None and not change.remove and change.vector is None and not before.remove:
+            before.expires_at = change.expires_at
+        else:
+            final.pop(change.rowid, None)  # (re-inserted: the dict keeps the order of final states)
+            final[change.rowid] = change
+    return list(final.values())
+
+
+@dataclass(slots=True)
+class WriteResult:
+    value: Any
+    changes: list[IndexChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class VectorRow:
+    rowid: int
+    scope: Scope
+    expires_at: int | None
+    vector: bytes

@@ -1,0 +1,185 @@
+"""pgvector on a shared Postgres database: its binary codec, the HNSW index (made once the
+model's dimension is known), vector search and cosines, and the backfill of ``vec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import numpy as np
+
+from gm import loops
+from gm.errors import InvalidInput, ModelMismatch
+from gm.storage.postgres_pool import Pools, connection_lost, once_more
+from gm.storage.sql import Numbered, search_vector
+
+log = logging.getLogger(__name__)
+
+HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
+BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
+HNSW_EF_SEARCH = 100
+BACKFILL_BATCH = 1000
+BACKFILL_PAUSE = 1.0  # seconds between looks for rows without `vec`
+_HAS_VEC = (
+    "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
+    "WHERE table_schema = current_schema() AND table_name = 'memories' AND column_name = 'vec')"
+)
+
+
+# -- pgvector's binary format: uint16 dimensions, uint16 unused, big-endian float4s ----
+
+
+def _encode_vector(raw: bytes) -> bytes:
+    values = np.frombuffer(raw, dtype="<f4")
+    return len(values).to_bytes(2, "big") + b"\0\0" + values.astype(">f4").tobytes()
+
+
+def _decode_vector(data: bytes) -> bytes:
+    return np.frombuffer(data[4:], dtype=">f4").astype("<f4").tobytes()
+
+
+async def register_codec(conn: asyncpg.Connection) -> None:
+    """pgvector's ``vector`` travels in binary as our little-endian float32 bytes."""
+    schema = await conn.fetchval(
+        "SELECT n.nspname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE t.typname = 'vector'"
+    )
+    if schema is not None:
+        await conn.set_type_codec(
+            "vector", schema=schema, encoder=_encode_vector, decoder=_decode_vector, format="binary"
+        )
+
+
+async def has_vec_column(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
+    """Whether the schema has the pgvector column ``vec`` (the extension was there to migrate)."""
+    return bool(await conn.fetchval(_HAS_VEC))
+
+
+class PgVectors:
+    """What this instance knows of the database's pgvector column and index."""
+
+    def __init__(self, pools: Pools) -> None:
+        self.pools = pools
+        self.present = False  # the schema has `vec`: this instance writes it
+        self.backfilled = False  # every row has its `vec`: searches may use pgvector
+        self.dimensions: int | None = None  # of the HNSW index, once known committed
+        self.iterative_scan = False  # pgvector >= 0.8 keeps walking the graph until the page fills
+        self.context = False
+
+    @property
+    def searchable(self) -> bool:
+        return self.present and self.backfilled
+
+    async def inspect(self, pool: asyncpg.Pool, context: bool) -> None:
+        """Read the column's and index's state at open."""
+        self.context = context
+        self.present = await has_vec_column(pool)
+        if self.present:
+            value = await pool.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
+            self.dimensions = int(value) if value is not None else None
+            version = await pool.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+            self.iterative_scan = tuple(int(p) for p in re.findall(r"\d+", version or "0")[:2]) >= (0, 8)
+            self.backfilled = not await pool.fetchval("SELECT EXISTS (SELECT 1 FROM memories WHERE vec IS NULL)")
+
+    async def ensure_hnsw(self, conn: asyncpg.Connection, dim: int) -> None:
+        """Create the HNSW index for vectors of ``dim`` dimensions the first time any are
+        written (the dimension belongs to the model, which the schema does not know)."""
+        if self.dimensions == dim or dim == 0:
+            return
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", HNSW_LOCK)
+        stored = await conn.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
+        if stored is None:  # this transaction creates it; known to all once committed
+            await conn.execute(
+                f"CREATE INDEX IF NOT EXISTS memories_vec_hnsw ON memories "
+                f"USING hnsw ((vec::vector({dim})) vector_cosine_ops)"
+            )
+            await conn.execute("INSERT INTO meta (key, value) VALUES ('hnsw_dimensions', $1)", str(dim))
+        elif int(stored) != dim:
+            raise ModelMismatch(f"this database's vectors have {stored} dimensions; the model gives {dim}")
+        else:
+            self.dimensions = dim
+
+    async def search(self, vector: bytes, where: str, p: Numbered, limit: int) -> builtins.list[tuple[int, float]]:
+        """The ``limit`` nearest by cosine distance among the rows ``where`` selects (its values
+        in ``p``): HNSW with iterative scans, so a narrow scope or filter still fills the page."""
+        dim = len(vector) // 4
+        if self.dimensions is None:  # another instance may have written the first vectors
+            rows = await self.pools.fetch("SELECT value FROM meta WHERE key = 'hnsw_dimensions'", [])
+            self.dimensions = int(rows[0][0]) if rows else None
+            if self.dimensions is None:
+                return []  # no vector was ever written
+        if dim != self.dimensions:
+            raise InvalidInput(f"the query vector has {dim} dimensions but the stored ones have {self.dimensions}")
+        target = p(vector, f"vector({dim})")
+        distance = f"vec::vector({dim}) <=> {target}"
+        query = (f"SELECT rowid, {distance} AS distance FROM memories WHERE vec IS NOT NULL AND {where} "
+                 f"ORDER BY ORDERING LIMIT {p(limit)}")
+        rows = await self._rows(query.replace("ORDERING", "distance"), p.values, limit)
+        if len(rows) < limit:
+            # HNSW filters after the graph walk: a narrow scope or filter can leave the page short
+            # (pgvector < 0.8 has no iterative scan). An order the index cannot serve makes it exact.
+            rows = await self._rows(query.replace("ORDERING", f"({distance}) + 0"), p.values, limit)
+        return [(r[0], 1.0 - float(r[1])) for r in rows]
+
+    async def cosines(self, vector: bytes, rowids: builtins.list[int]) -> dict[int, float]:
+        dim = len(vector) // 4
+        rows = await self.pools.fetch(
+            f"SELECT rowid, 1 - (vec::vector({dim}) <=> $1::vector({dim})) FROM memories "
+            "WHERE rowid = ANY($2::bigint[]) AND vec IS NOT NULL",
+            [vector, rowids],
+        )
+        return {r[0]: float(r[1]) for r in rows}
+
+    async def _rows(self, sql: str, values: builtins.list[Any], limit: int) -> builtins.list[Any]:
+        async def run() -> builtins.list[Any]:
+            async with self.pools.acquire("searching") as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
+                if self.iterative_scan:
+                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                return list(await conn.fetch(sql, *values))
+
+        return await once_more(run, connection_lost, "searching")
+
+    async def backfill_forever(self, on_done: Callable[[], Awaitable[None]]) -> None:
+        """Fill ``vec`` where it is missing: rows written by a release that predates the
+        pgvector column (during a rolling deploy), or written before the column existed.
+        Once none is left, searches switch from the in-process index to pgvector (``on_done``)."""
+        while True:
+            try:
+                while await self.backfill_some():
+                    pass
+                if not self.backfilled and not await self.pools.fetch(
+                    "SELECT 1 FROM memories WHERE vec IS NULL LIMIT 1", [], own=True
+                ):
+                    self.backfilled = True
+                    log.info("every memory has its pgvector value: vector search uses HNSW now")
+                    await on_done()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("vector backfill: %s; will retry", getattr(exc, "message", exc))
+            await loops.pause(BACKFILL_PAUSE)
+
+    async def backfill_some(self, size: int = BACKFILL_BATCH) -> bool:
+        """One batch, by one instance at a time; True if there may be more."""
+        async with self.pools.acquire("backfilling vectors", own=True) as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", BACKFILL_LOCK):
+                return False  # another instance is at it
+            rows = await conn.fetch(
+                f"SELECT rowid, embedding, {search_vector(self.context)} FROM memories WHERE vec IS NULL "
+                "ORDER BY rowid LIMIT $1", size
+            )
+            if not rows:
+                return False
+            await self.ensure_hnsw(conn, len(rows[0][1]) // 4)
+            await conn.executemany(
+                "UPDATE memories SET vec = $2 WHERE rowid = $1 AND embedding = $3 AND vec IS NULL",
+                [(r[0], r[2], r[1]) for r in rows],
+            )
+        log.info("vector backfill: %d more memories searchable by pgvector", len(rows))
+        return len(rows) == size

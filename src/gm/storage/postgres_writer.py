@@ -1,0 +1,172 @@
+"""The Postgres Writer: runs each batch of writes (gm.storage.writes) in one transaction on
+a pooled connection, numbers the changed rows for the change feed, commits, retries once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from gm.actor import Envelope
+from gm.errors import GMError, InvalidInput, StorageUnavailable
+from gm.storage.ops import WriteOp, WriteResult
+from gm.storage.postgres_feed import CHANNEL
+from gm.storage.postgres_pool import DB_ERRORS, Pools, once_more, statement_error, unavailable
+from gm.storage.postgres_vectors import PgVectors
+from gm.storage.sql import Numbered, Params
+from gm.storage.writer import BatchWriter
+from gm.storage.writes import Transaction, apply_batch
+
+log = logging.getLogger(__name__)
+
+FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
+CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
+LOCK_TIMEOUT = "5s"  # a write waiting longer for a lock fails (503) rather than hangs
+
+
+class PgTransaction(Transaction):
+    """A pooled connection inside the batch's transaction; with pgvector, ``vec`` follows
+    the searched embedding (it is what HNSW searches)."""
+
+    def __init__(self, conn: asyncpg.Connection, version: int, vectors: PgVectors) -> None:
+        super().__init__(version)
+        self.conn = conn
+        self.vectors = vectors
+
+    def params(self) -> Params:
+        return Numbered()
+
+    async def fetch(self, sql: str, values: list[Any]) -> list[Any]:
+        return list(await self.conn.fetch(sql, *values))
+
+    async def execute(self, sql: str, values: list[Any]) -> None:
+        await self.conn.execute(sql, *values)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        async with self.conn.transaction():
+            yield
+
+    def refusal(self, exc: Exception) -> GMError | None:
+        if isinstance(exc, GMError):
+            return exc
+        return InvalidInput(f"the database refused it: {exc}") if statement_error(exc) else None
+
+    def embedding_columns(self, vector: bytes) -> dict[str, bytes]:
+        return {"embedding": vector, "vec": vector} if self.vectors.present else {"embedding": vector}
+
+    def search_columns(self, search: bytes | None, own: bytes) -> dict[str, bytes | None]:
+        if self.vectors.present:
+            return {"search_embedding": search, "vec": search or own}
+        return {"search_embedding": search}
+
+    async def vectors_added(self, dimensions: int) -> None:
+        if self.vectors.present:
+            await self.vectors.ensure_hnsw(self.conn, dimensions)
+
+    async def purged(self, now: int) -> None:
+        pruned = await self.conn.fetchval(
+            "WITH gone AS (DELETE FROM changes WHERE at < $1 RETURNING seq) SELECT max(seq) FROM gone",
+            now - CHANGES_KEPT_MS,
+        )
+        if pruned is not None:
+            await self.conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('changes_pruned_through', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
+                str(pruned),
+            )
+
+
+class PgWriter(BatchWriter):
+    """Drains its mailbox into one transaction on a pooled connection (a savepoint per
+    message, so one refused write does not spoil the others), numbers the changed rows in
+    the change feed, commits, lets the index follow, then replies: a reply is durable.
+
+    A batch that fails before COMMIT is sent is retried once on a fresh connection (it
+    cannot have committed); one that fails during COMMIT is reported as unavailable.
+    """
+
+    name = "pg-writer"
+
+    def __init__(
+        self, pools: Pools, vectors: PgVectors, version: int, committed: Callable[[int | None], Awaitable[None]]
+    ) -> None:
+        super().__init__()
+        self.pools = pools
+        self.vectors = vectors
+        self.version = version
+        self.committed = committed  # after each commit, with the last change number it wrote
+
+    async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
+        committing = False
+
+        async def attempt() -> tuple[list[WriteResult | GMError], int | None]:
+            nonlocal committing
+            committing = False
+            async with self.pools.acquire("writing", own=True) as conn:
+                transaction = conn.transaction()
+                try:
+                    await transaction.start()
+                    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                    stamp = self.next_stamp()  # this instance's batches commit one after another, in stamp order
+                    done = await self._apply_all(conn, [e.msg for e in batch], stamp)
+                except BaseException:
+                    await _rollback(transaction)
+                    raise
+                committing = True
+                await transaction.commit()
+                return done
+
+        try:
+            outcomes, last_seq = await once_more(attempt, lambda exc: not committing, "committing")
+        except StorageUnavailable as error:
+            self.failed(batch, error)
+            return
+        self.health.committed()
+        try:
+            await self.committed(last_seq)
+        except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up
+            log.exception("following a commit failed")
+        self.reply(batch, outcomes)
+
+    async def _apply_all(
+        self, conn: asyncpg.Connection, ops: list[WriteOp], stamp: int
+    ) -> tuple[list[WriteResult | GMError], int | None]:
+        tx = PgTransaction(conn, self.version, self.vectors)
+        try:
+            if tx.context:
+                # Session context reads its neighbours: two instances writing one session at once
+                # would each miss the other's uncommitted turn. Batches take the feed lock first
+                # (held to commit, and always the first lock, so no deadlock), so each sees the
+                # other's committed rows; writes across instances commit one batch at a time.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+            outcomes = await apply_batch(tx, ops, stamp)
+            rowids = sorted({c.rowid for o in outcomes if isinstance(o, WriteResult) for c in o.changes})
+            last_seq = None
+            if rowids:
+                # Numbered under a lock held to commit, so seq order is commit order across instances.
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+                last_seq = await conn.fetchval(
+                    "WITH added AS (INSERT INTO changes (rowid, at) SELECT unnest($1::bigint[]), $2 RETURNING seq) "
+                    "SELECT max(seq) FROM added",
+                    rowids, int(time.time() * 1000),
+                )
+                await conn.execute(f"NOTIFY {CHANNEL}")
+            return outcomes, last_seq
+        except DB_ERRORS as exc:
+            raise unavailable(exc, "writing") from None
+
+
+async def _rollback(transaction: Any) -> None:
+    try:
+        await transaction.rollback()
+    except DB_ERRORS:
+        pass  # the connection is gone, and the transaction with it

@@ -1,0 +1,173 @@
+"""The read queries, written once over a dialect: a backend, and a read-only snapshot of a
+whole database (``gmem status``, export), supply ``fetch`` and their placeholders.
+"""
+
+from __future__ import annotations
+
+import abc
+import builtins
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gm.filters import Filter
+from gm.memory import HistoryEntry, Memory, Page, Scope, TimeRange
+from gm.storage.ops import VectorRow
+from gm.storage.sql import (
+    CONTEXT_VERSION,
+    LEGACY_COLUMNS,
+    VECTOR_COLUMNS,
+    Params,
+    columns_for,
+    decode_cursor,
+    event_time_sql,
+    history_from_row,
+    live,
+    live_by_id,
+    memory_from_row,
+    page_from_rows,
+    scope_sql,
+    search_vector,
+    vector_row,
+)
+
+VECTOR_PAGE = 20_000  # rows a load of the vector index reads at a time
+
+
+class Reads(abc.ABC):
+    """Reads of the ``memories``, ``history`` and ``meta`` tables on a schema at
+    ``schema_version``; subclasses say how a query runs and which placeholders it takes."""
+
+    schema_version = 0
+    columns = LEGACY_COLUMNS  # (set once the schema version is known: see ``schema_read``)
+    context = False  # the schema holds event time and session context (v3 on)
+
+    @abc.abstractmethod
+    def params(self) -> Params:
+        """A new query's placeholders in this database's dialect."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, values: builtins.list[Any]) -> builtins.list[Any]:
+        """Run one read; failures are StorageUnavailable (or InvalidInput for a value refused)."""
+
+    def schema_read(self, version: int) -> None:
+        """Read as a schema at ``version`` holds its memories."""
+        self.schema_version = version
+        self.columns = columns_for(version)
+        self.context = version >= CONTEXT_VERSION
+
+    async def get(self, memory_id: str, now: int, namespace: str | None = None) -> Memory | None:
+        """The live memory ``memory_id`` (only if it lies in ``namespace``, when given)."""
+        p = self.params()
+        rows = await self.fetch(
+            f"SELECT {self.columns} FROM memories WHERE {live_by_id(memory_id, now, namespace, p)}", p.values
+        )
+        return memory_from_row(rows[0]) if rows else None
+
+    async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
+        if not ids:
+            return {}
+        p = self.params()
+        where = f"{p.one_of('id', ids, 'text')} AND {live(p, now)}"
+        return {row[1]: memory_from_row(row)
+                for row in await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", p.values)}
+
+    async def get_many(self, rowids: builtins.list[int], now: int) -> dict[int, Memory]:
+        if not rowids:
+            return {}
+        p = self.params()
+        where = f"{p.one_of('rowid', rowids, 'bigint')} AND {live(p, now)}"
+        return {row[0]: memory_from_row(row)
+                for row in await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", p.values)}
+
+    async def list(
+        self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int,
+        *, order_by: str = "created_at", time_range: TimeRange | None = None,
+    ) -> Page:
+        """A page of live memories, newest first by ``order_by`` (created_at or occurred_at),
+        those in ``time_range`` only (when given); ``cursor`` must come from the same order."""
+        p = self.params()
+        where = scope_sql(scope, filter, now, p, time_range=time_range, version=self.schema_version)
+        key = event_time_sql(self.schema_version) if order_by == "occurred_at" else "created_at"
+        if cursor is not None:
+            last, rowid = decode_cursor(cursor, order_by)
+            where += f" AND {p.before(key, last, rowid)}"
+        rows = await self.fetch(
+            f"SELECT {self.columns} FROM memories WHERE {where} ORDER BY {key} DESC, rowid DESC LIMIT {p(limit + 1)}",
+            p.values,
+        )
+        return page_from_rows(rows, limit, order_by)
+
+    async def history(self, memory_id: str, namespace: str | None = None) -> builtins.list[HistoryEntry]:
+        """The changes of ``memory_id`` in commit order (only those in ``namespace``, when given:
+        an id freed by a delete may have been taken in another namespace since)."""
+        p = self.params()
+        where = f"memory_id = {p(memory_id)}" + ("" if namespace is None else f" AND namespace = {p(namespace)}")
+        rows = await self.fetch(
+            f"SELECT op, at, text, metadata, namespace FROM history WHERE {where} ORDER BY seq", p.values
+        )
+        return [history_from_row(r) for r in rows]
+
+    async def matching_rowids(
+        self, scope: Scope, filter: Filter | None, now: int, *, time_range: TimeRange | None = None
+    ) -> builtins.list[int]:
+        """The rowids of the live memories in ``scope`` matching ``filter`` and ``time_range``
+        (what the in-process vector index is restricted to)."""
+        p = self.params()
+        where = scope_sql(scope, filter, now, p, time_range=time_range, version=self.schema_version)
+        return [r[0] for r in await self.fetch(f"SELECT rowid FROM memories WHERE {where}", p.values)]
+
+    async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
+        """Every memory's searched vector, in pages (what the in-process index loads)."""
+        last = 0
+        while True:
+            p = self.params()
+            rows = await self.fetch(
+                f"SELECT {VECTOR_COLUMNS}, {search_vector(self.context)} FROM memories "
+                f"WHERE rowid > {p(last)} ORDER BY rowid LIMIT {VECTOR_PAGE}",
+                p.values,
+            )
+            if not rows:
+                return
+            yield [vector_row(r) for r in rows]
+            last = rows[-1][0]
+
+    async def counts(self, now: int, namespace: str | None = None) -> dict[str, int]:
+        """Live memories per namespace (only ``namespace``'s, when given)."""
+        p = self.params()
+        where = live(p, now) + ("" if namespace is None else f" AND namespace = {p(namespace)}")
+        rows = await self.fetch(
+            f"SELECT namespace, count(*) FROM memories WHERE {where} GROUP BY namespace ORDER BY namespace", p.values
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def without_context(self) -> int:
+        """How many memories still wait for their session context to be built."""
+        if not self.context:
+            return 0
+        rows = await self.fetch("SELECT count(*) FROM memories WHERE context IS NULL", [])
+        return int(rows[0][0])
+
+    async def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (``model``: the identity of the stored vectors)."""
+        p = self.params()
+        rows = await self.fetch(f"SELECT value FROM meta WHERE key = {p(key)}", p.values)
+        return str(rows[0][0]) if rows else None
+
+    async def export_rows(
+        self, now: int, *, vectors: bool, namespace: str | None, page: int = 1000
+    ) -> AsyncIterator[builtins.list[Any]]:
+        """Every live memory (of ``namespace``, when given) in rowid order, in pages of rows of
+        ``columns`` followed by the embedding when ``vectors`` (what an export writes)."""
+        columns = self.columns + (", embedding" if vectors else "")
+        last = 0
+        while True:
+            p = self.params()
+            where = f"rowid > {p(last)} AND {live(p, now)}"
+            if namespace is not None:
+                where += f" AND namespace = {p(namespace)}"
+            rows = await self.fetch(f"SELECT {columns} FROM memories WHERE {where} ORDER BY rowid LIMIT {page}",
+                                    p.values)
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]

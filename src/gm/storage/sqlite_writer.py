@@ -1,0 +1,106 @@
+"""The SQLite Writer: the actor that owns the database's only write connection and runs
+each batch of writes (gm.storage.writes) in one transaction, a savepoint per write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiosqlite
+
+from gm.actor import Envelope
+from gm.errors import GMError, InvalidInput, StorageUnavailable
+from gm.storage.ops import IndexChange, WriteOp
+from gm.storage.sql import Params, QMarks
+from gm.storage.writer import BatchWriter
+from gm.storage.writes import Transaction, apply_batch
+
+# SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
+_STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
+# ...except that SQLITE_ERROR also says a table or column is missing: the schema is damaged
+# (someone dropped a table), and the database cannot serve until it is restored.
+_SCHEMA_MISSING = ("no such table", "no such column")
+
+
+def statement_error(exc: BaseException) -> bool:
+    """True if SQLite refused the statement itself (a value it cannot hold, a constraint)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _STATEMENT_ERRORS and not str(exc).startswith(_SCHEMA_MISSING)
+
+
+class SQLiteTransaction(Transaction):
+    """The Writer's connection inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, conn: aiosqlite.Connection, version: int) -> None:
+        super().__init__(version)
+        self.conn = conn
+
+    def params(self) -> Params:
+        return QMarks()
+
+    async def fetch(self, sql: str, values: list[Any]) -> list[Any]:
+        return list(await self.conn.execute_fetchall(sql, values))
+
+    async def execute(self, sql: str, values: list[Any]) -> None:
+        await self.conn.execute(sql, values)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        await self.conn.execute("SAVEPOINT op")
+        try:
+            yield
+        except Exception as exc:
+            if self.refusal(exc) is not None:  # (a failing database is rolled back whole by the Writer)
+                await self.conn.execute("ROLLBACK TO op")
+                await self.conn.execute("RELEASE op")
+            raise
+        await self.conn.execute("RELEASE op")
+
+    def refusal(self, exc: Exception) -> GMError | None:
+        if isinstance(exc, sqlite3.Error) and not statement_error(exc):
+            return None  # the database itself failed (disk, I/O, lock): the whole batch fails
+        # A rejected write, or one SQLite cannot hold or run (an integer past 64 bits, an
+        # expression too deep): only it fails; the others in the batch still commit.
+        return exc if isinstance(exc, GMError) else InvalidInput(f"the database refused it: {exc}")
+
+
+class Writer(BatchWriter):
+    """Owns the database's only write connection. Drains its mailbox into one
+    transaction (group commit; each message in its own savepoint so one failure does not
+    spoil the others), commits, lets the index follow, then replies: a reply is durable."""
+
+    name = "writer"
+
+    def __init__(
+        self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], Awaitable[None]], version: int
+    ) -> None:
+        super().__init__()
+        self.conn = conn
+        self.on_commit = on_commit
+        self.version = version
+
+    async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
+        try:
+            await self.conn.execute("BEGIN IMMEDIATE")
+            stamp = self.next_stamp()  # the write lock is held from here to COMMIT: stamps follow commit order
+            outcomes = await apply_batch(SQLiteTransaction(self.conn, self.version), [e.msg for e in batch], stamp)
+            await self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                await self.conn.execute("ROLLBACK")
+            self.failed(batch, StorageUnavailable(f"the database refused the write: {exc}"))
+            return
+        self.health.committed()
+        changes = self.committed_changes(outcomes)
+        if changes:
+            await self.on_commit(changes)
+        self.reply(batch, outcomes)
+
+    async def on_stop(self) -> None:
+        await self.conn.close()
