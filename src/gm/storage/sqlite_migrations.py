@@ -321,6 +321,38 @@ def take_snapshot(conn: sqlite3.Connection, target: Path) -> None:
     os.replace(partial, target)
 
 
+def _keep_snapshot(conn: sqlite3.Connection, db: str | os.PathLike[str], version: int, target: int) -> None:
+    """Write ``<db>.pre-v<target>.bak`` before the first step, if the database holds data."""
+    snapshot = snapshot_path(db, target)
+    kept = read_version(snapshot) if snapshot.exists() else None
+    if kept is not None and kept < version:
+        # An earlier attempt at this upgrade failed after some steps: its snapshot holds the
+        # older state the previous release can open. Keep it rather than snapshot a half-way version.
+        log.info("keeping %s (schema v%d) from an earlier attempt at this upgrade", snapshot, kept)
+    elif _holds_data(conn):
+        log.info("snapshot of %s (schema v%d) written to %s before migrating", db, version, snapshot)
+        take_snapshot(conn, snapshot)
+
+
+def _apply_step(conn: sqlite3.Connection, db: str | os.PathLike[str], step: Step, version: int) -> None:
+    """One step and its ``user_version`` bump in one transaction; rolled back if it fails."""
+    log.info("migrating %s to schema v%d: %s", db, step.version, step.name)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        step.apply(conn)
+        conn.execute(f"PRAGMA user_version = {int(step.version)}")
+        conn.execute("COMMIT")
+    except Exception as exc:
+        conn.execute("ROLLBACK")
+        raise MigrationFailed(
+            f"migration step {step.version} ({step.name}) failed and was rolled back: {exc}. "
+            f"{db} stays at schema version {version}; fix the cause and start again, or "
+            "restore the snapshot next to it.",
+            step=step.version,
+            name=step.name,
+        ) from exc
+
+
 def migrate(
     db: str | os.PathLike[str],
     steps: tuple[Step, ...] = STEPS,
@@ -353,31 +385,9 @@ def migrate(
         if not pending:
             return version
         on_phase("migrating")
-        snapshot = snapshot_path(db, pending[-1].version)
-        kept = read_version(snapshot) if snapshot.exists() else None
-        if kept is not None and kept < version:
-            # An earlier attempt at this upgrade failed after some steps: its snapshot holds the
-            # older state the previous release can open. Keep it rather than snapshot a half-way version.
-            log.info("keeping %s (schema v%d) from an earlier attempt at this upgrade", snapshot, kept)
-        elif _holds_data(conn):
-            log.info("snapshot of %s (schema v%d) written to %s before migrating", db, version, snapshot)
-            take_snapshot(conn, snapshot)
+        _keep_snapshot(conn, db, version, pending[-1].version)
         for step in pending:
-            log.info("migrating %s to schema v%d: %s", db, step.version, step.name)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                step.apply(conn)
-                conn.execute(f"PRAGMA user_version = {int(step.version)}")
-                conn.execute("COMMIT")
-            except Exception as exc:
-                conn.execute("ROLLBACK")
-                raise MigrationFailed(
-                    f"migration step {step.version} ({step.name}) failed and was rolled back: {exc}. "
-                    f"{db} stays at schema version {version}; fix the cause and start again, or "
-                    "restore the snapshot next to it.",
-                    step=step.version,
-                    name=step.name,
-                ) from exc
+            _apply_step(conn, db, step, version)
             version = step.version
         return version
     except sqlite3.Error as exc:
