@@ -282,7 +282,7 @@ class ServerConfig:
     @property
     def shown_target(self) -> str:
         """:attr:`target` fit for logs (no password)."""
-        from gm.storage.postgres import redact
+        from gm.storage.postgres_pool import redact
 
         return redact(self.target)
 

@@ -23,7 +23,7 @@ import gm
 from gm.errors import GMError, InvalidInput
 from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_time
 from gm.storage.base import AddMemories
-from gm.storage.snapshot import snapshot
+from gm.storage.inspection import EXPORTING, inspect
 from gm.storage.sql import memory_from_row
 from gm.store import Store
 
@@ -40,15 +40,15 @@ async def export_lines_async(
 ) -> AsyncIterator[bytes]:
     """The export of the SQLite file or ``postgresql://`` database ``target``, line by line
     (header first), read in one consistent snapshot."""
-    async with snapshot(target) as database_now:
-        database_now.guard()
-        if database_now.schema_version == 0:
+    async with inspect(target, EXPORTING) as database:
+        database.guard()
+        if database.schema_version == 0:
             yield _header(None, 0, 0, vectors)
             return
         now = now_ms()
-        total = sum((await database_now.counts(now, namespace)).values())
-        yield _header(await database_now.meta("model"), database_now.schema_version, total, vectors)
-        async for rows in database_now.export_rows(now, vectors=vectors, namespace=namespace):
+        total = await database.total(now, namespace)
+        yield _header(await database.meta("model"), database.schema_version, total, vectors)
+        async for rows in database.export_rows(now, vectors=vectors, namespace=namespace):
             for row in rows:
                 yield orjson.dumps(_line(row, vectors)) + b"\n"
 

@@ -23,7 +23,7 @@ from gm.client import Client
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import parse_json
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
-from gm.storage.snapshot import snapshot
+from gm.storage.inspection import inspect
 
 # -- output -------------------------------------------------------------------------------
 
@@ -115,7 +115,7 @@ async def status(args: argparse.Namespace) -> int:
     if url:
         result = await status_of_server(args, url)
     else:
-        async with snapshot(target) as database_now:
+        async with inspect(target) as database_now:
             result = await database_now.status()
     lines = [f"{'server' if url else 'database'}: {result['target']}", f"readiness: {result['readiness']}"]
     if "backend" in result:

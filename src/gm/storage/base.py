@@ -14,6 +14,7 @@ from gm.errors import StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Memory, Scope, TimeRange, format_time
 from gm.migrator import Migrator
+from gm.storage.batch_writer import BatchWriter, WriteHealth
 from gm.storage.ops import (
     UNSET,
     AddMemories,
@@ -31,7 +32,6 @@ from gm.storage.ops import (
     unknown_id,
 )
 from gm.storage.reads import Reads
-from gm.storage.writer import BatchWriter, WriteHealth
 
 __all__ = [  # the operations are the backends' vocabulary: importable from here, where they are used
     "UNSET", "AddMemories", "Backend", "BuildContext", "CheckWrites", "DeleteMemory", "DeleteWhere", "IndexChange",
@@ -41,8 +41,6 @@ __all__ = [  # the operations are the backends' vocabulary: importable from here
 
 def _time_or_none(ms: int | None) -> str | None:
     return format_time(ms) if ms is not None else None
-
-
 
 
 class Backend(Reads):

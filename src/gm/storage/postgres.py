@@ -23,10 +23,10 @@ from gm.search import STOPWORDS
 from gm.storage import postgres_migrations
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
-from gm.storage.postgres_feed import ChangeFeed
+from gm.storage.postgres_feed import FEED_LOCK, LAST_SEQ, ChangeFeed
 from gm.storage.postgres_pool import DB_ERRORS, POOL_SIZE, Pools, redact, unavailable
 from gm.storage.postgres_vectors import PgVectors, register_codec
-from gm.storage.postgres_writer import FEED_LOCK, PgWriter
+from gm.storage.postgres_writer import PgWriter
 from gm.storage.sql import Numbered, Params, scope_sql
 
 __all__ = ["FEED_LOCK", "PostgresBackend", "redact"]
@@ -93,10 +93,7 @@ class PostgresBackend(Backend):
             await self.pools.open()
             assert self.pools.reads is not None
             await self.pg_vectors.inspect(self.pools.reads, self.context)
-            start_seq = await self.pools.reads.fetchval(
-                "SELECT GREATEST(coalesce(max(seq), 0), coalesce((SELECT value::bigint FROM meta "
-                "WHERE key = 'changes_pruned_through'), 0)) FROM changes"
-            )
+            start_seq = await self.pools.reads.fetchval(LAST_SEQ)
         except DB_ERRORS as exc:
             await self.close()
             raise unavailable(exc, f"opening {self.where}") from None

@@ -1,11 +1,13 @@
 """The change feed of a shared Postgres database: how each instance's in-process vector
-index follows every instance's committed writes (the ``changes`` table, LISTEN/NOTIFY, a poll).
+index follows every instance's committed writes (the ``changes`` table, LISTEN/NOTIFY, a poll):
+the writers number their changed rows, the feed reads them after the last one it applied.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,42 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "gm_changes"  # every committing writer NOTIFYs it
 POLL_SECONDS = 1.0  # the feed also catches up this often, should a notification be missed
+FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
+CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
+LAST_SEQ = (  # where a feed starts: after the last change, or the last one pruned
+    "SELECT GREATEST(coalesce(max(seq), 0), coalesce((SELECT value::bigint FROM meta "
+    "WHERE key = 'changes_pruned_through'), 0)) FROM changes"
+)
+
+
+async def number_changes(conn: asyncpg.Connection, rowids: list[int]) -> int | None:
+    """In a writer's transaction: number its changed rows (under a lock held to commit, so
+    seq order is commit order across instances) and wake every feed once it commits;
+    returns the last number."""
+    if not rowids:
+        return None
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+    last_seq: int = await conn.fetchval(
+        "WITH added AS (INSERT INTO changes (rowid, at) SELECT unnest($1::bigint[]), $2 RETURNING seq) "
+        "SELECT max(seq) FROM added",
+        rowids, int(time.time() * 1000),
+    )
+    await conn.execute(f"NOTIFY {CHANNEL}")
+    return last_seq
+
+
+async def prune_changes(conn: asyncpg.Connection, now: int) -> None:
+    """Forget changes older than ``CHANGES_KEPT_MS``; a feed that had not read them reloads."""
+    pruned = await conn.fetchval(
+        "WITH gone AS (DELETE FROM changes WHERE at < $1 RETURNING seq) SELECT max(seq) FROM gone",
+        now - CHANGES_KEPT_MS,
+    )
+    if pruned is not None:
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('changes_pruned_through', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
+            str(pruned),
+        )
 
 
 class ChangeFeed:

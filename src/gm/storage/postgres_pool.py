@@ -66,7 +66,10 @@ def unavailable(exc: BaseException, doing: str) -> StorageUnavailable:
     return StorageUnavailable(f"{doing} failed: Postgres refused it ({type(exc).__name__}: {exc})")
 
 
-async def once_more(run: Callable[[], Awaitable[T]], may_retry: Callable[[BaseException], bool], doing: str) -> T:
+async def once_more(
+    run: Callable[[], Awaitable[T]], may_retry: Callable[[BaseException], bool], doing: str,
+    on_retry: Callable[[BaseException], None] = lambda exc: None,
+) -> T:
     """Run ``run``; if it fails in a way ``may_retry`` accepts (a connection that died under
     it, a batch that cannot have committed), run it once more on a fresh connection. A
     failure of the database is StorageUnavailable."""
@@ -76,8 +79,21 @@ async def once_more(run: Callable[[], Awaitable[T]], may_retry: Callable[[BaseEx
         except (StorageUnavailable, *DB_ERRORS) as exc:
             if attempt == 2 or not may_retry(exc):
                 raise unavailable(exc, doing) from None
-            log.warning("%s failed, retrying once: %s", doing, getattr(exc, "message", exc))
+            on_retry(exc)
     raise AssertionError("unreachable")
+
+
+async def connect(url: str, init: Init) -> asyncpg.Connection:
+    """A connection of its own (migrations, LISTEN, inspection), set up as the pools' are."""
+    conn: asyncpg.Connection | None = None
+    try:
+        conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT, server_settings=SERVER_SETTINGS)
+        await init(conn)
+        return conn
+    except DB_ERRORS as exc:
+        if conn is not None:
+            conn.terminate()
+        raise StorageUnavailable(f"cannot connect to {redact(url)}: {exc}") from None
 
 
 class Acquire:
@@ -141,16 +157,7 @@ class Pools:
         self.reads = self.own = None
 
     async def connect(self) -> asyncpg.Connection:
-        """A connection of its own (migrations, LISTEN, export), set up as the pools' are."""
-        conn: asyncpg.Connection | None = None
-        try:
-            conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT, server_settings=SERVER_SETTINGS)
-            await self.init(conn)
-            return conn
-        except DB_ERRORS as exc:
-            if conn is not None:
-                conn.terminate()
-            raise StorageUnavailable(f"cannot connect to {self.where}: {exc}") from None
+        return await connect(self.url, self.init)
 
     def acquire(self, doing: str, *, own: bool = False) -> Acquire:
         pool = self.own if own else self.reads
@@ -159,7 +166,8 @@ class Pools:
         return Acquire(pool, doing)
 
     async def fetch(self, sql: str, values: list[Any], *, own: bool = False, doing: str = "reading") -> list[Any]:
-        """Run a read; a connection that died under it is retried once on a fresh one."""
+        """Run a read; a request's read (not ``own``) on a connection that died under it is
+        retried once on a fresh one (the background work and readyz look again anyway)."""
         async def run() -> list[Any]:
             async with self.acquire(doing, own=own) as conn:
                 try:
@@ -169,4 +177,4 @@ class Pools:
                         raise InvalidInput(f"the database refused the query: {exc}") from None
                     raise
 
-        return await once_more(run, connection_lost, doing)
+        return await once_more(run, (lambda exc: False) if own else connection_lost, doing)

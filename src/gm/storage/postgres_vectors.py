@@ -26,7 +26,7 @@ BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pg
 HNSW_EF_SEARCH = 100
 BACKFILL_BATCH = 1000
 BACKFILL_PAUSE = 1.0  # seconds between looks for rows without `vec`
-_HAS_VEC = (
+HAS_VEC = (  # the schema has the pgvector column `vec` (the extension was there to migrate)
     "SELECT EXISTS (SELECT 1 FROM information_schema.columns "
     "WHERE table_schema = current_schema() AND table_name = 'memories' AND column_name = 'vec')"
 )
@@ -55,11 +55,6 @@ async def register_codec(conn: asyncpg.Connection) -> None:
         )
 
 
-async def has_vec_column(conn: asyncpg.Connection | asyncpg.Pool) -> bool:
-    """Whether the schema has the pgvector column ``vec`` (the extension was there to migrate)."""
-    return bool(await conn.fetchval(_HAS_VEC))
-
-
 class PgVectors:
     """What this instance knows of the database's pgvector column and index."""
 
@@ -78,7 +73,7 @@ class PgVectors:
     async def inspect(self, pool: asyncpg.Pool, context: bool) -> None:
         """Read the column's and index's state at open."""
         self.context = context
-        self.present = await has_vec_column(pool)
+        self.present = bool(await pool.fetchval(HAS_VEC))
         if self.present:
             value = await pool.fetchval("SELECT value FROM meta WHERE key = 'hnsw_dimensions'")
             self.dimensions = int(value) if value is not None else None

@@ -1,11 +1,10 @@
-"""The Postgres Writer: runs each batch of writes (gm.storage.writes) in one transaction on
-a pooled connection, numbers the changed rows for the change feed, commits, retries once.
+"""The Postgres Writer: runs each batch of writes (gm.storage.write_flow) in one transaction on
+a pooled connection, has the change feed number the changed rows, commits, retries once.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,18 +13,16 @@ import asyncpg
 
 from gm.actor import Envelope
 from gm.errors import GMError, InvalidInput, StorageUnavailable
+from gm.storage.batch_writer import BatchWriter
 from gm.storage.ops import WriteOp, WriteResult
-from gm.storage.postgres_feed import CHANNEL
+from gm.storage.postgres_feed import FEED_LOCK, number_changes, prune_changes
 from gm.storage.postgres_pool import DB_ERRORS, Pools, once_more, statement_error, unavailable
 from gm.storage.postgres_vectors import PgVectors
 from gm.storage.sql import Numbered, Params
-from gm.storage.writer import BatchWriter
-from gm.storage.writes import Transaction, apply_batch
+from gm.storage.write_flow import Transaction, apply_batch
 
 log = logging.getLogger(__name__)
 
-FEED_LOCK = 0x676D6368616E67  # "gmchang": writers number their changes under this transaction lock
-CHANGES_KEPT_MS = 24 * 3600 * 1000  # an instance away longer than this reloads its index
 LOCK_TIMEOUT = "5s"  # a write waiting longer for a lock fails (503) rather than hangs
 
 
@@ -73,16 +70,12 @@ class PgTransaction(Transaction):
             await self.vectors.ensure_hnsw(self.conn, dimensions)
 
     async def purged(self, now: int) -> None:
-        pruned = await self.conn.fetchval(
-            "WITH gone AS (DELETE FROM changes WHERE at < $1 RETURNING seq) SELECT max(seq) FROM gone",
-            now - CHANGES_KEPT_MS,
-        )
-        if pruned is not None:
-            await self.conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('changes_pruned_through', $1) "
-                "ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value::bigint, excluded.value::bigint)::text",
-                str(pruned),
-            )
+        await prune_changes(self.conn, now)
+
+
+class CommitUncertain(StorageUnavailable):
+    """The connection failed while COMMIT was under way: the batch may have committed, so it
+    is not retried."""
 
 
 class PgWriter(BatchWriter):
@@ -97,45 +90,48 @@ class PgWriter(BatchWriter):
     name = "pg-writer"
 
     def __init__(
-        self, pools: Pools, vectors: PgVectors, version: int, committed: Callable[[int | None], Awaitable[None]]
+        self, pools: Pools, vectors: PgVectors, version: int, after_commit: Callable[[int | None], Awaitable[None]]
     ) -> None:
         super().__init__()
         self.pools = pools
         self.vectors = vectors
         self.version = version
-        self.committed = committed  # after each commit, with the last change number it wrote
+        self.after_commit = after_commit  # with the last change number the batch wrote
 
     async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
-        committing = False
-
-        async def attempt() -> tuple[list[WriteResult | GMError], int | None]:
-            nonlocal committing
-            committing = False
-            async with self.pools.acquire("writing", own=True) as conn:
-                transaction = conn.transaction()
-                try:
-                    await transaction.start()
-                    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                    stamp = self.next_stamp()  # this instance's batches commit one after another, in stamp order
-                    done = await self._apply_all(conn, [e.msg for e in batch], stamp)
-                except BaseException:
-                    await _rollback(transaction)
-                    raise
-                committing = True
-                await transaction.commit()
-                return done
-
+        ops = [e.msg for e in batch]
         try:
-            outcomes, last_seq = await once_more(attempt, lambda exc: not committing, "committing")
+            outcomes, last_seq = await once_more(
+                lambda: self._attempt(ops), lambda exc: not isinstance(exc, CommitUncertain), "committing",
+                on_retry=lambda exc: log.warning(
+                    "write batch of %d failed before commit, retrying: %s", len(ops), getattr(exc, "message", exc)),
+            )
         except StorageUnavailable as error:
-            self.failed(batch, error)
+            self.fail_all(batch, error)
             return
         self.health.committed()
         try:
-            await self.committed(last_seq)
+            await self.after_commit(last_seq)
         except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up
             log.exception("following a commit failed")
         self.reply(batch, outcomes)
+
+    async def _attempt(self, ops: list[WriteOp]) -> tuple[list[WriteResult | GMError], int | None]:
+        async with self.pools.acquire("writing", own=True) as conn:
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                stamp = self.next_stamp()  # this instance's batches commit one after another, in stamp order
+                done = await self._apply_all(conn, ops, stamp)
+            except BaseException:
+                await _rollback(transaction)
+                raise
+            try:
+                await transaction.commit()
+            except DB_ERRORS as exc:
+                raise CommitUncertain(unavailable(exc, "committing").message) from None
+            return done
 
     async def _apply_all(
         self, conn: asyncpg.Connection, ops: list[WriteOp], stamp: int
@@ -150,17 +146,7 @@ class PgWriter(BatchWriter):
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
             outcomes = await apply_batch(tx, ops, stamp)
             rowids = sorted({c.rowid for o in outcomes if isinstance(o, WriteResult) for c in o.changes})
-            last_seq = None
-            if rowids:
-                # Numbered under a lock held to commit, so seq order is commit order across instances.
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
-                last_seq = await conn.fetchval(
-                    "WITH added AS (INSERT INTO changes (rowid, at) SELECT unnest($1::bigint[]), $2 RETURNING seq) "
-                    "SELECT max(seq) FROM added",
-                    rowids, int(time.time() * 1000),
-                )
-                await conn.execute(f"NOTIFY {CHANNEL}")
-            return outcomes, last_seq
+            return outcomes, await number_changes(conn, rowids)
         except DB_ERRORS as exc:
             raise unavailable(exc, "writing") from None
 

@@ -64,20 +64,19 @@ class Reads(abc.ABC):
         return memory_from_row(rows[0]) if rows else None
 
     async def get_by_ids(self, ids: builtins.list[str], now: int) -> dict[str, Memory]:
-        if not ids:
-            return {}
-        p = self.params()
-        where = f"{p.one_of('id', ids, 'text')} AND {live(p, now)}"
-        return {row[1]: memory_from_row(row)
-                for row in await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", p.values)}
+        """The live memories among ``ids``, by id."""
+        return {row[1]: memory_from_row(row) for row in await self._live_among("id", ids, "text", now)}
 
     async def get_many(self, rowids: builtins.list[int], now: int) -> dict[int, Memory]:
-        if not rowids:
-            return {}
+        """The live memories among ``rowids``, by rowid."""
+        return {row[0]: memory_from_row(row) for row in await self._live_among("rowid", rowids, "bigint", now)}
+
+    async def _live_among(self, column: str, values: builtins.list[Any], kind: str, now: int) -> builtins.list[Any]:
+        if not values:
+            return []
         p = self.params()
-        where = f"{p.one_of('rowid', rowids, 'bigint')} AND {live(p, now)}"
-        return {row[0]: memory_from_row(row)
-                for row in await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", p.values)}
+        where = f"{p.one_of(column, values, kind)} AND {live(p, now)}"
+        return await self.fetch(f"SELECT {self.columns} FROM memories WHERE {where}", p.values)
 
     async def list(
         self, scope: Scope, filter: Filter | None, limit: int, cursor: str | None, now: int,
@@ -131,12 +130,12 @@ class Reads(abc.ABC):
             yield [vector_row(r) for r in rows]
             last = rows[-1][0]
 
-    async def counts(self, now: int, namespace: str | None = None) -> dict[str, int]:
-        """Live memories per namespace (only ``namespace``'s, when given)."""
+    async def counts(self, now: int) -> dict[str, int]:
+        """Live memories per namespace."""
         p = self.params()
-        where = live(p, now) + ("" if namespace is None else f" AND namespace = {p(namespace)}")
         rows = await self.fetch(
-            f"SELECT namespace, count(*) FROM memories WHERE {where} GROUP BY namespace ORDER BY namespace", p.values
+            f"SELECT namespace, count(*) FROM memories WHERE {live(p, now)} GROUP BY namespace ORDER BY namespace",
+            p.values,
         )
         return {r[0]: r[1] for r in rows}
 
@@ -146,28 +145,3 @@ class Reads(abc.ABC):
             return 0
         rows = await self.fetch("SELECT count(*) FROM memories WHERE context IS NULL", [])
         return int(rows[0][0])
-
-    async def meta(self, key: str) -> str | None:
-        """A value of the ``meta`` table (``model``: the identity of the stored vectors)."""
-        p = self.params()
-        rows = await self.fetch(f"SELECT value FROM meta WHERE key = {p(key)}", p.values)
-        return str(rows[0][0]) if rows else None
-
-    async def export_rows(
-        self, now: int, *, vectors: bool, namespace: str | None, page: int = 1000
-    ) -> AsyncIterator[builtins.list[Any]]:
-        """Every live memory (of ``namespace``, when given) in rowid order, in pages of rows of
-        ``columns`` followed by the embedding when ``vectors`` (what an export writes)."""
-        columns = self.columns + (", embedding" if vectors else "")
-        last = 0
-        while True:
-            p = self.params()
-            where = f"rowid > {p(last)} AND {live(p, now)}"
-            if namespace is not None:
-                where += f" AND namespace = {p(namespace)}"
-            rows = await self.fetch(f"SELECT {columns} FROM memories WHERE {where} ORDER BY rowid LIMIT {page}",
-                                    p.values)
-            if not rows:
-                return
-            yield rows
-            last = rows[-1][0]

@@ -27,19 +27,25 @@ VECTOR_COLUMNS = "rowid, namespace, user_id, agent_id, session_id, expires_at"  
 
 class Params(abc.ABC):
     """One query's values in a dialect: calling it with a value records the value and
-    returns its placeholder. The subclass is the dialect."""
+    returns its placeholder. The subclass is the dialect (its placeholders, how it compiles
+    a filter, a list, a cursor, a row lock)."""
 
     lock_row = ""  # what makes a SELECT lock the row it reads for the rest of the transaction
-
-    def __init__(self) -> None:
-        self.values: list[Any] = []
+    values: list[Any]
 
     @abc.abstractmethod
     def __call__(self, value: Any, cast: str = "") -> str: ...
 
     @abc.abstractmethod
+    def mark(self, position: int) -> str:
+        """The placeholder of the ``position``-th value (from 1) of a statement run with ``executemany``."""
+
     def marks(self, count: int) -> str:
-        """``count`` positional placeholders for a statement run with ``executemany``."""
+        return ", ".join(self.mark(i) for i in range(1, count + 1))
+
+    def json(self, value: str) -> str:
+        """The placeholder of a JSON document (``metadata``)."""
+        return self(value, "jsonb")
 
     @abc.abstractmethod
     def matches(self, filter: Filter, column: str) -> str:
@@ -55,14 +61,17 @@ class Params(abc.ABC):
 
 
 class QMarks(Params):
-    """SQLite's ``?`` placeholders."""
+    """SQLite's ``?`` placeholders (casts are Postgres's: ignored)."""
+
+    def __init__(self) -> None:
+        self.values = []
 
     def __call__(self, value: Any, cast: str = "") -> str:
         self.values.append(value)
         return "?"
 
-    def marks(self, count: int) -> str:
-        return ", ".join("?" * count)
+    def mark(self, position: int) -> str:
+        return "?"
 
     def matches(self, filter: Filter, column: str) -> str:
         sql, values = to_sqlite(filter, column)
@@ -73,23 +82,16 @@ class QMarks(Params):
         return f"{column} IN ({', '.join(self(v) for v in values)})"
 
 
-class Numbered(Params):
-    """Postgres's ``$n`` placeholders (with an optional cast)."""
+class Numbered(PgParams, Params):
+    """Postgres's ``$n`` placeholders, with an optional cast (what gm.filters compiles with)."""
 
     lock_row = " FOR UPDATE"
 
-    def __init__(self) -> None:
-        self._pg = PgParams()
-        self.values = self._pg.values
-
-    def __call__(self, value: Any, cast: str = "") -> str:
-        return self._pg(value, cast)
-
-    def marks(self, count: int) -> str:
-        return ", ".join(f"${i}" for i in range(1, count + 1))
+    def mark(self, position: int) -> str:
+        return f"${position}"
 
     def matches(self, filter: Filter, column: str) -> str:
-        return to_postgres(filter, self._pg, column)
+        return to_postgres(filter, self, column)
 
     def one_of(self, column: str, values: Sequence[Any], kind: str) -> str:
         return f"{column} = ANY({self(list(values), kind + '[]')})"

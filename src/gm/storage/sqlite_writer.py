@@ -1,5 +1,5 @@
 """The SQLite Writer: the actor that owns the database's only write connection and runs
-each batch of writes (gm.storage.writes) in one transaction, a savepoint per write.
+each batch of writes (gm.storage.write_flow) in one transaction, a savepoint per write.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import aiosqlite
 
 from gm.actor import Envelope
 from gm.errors import GMError, InvalidInput, StorageUnavailable
-from gm.storage.ops import IndexChange, WriteOp
+from gm.storage.batch_writer import BatchWriter
+from gm.storage.ops import IndexChange, WriteOp, WriteResult, final_changes
 from gm.storage.sql import Params, QMarks
-from gm.storage.writer import BatchWriter
-from gm.storage.writes import Transaction, apply_batch
+from gm.storage.write_flow import Transaction, apply_batch
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
 _STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
@@ -29,6 +29,11 @@ def statement_error(exc: BaseException) -> bool:
     """True if SQLite refused the statement itself (a value it cannot hold, a constraint)."""
     code = getattr(exc, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in _STATEMENT_ERRORS and not str(exc).startswith(_SCHEMA_MISSING)
+
+
+def database_failed(exc: BaseException) -> bool:
+    """True if the database itself failed (disk, I/O, lock), not the one statement."""
+    return isinstance(exc, sqlite3.Error) and not statement_error(exc)
 
 
 class SQLiteTransaction(Transaction):
@@ -56,15 +61,15 @@ class SQLiteTransaction(Transaction):
         try:
             yield
         except Exception as exc:
-            if self.refusal(exc) is not None:  # (a failing database is rolled back whole by the Writer)
+            if not database_failed(exc):  # (a failing database is rolled back whole by the Writer)
                 await self.conn.execute("ROLLBACK TO op")
                 await self.conn.execute("RELEASE op")
             raise
         await self.conn.execute("RELEASE op")
 
     def refusal(self, exc: Exception) -> GMError | None:
-        if isinstance(exc, sqlite3.Error) and not statement_error(exc):
-            return None  # the database itself failed (disk, I/O, lock): the whole batch fails
+        if database_failed(exc):
+            return None  # the whole batch fails
         # A rejected write, or one SQLite cannot hold or run (an integer past 64 bits, an
         # expression too deep): only it fails; the others in the batch still commit.
         return exc if isinstance(exc, GMError) else InvalidInput(f"the database refused it: {exc}")
@@ -94,10 +99,10 @@ class Writer(BatchWriter):
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 await self.conn.execute("ROLLBACK")
-            self.failed(batch, StorageUnavailable(f"the database refused the write: {exc}"))
+            self.fail_all(batch, StorageUnavailable(f"the database refused the write: {exc}"))
             return
         self.health.committed()
-        changes = self.committed_changes(outcomes)
+        changes = final_changes([c for o in outcomes if isinstance(o, WriteResult) for c in o.changes])
         if changes:
             await self.on_commit(changes)
         self.reply(batch, outcomes)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from gm.actor import Actor, Envelope
 from gm.errors import GMError
 from gm.memory import now_ms
-from gm.storage.ops import IndexChange, WriteOp, WriteResult, final_changes
+from gm.storage.ops import WriteOp, WriteResult
 
 
 class WriteHealth:
@@ -52,11 +52,6 @@ class BatchWriter(Actor[WriteOp, object]):
         return self.stamp
 
     @staticmethod
-    def committed_changes(outcomes: list[WriteResult | GMError]) -> list[IndexChange]:
-        """The index changes of a committed batch, one per row (its final state)."""
-        return final_changes([c for o in outcomes if isinstance(o, WriteResult) for c in o.changes])
-
-    @staticmethod
     def reply(batch: list[Envelope[WriteOp, object]], outcomes: list[WriteResult | GMError]) -> None:
         """Answer each write of a committed batch: its value, or why it alone was refused."""
         for envelope, outcome in zip(batch, outcomes, strict=True):
@@ -65,7 +60,7 @@ class BatchWriter(Actor[WriteOp, object]):
             else:
                 envelope.fail(outcome)
 
-    def failed(self, batch: list[Envelope[WriteOp, object]], error: GMError) -> None:
+    def fail_all(self, batch: list[Envelope[WriteOp, object]], error: GMError) -> None:
         """The whole batch failed (nothing of it committed): every caller hears why."""
         self.health.failed(error)
         for envelope in batch:

@@ -58,6 +58,7 @@ class Transaction(abc.ABC):
 
     def __init__(self, version: int) -> None:
         self.version = version  # the schema's
+        self.columns = columns_for(version)
         self.context = version >= CONTEXT_VERSION  # it has event time and session context
 
     @abc.abstractmethod
@@ -115,13 +116,17 @@ async def apply_batch(tx: Transaction, ops: Sequence[WriteOp], stamp: int) -> li
     return outcomes
 
 
+def _mark(p: Params, column: str, value: Any) -> str:
+    return p.json(value) if column == "metadata" else p(value)
+
+
 class WriteFlow:
     """The write operations on one transaction, their history rows stamped ``stamp``."""
 
     def __init__(self, tx: Transaction, stamp: int) -> None:
         self.tx = tx
         self.stamp = stamp
-        self.columns = columns_for(tx.version)
+        self.columns = tx.columns
 
     async def apply(self, op: WriteOp) -> WriteResult:
         if isinstance(op, AddMemories):
@@ -202,7 +207,7 @@ class WriteFlow:
         if self.tx.context:
             values |= {"occurred_at": occurred, "context": date_words(occurred)}
         p = self.tx.params()
-        marks = ", ".join(p(v, "jsonb" if name == "metadata" else "") for name, v in values.items())
+        marks = ", ".join(_mark(p, name, v) for name, v in values.items())
         rows = await self.tx.fetch(
             f"INSERT INTO memories ({', '.join(values)}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING RETURNING rowid",
             p.values,
@@ -218,7 +223,7 @@ class WriteFlow:
         """The memory stored under ``item``'s id: a retry of the same add, or a conflict."""
         p = self.tx.params()
         rows = await self.tx.fetch(f"SELECT {self.columns} FROM memories WHERE id = {p(item.id)}", p.values)
-        if not rows:  # another instance deleted it in between: its id is free
+        if not rows:  # (Postgres) another instance deleted it in between: its id is free
             raise StorageUnavailable(f"memory {item.id!r} was deleted while being added; retry")
         memory = memory_from_row(rows[0])
         if not item.same_content(memory):
@@ -243,7 +248,7 @@ class WriteFlow:
         if op.vector is not None:
             values |= self.tx.embedding_columns(op.vector)
         p = self.tx.params()
-        assignments = ", ".join(f"{name} = {p(v, 'jsonb' if name == 'metadata' else '')}" for name, v in values.items())
+        assignments = ", ".join(f"{name} = {_mark(p, name, v)}" for name, v in values.items())
         await self.tx.execute(f"UPDATE memories SET {assignments} WHERE rowid = {p(rowid)}", p.values)
         await self.history("update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
@@ -299,8 +304,8 @@ class TxSessionRows(SessionRows):
 
     async def store_alone(self, contexts: list[tuple[int, str]]) -> None:
         if contexts:
-            marks = self.tx.params()
+            p = self.tx.params()
             await self.tx.executemany(
-                f"UPDATE memories SET context = {marks(None)} WHERE rowid = {marks(None)}",
+                f"UPDATE memories SET context = {p.mark(1)} WHERE rowid = {p.mark(2)}",
                 [(context, rowid) for rowid, context in contexts],
             )
