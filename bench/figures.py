@@ -1,5 +1,6 @@
 """What the benchmarks print and how: percentiles and quantiles of samples, rounding for JSON,
-table cells, the load average, and progress lines (to stderr, so stdout can stay JSON).
+table cells and markdown tables, the load average, and progress lines (to stderr, so stdout
+can stay JSON).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def three_places(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}".lstrip("0") if 0 <= value < 1 else f"{value:.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, ready for the docs."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def load_average() -> str:
