@@ -36,8 +36,11 @@ from typing import Any
 import numpy as np
 
 import gm
+from cpu import OtherLoad
+from figures import percentile
 from gm.embedding import Encoder, ModelSpec
 from gm.memory import new_id
+from workload import embedded_questions, embedded_texts
 
 try:
     from gm.context import date_words
@@ -73,175 +76,11 @@ QUICK = Config(
 )
 
 
-# -- realistic texts ----------------------------------------------------------------------
-
-NAMES = (
-    "Maya", "Jonas", "Priya", "Tom", "Aisha", "Lucas", "Elena", "Kenji", "Sofia", "Omar", "Hannah", "Diego",
-    "Grace", "Mateo", "Leila", "Noah", "Ingrid", "Samuel", "Chloe", "Ravi", "Fatima", "Oliver", "Yuki", "Bruno",
-    "Amara", "Felix", "Nadia", "Ethan", "Zara", "Marco", "Lina", "Daniel", "Mei", "Isaac", "Clara", "Tariq",
-)
-RELATIONS = (
-    "sister", "brother", "manager", "partner", "daughter", "son", "mother", "father", "roommate", "best friend",
-    "colleague", "neighbour", "grandmother", "cousin", "landlord", "dentist",
-)
-CITIES = (
-    "Lisbon", "Berlin", "Tokyo", "Toronto", "Nairobi", "Melbourne", "Chicago", "Barcelona", "Seoul", "Dublin",
-    "Mexico City", "Copenhagen", "Cape Town", "Vancouver", "Edinburgh", "Singapore", "Austin", "Prague",
-)
-FOODS = (
-    "Thai curry", "sushi", "vegan ramen", "sourdough pizza", "dark chocolate", "oat milk lattes", "spicy tacos",
-    "lentil soup", "grilled salmon", "mushroom risotto", "falafel wraps", "matcha ice cream", "black coffee",
-)
-ALLERGIES = ("peanuts", "shellfish", "gluten", "lactose", "cats", "penicillin", "pollen", "sesame", "latex")
-HOBBIES = (
-    "bouldering", "playing the cello", "trail running", "watercolour painting", "chess", "birdwatching",
-    "baking bread", "salsa dancing", "woodworking", "sailing", "photography", "learning Japanese", "gardening",
-    "playing padel", "writing short stories", "restoring old bikes",
-)
-TOOLS = (
-    "Notion", "a paper notebook", "Google Calendar", "Obsidian", "Slack reminders", "a whiteboard", "Todoist",
-    "email drafts", "voice memos", "a shared spreadsheet",
-)
-PROJECTS = (
-    "the billing migration", "the mobile app redesign", "the quarterly report", "the data warehouse move",
-    "the onboarding flow", "the search relaunch", "the hiring plan", "the security audit", "the conference talk",
-)
-WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
-)
-PETS = ("a beagle", "two cats", "a parrot", "a rescue greyhound", "a tortoise", "a golden retriever", "rabbits")
-SEATS = ("window", "aisle", "exit-row")
-MEDIA = ("podcasts about history", "science fiction novels", "jazz records", "true crime documentaries",
-         "Korean dramas", "economics newsletters", "fantasy audiobooks")
-
-TEMPLATES = (
-    "{name} prefers {seat} seats on long flights and usually books the earliest departure when travelling to {city}.",
-    "{name} is allergic to {allergy}, so restaurant suggestions should always avoid dishes that might contain it.",
-    "{name}'s {relation} is visiting from {city} in {month} and they are planning a weekend trip together.",
-    "{name} has been {hobby} every {weekday} evening for about {num} years and wants to get more serious about it.",
-    "{name} mentioned that {food} is their favourite comfort food after a long week at work.",
-    "{name} keeps track of tasks in {tool} and dislikes getting reminders by text message.",
-    "{name} is leading {project} and the deadline was moved to the end of {month}.",
-    "{name} moved to {city} in {year} and still finds the winters there harder than expected.",
-    "{name} has {pet} and needs a pet sitter whenever they travel for more than two nights.",
-    "{name} asked to be reminded about their {relation}'s birthday on {month} {day}.",
-    "{name} enjoys {media} on the commute and asked for new recommendations last {weekday}.",
-    "{name} said the meeting with their {relation} about {project} went badly and they feel anxious about it.",
-    "{name} wants to run a half marathon in {city} next {month} and is following a sixteen-week plan.",
-    "{name} does not drink alcohol and prefers {food} or sparkling water at team dinners.",
-    "{name} works remotely on {weekday}s and usually blocks the morning for deep work without meetings.",
-    "{name}'s favourite weekend activity is {hobby}, ideally followed by {food} with friends.",
-    "{name} booked a table for {num} people in {city} to celebrate their {relation}'s promotion.",
-    "{name} is saving for a flat in {city} and wants monthly check-ins about the budget.",
-    "{name} recently started {hobby} after their {relation} gave them a beginner kit as a gift.",
-    "{name} complained that the invoice for {project} was sent twice and asked for it to be corrected.",
-)
-CLAUSES = (
-    "They brought it up again during the last conversation.",
-    "This came up while planning the trip to {city}.",
-    "Their {relation} confirmed the details by email on {weekday}.",
-    "It matters to them more than they usually admit.",
-    "They said this is unlikely to change before {month}.",
-    "Mention it only if it is relevant to the request.",
-    "They asked for a short summary of options before {weekday}.",
-    "This was noted after a call that ran over by {num} minutes.",
-    "They would rather get one clear suggestion than a long list.",
-    "Last year the same thing happened in {city} and it went well.",
-)
-QUESTIONS = (
-    "Where does {name} like to sit on flights?",
-    "What is {name} allergic to?",
-    "When is {name}'s {relation} visiting?",
-    "What hobbies does {name} have?",
-    "What food does {name} like after a long week?",
-    "How does {name} keep track of tasks?",
-    "Which project is {name} leading and when is the deadline?",
-    "When did {name} move to {city}?",
-    "Does {name} have any pets that need a sitter?",
-    "When is the birthday of {name}'s {relation}?",
-    "What should I recommend to {name} for the commute?",
-    "How did {name}'s meeting about {project} go?",
-    "Is {name} training for a race in {city}?",
-    "What does {name} drink at team dinners?",
-    "which days does {name} work remotely",
-    "restaurant in {city} for a celebration",
-    "budget check-ins for a flat",
-    "invoice sent twice for {project}",
-)
-
-
-def _fill(template: str, rng: random.Random) -> str:
-    return template.format(
-        name=rng.choice(NAMES), relation=rng.choice(RELATIONS), city=rng.choice(CITIES), food=rng.choice(FOODS),
-        allergy=rng.choice(ALLERGIES), hobby=rng.choice(HOBBIES), tool=rng.choice(TOOLS),
-        project=rng.choice(PROJECTS), weekday=rng.choice(WEEKDAYS), month=rng.choice(MONTHS),
-        pet=rng.choice(PETS), seat=rng.choice(SEATS), media=rng.choice(MEDIA), num=rng.randint(2, 12),
-        day=rng.randint(1, 28), year=rng.randint(2012, 2025),
-    )
-
-
-def memory_texts(n: int, seed: int) -> list[str]:
-    """``n`` varied memory-like statements of 10-40 words (deterministic for a seed)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = _fill(rng.choice(TEMPLATES), rng).split()
-        for _ in range(rng.choice((0, 0, 1, 1, 2, 3))):
-            extra = _fill(rng.choice(CLAUSES), rng).split()
-            if len(words) + len(extra) > 40:
-                break
-            words += extra
-        out.append(" ".join(words[:40]))
-    return out
-
-
-def query_texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [_fill(rng.choice(QUESTIONS), rng) for _ in range(n)]
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+# -- a quiet machine, event-loop stalls ---------------------------------------------------
 
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f} ms"
-
-
-class OtherLoad:
-    """How busy the rest of the machine was (Linux /proc/stat): the CPU time of every
-    other process over a section, in cores. Anything well above 0 makes the figures noisy."""
-
-    def __init__(self) -> None:
-        self.mark = self._read()
-
-    @staticmethod
-    def _read() -> tuple[float, float, float] | None:
-        try:
-            values = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
-        except (OSError, ValueError):
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = (sum(values) - values[3] - values[4]) / tick  # all but idle and iowait, steal included
-        mine = sum(os.times()[:2])
-        return time.perf_counter(), busy, mine
-
-    def cores(self) -> float | None:
-        """Cores the other processes kept busy since the last call (None if unknown)."""
-        now, before = self._read(), self.mark
-        self.mark = now
-        if now is None or before is None or now[0] <= before[0]:
-            return None
-        return max(0.0, (now[1] - before[1]) - (now[2] - before[2])) / (now[0] - before[0])
-
-    def section(self) -> str:
-        other = self.cores()
-        return "" if other is None else f"(other processes kept {other:.2f} of {os.cpu_count()} cores busy meanwhile)"
 
 
 def wait_quiet(minutes: float, threshold: float = 0.2) -> None:
@@ -294,7 +133,7 @@ def bench_ceiling(cfg: Config) -> dict[int, float]:
     encoder = Encoder(spec)  # the library's Embedder builds it the same way: Encoder(spec)
     load = time.perf_counter() - started
     threads = encoder.session.get_session_options().intra_op_num_threads
-    texts = memory_texts(cfg.ceiling_texts, seed=1)
+    texts = embedded_texts(cfg.ceiling_texts, seed=1)
     words = [len(t.split()) for t in texts]
     tokens = [len(e.ids) for e in encoder.tokenizer.encode_batch(texts)]
     print(f"model {spec.identity}; loaded in {load:.2f}s; ONNX intra-op threads {threads} "
@@ -327,7 +166,7 @@ def bench_ceiling(cfg: Config) -> dict[int, float]:
 
 async def bench_adds(cfg: Config, ceiling: dict[int, float], tmp: Path) -> None:
     print(f"\n== b) Store.add throughput: {cfg.add_callers} concurrent callers, {cfg.adds} adds ==")
-    texts = memory_texts(cfg.adds, seed=2)
+    texts = embedded_texts(cfg.adds, seed=2)
     async with gm.open(tmp / "adds.db") as mem:
         started = time.perf_counter()
         await mem.add("Warm-up memory that loads the embedding model before the timing starts.", user_id="warmup")
@@ -389,7 +228,7 @@ def build_db(path: Path, n: int, seed: int) -> float:
     sqlite_migrations.migrate(path)
     rng = np.random.default_rng(seed)
     users = random.Random(seed)
-    texts = memory_texts(n, seed=seed)
+    texts = embedded_texts(n, seed=seed)
     created = int(time.time() * 1000) - n * 60_000
     conn = sqlite3.connect(path)
     try:
@@ -468,11 +307,11 @@ async def bench_size(cfg: Config, n: int, tmp: Path, load: OtherLoad) -> dict[st
               f"ready {startup['ready'] * 1000:.0f} ms after the call ({startup['indexed']:,} vectors); longest "
               f"event-loop stall while loading {startup['stall'] * 1000:.0f} ms")
 
-        queries = query_texts(cfg.searches, seed=n + 7)
+        queries = embedded_questions(cfg.searches, seed=n + 7)
         warm = time.perf_counter()
         await mem.search("What does Maya like to eat?", namespace=NAMESPACE, limit=10)  # loads the model
         print(f"first search (loads the model): {(time.perf_counter() - warm) * 1000:.0f} ms")
-        for query in query_texts(10, seed=99):
+        for query in embedded_questions(10, seed=99):
             await mem.search(query, namespace=NAMESPACE, limit=10)
         print(f"{'mode':<8} {'scope':<22} {'callers':>7} {'p50':>11} {'p99':>11} {'searches/s':>11} {'hits':>5}")
         for mode in ("hybrid", "vector", "keyword"):

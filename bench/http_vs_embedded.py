@@ -55,14 +55,18 @@ from typing import Any
 import aiohttp
 
 import gm
+from cpu import CpuMeter, Quiet
+from figures import percentile
 from gm.embedding import Encoder, ModelSpec
-from load import LoadConfig, LoadResult, Workload, percentile, run_load
-from servers import Server
+from load import LoadConfig, LoadResult, run_load
+from servers import Server, log_problems
+from workload import Workload
 
 TARGET = 0.85
 ADD_CLIENTS = 32
 SEARCH_CLIENTS = 8
 USERS = 100
+QUIET_BUDGET = 90.0  # seconds of waiting for a quiet machine in the whole run
 
 
 @dataclass(frozen=True)
@@ -77,90 +81,6 @@ class Config:
 
 FULL = Config(ceiling_texts=1024, adds=1000, rounds=3, prefill=10_000, searches=300)
 QUICK = Config(ceiling_texts=128, adds=192, rounds=1, prefill=1_000, searches=40)
-
-
-# -- CPU accounting ------------------------------------------------------------------------------
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs since boot."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])
-    return total - idle, total
-
-
-def _process_jiffies(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime (all threads)
-
-
-QUIET_BUDGET = [90.0]  # seconds of waiting for a quiet machine left for the whole run
-
-
-async def wait_quiet(max_wait: float, threshold: float = 0.15, window: float = 1.0) -> None:
-    """Wait (at most ``max_wait`` seconds, and at most what is left of the run's budget)
-    until other processes use under ``threshold`` of the machine over ``window`` seconds:
-    on a shared machine this keeps their bursts out of a measured phase."""
-    max_wait = min(max_wait, QUIET_BUDGET[0])
-    if max_wait <= 0:
-        return
-    started = time.perf_counter()
-    try:
-        while True:
-            with CpuMeter() as cpu:
-                await asyncio.sleep(window)
-            if cpu.others_share < threshold:
-                return
-            if time.perf_counter() - started >= max_wait:
-                print(f"   (the machine stayed busy: other processes at {cpu.others_share:.0%} after waiting "
-                      f"{max_wait:.0f}s; measuring anyway)")
-                return
-    finally:
-        QUIET_BUDGET[0] -= time.perf_counter() - started
-
-
-class CpuMeter:
-    """CPU seconds used by this process, the server and everything else during a phase."""
-
-    def __init__(self, server_pid: int | None = None) -> None:
-        self.server_pid = server_pid
-
-    def __enter__(self) -> CpuMeter:
-        self.wall0 = time.perf_counter()
-        self.machine0 = _machine_jiffies()
-        self.self0 = _process_jiffies(os.getpid())
-        self.server0 = _process_jiffies(self.server_pid) if self.server_pid else 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.wall0
-        busy1, total1 = _machine_jiffies()
-        self.busy = (busy1 - self.machine0[0]) / TICK
-        self.capacity = (total1 - self.machine0[1]) / TICK
-        self.bench = (_process_jiffies(os.getpid()) - self.self0) / TICK
-        self.server = ((_process_jiffies(self.server_pid) - self.server0) / TICK) if self.server_pid else 0.0
-        self.others = max(0.0, self.busy - self.bench - self.server)
-
-    @property
-    def others_share(self) -> float:
-        return self.others / self.capacity if self.capacity else 0.0
-
-    def line(self) -> str:
-        cores = self.capacity / self.wall if self.wall else float("nan")
-        text = f"   cpu: wall {self.wall:.1f}s on {cores:.1f} cores; bench process {self.bench:.1f}s"
-        if self.server_pid:
-            text += f", server {self.server:.1f}s"
-        share = self.others / self.capacity if self.capacity else 0.0
-        warn = "  <-- the machine was shared; figures are pessimistic" if share > 0.1 else ""
-        return text + f", other processes {self.others:.1f}s ({share:.0%} of the machine){warn}"
 
 
 # -- a) ceiling ---------------------------------------------------------------------------------------
@@ -231,7 +151,7 @@ def add_config(url: str, cfg: Config, seed: int, session_clients: int = ADD_CLIE
 
 
 async def bench_adds(cfg: Config, ceiling: float, tmp: Path, server: Server,
-                     session: aiohttp.ClientSession) -> dict[str, Any]:
+                     session: aiohttp.ClientSession, quiet: Quiet) -> dict[str, Any]:
     print(f"\n== b) + c) adds with {ADD_CLIENTS} concurrent clients: embedded library vs HTTP, "
           f"{cfg.rounds} round(s) of {cfg.adds} each ==")
     rows = []
@@ -255,11 +175,11 @@ async def bench_adds(cfg: Config, ceiling: float, tmp: Path, server: Server,
         for r in range(cfg.rounds):
             seed = 100 + r
             inputs = Workload(seed, namespace="adds", users=USERS).memories(cfg.adds)
-            await wait_quiet(cfg.quiet_wait)
-            with CpuMeter(server.pid) as cpu_e:
+            await quiet.wait(cfg.quiet_wait)
+            with CpuMeter([server.pid]) as cpu_e:
                 emb_rate, batches, emb_lat = await embedded_adds(mem, inputs, ADD_CLIENTS)
-            await wait_quiet(cfg.quiet_wait)
-            with CpuMeter(server.pid) as cpu_h:
+            await quiet.wait(cfg.quiet_wait)
+            with CpuMeter([server.pid]) as cpu_h:
                 result = await run_load(add_config(server.url, cfg, seed), session)
             http_rate = result.rate("add")
             lat = result.ops["add"].latencies_ms
@@ -357,7 +277,8 @@ def summarize_profile(raw: Path, seconds: float, rate: int, top: int = 15) -> st
     return "\n".join(out)
 
 
-async def profile_adds(cfg: Config, server: Server, session: aiohttp.ClientSession, out_dir: Path) -> None:
+async def profile_adds(cfg: Config, server: Server, session: aiohttp.ClientSession, out_dir: Path,
+                       quiet: Quiet) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
         print("   py-spy is not installed (.venv/bin/pip install py-spy); skipping the profile")
@@ -376,8 +297,8 @@ async def profile_adds(cfg: Config, server: Server, session: aiohttp.ClientSessi
     if proc.poll() is not None:
         print(f"   py-spy failed: {proc.stderr.read().decode(errors='replace')[-500:] if proc.stderr else ''}")
         return
-    await wait_quiet(cfg.quiet_wait)
-    with CpuMeter(server.pid) as cpu:
+    await quiet.wait(cfg.quiet_wait)
+    with CpuMeter([server.pid]) as cpu:
         result = await run_load(add_config(server.url, cfg, seed=500), session)
     proc.send_signal(signal.SIGINT)
     try:
@@ -421,10 +342,11 @@ async def embedded_searches(mem: Any, cfg: Config, scope: str, clients: int) -> 
     return latencies, len(latencies) / (time.perf_counter() - started)
 
 
-async def bench_search(cfg: Config, server: Server, db: Path, session: aiohttp.ClientSession) -> dict[str, Any]:
+async def bench_search(cfg: Config, server: Server, db: Path, session: aiohttp.ClientSession,
+                       quiet: Quiet) -> dict[str, Any]:
     print(f"\n== d) search latency over {cfg.prefill:,} memories (namespace 'search', {USERS} users), limit 10, "
           f"hybrid; {cfg.searches} searches per row ==")
-    with CpuMeter(server.pid) as cpu:
+    with CpuMeter([server.pid]) as cpu:
         prefill = await run_load(LoadConfig(url=server.url, concurrency=1, requests=1, mix={"search": 1.0},
                                             namespace="search", users=USERS, seed=7, prefill=cfg.prefill,
                                             prefill_batch=100, warmup=0, timeout=300.0), session)
@@ -435,8 +357,8 @@ async def bench_search(cfg: Config, server: Server, db: Path, session: aiohttp.C
     others: dict[tuple[str, int, str], float] = {}
     for scope in ("user", "namespace"):
         for clients in (1, SEARCH_CLIENTS):
-            await wait_quiet(cfg.quiet_wait)
-            with CpuMeter(server.pid) as cpu:
+            await quiet.wait(cfg.quiet_wait)
+            with CpuMeter([server.pid]) as cpu:
                 http[scope, clients] = await run_load(search_config(server.url, cfg, scope, clients), session)
             others[scope, clients, "http"] = cpu.others_share
             if http[scope, clients].errors:
@@ -454,7 +376,7 @@ async def bench_search(cfg: Config, server: Server, db: Path, session: aiohttp.C
               f"namespace 'search' holds {stats.namespaces.get('search', 0):,} memories")
         for scope in ("user", "namespace"):
             for clients in (1, SEARCH_CLIENTS):
-                await wait_quiet(cfg.quiet_wait)
+                await quiet.wait(cfg.quiet_wait)
                 with CpuMeter() as cpu:
                     embedded[scope, clients] = await embedded_searches(mem, cfg, scope, clients)
                 others[scope, clients, "embedded"] = cpu.others_share
@@ -481,7 +403,8 @@ async def bench_search(cfg: Config, server: Server, db: Path, session: aiohttp.C
 
 async def run(cfg: Config, profile: str, profile_dir: Path) -> int:
     began = time.perf_counter()
-    await wait_quiet(cfg.quiet_wait)
+    quiet = Quiet(QUIET_BUDGET)
+    await quiet.wait(cfg.quiet_wait)
     ceiling = bench_ceiling(cfg)
     code = 1
     with tempfile.TemporaryDirectory(prefix="gm-http-bench-") as directory:
@@ -493,16 +416,15 @@ async def run(cfg: Config, profile: str, profile_dir: Path) -> int:
                   f"(pid {server.pid})")
             connector = aiohttp.TCPConnector(limit=ADD_CLIENTS + 8)
             async with aiohttp.ClientSession(connector=connector) as session:
-                adds = await bench_adds(cfg, ceiling, tmp, server, session)
+                adds = await bench_adds(cfg, ceiling, tmp, server, session, quiet)
                 if profile == "always" or (profile == "auto" and adds["ratio"] < TARGET):
-                    await profile_adds(cfg, server, session, profile_dir)
-                searched = await bench_search(cfg, server, tmp / "server.db", session)
+                    await profile_adds(cfg, server, session, profile_dir, quiet)
+                searched = await bench_search(cfg, server, tmp / "server.db", session, quiet)
             code = 0 if searched["exit_code"] == 0 else 1
             access = sum(1 for line in server.log_path.read_text(errors="replace").splitlines() if "gm.access" in line)
             print(f"\n   server log: {access} access-log lines; warnings/errors:")
-            for line in server.log_path.read_text(errors="replace").splitlines():
-                if " WARNING " in line or " ERROR " in line:
-                    print(f"     {line[:200]}")
+            for line in log_problems([server], ignore=()):
+                print(f"     {line}")
         finally:
             server.kill_if_running()
     print(f"\ntotal run time {time.perf_counter() - began:.0f}s")

@@ -18,51 +18,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from servers import Server
 
 
 async def main(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp())
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
-
-    with (folder / "serve.log").open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gm", "serve", "--port", str(port), "--db", str(folder / "idle.db")],
-            stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_files,
-        )
+    server = Server(folder / "idle.db", folder / "serve.log", keep_settings=True, open_files=args.nofile)
     sockets: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     try:
+        try:
+            await server.start(timeout=30)
+        except RuntimeError as exc:
+            raise SystemExit(f"the server did not start: {exc}") from None
+        url = server.url
+        port = urlsplit(url).port
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with session.get(url + "/v1/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start:\n{(folder / 'serve.log').read_text()}")
-                await asyncio.sleep(0.1)
             for _ in range(args.sockets):
                 try:
                     sockets.append(await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2))
@@ -89,8 +67,7 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for _, writer in sockets:
             writer.close()
-        server.terminate()
-        server.wait(60)
+        server.kill_if_running()
 
 
 if __name__ == "__main__":

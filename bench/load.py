@@ -23,8 +23,9 @@ and per operation, p50/p95/p99/max latency per operation in milliseconds, and th
 (count, and the first few status codes and bodies); ``--json`` prints one JSON object.
 Exit status: 0 if every measured request succeeded, 1 if some failed, 2 on bad usage.
 
-Importable: ``await run_load(LoadConfig(...))`` returns a :class:`LoadResult`;
-``Workload`` gives the same texts and queries to other benchmarks. Needs only aiohttp.
+Importable: ``await run_load(LoadConfig(...))`` returns a :class:`LoadResult`, and
+``run_spread`` runs it against several servers at once. The texts, users and queries are
+bench/workload.py's ``Workload``. Needs only aiohttp.
 """
 
 from __future__ import annotations
@@ -38,208 +39,20 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from figures import percentile, rounded
+from workload import Workload
+
 OPS = ("add", "batch", "search", "get", "list")
 DEFAULT_URL = "http://127.0.0.1:8420"
 MAX_ERRORS_KEPT = 5
 ABORT_AFTER = 200  # measured requests that all failed before the run gives up
-
-# -- realistic texts ------------------------------------------------------------------------
-
-FIRST_NAMES = (
-    "Alice", "Bilal", "Carmen", "Dmitri", "Esther", "Farid", "Gwen", "Hiro", "Ines", "Jakob", "Kemi", "Luis",
-    "Mirela", "Nikhil", "Olga", "Pablo", "Quinn", "Rosa", "Stefan", "Tamar", "Ulla", "Victor", "Wen", "Ximena",
-    "Yusuf", "Zoe", "Anouk", "Benedikt", "Chidi", "Dagny",
-)
-PEOPLE = (
-    "sister", "brother", "wife", "husband", "partner", "son", "daughter", "mother", "father", "manager",
-    "team lead", "flatmate", "best friend", "accountant", "physiotherapist", "piano teacher", "mentor",
-)
-PLACES = (
-    "Porto", "Munich", "Osaka", "Montreal", "Accra", "Hobart", "Minneapolis", "Valencia", "Busan", "Galway",
-    "Oaxaca", "Aarhus", "Durban", "Victoria", "Glasgow", "Penang", "Denver", "Brno", "Lyon", "Tallinn",
-)
-DISHES = (
-    "green curry", "poke bowls", "miso ramen", "margherita pizza", "pistachio gelato", "flat whites",
-    "fish tacos", "red lentil dal", "smoked mackerel", "porcini risotto", "halloumi wraps", "cold brew",
-    "shakshuka", "bibimbap", "pierogi", "pho",
-)
-CONDITIONS = (
-    "a tree nut allergy", "coeliac disease", "lactose intolerance", "a shellfish allergy", "hay fever",
-    "migraines", "a bad knee", "type 1 diabetes", "mild asthma", "a penicillin allergy",
-)
-ACTIVITIES = (
-    "rock climbing", "playing the violin", "open-water swimming", "pottery", "go", "astronomy", "knitting",
-    "sourdough baking", "tango", "fly fishing", "film photography", "learning Portuguese", "beekeeping",
-    "cycling", "improv theatre", "calligraphy", "volunteering at a food bank",
-)
-APPS = (
-    "Things", "a bullet journal", "Outlook", "Logseq", "Trello", "sticky notes", "Asana", "Apple Reminders",
-    "a Kanban board", "plain text files",
-)
-WORK = (
-    "the payments rewrite", "the Android release", "the annual budget", "the cloud cost review",
-    "the customer portal", "the analytics dashboard", "the vendor contract", "the compliance audit",
-    "the team offsite", "the API deprecation", "the warehouse rollout", "the grant application",
-)
-DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-    "November", "December",
-)
-ANIMALS = ("a dachshund", "three cats", "a cockatiel", "a retired greyhound", "two guinea pigs", "a border collie")
-GENRES = ("detective novels", "history podcasts", "synthwave", "nature documentaries", "stand-up specials",
-          "chess streams", "poetry collections", "space opera audiobooks")
-TOPICS = ("travel", "health", "food", "family", "work", "hobbies", "schedule", "finance", "pets", "media")
-
-STATEMENTS = (
-    ("travel", "{n} always asks for an aisle seat and likes to land in {place} before noon."),
-    ("health", "{n} has {condition} and wants meal plans and restaurant picks to take it into account."),
-    ("family", "{n}'s {person} is coming over from {place} in {month} for about {k} days."),
-    ("hobbies", "{n} has been {activity} on {day} evenings for {k} years and is thinking about lessons."),
-    ("food", "After a stressful week {n} usually orders {dish} and watches something light."),
-    ("work", "{n} tracks everything in {app} and finds chat notifications distracting during focus time."),
-    ("work", "{n} owns {work} and the review with their {person} was pushed to late {month}."),
-    ("travel", "{n} relocated to {place} in {year} and is still getting used to the weather."),
-    ("pets", "{n} looks after {animal} and books a sitter for any trip longer than a weekend."),
-    ("family", "Remind {n} about their {person}'s birthday on {month} {date}; they like to send flowers."),
-    ("media", "{n} listens to {genre} while commuting and liked the last recommendation a lot."),
-    ("work", "{n} felt the call with their {person} about {work} went poorly and wants to prepare better."),
-    ("health", "{n} is training for a 10k in {place} in {month} and runs three times a week."),
-    ("food", "{n} avoids alcohol at work events and usually orders {dish} or a soda water instead."),
-    ("schedule", "{n} keeps {day} mornings free of meetings and does deep work from home that day."),
-    ("hobbies", "On weekends {n} prefers {activity}, ideally followed by {dish} with friends."),
-    ("family", "{n} reserved a table for {k} in {place} to celebrate their {person}'s new job."),
-    ("finance", "{n} is putting money aside for a flat in {place} and wants a budget check every month."),
-    ("hobbies", "{n} picked up {activity} after their {person} gave them a starter set for their birthday."),
-    ("finance", "{n} was invoiced twice for {work} and asked for a correction before the end of {month}."),
-    ("schedule", "{n} is out of office from {month} {date} and asked not to be contacted about {work}."),
-    ("media", "{n} dislikes {genre} and asked never to get those as suggestions again."),
-    ("health", "{n} sees their {person} every {day} for a bad back and cannot book anything before ten."),
-    ("food", "{n} is vegetarian on weekdays but happily eats {dish} when eating out in {place}."),
-)
-ADDENDA = (
-    "They mentioned it twice in the last conversation.",
-    "It came up while planning a trip to {place}.",
-    "Their {person} confirmed it in an email on {day}.",
-    "This seems more important to them than they let on.",
-    "They do not expect this to change before {month}.",
-    "Only bring it up when it is relevant.",
-    "They would like a short list of options by {day}.",
-    "Noted after a call that overran by {k} minutes.",
-    "They prefer one clear suggestion over many alternatives.",
-    "Something similar happened in {place} last year and it worked out fine.",
-    "Keep the tone light when mentioning it.",
-)
-QUESTIONS = (
-    "Which seat does {n} prefer when flying?",
-    "Does {n} have any allergies or dietary restrictions?",
-    "When is {n}'s {person} visiting?",
-    "What does {n} do on {day} evenings?",
-    "What does {n} eat after a stressful week?",
-    "Which app does {n} use for tasks?",
-    "What is {n} working on and when is the review?",
-    "Where does {n} live now?",
-    "Does {n} have pets?",
-    "When is {n}'s {person}'s birthday?",
-    "What should I suggest {n} listen to on the commute?",
-    "How did {n}'s call about {work} go?",
-    "Is {n} training for a race?",
-    "What does {n} drink at work events?",
-    "which mornings is {n} unavailable for meetings",
-    "good restaurant in {place} for a celebration",
-    "monthly budget check for a flat",
-    "duplicate invoice for {work}",
-    "{activity} lessons",
-    "who gave {n} a starter set",
-)
-
-
-def _fill(template: str, rng: random.Random) -> str:
-    return template.format(
-        n=rng.choice(FIRST_NAMES), person=rng.choice(PEOPLE), place=rng.choice(PLACES), dish=rng.choice(DISHES),
-        condition=rng.choice(CONDITIONS), activity=rng.choice(ACTIVITIES), app=rng.choice(APPS),
-        work=rng.choice(WORK), day=rng.choice(DAYS), month=rng.choice(MONTHS), animal=rng.choice(ANIMALS),
-        genre=rng.choice(GENRES), k=rng.randint(2, 12), date=rng.randint(1, 28), year=rng.randint(2010, 2025),
-    )
-
-
-def memory_text(rng: random.Random) -> tuple[str, str]:
-    """One (topic, text) pair: a memory-like statement of 10-40 words."""
-    topic, template = rng.choice(STATEMENTS)
-    words = _fill(template, rng).split()
-    addenda = rng.sample(ADDENDA, 4)
-    for extra in addenda[: rng.choice((0, 0, 1, 1, 1, 2, 3))]:
-        extra_words = _fill(extra, rng).split()
-        if len(words) + len(extra_words) > 40:
-            break
-        words += extra_words
-    if len(words) < 10:
-        words += _fill(addenda[-1], rng).split()
-    return topic, " ".join(words[:40])
-
-
-def memory_texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [memory_text(rng)[1] for _ in range(n)]
-
-
-def query_texts(n: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [_fill(rng.choice(QUESTIONS), rng) for _ in range(n)]
-
-
-class Workload:
-    """Deterministic request bodies: the k-th add, search, ... of a seed are always the
-    same, whatever the mix or the concurrency (each operation has its own random stream)."""
-
-    def __init__(self, seed: int = 0, *, namespace: str = "loadtest", users: int = 100,
-                 search_scope: str = "user", search_mode: str | None = None, limit: int = 10,
-                 batch_size: int = 50) -> None:
-        self.namespace = namespace
-        self.users = max(1, users)
-        self.search_scope = search_scope
-        self.search_mode = search_mode
-        self.limit = limit
-        self.batch_size = batch_size
-        self._add_rng = random.Random(f"{seed}:add")
-        self._search_rng = random.Random(f"{seed}:search")
-        self._misc_rng = random.Random(f"{seed}:misc")
-
-    def user(self, rng: random.Random) -> str:
-        return f"user-{rng.randrange(self.users):03d}"
-
-    def memory(self) -> dict[str, Any]:
-        rng = self._add_rng
-        topic, text = memory_text(rng)
-        return {"text": text, "namespace": self.namespace, "user_id": self.user(rng),
-                "metadata": {"topic": topic, "source": "loadtest", "priority": rng.randint(1, 3)}}
-
-    def memories(self, n: int) -> list[dict[str, Any]]:
-        return [self.memory() for _ in range(n)]
-
-    def search(self) -> dict[str, Any]:
-        rng = self._search_rng
-        body: dict[str, Any] = {"query": _fill(rng.choice(QUESTIONS), rng), "namespace": self.namespace,
-                                "limit": self.limit}
-        user = self.user(rng)
-        if self.search_scope == "user":
-            body["user_id"] = user
-        if self.search_mode:
-            body["mode"] = self.search_mode
-        return body
-
-    def list_query(self) -> dict[str, str]:
-        return {"namespace": self.namespace, "user_id": self.user(self._misc_rng), "limit": str(self.limit)}
-
-    def pick(self, ids: list[str]) -> str:
-        return ids[self._misc_rng.randrange(len(ids))]
-
 
 # -- configuration and results ----------------------------------------------------------------
 
@@ -349,17 +162,6 @@ class OpStats:
         return len(self.latencies_ms) + self.errors
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method) of unsorted ``values``."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 @dataclass
 class LoadResult:
     config: LoadConfig
@@ -390,13 +192,13 @@ class LoadResult:
             lat = s.latencies_ms
             ops[name] = {
                 "requests": s.count, "ok": len(lat), "errors": s.errors, "per_second": round(self.rate(name), 2),
-                "p50_ms": _round(percentile(lat, 50)), "p95_ms": _round(percentile(lat, 95)),
-                "p99_ms": _round(percentile(lat, 99)), "max_ms": _round(max(lat) if lat else float("nan")),
-                "mean_ms": _round(sum(lat) / len(lat) if lat else float("nan")),
+                "p50_ms": rounded(percentile(lat, 50), 3), "p95_ms": rounded(percentile(lat, 95), 3),
+                "p99_ms": rounded(percentile(lat, 99), 3), "max_ms": rounded(max(lat) if lat else float("nan"), 3),
+                "mean_ms": rounded(sum(lat) / len(lat) if lat else float("nan"), 3),
             }
             if s.server_ms:
-                ops[name]["server_took_p50_ms"] = _round(percentile(s.server_ms, 50))
-                ops[name]["server_took_p99_ms"] = _round(percentile(s.server_ms, 99))
+                ops[name]["server_took_p50_ms"] = rounded(percentile(s.server_ms, 50), 3)
+                ops[name]["server_took_p99_ms"] = rounded(percentile(s.server_ms, 99), 3)
             if name == "batch":
                 ops[name]["memories_per_second"] = round(len(lat) * cfg.batch_size / self.elapsed, 2)
         return {
@@ -437,10 +239,6 @@ class LoadResult:
         for e in self.first_errors:
             lines.append(f"  {e['op']}: status {e['status']}: {e['body']}")
         return "\n".join(lines)
-
-
-def _round(x: float) -> float | None:
-    return None if math.isnan(x) else round(x, 3)
 
 
 # -- the generator ----------------------------------------------------------------------------
@@ -612,6 +410,20 @@ async def run_load(cfg: LoadConfig, session: aiohttp.ClientSession | None = None
         if own:
             await session.close()
     return LoadResult(cfg, elapsed, run.ops, run.first_errors, prefill_seconds, prefilled, cpu, stopped)
+
+
+def spread(total: int, parts: int) -> list[int]:
+    """``total`` (clients, memories) dealt round-robin to ``parts`` servers."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def run_spread(urls: list[str], clients: int, session: aiohttp.ClientSession,
+                     make: Callable[[str, int, int], LoadConfig]) -> list[LoadResult]:
+    """The generator against every server at once, ``clients`` dealt round-robin:
+    ``make(url, share, i)`` is the i-th server's configuration."""
+    shares = spread(clients, len(urls))
+    return list(await asyncio.gather(*(run_load(make(url, share, i), session)
+                                       for i, (url, share) in enumerate(zip(urls, shares, strict=True)))))
 
 
 # -- command line ---------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ conversation's turns for each query itself, with the product's parts.
   the model's 256 wordpieces the farthest context turns are dropped, so the turn itself is
   never truncated. A second vector form mixes the turn's own vector with its neighbours'.
 
-Its parts live beside it: bench/study_rankings.py (corpus, BM25, vectors, fusion, scoring)
-and bench/study_ideas.py (the extra ideas). The grid's sums are saved to
+Its parts live beside it: bench/study_rankings.py (corpus, BM25, vectors, fusion, scoring),
+bench/study_grid.py (the grid and the cross-validation) and bench/study_ideas.py (the extra
+ideas). The grid's sums are saved to
 ``<cache>-grid.npz``; ``--reuse-grid`` re-prints the report from them without re-scoring.
 Findings: docs/retrieval-study.md. The data set (CC BY-NC 4.0) is read in place; nothing
 is copied.
@@ -30,23 +31,23 @@ is copied.
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import sqlite3
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from figures import quantile
+from figures import three_places as fmt
 from gm.search import keyword_terms
-from study_ideas import diverse_top10, entity_weights, expand, near, neighbours, prf_weights
+from locomo import DEFAULT_DATA, read_jsonl
+from study_grid import HEADER, Config, Figures, choose, evaluate, grid, grid_configs, loco, row
+from study_ideas import extras
 from study_rankings import (
     DEFAULT_CACHE,
-    DEFAULT_DATA,
     PRODUCT_DEPTH,
     RRF_K,
     TOKENIZE,
@@ -60,133 +61,10 @@ from study_rankings import (
     blocks,
     check_fts5,
     embed_all,
-    fuse,
     mixed_vectors,
-    normalised,
-    read_jsonl,
     readme_bm25,
-    top10,
     vector_rankings,
 )
-
-# ---------------------------------------------------------------- grid and cross-validation
-
-RRF_KS = (1, 5, 10, 20, 60)
-WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-DEPTHS = (20, 50, 100)
-MIX_ALPHAS = (0.25, 0.5)
-
-
-@dataclass(frozen=True)
-class Config:
-    keyword: str  # the keyword side's index, e.g. "kw p2 n0 +date"; "" when unused
-    vector: str  # the vector side's index, e.g. "vec text p1 n0"; "" when unused
-    fusion: Fusion
-
-    def __str__(self) -> str:
-        sides = " + ".join(s for s in (self.keyword, self.vector) if s)
-        return f"{sides}; {self.fusion}"
-
-
-def fusions() -> list[Fusion]:
-    out = [Fusion("rrf", d, w, k) for d in DEPTHS for k in RRF_KS for w in WEIGHTS]
-    return out + [Fusion(m, d, w) for d in DEPTHS for m in ("minmax", "zscore") for w in WEIGHTS]
-
-
-def evaluate(kw: list[Ranking], vec: list[Ranking], blocks: list[Block], f: Fusion) -> np.ndarray:
-    """Sums per namespace x category x (R@5, R@10, Hit@5)."""
-    return np.stack([b.sums(top10(fuse(k, v, f))) for b, k, v in zip(blocks, kw, vec, strict=True)])
-
-
-def pair_sums(kw: list[Ranking], vec: list[Ranking], blocks: list[Block], grid_fusions: list[Fusion]) -> np.ndarray:
-    """``evaluate`` for every fusion of one (keyword, vector) pair, sharing the per-depth work:
-    sums of shape fusions x ns x 4 x 3."""
-    out = np.zeros((len(grid_fusions), len(blocks), 4, 3))
-    for bi, (b, k, v) in enumerate(zip(blocks, kw, vec, strict=True)):
-        by_rank_k, by_rank_v = np.argsort(k.ranks, axis=1), np.argsort(v.ranks, axis=1)
-        parts: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
-        for fi, f in enumerate(grid_fusions):
-            key = (f.method, f.depth, f.k if f.method == "rrf" else 0)
-            if key not in parts:
-                in_k, in_v = k.ranks <= f.depth, v.ranks <= f.depth
-                if f.method == "rrf":
-                    a, c = in_k / (f.k + k.ranks), in_v / (f.k + v.ranks)
-                else:
-                    a, c = normalised(k, in_k, f.method), normalised(v, in_v, f.method)
-                # Only the two candidate lists can reach the top 10: work on their union, each
-                # turn once (a keyword candidate's copy in the vector list is switched off).
-                cand = np.concatenate([by_rank_k[:, : f.depth], by_rank_v[:, : f.depth]], axis=1)
-                first = np.take_along_axis(in_k, by_rank_k[:, : f.depth], axis=1)
-                dup = np.take_along_axis(in_k, by_rank_v[:, : f.depth], axis=1)
-                off = np.where(np.concatenate([first, ~dup], axis=1), cand * 1e-12, 1e9)
-                parts[key] = (np.take_along_axis(a, cand, axis=1), np.take_along_axis(c, cand, axis=1), off, cand)
-            a, c, off, cand = parts[key]
-            keyed = f.w_kw * a + (1 - f.w_kw) * c - off
-            part = np.argpartition(-keyed, 10, axis=1)[:, :10]
-            order = np.argsort(-np.take_along_axis(keyed, part, axis=1), axis=1, kind="stable")
-            out[fi, bi] = b.sums(np.take_along_axis(cand, np.take_along_axis(part, order, axis=1), axis=1))
-    return out
-
-
-def grid_configs(kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]]) -> list[Config]:
-    """The configurations ``grid`` evaluates, in its order."""
-    return ([Config(k, "", Fusion("keyword")) for k in kw_sides] + [Config("", v, Fusion("vector")) for v in vec_sides]
-            + [Config(k, v, f) for k, v in itertools.product(kw_sides, vec_sides) for f in fusions()])
-
-
-def grid(kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], blocks: list[Block],
-         ) -> tuple[list[Config], np.ndarray]:
-    """Every single-ranking configuration and every fused one; sums of shape configs x ns x 4 x 3."""
-    configs: list[Config] = []
-    sums: list[np.ndarray] = []
-    any_vec, any_kw = next(iter(vec_sides.values())), next(iter(kw_sides.values()))
-    for name, kw in kw_sides.items():
-        configs.append(Config(name, "", Fusion("keyword")))
-        sums.append(evaluate(kw, any_vec, blocks, Fusion("keyword")))
-    for name, vec in vec_sides.items():
-        configs.append(Config("", name, Fusion("vector")))
-        sums.append(evaluate(any_kw, vec, blocks, Fusion("vector")))
-    began, grid_fusions = time.perf_counter(), fusions()
-    for n, (kname, vname) in enumerate(itertools.product(kw_sides, vec_sides)):
-        configs += [Config(kname, vname, f) for f in grid_fusions]
-        sums += list(pair_sums(kw_sides[kname], vec_sides[vname], blocks, grid_fusions))
-        if n % 50 == 49:
-            print(f"  grid: {n + 1}/{len(kw_sides) * len(vec_sides)} index pairs ({time.perf_counter() - began:.0f}s)")
-    return configs, np.stack(sums)
-
-
-@dataclass
-class Figures:
-    n: int
-    r5: float
-    r10: float
-    hit5: float
-    mh_r10: float
-    cat_r10: dict[int, float]
-
-    @classmethod
-    def of(cls, sums: np.ndarray, counts: np.ndarray) -> Figures:
-        """``sums`` ns x 4 x 3 (or 4 x 3) and ``counts`` ns x 4 (or 4) over the namespaces wanted."""
-        s, c = sums.reshape(-1, 4, 3).sum(0), counts.reshape(-1, 4).sum(0)
-        total = s.sum(0) / c.sum()
-        return cls(int(c.sum()), total[0], total[1], total[2], s[0, 1] / max(c[0], 1),
-                   {k + 1: s[k, 1] / max(c[k], 1) for k in range(4)})
-
-
-def choose(sums: np.ndarray, counts: np.ndarray, train: list[int], allowed: np.ndarray | None = None) -> int:
-    """The configuration best on the ``train`` namespaces by R@10, ties by multi-hop R@10,
-    then the first listed (the simpler forms are listed first)."""
-    s, c = sums[:, train].sum(1), counts[train].sum(0)
-    r10 = s[:, :, 1].sum(1) / c.sum()
-    if allowed is not None:
-        r10 = np.where(allowed, r10, -np.inf)
-    mh = np.where(r10 >= r10.max() - 1e-9, s[:, 0, 1] / c[0], -np.inf)
-    return int(np.argmax(mh))
-
-
-def fmt(value: float) -> str:
-    return f"{value:.3f}".lstrip("0") if value < 1 else f"{value:.3f}"
-
 
 # ---------------------------------------------------------------- report
 
@@ -195,6 +73,7 @@ def fmt(value: float) -> str:
 KW_WINDOWS = [(p, n, d, w) for d in (False, True) for n in (0, 1) for p in range(4)
               for w in ((1.0, 0.5, 0.3) if p or n or d else (1.0,))]
 MIX_WINDOWS = [(p, n) for n in (0, 1) for p in range(4) if p + n]
+MIX_ALPHAS = (0.25, 0.5)
 
 
 def kw_name(p: int, n: int, date: bool, w_ctx: float = 1.0) -> str:
@@ -207,21 +86,6 @@ def vec_name(p: int, n: int, date: bool) -> str:
 
 PLAIN_KW, PLAIN_VEC = kw_name(0, 0, False), vec_name(0, 0, False)
 TODAY = Config(PLAIN_KW, PLAIN_VEC, Fusion("rrf", PRODUCT_DEPTH, 0.5, RRF_K))
-
-
-def row(label: str, f: Figures, extra: str = "") -> str:
-    return (f"| {label} | {fmt(f.r10)} | {fmt(f.r5)} | {fmt(f.hit5)} | {fmt(f.mh_r10)} | "
-            + " | ".join(fmt(f.cat_r10[c]) for c in (2, 3, 4)) + f" |{extra}")
-
-
-HEADER = ("| | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal R@10 | open-domain R@10 | single-hop R@10 |\n"
-          "|---|---|---|---|---|---|---|---|")
-
-
-def loco(sums: np.ndarray, counts: np.ndarray, allowed: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """Per fold the configuration chosen on the other four; the held-out sums stacked (ns x 4 x 3)."""
-    chosen = [choose(sums, counts, [j for j in range(len(counts)) if j != i], allowed) for i in range(len(counts))]
-    return chosen, np.stack([sums[c, i] for i, c in enumerate(chosen)])
 
 
 def main() -> None:
@@ -289,7 +153,7 @@ def main() -> None:
         t0 = time.perf_counter()
         encoder.encode([q["question"]])
         times.append(time.perf_counter() - t0)
-    print(f"- for scale: embedding one query, p50 {sorted(times)[100] * 1000:.2f} ms (the same before and after)")
+    print(f"- for scale: embedding one query, p50 {quantile(times, 0.5) * 1000:.2f} ms (the same before and after)")
     print(f"\ntotal run time {time.perf_counter() - began:.0f}s")
 
 
@@ -443,73 +307,6 @@ def ablations(configs: list[Config], sums: np.ndarray, counts: np.ndarray, fused
         print(row(label, Figures.of(held, counts), f" {' '.join(fmt(x) for x in folds)} | {wins}/5 |"))
 
 
-def extras(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSide, indexes: dict[str, KeywordIndex],
-           kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], configs: list[Config],
-           chosen: list[int], names: list[str]) -> None:
-    """Each idea on top of each fold's chosen fusion; its setting ("off" included) chosen on
-    the other four conversations too, so the held-out figure stays honest."""
-    nbs = [neighbours(corpus, b) for b in bl]
-    closeness = {r: [near(corpus, b, r) for b in bl] for r in (1, 2)}
-    memo: dict[tuple[str, str, Any], list[Ranking]] = {}
-
-    def keyword(name: str, idea: str, value: Any) -> list[Ranking]:
-        if idea not in ("prf", "entity") or value in (0.0, (1.0, 1.0)):
-            return kw_sides[name]
-        if (name, idea, value) not in memo:
-            weights = (prf_weights(side, indexes[name], kw_sides[name], bl, value) if idea == "prf"
-                       else entity_weights(side, *value))
-            memo[(name, idea, value)] = side.rankings(indexes[name], bl, weights)
-        return memo[(name, idea, value)]
-
-    def run(c: Config, idea: str, value: Any) -> np.ndarray:
-        kw, vec = keyword(c.keyword, idea, value), vec_sides[c.vector]
-        out = []
-        for bi, (b, k, v, (prev, nxt)) in enumerate(zip(bl, kw, vec, nbs, strict=True)):
-            scores = fuse(k, v, c.fusion)
-            if idea == "expand" and value:
-                scores = expand(scores, prev, nxt, value)
-            if idea == "diverse" and value[0]:
-                out.append(b.sums(diverse_top10(scores, closeness[value[1]][bi], value[0])))
-            else:
-                out.append(b.sums(top10(scores)))
-        return np.stack(out)
-
-    ideas: dict[str, tuple[str, list[Any]]] = {
-        "neighbour expansion (beta x best adjacent fused score)": ("expand", [0.0, 0.1, 0.2, 0.3, 0.5]),
-        "pseudo-relevance feedback, RM3-like (top 3 docs, 10 terms, mean weight lambda)":
-            ("prf", [0.0, 0.1, 0.2, 0.3, 0.5]),
-        "session diversity (score x (1 - delta) per chosen turn within r in its session)":
-            ("diverse", [(0.0, 1)] + [(d, r) for r in (1, 2) for d in (0.25, 0.5, 0.75)]),
-        "entity weighting (capitalised words x gamma, speaker names x sigma)":
-            ("entity", [(1.0, 1.0)] + [(g, s) for g in (1.0, 1.5, 2.0, 3.0) for s in (0.5, 1.0, 2.0)
-                                        if (g, s) != (1.0, 1.0)]),
-    }
-    print("\n## Ideas on top of each fold's chosen fusion (setting chosen on the other four)\n")
-    print("| idea | settings | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal | open-domain | single-hop | "
-          "per-fold R@10 | per-fold choice |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, (idea, values) in ideas.items():
-        began = time.perf_counter()
-        held, picks, best_all = [], [], []
-        for i, c in enumerate(chosen):
-            table = np.stack([run(configs[c], idea, v) for v in values])
-            train = [j for j in range(len(names)) if j != i]
-            pick = choose(table, counts, train)
-            held.append(table[pick, i])
-            picks.append(values[pick])
-            best_all.append(table[:, i])
-        held_sums = np.stack(held)
-        folds = " ".join(fmt(Figures.of(held_sums[i], counts[i]).r10) for i in range(len(names)))
-        print(row(label, Figures.of(held_sums, counts), f" {folds} | {' '.join(str(p) for p in picks)} |")
-              .replace("| " + label + " |", f"| {label} | {len(values)} |", 1))
-        # the pooled effect of each fixed setting, same per-fold base: is any setting a gain?
-        for v, j in zip(values, range(len(values)), strict=True):
-            pooled = Figures.of(np.stack([best_all[i][j] for i in range(len(names))]), counts)
-            print(f"|   ... fixed {v} | | {fmt(pooled.r10)} | {fmt(pooled.r5)} | {fmt(pooled.hit5)} | "
-                  f"{fmt(pooled.mh_r10)} | | | | | |")
-        print(f"<!-- {label}: {time.perf_counter() - began:.0f}s -->")
-
-
 def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool, float], depth: int,
                rows: int = 10_000, samples: int = 300) -> None:
     """Rough p50 of the keyword query (FTS5 MATCH ... ORDER BY bm25 LIMIT depth) at ~10k
@@ -539,8 +336,7 @@ def query_cost(corpus: Corpus, side: KeywordSide, window: tuple[int, int, bool, 
             db.execute("SELECT rowid, bm25(t, 1.0, ?) AS r FROM t WHERE t MATCH ? ORDER BY r LIMIT ?",
                        [w, m, d]).fetchall()
             times.append(time.perf_counter() - t0)
-        times.sort()
-        p50, p90 = times[len(times) // 2] * 1000, times[int(len(times) * 0.9)] * 1000
+        p50, p90 = quantile(times, 0.5) * 1000, quantile(times, 0.9) * 1000
         print(f"- {label}: p50 {p50:.2f} ms, p90 {p90:.2f} ms")
         db.close()
 

@@ -1,5 +1,5 @@
-"""What several benchmarks start and tear down: a ``gmem serve`` subprocess on a loopback
-port (SQLite or Postgres) and fresh databases on the Postgres at 127.0.0.1.
+"""What the benchmarks start and tear down: ``gmem serve`` subprocesses on loopback ports
+(SQLite or Postgres), one at a time or several at once, and fresh databases on the Postgres at 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -24,12 +25,17 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 class Server:
     """``gmem serve`` on a loopback port picked by the OS, logging to a file; ``args`` are
     more flags for it (e.g. ``["--drain-seconds", "5"]``). It can be started again after
-    it stopped (a new port, the log file rewritten)."""
+    it stopped (a new port, the log file rewritten). Of this process's GM_* settings only
+    GM_EMBED_THREADS reaches it, unless ``keep_settings``; ``open_files`` caps its file
+    descriptors (RLIMIT_NOFILE)."""
 
-    def __init__(self, db: Path, log_path: Path, args: Sequence[str] = ()) -> None:
+    def __init__(self, db: Path, log_path: Path, args: Sequence[str] = (), *, keep_settings: bool = False,
+                 open_files: int | None = None) -> None:
         self.db = db
         self.log_path = log_path
         self.args = list(args)
+        self.keep_settings = keep_settings
+        self.open_files = open_files
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -45,11 +51,13 @@ class Server:
 
     async def start(self, timeout: float = 120.0) -> float:
         """Spawn it and wait for /v1/readyz 200; the seconds from spawn to ready."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GM_") or k == "GM_EMBED_THREADS"}
+        env = {k: v for k, v in os.environ.items()
+               if self.keep_settings or not k.startswith("GM_") or k == "GM_EMBED_THREADS"}
         self.url = ""
         started = time.perf_counter()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log, env=env)
+            self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                         preexec_fn=self._limit_files if self.open_files else None)
         deadline = started + timeout
         while not self.url:
             self._check_alive()
@@ -72,6 +80,10 @@ class Server:
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"/v1/readyz was not 200 within {timeout:.0f}s; see {self.log_path}")
                 await asyncio.sleep(0.02)
+
+    def _limit_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def _check_alive(self) -> None:
         assert self.proc is not None
@@ -114,6 +126,57 @@ class PgServer(Server):
         head = super().command()
         at = head.index("--db")
         return [*head[:at], "--database-url", self.database_url, *head[at + 2 :]]
+
+
+async def start_all(servers: Sequence[Server], threads: int | None) -> None:
+    """Start them all at once with GM_EMBED_THREADS=threads (None: unset, so all cores);
+    Server.start passes that variable on to the server."""
+    saved = os.environ.get("GM_EMBED_THREADS")
+    if threads is None:
+        os.environ.pop("GM_EMBED_THREADS", None)
+    else:
+        os.environ["GM_EMBED_THREADS"] = str(threads)
+    try:
+        await asyncio.gather(*(s.start() for s in servers))
+    finally:
+        if saved is None:
+            os.environ.pop("GM_EMBED_THREADS", None)
+        else:
+            os.environ["GM_EMBED_THREADS"] = saved
+
+
+def stop_all(servers: Sequence[Server]) -> list[int]:
+    """SIGTERM each one still running; their exit statuses."""
+    codes = []
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            codes.append(server.stop()[0])
+        server.kill_if_running()
+    return codes
+
+
+def log_problems(servers: Sequence[Server], ignore: Sequence[str] = ("no GM_API_KEYS set",)) -> list[str]:
+    """The WARNING and ERROR lines of their logs (each cut at 200 characters), but those
+    containing one of ``ignore``."""
+    lines = []
+    for server in servers:
+        if server.log_path.exists():
+            for line in server.log_path.read_text(errors="replace").splitlines():
+                if (" WARNING " in line or " ERROR " in line) and not any(text in line for text in ignore):
+                    lines.append(line[:200])
+    return lines
+
+
+async def warm_up(session: aiohttp.ClientSession, servers: Sequence[Server]) -> None:
+    """One add and one search per instance: loads each one's model before anything is timed."""
+
+    async def one(url: str) -> None:
+        async with session.post(url + "/v1/memories", json={"text": "Warm-up memory.", "namespace": "warmup"}) as r:
+            assert r.status == 201, await r.text()
+        async with session.post(url + "/v1/memories/search", json={"query": "warm up", "namespace": "warmup"}) as r:
+            assert r.status == 200, await r.text()
+
+    await asyncio.gather(*(one(s.url) for s in servers))
 
 
 def check_loopback_postgres(url: str, flag: str = "--admin-url") -> str:

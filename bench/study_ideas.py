@@ -1,15 +1,20 @@
 """Ideas tried on top of the study's chosen fusion: neighbour expansion, session diversity,
-pseudo-relevance feedback and entity weighting for the keyword side.
+pseudo-relevance feedback and entity weighting for the keyword side; and their evaluation,
+each idea's setting chosen leave-one-conversation-out like the fusion.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter, defaultdict
+from typing import Any
 
 import numpy as np
 
-from study_rankings import NOT_FOUND, Block, Corpus, KeywordIndex, KeywordSide, Ranking, fts5_tokens
+from figures import three_places as fmt
+from study_grid import Config, Figures, choose, row
+from study_rankings import NOT_FOUND, Block, Corpus, KeywordIndex, KeywordSide, Ranking, fts5_tokens, fuse, top10
 
 
 def neighbours(corpus: Corpus, b: Block) -> tuple[np.ndarray, np.ndarray]:
@@ -110,3 +115,70 @@ def entity_weights(side: KeywordSide, gamma: float, sigma: float) -> list[dict[s
             elif t in capital:
                 w[t] *= gamma
     return weights
+
+
+def extras(corpus: Corpus, bl: list[Block], counts: np.ndarray, side: KeywordSide, indexes: dict[str, KeywordIndex],
+           kw_sides: dict[str, list[Ranking]], vec_sides: dict[str, list[Ranking]], configs: list[Config],
+           chosen: list[int], names: list[str]) -> None:
+    """Each idea on top of each fold's chosen fusion; its setting ("off" included) chosen on
+    the other four conversations too, so the held-out figure stays honest."""
+    nbs = [neighbours(corpus, b) for b in bl]
+    closeness = {r: [near(corpus, b, r) for b in bl] for r in (1, 2)}
+    memo: dict[tuple[str, str, Any], list[Ranking]] = {}
+
+    def keyword(name: str, idea: str, value: Any) -> list[Ranking]:
+        if idea not in ("prf", "entity") or value in (0.0, (1.0, 1.0)):
+            return kw_sides[name]
+        if (name, idea, value) not in memo:
+            weights = (prf_weights(side, indexes[name], kw_sides[name], bl, value) if idea == "prf"
+                       else entity_weights(side, *value))
+            memo[(name, idea, value)] = side.rankings(indexes[name], bl, weights)
+        return memo[(name, idea, value)]
+
+    def run(c: Config, idea: str, value: Any) -> np.ndarray:
+        kw, vec = keyword(c.keyword, idea, value), vec_sides[c.vector]
+        out = []
+        for bi, (b, k, v, (prev, nxt)) in enumerate(zip(bl, kw, vec, nbs, strict=True)):
+            scores = fuse(k, v, c.fusion)
+            if idea == "expand" and value:
+                scores = expand(scores, prev, nxt, value)
+            if idea == "diverse" and value[0]:
+                out.append(b.sums(diverse_top10(scores, closeness[value[1]][bi], value[0])))
+            else:
+                out.append(b.sums(top10(scores)))
+        return np.stack(out)
+
+    ideas: dict[str, tuple[str, list[Any]]] = {
+        "neighbour expansion (beta x best adjacent fused score)": ("expand", [0.0, 0.1, 0.2, 0.3, 0.5]),
+        "pseudo-relevance feedback, RM3-like (top 3 docs, 10 terms, mean weight lambda)":
+            ("prf", [0.0, 0.1, 0.2, 0.3, 0.5]),
+        "session diversity (score x (1 - delta) per chosen turn within r in its session)":
+            ("diverse", [(0.0, 1)] + [(d, r) for r in (1, 2) for d in (0.25, 0.5, 0.75)]),
+        "entity weighting (capitalised words x gamma, speaker names x sigma)":
+            ("entity", [(1.0, 1.0)] + [(g, s) for g in (1.0, 1.5, 2.0, 3.0) for s in (0.5, 1.0, 2.0)
+                                        if (g, s) != (1.0, 1.0)]),
+    }
+    print("\n## Ideas on top of each fold's chosen fusion (setting chosen on the other four)\n")
+    print("| idea | settings | R@10 | R@5 | Hit@5 | multi-hop R@10 | temporal | open-domain | single-hop | "
+          "per-fold R@10 | per-fold choice |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, (idea, values) in ideas.items():
+        began = time.perf_counter()
+        held, picks, best_all = [], [], []
+        for i, c in enumerate(chosen):
+            table = np.stack([run(configs[c], idea, v) for v in values])
+            train = [j for j in range(len(names)) if j != i]
+            pick = choose(table, counts, train)
+            held.append(table[pick, i])
+            picks.append(values[pick])
+            best_all.append(table[:, i])
+        held_sums = np.stack(held)
+        folds = " ".join(fmt(Figures.of(held_sums[i], counts[i]).r10) for i in range(len(names)))
+        print(row(label, Figures.of(held_sums, counts), f" {folds} | {' '.join(str(p) for p in picks)} |")
+              .replace("| " + label + " |", f"| {label} | {len(values)} |", 1))
+        # the pooled effect of each fixed setting, same per-fold base: is any setting a gain?
+        for v, j in zip(values, range(len(values)), strict=True):
+            pooled = Figures.of(np.stack([best_all[i][j] for i in range(len(names))]), counts)
+            print(f"|   ... fixed {v} | | {fmt(pooled.r10)} | {fmt(pooled.r5)} | {fmt(pooled.hit5)} | "
+                  f"{fmt(pooled.mh_r10)} | | | | | |")
+        print(f"<!-- {label}: {time.perf_counter() - began:.0f}s -->")

@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +19,13 @@ import numpy as np
 
 from gm.embedding import MAX_TOKENS, Encoder, ModelSpec
 from gm.search import candidates, keyword_terms
+from locomo import date_words
 
-DEFAULT_DATA = Path("/work/shared/data/locomo/dev")
 DEFAULT_CACHE = Path("/tmp/gm-study")
-CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop"}
 K1, B = 1.2, 0.75
 TOKENIZE = "porter unicode61 remove_diacritics 2"  # sqlite_migrations.V2_KEYWORDS
 PRODUCT_DEPTH = candidates(10)  # 50: what hybrid search fetches per ranking today
 RRF_K = 60  # the rank constant of the hybrid search the study compares against (RRF, equal weights)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def date_words(date_time: str) -> str:
-    """'1:56 pm on 8 May, 2023' -> 'Monday 8 May 2023'."""
-    moment = datetime.strptime(date_time.replace(" ", "").lower(), "%I:%M%pon%d%B,%Y")
-    return f"{moment:%A} {moment.day} {moment:%B %Y}"
 
 
 @dataclass

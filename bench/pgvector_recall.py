@@ -1,0 +1,352 @@
+"""pgvector's HNSW recall@10 against exact search, as the Postgres backend runs it.
+
+    .venv/bin/python bench/postgres.py recall [--quick] [--rows 100000] [--ef 40,100,200] [--json]
+
+At ``--rows`` memories (100,000) of 384 dimensions, on a Postgres 16 + pgvector 0.6.2 started by
+the ``pgserver`` package in a temporary directory. Embedding 100,000 texts would take ~10 minutes
+here, so the vectors are made this way: ``--base`` real texts (5,000: the LoCoMo dev memories of
+bench/recall.py where present, the rest from bench/workload.py's ``Workload``) are embedded with
+the real model; each stored vector is a base vector e plus Gaussian noise drawn with the
+covariance of the real embeddings (so it moves along the directions real texts vary in), scaled
+by ``--spread`` (0.7), renormalised: cos(v, e) is about 0.85-0.88. The median similarity to the
+1st and 10th nearest neighbour is printed for the real texts and the synthetic set, to judge
+how alike they are (the synthetic set is denser, as 100,000 real texts would be). The 200 query
+vectors are embeddings of real questions (LoCoMo and Workload), not perturbations.
+
+Rows go straight into a database migrated by gm (``gm.open`` once, then COPY into
+``memories``: embedding as float32 bytes and ``vec``), then the HNSW index gm creates is built
+over them (timed; gm itself creates it on the first vector write and fills it row by row), and
+each query goes through ``PostgresBackend.vector_search`` itself (its module's ef_search
+constant is set per run, bench-side) and is compared with a numpy brute-force top-10 of the
+same scope, at each ``--ef`` (40,100,200); then at limit 50 with gm's own ef_search, the call a
+hybrid search with limit 10 makes. Scopes: the main namespace (99% of the rows), one user of it
+(10%), and a namespace holding 1% of the rows. HNSW filters after its graph walk (pgvector <
+0.8), so a narrow scope can leave the page short, and then the backend runs an exact scan: the
+output says how often that happened and which plans Postgres chose.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import numpy as np
+
+import gm
+import gm.storage.postgres as pg
+from cpu import CpuMeter, Quiet
+from figures import load_average, percentile, progress
+from gm import search
+from gm.embedding import Encoder, ModelSpec
+from gm.memory import Scope
+from locomo import read_jsonl
+from workload import Workload, query_texts
+
+if TYPE_CHECKING:
+    from postgres import Config
+
+MAIN_NS, SMALL_NS = "bench", "small"
+RECALL_USERS = 10  # users of the main namespace: one of them holds ~10% of the rows
+HYBRID_DEPTH = search.candidates(10)  # how deep a hybrid search with limit 10 asks vector_search to go
+
+
+def real_texts(n: int, data: Path) -> tuple[list[str], str]:
+    """``n`` memory texts: the LoCoMo dev memories where present, then Workload ones."""
+    texts: list[str] = []
+    source = []
+    if (data / "memories.jsonl").is_file():
+        texts = [m["text"] for m in read_jsonl(data / "memories.jsonl")][:n]
+        source.append(f"{len(texts)} LoCoMo dev memories")
+    rest = n - len(texts)
+    if rest:
+        texts += [m["text"] for m in Workload(seed=3).memories(rest)]
+        source.append(f"{rest} bench/workload.py Workload texts")
+    return texts, " + ".join(source)
+
+
+def real_questions(n: int, data: Path) -> tuple[list[str], str]:
+    questions: list[str] = []
+    source = []
+    if (data / "queries.jsonl").is_file():
+        questions = [q["question"] for q in read_jsonl(data / "queries.jsonl")][: n // 2]
+        source.append(f"{len(questions)} LoCoMo dev questions")
+    rest = n - len(questions)
+    questions += query_texts(rest, seed=11)
+    source.append(f"{rest} Workload questions")
+    return questions, " + ".join(source)
+
+
+def synthesize(base: np.ndarray, n: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` unit vectors, each a random base vector plus Gaussian noise with the base set's
+    covariance times ``scale``; and the base index of each."""
+    rng = np.random.default_rng(seed)
+    centered = base - base.mean(axis=0)
+    _, singular, directions = np.linalg.svd(centered, full_matrices=False)
+    stddev = (singular / np.sqrt(len(base))).astype(np.float32)  # per principal direction
+    parents = rng.integers(0, len(base), n)
+    out = np.empty((n, base.shape[1]), dtype=np.float32)
+    for start in range(0, n, 20_000):
+        end = min(n, start + 20_000)
+        noise = (rng.standard_normal((end - start, len(stddev)), dtype=np.float32) * stddev) @ directions
+        chunk = base[parents[start:end]] + scale * noise
+        out[start:end] = chunk / np.linalg.norm(chunk, axis=1, keepdims=True)
+    return out, parents
+
+
+def neighbour_similarity(vectors: np.ndarray, sample: int, seed: int) -> dict[str, float]:
+    """Median cosine similarity of a sample of vectors to their 1st and 10th nearest neighbour."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)
+    sims = vectors[picked] @ vectors.T
+    sims[np.arange(len(picked)), picked] = -2.0  # not itself
+    top = -np.partition(-sims, 10, axis=1)[:, :10]
+    top.sort(axis=1)
+    return {"nn1_p50": round(float(np.median(top[:, -1])), 3), "nn10_p50": round(float(np.median(top[:, 0])), 3)}
+
+
+def exact_top(vectors: np.ndarray, members: np.ndarray, query: np.ndarray, k: int) -> tuple[set[int], float]:
+    """The exact top-``k`` rows of ``members`` by cosine, and the k-th best similarity."""
+    k = min(k, len(members))
+    sims = vectors[members] @ query
+    best = np.argpartition(-sims, k - 1)[:k]
+    return {int(members[i]) for i in best}, float(sims[best].min())
+
+
+class CountingBackend(pg.PostgresBackend):
+    """The real backend; records how many statements each vector_search issued (2 = the
+    exact fallback ran), how many rows the first (HNSW) one returned, and the SQL used."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.calls: list[tuple[str, list[Any], int]] = []
+
+    async def _vector_rows(self, sql: str, params: list[Any], limit: int) -> list[Any]:
+        rows = await super()._vector_rows(sql, params, limit)
+        self.calls.append((sql, list(params), len(rows)))
+        return rows
+
+
+async def load_rows(url: str, vectors: np.ndarray, texts: list[str], parents: np.ndarray,
+                    namespaces: list[str], users: list[str | None]) -> float:
+    """COPY the rows into ``memories`` on a pooled connection of the backend (it knows the
+    binary format of ``vector``); ids are ``r<index>``."""
+    backend = pg.PostgresBackend(url)
+    await backend.open(lambda changes: None)
+    started = time.perf_counter()
+    now = int(time.time() * 1000)
+    try:
+        async with backend.acquire("loading") as conn:
+            for start in range(0, len(vectors), 10_000):
+                records = []
+                for i in range(start, min(len(vectors), start + 10_000)):
+                    raw = vectors[i].astype("<f4").tobytes()
+                    at = now - (len(vectors) - i) * 1000
+                    records.append((f"r{i}", namespaces[i], users[i], texts[parents[i]], "{}", at, at, raw, raw))
+                await conn.copy_records_to_table(
+                    "memories", records=records,
+                    columns=["id", "namespace", "user_id", "text", "metadata", "created_at", "updated_at",
+                             "embedding", "vec"])
+                progress(f"   loaded {min(len(vectors), start + 10_000):,}/{len(vectors):,} rows")
+            await conn.execute("ANALYZE memories")
+    finally:
+        await backend.close()
+    return time.perf_counter() - started
+
+
+async def build_hnsw(url: str, dim: int, maintenance_work_mem: str) -> dict[str, Any]:
+    """The index gm's ensure_hnsw creates, built over the loaded rows, and the meta row it
+    records (so the backend treats it as its own)."""
+    notices: list[str] = []
+    conn = await asyncpg.connect(url)
+    try:
+        conn.add_log_listener(lambda _conn, message: notices.append(str(message)))
+        default_mwm = await conn.fetchval("SHOW maintenance_work_mem")
+        workers = await conn.fetchval("SHOW max_parallel_maintenance_workers")
+        if maintenance_work_mem:
+            await conn.execute(f"SET maintenance_work_mem = '{maintenance_work_mem}'")
+        started = time.perf_counter()
+        await conn.execute(f"CREATE INDEX memories_vec_hnsw ON memories USING hnsw ((vec::vector({dim})) "
+                           "vector_cosine_ops)")
+        seconds = time.perf_counter() - started
+        await conn.execute("INSERT INTO meta (key, value) VALUES ('hnsw_dimensions', $1)", str(dim))
+        size = await conn.fetchval("SELECT pg_relation_size('memories_vec_hnsw')")
+        version = await conn.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+        server = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return {"seconds": round(seconds, 1), "index_mb": round(size / 1e6, 1), "maintenance_work_mem":
+            maintenance_work_mem or default_mwm, "server_default_maintenance_work_mem": default_mwm,
+            "max_parallel_maintenance_workers": workers, "notices": notices[:5], "pgvector": version,
+            "postgres": server}
+
+
+async def explain(backend: CountingBackend, sql: str, params: list[Any], ef: int) -> str:
+    """The scan nodes of Postgres's plan for a statement, under the same settings."""
+    async with backend.acquire("explaining") as conn, conn.transaction():
+        await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+        lines = [r[0] for r in await conn.fetch("EXPLAIN " + sql, *params)]
+    nodes = [line.strip().removeprefix("->").strip().split("  (cost")[0] for line in lines
+             if line.lstrip().startswith("->") or line is lines[0]]
+    return " <- ".join(nodes)
+
+
+async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np.ndarray, scope: Scope,
+                      members: np.ndarray, ef: int, rowid_to_index: dict[int, int], limit: int = 10,
+                      ) -> dict[str, Any]:
+    """Every query through ``backend.vector_search`` (sequentially), against numpy's exact
+    top-``limit`` of the scope: recall@limit, latency, how often the exact fallback ran."""
+    pg.HNSW_EF_SEARCH = ef  # read by _vector_rows at each call: SET LOCAL hnsw.ef_search = max(this, limit)
+    recalls: list[float] = []
+    latencies: list[float] = []
+    first_rows: list[int] = []
+    fallbacks = 0
+    now = int(time.time() * 1000) + 1
+    plans: dict[str, str] = {}
+    for q in queries:
+        backend.calls.clear()
+        began = time.perf_counter()
+        hits = await backend.vector_search(q.astype("<f4").tobytes(), scope, None, limit, now)
+        latencies.append(time.perf_counter() - began)
+        truth, kth = exact_top(vectors, members, q, limit)
+        sims = {rowid_to_index[r]: float(vectors[rowid_to_index[r]] @ q) for r, _ in hits}
+        # a returned row as close as the exact last one counts (float ties between pgvector and numpy)
+        recalls.append(sum(1 for i, s in sims.items() if i in truth or s >= kth - 1e-5) / len(truth))
+        first_rows.append(backend.calls[0][2])
+        fallbacks += len(backend.calls) > 1
+        for name, (sql, params, _) in zip(("hnsw", "fallback"), backend.calls, strict=False):
+            if name not in plans:
+                plans[name] = await explain(backend, sql, params, max(ef, limit))
+    return {
+        "ef_search": max(ef, limit), "limit": limit, "recall": round(statistics.mean(recalls), 4),
+        "queries": len(queries), "fallbacks": fallbacks,
+        "first_statement_rows_p50": statistics.median(first_rows),
+        "p50_ms": round(percentile(latencies, 50) * 1000, 2), "p99_ms": round(percentile(latencies, 99) * 1000, 2),
+        "plans": plans,
+    }
+
+
+async def backend_pids(backend: pg.PostgresBackend) -> list[int]:
+    return [r[0] for r in await backend.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+
+
+def start_pgserver(directory: Path) -> Any:
+    if "XDG_RUNTIME_DIR" not in os.environ:  # pgserver warns without a private runtime dir
+        runtime = directory / "runtime"
+        runtime.mkdir(mode=0o700)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    import pgserver
+
+    return pgserver.get_server(directory / "pgdata", cleanup_mode="delete")
+
+
+async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict[str, Any]:
+    progress(f"\n== recall: pgvector HNSW vs exact at {cfg.rows:,} vectors ==")
+    texts, text_source = real_texts(cfg.base, data)
+    questions, question_source = real_questions(cfg.queries, data)
+    encoder = Encoder(ModelSpec.default())
+    began = time.perf_counter()
+    base = encoder.encode(texts)
+    queries = encoder.encode(questions)
+    embed_seconds = time.perf_counter() - began
+    progress(f"   embedded {len(texts)} texts and {len(questions)} questions in {embed_seconds:.1f}s")
+    vectors, parents = synthesize(base, cfg.rows, cfg.spread, seed=1)
+    similarity = {"real": neighbour_similarity(base, 500, seed=2),
+                  "synthetic": neighbour_similarity(vectors, 500, seed=2),
+                  "cos_to_base_p50": round(float(np.median(np.einsum("ij,ij->i", vectors, base[parents]))), 3)}
+    rng = np.random.default_rng(3)
+    order = rng.permutation(cfg.rows)
+    small = set(order[: cfg.rows // 100].tolist())
+    namespaces = [SMALL_NS if i in small else MAIN_NS for i in range(cfg.rows)]
+    users: list[str | None] = [None if i in small else f"user-{i % RECALL_USERS}" for i in range(cfg.rows)]
+
+    server = start_pgserver(tmp)
+    try:
+        url = server.get_uri()
+        async with gm.open(url):  # migrations: the schema, with the vec column since pgvector is there
+            pass
+        loaded = await load_rows(url, vectors, texts, parents, namespaces, users)
+        progress(f"   loaded {cfg.rows:,} rows in {loaded:.1f}s; building the HNSW index")
+        index = await build_hnsw(url, vectors.shape[1], cfg.maintenance_work_mem)
+        progress(f"   index built in {index['seconds']}s ({index['index_mb']} MB)")
+        backend = CountingBackend(url)
+        await backend.open(lambda changes: None)
+        try:
+            rowid_to_index = {r[0]: int(r[1][1:]) for r in await backend.fetch("SELECT rowid, id FROM memories")}
+            ns = np.array(namespaces)
+            user_arr = np.array([u or "" for u in users])
+            scopes = [
+                ("main namespace (99%)", Scope(MAIN_NS), np.flatnonzero(ns == MAIN_NS)),
+                ("one user (~10%)", Scope(MAIN_NS, "user-3"), np.flatnonzero(user_arr == "user-3")),
+                ("small namespace (1%)", Scope(SMALL_NS), np.flatnonzero(ns == SMALL_NS)),
+            ]
+            saved = pg.HNSW_EF_SEARCH
+            try:
+                await run_queries(backend, vectors, queries, scopes[0][1], scopes[0][2], 100, rowid_to_index)  # warm
+                results = []
+                # recall@10 at each ef_search, then the call hybrid search makes: limit 50 (its
+                # candidate depth) at gm's own ef_search, max(100, limit)
+                runs = [(ef, 10) for ef in cfg.ef] + [(saved, HYBRID_DEPTH)]
+                for label, scope, members in scopes:
+                    for ef, limit in runs:
+                        await quiet.wait(min(cfg.quiet_wait, 10))
+                        async with CpuMeter([], functools.partial(backend_pids, backend)) as cpu:
+                            r = await run_queries(backend, vectors, queries, scope, members, ef, rowid_to_index,
+                                                  limit)
+                        results.append({"scope": label, "rows": len(members), "cpu": cpu.to_dict()} | r)
+                        progress(f"   {label} ef {r['ef_search']} limit {limit}: recall {r['recall']:.3f}, "
+                                 f"p50 {r['p50_ms']} ms, fallbacks {r['fallbacks']}")
+            finally:
+                pg.HNSW_EF_SEARCH = saved
+        finally:
+            await backend.close()
+    finally:
+        server.cleanup()
+    return {"rows": cfg.rows, "base_texts": len(texts), "text_source": text_source,
+            "queries": len(questions), "question_source": question_source, "spread": cfg.spread,
+            "embed_seconds": round(embed_seconds, 1), "similarity": similarity,
+            "load_seconds": round(loaded, 1), "index": index, "results": results, "load_average": load_average()}
+
+
+def report_recall(result: dict[str, Any]) -> str:
+    ix, sim = result["index"], result["similarity"]
+    lines = [
+        f"\n== recall: pgvector {ix['pgvector']} HNSW (m 16, ef_construction 64: the defaults gm creates) on "
+        f"Postgres {ix['postgres']}, {result['rows']:,} vectors of 384 dims, {result['queries']} queries; "
+        f"load average {result['load_average']} at the end ==",
+        f"vectors: {result['base_texts']:,} real texts ({result['text_source']}) embedded, each stored vector one "
+        f"of them plus covariance-shaped noise x{result['spread']} (median cos to its base {sim['cos_to_base_p50']}); "
+        f"queries: {result['question_source']}",
+        f"median similarity to the 1st / 10th nearest neighbour: real texts ({result['base_texts']:,}) "
+        f"{sim['real']['nn1_p50']} / {sim['real']['nn10_p50']}, synthetic set ({result['rows']:,}) "
+        f"{sim['synthetic']['nn1_p50']} / {sim['synthetic']['nn10_p50']}",
+        f"rows COPYed in {result['load_seconds']:.1f}s; index build {ix['seconds']:.1f}s, {ix['index_mb']} MB "
+        f"(maintenance_work_mem {ix['maintenance_work_mem']}, server default "
+        f"{ix['server_default_maintenance_work_mem']}; "
+        f"max_parallel_maintenance_workers {ix['max_parallel_maintenance_workers']})",
+        f"{'scope':<22} {'rows':>7} {'ef_search':>9} {'limit':>5} {'recall':>9} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'exact fallback':>14} {'HNSW rows p50':>13} {'others':>6}",
+    ]
+    for r in result["results"]:
+        lines.append(f"{r['scope']:<22} {r['rows']:>7,} {r['ef_search']:>9} {r['limit']:>5} {r['recall']:>9.3f} "
+                     f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['fallbacks']:>7}/{r['queries']:<6} "
+                     f"{r['first_statement_rows_p50']:>13} {r['cpu']['other_cores']:>6.2f}")
+    lines.append("(recall = recall@limit against numpy's exact top-limit of the scope; limit 10 at each ef_search, "
+                 f"then limit {HYBRID_DEPTH} at gm's ef_search, the call a hybrid search with limit 10 makes; "
+                 "latency = PostgresBackend.vector_search as called, one at a time; exact fallback = queries where "
+                 "the HNSW statement returned fewer than limit rows and the backend ran the exact one; HNSW rows = "
+                 "what that first statement returned; others = cores used meanwhile by processes other than this "
+                 "one and the Postgres backends of the benchmark database)")
+    seen = set()
+    for r in result["results"]:
+        for name, plan in r["plans"].items():
+            if (r["scope"], name) not in seen:
+                seen.add((r["scope"], name))
+                lines.append(f"plan, {r['scope']}, {name} statement: {plan}")
+    for notice in ix["notices"]:
+        lines.append(f"index build notice: {notice}")
+    return "\n".join(lines)
