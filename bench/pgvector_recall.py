@@ -39,6 +39,7 @@ import numpy as np
 
 import gm
 import gm.storage.postgres as pg
+import gm.storage.postgres_vectors as pgv
 from cpu import CpuMeter, Quiet
 from figures import load_average, percentile, progress
 from gm import search
@@ -117,18 +118,34 @@ def exact_top(vectors: np.ndarray, members: np.ndarray, query: np.ndarray, k: in
     return {int(members[i]) for i in best}, float(sims[best].min())
 
 
-class CountingBackend(pg.PostgresBackend):
-    """The real backend; records how many statements each vector_search issued (2 = the
+class CountingVectors(pgv.PgVectors):
+    """The real pgvector search; records how many statements each search issued (2 = the
     exact fallback ran), how many rows the first (HNSW) one returned, and the SQL used."""
+
+    def __init__(self, pools: Any) -> None:
+        super().__init__(pools)
+        self.calls: list[tuple[str, list[Any], int]] = []
+
+    async def _rows(self, sql: str, values: list[Any], limit: int) -> list[Any]:
+        rows = await super()._rows(sql, values, limit)
+        self.calls.append((sql, list(values), len(rows)))
+        return rows
+
+
+class CountingBackend(pg.PostgresBackend):
+    """The real backend, its vector searches counted (see CountingVectors)."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.calls: list[tuple[str, list[Any], int]] = []
+        self.pg_vectors = self.counted = CountingVectors(self.pools)
 
-    async def _vector_rows(self, sql: str, params: list[Any], limit: int) -> list[Any]:
-        rows = await super()._vector_rows(sql, params, limit)
-        self.calls.append((sql, list(params), len(rows)))
-        return rows
+    @property
+    def calls(self) -> list[tuple[str, list[Any], int]]:
+        return self.counted.calls
+
+
+async def ignore_changes(changes: list[Any]) -> None:
+    """A backend opened alone: no index follows its commits."""
 
 
 async def load_rows(url: str, vectors: np.ndarray, texts: list[str], parents: np.ndarray,
@@ -136,11 +153,11 @@ async def load_rows(url: str, vectors: np.ndarray, texts: list[str], parents: np
     """COPY the rows into ``memories`` on a pooled connection of the backend (it knows the
     binary format of ``vector``); ids are ``r<index>``."""
     backend = pg.PostgresBackend(url)
-    await backend.open(lambda changes: None)
+    await backend.open(ignore_changes)
     started = time.perf_counter()
     now = int(time.time() * 1000)
     try:
-        async with backend.acquire("loading") as conn:
+        async with backend.pools.acquire("loading") as conn:
             for start in range(0, len(vectors), 10_000):
                 records = []
                 for i in range(start, min(len(vectors), start + 10_000)):
@@ -187,7 +204,7 @@ async def build_hnsw(url: str, dim: int, maintenance_work_mem: str) -> dict[str,
 
 async def explain(backend: CountingBackend, sql: str, params: list[Any], ef: int) -> str:
     """The scan nodes of Postgres's plan for a statement, under the same settings."""
-    async with backend.acquire("explaining") as conn, conn.transaction():
+    async with backend.pools.acquire("explaining") as conn, conn.transaction():
         await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
         lines = [r[0] for r in await conn.fetch("EXPLAIN " + sql, *params)]
     nodes = [line.strip().removeprefix("->").strip().split("  (cost")[0] for line in lines
@@ -200,7 +217,7 @@ async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np
                       ) -> dict[str, Any]:
     """Every query through ``backend.vector_search`` (sequentially), against numpy's exact
     top-``limit`` of the scope: recall@limit, latency, how often the exact fallback ran."""
-    pg.HNSW_EF_SEARCH = ef  # read by _vector_rows at each call: SET LOCAL hnsw.ef_search = max(this, limit)
+    pgv.HNSW_EF_SEARCH = ef  # read by PgVectors._rows at each call: SET LOCAL hnsw.ef_search = max(this, limit)
     recalls: list[float] = []
     latencies: list[float] = []
     first_rows: list[int] = []
@@ -231,7 +248,8 @@ async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np
 
 
 async def backend_pids(backend: pg.PostgresBackend) -> list[int]:
-    return [r[0] for r in await backend.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+    rows = await backend.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()", [])
+    return [r[0] for r in rows]
 
 
 def start_pgserver(directory: Path) -> Any:
@@ -274,9 +292,9 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
         index = await build_hnsw(url, vectors.shape[1], cfg.maintenance_work_mem)
         progress(f"   index built in {index['seconds']}s ({index['index_mb']} MB)")
         backend = CountingBackend(url)
-        await backend.open(lambda changes: None)
+        await backend.open(ignore_changes)
         try:
-            rowid_to_index = {r[0]: int(r[1][1:]) for r in await backend.fetch("SELECT rowid, id FROM memories")}
+            rowid_to_index = {r[0]: int(r[1][1:]) for r in await backend.fetch("SELECT rowid, id FROM memories", [])}
             ns = np.array(namespaces)
             user_arr = np.array([u or "" for u in users])
             scopes = [
@@ -284,7 +302,7 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
                 ("one user (~10%)", Scope(MAIN_NS, "user-3"), np.flatnonzero(user_arr == "user-3")),
                 ("small namespace (1%)", Scope(SMALL_NS), np.flatnonzero(ns == SMALL_NS)),
             ]
-            saved = pg.HNSW_EF_SEARCH
+            saved = pgv.HNSW_EF_SEARCH
             try:
                 await run_queries(backend, vectors, queries, scopes[0][1], scopes[0][2], 100, rowid_to_index)  # warm
                 results = []
@@ -301,7 +319,7 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
                         progress(f"   {label} ef {r['ef_search']} limit {limit}: recall {r['recall']:.3f}, "
                                  f"p50 {r['p50_ms']} ms, fallbacks {r['fallbacks']}")
             finally:
-                pg.HNSW_EF_SEARCH = saved
+                pgv.HNSW_EF_SEARCH = saved
         finally:
             await backend.close()
     finally:

@@ -102,8 +102,8 @@ class Follower:
         self.store.index.apply = apply  # type: ignore[method-assign]
 
     async def rowid(self, memory_id: str) -> int:
-        rowid: int = await self.store.backend.fetchval("SELECT rowid FROM memories WHERE id = $1", memory_id)
-        return rowid
+        rows = await self.store.backend.fetch("SELECT rowid FROM memories WHERE id = $1", [memory_id])
+        return int(rows[0][0])
 
     async def arrival(self, rowid: int, removed: bool, since: float, timeout: float = 10.0) -> float | None:
         """Seconds from ``since`` until the change reached the index (negative: before ``since``)."""
