@@ -20,29 +20,7 @@ from gm.config import DEFAULT_DB, StoreSettings
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotReady, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
-from gm.memory import (
-    MAX_BATCH,
-    HistoryEntry,
-    Memory,
-    Page,
-    SearchHit,
-    Stats,
-    check_expiry,
-    check_id,
-    check_limit,
-    check_metadata,
-    check_min_score,
-    check_mode,
-    check_order,
-    check_recency,
-    check_scope,
-    check_scope_value,
-    check_text,
-    check_time_range,
-    new_memory,
-    now_ms,
-    parse_time,
-)
+from gm.memory import MAX_BATCH, HistoryEntry, Memory, Page, SearchHit, Stats, now_ms, parse_time
 from gm.search import Searcher, SearchRequest
 from gm.storage import is_postgres_url
 from gm.storage.base import (
@@ -57,6 +35,21 @@ from gm.storage.base import (
     RecordModel,
     UpdateMemory,
     unknown_id,
+)
+from gm.validation import (
+    check_expiry,
+    check_id,
+    check_limit,
+    check_metadata,
+    check_min_score,
+    check_mode,
+    check_order,
+    check_recency,
+    check_scope,
+    check_scope_value,
+    check_text,
+    check_time_range,
+    new_memory,
 )
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,13 @@ import orjson
 
 import gm
 from gm.errors import GMError, InvalidInput, StorageUnavailable
-from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_time
+from gm.memory import Memory, NewMemory, now_ms, parse_json, parse_time
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_migrations
 from gm.storage.base import AddMemories
 from gm.storage.postgres import PostgresBackend, redact
 from gm.storage.sqlite import LIVE, columns_for, memory_from_row
 from gm.store import Store
+from gm.validation import new_memory
 
 FORMAT = 1
 BATCH = 256
