@@ -1,11 +1,11 @@
 """The in-process vector index: every live memory's unit vector in one float32 matrix,
 with its scope and expiry beside it, scored by cosine (a dot product) off the event loop.
 
-One task mutates it at a time: the loader while the store opens (commits meanwhile are
-buffered), then the Writer after each commit. Searches run on worker threads against a
-snapshot: the published arrays and the row count they carry. Appends fill a row before
-counting it, and growth or compaction builds new arrays completely before publishing
-them, so a running search never sees a torn or missing row.
+Only the Indexer (gm.indexer) writes it: its loader fills a fresh one that nobody else
+holds yet, then the published one follows each committed batch. Searches run on worker
+threads against a snapshot: the published arrays and the row count they carry. Appends
+fill a row before counting it, and growth or compaction builds new arrays completely
+before publishing them, so a running search never sees a torn or missing row.
 """
 
 from __future__ import annotations

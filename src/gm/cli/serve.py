@@ -25,7 +25,7 @@ async def serve(config: ServerConfig) -> int:
     from gm.http import ServerState, make_app
     from gm.http.connections import ConnectionRunner
     from gm.http.guard import HostPolicy
-    from gm.store import open as open_store
+    from gm.opening import open as open_store
 
     target = config.target
     state = ServerState(lambda: open_store(target, model_dir=config.model_dir).build(), config.api_keys)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, overload
 
@@ -247,7 +247,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
     ) -> None:
         """Migrate, then start the Writer; ``on_commit`` sees each batch's index changes
         after it is durable and before any caller hears back (on a shared database also

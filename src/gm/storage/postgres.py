@@ -15,7 +15,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -527,7 +527,7 @@ class PostgresBackend(Backend):
             raise unavailable(exc, f"migrating {self.where}") from None
 
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
     ) -> None:
         self._on_reset = on_reset or (lambda: None)
         self.schema_version = await self.migrator.run()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -32,7 +32,7 @@ class ChangeFeed:
     ``changes`` rows after the last one seen, joined with the rows' current state. Also
     polls every ``POLL_SECONDS`` and catches up after reconnecting, so nothing is missed."""
 
-    def __init__(self, backend: PostgresBackend, apply: Callable[[list[IndexChange]], None]) -> None:
+    def __init__(self, backend: PostgresBackend, apply: Callable[[list[IndexChange]], Awaitable[None]]) -> None:
         self.backend = backend
         self.apply = apply
         self.last_seq = 0
@@ -78,7 +78,7 @@ class ChangeFeed:
                     else:
                         changes.append(IndexChange(r[1], vector=r[7], scope=Scope(r[2], r[3], r[4], r[5]),
                                                    expires_at=r[6]))
-                self.apply(changes)
+                await self.apply(changes)
                 self.last_seq = rows[-1][0]
 
     async def _pruned_past(self) -> bool:

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -226,7 +226,7 @@ class Writer(BatchWriter):
     name = "writer"
 
     def __init__(
-        self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], None], version: int
+        self, conn: aiosqlite.Connection, on_commit: Callable[[list[IndexChange]], Awaitable[None]], version: int
     ) -> None:
         super().__init__()
         self.conn = conn
@@ -266,7 +266,7 @@ class Writer(BatchWriter):
         self.health.committed()
         changes = final_changes([c for o in outcomes if isinstance(o, WriteResult) for c in o.changes])
         if changes:
-            self.on_commit(changes)
+            await self.on_commit(changes)
         for envelope, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, WriteResult):
                 envelope.answer(outcome.value)
@@ -473,7 +473,7 @@ class SQLiteBackend(Backend):
         )
 
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], None], on_reset: Callable[[], None] | None = None
+        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
     ) -> None:
         sqlite_migrations.check_path(self.path)
         self._lock.acquire()
