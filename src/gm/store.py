@@ -8,25 +8,23 @@ purge and context build. The HTTP server is a thin layer over the store.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import logging
-from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 from gm import filters
 from gm.config import StoreSettings
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, NotReady, StorageUnavailable, StoreClosed
+from gm.errors import InvalidInput, NotReady, StoreClosed
+from gm.index import limit_blas_threads
 from gm.indexer import Indexer
 from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms, parse_time
+from gm.readiness import Readiness, confirm, current_write_health
 from gm.search import Searcher, SearchRequest
 from gm.storage.base import (
     UNSET,
     AddMemories,
     Backend,
-    CheckWrites,
     DeleteMemory,
     DeleteWhere,
     PurgeExpired,
@@ -51,25 +49,8 @@ from gm.validation import (
     new_memory,
 )
 
-log = logging.getLogger(__name__)
-
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-PROBE_SECONDS = 2.0  # readyz's probe write: a load balancer's health check should not wait longer
-
-
-@dataclass(frozen=True, slots=True)
-class Readiness:
-    """Whether a store serves, as readyz says it: ``phase`` is starting, migrating, ready or
-    unavailable (``reason`` says why); ``index`` is the vector index's state (ready, loading,
-    failed: see :attr:`Indexer.state`); ``writes`` the Writer's health, once probed."""
-
-    phase: str
-    reason: str | None
-    index: str
-    backend: str
-    schema_version: int
-    writes: dict[str, Any] | None = None
 
 
 class Store:
@@ -98,7 +79,7 @@ class Store:
 
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
-        _limit_blas_threads(self.settings.blas_threads)
+        limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self.indexer.apply, self.indexer.reload)
         await self.backend.write(RecordModel(self.model.identity))
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
@@ -141,19 +122,9 @@ class Store:
         return Readiness(phase, reason, self.indexer.state, backend.name, backend.schema_version)
 
     async def probe(self) -> Readiness:
-        """:meth:`readiness`, and when ready, also whether the database answers and writes
-        commit (readyz's question: an instance whose writes all fail leaves the rotation)."""
-        readiness = self.readiness()
-        if readiness.phase != "ready":
-            return readiness
-        try:
-            await self.backend.check()
-        except StorageUnavailable as exc:  # a shared database that stopped answering
-            return replace(readiness, phase="unavailable", reason=exc.message)
-        writes = await self.write_health(probe=True)
-        if writes["status"] != "ok":
-            return replace(readiness, phase="unavailable", reason=_writes_reason(writes), writes=writes)
-        return replace(readiness, writes=writes)
+        """:meth:`readiness`, and when ready, whether the database answers and writes commit
+        (readyz's question; see :func:`gm.readiness.confirm`)."""
+        return await confirm(self.readiness(), self.backend)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -425,38 +396,11 @@ class Store:
         )
 
     async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
-        """How writes are going (see :meth:`Backend.write_health`). With ``probe``, while the
-        last batch failed, the Writer is first asked to commit a one-row write (waiting at most
-        PROBE_SECONDS): health follows the database back once it heals, with no traffic needed
-        (an instance that left a load balancer's rotation gets none)."""
-        health = self.backend.write_health()
-        if probe and health["status"] == "failing":
-            try:
-                async with asyncio.timeout(PROBE_SECONDS):  # (wait_for could swallow a cancellation on 3.11)
-                    await self.backend.write(CheckWrites(now_ms()))
-            except (StorageUnavailable, TimeoutError):
-                pass  # counted by the Writer; the answer below says so
-            health = self.backend.write_health()
-        return health
-
-
-def _writes_reason(writes: dict[str, Any]) -> str:
-    if writes["status"] == "blocked":
-        return (f"a write has waited {writes['oldest_pending_seconds']:.0f}s for the database, over the "
-                f"{writes['timeout_seconds']:g}s of GM_WRITE_TIMEOUT_SECONDS")
-    return f"writes are failing ({writes['consecutive_failures']} in a row): {writes['last_error']}"
+        """How writes are going; see :func:`gm.readiness.current_write_health`."""
+        return await current_write_health(self.backend, probe=probe)
 
 
 def _check_namespace(namespace: Any) -> str | None:
     """A namespace constraint (None: any namespace)."""
     return check_scope_value(namespace, "namespace")
 
-
-def _limit_blas_threads(threads: int) -> None:
-    """Scoring is a memory-bound matrix-vector product: one BLAS thread does it faster than
-    two (measured: 12.6 vs 18.7 ms over 100k vectors) and leaves the other core to the
-    embedding model. GM_BLAS_THREADS=0 leaves the process's BLAS settings alone."""
-    if threads > 0:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads, user_api="blas")

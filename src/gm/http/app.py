@@ -24,7 +24,8 @@ from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
 from gm.memory import RESERVED_IDS
-from gm.store import Readiness, Store
+from gm.readiness import Readiness
+from gm.store import Store
 
 log = logging.getLogger("gm.http")
 
