@@ -302,7 +302,7 @@ async def bench_size(cfg: Config, n: int, tmp: Path, load: OtherLoad) -> dict[st
             startup["ready"] = time.perf_counter() - started
             await asyncio.sleep(0.01)
         startup["stall"] = monitor.worst
-        startup["indexed"] = len(mem.index)
+        startup["indexed"] = len(mem.indexer.index)
         print(f"gm.open {startup['open'] * 1000:.0f} ms (model loaded: {startup['model_loaded']}); vector index "
               f"ready {startup['ready'] * 1000:.0f} ms after the call ({startup['indexed']:,} vectors); longest "
               f"event-loop stall while loading {startup['stall'] * 1000:.0f} ms")

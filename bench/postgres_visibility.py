@@ -91,7 +91,8 @@ class Follower:
     async def open(self, url: str) -> None:
         self.store = await gm.open(url)
         await self.store.wait_index()
-        original = self.store.index.apply
+        index = self.store.indexer.index  # the published one (a reload would publish an unpatched one)
+        original = index.apply
 
         def apply(changes: list[Any]) -> None:
             now = time.perf_counter()
@@ -99,7 +100,7 @@ class Follower:
                 self.arrivals.setdefault((change.rowid, change.remove), now)
             original(changes)
 
-        self.store.index.apply = apply  # type: ignore[method-assign]
+        index.apply = apply  # type: ignore[method-assign]
 
     async def rowid(self, memory_id: str) -> int:
         rows = await self.store.backend.fetch("SELECT rowid FROM memories WHERE id = $1", [memory_id])

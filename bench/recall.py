@@ -169,7 +169,7 @@ async def opened(target: Target, label: str, shared: list[SharedEmbedder]) -> As
             await mem.embedder.stop()  # never started; the shared one takes its place
         else:
             shared.append(SharedEmbedder(mem.embedder))
-        mem.embedder = shared[0]  # type: ignore[assignment]
+        mem.embedder = mem.searcher.embedder = shared[0]  # type: ignore[assignment]
         yield mem
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import gm
-from gm.memory import new_memory, now_ms
+from gm.memory import now_ms
 from gm.storage.base import AddMemories
+from gm.validation import new_memory
 
 N = 500
 

@@ -9,7 +9,8 @@
 
 from gm import errors
 from gm.memory import HistoryEntry, Memory, Page, SearchHit, Stats
-from gm.store import Store, open
+from gm.opening import open
+from gm.store import Store
 
 __version__ = "0.1.0"
 

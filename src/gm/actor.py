@@ -1,6 +1,6 @@
 """The actor base: a task with a mailbox, replies through futures, a clean stop that drains.
 
-Every actor of the core (Writer, Embedder, Migrator) is one of these; its state is
+Every actor of the core (Writer, Embedder, Migrator, Indexer) is one of these; its state is
 touched only by its own task, so it needs no locks.
 """
 
@@ -78,15 +78,28 @@ class Actor(Generic[Msg, Reply]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
 
-    async def ask(self, msg: Msg, timeout: float | None = None) -> Reply:
-        """Send ``msg`` and wait for the actor's reply (or its exception); after ``timeout``
-        seconds raise :class:`Overdue`, withdrawing the message if it was not taken up yet."""
+    def _post(self, msg: Msg) -> Envelope[Msg, Reply]:
         if self._closing:
             raise StoreClosed(f"the {self.name} has stopped; open the store again")
         self.start()
-        reply: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        envelope = Envelope(msg, reply)
+        envelope: Envelope[Msg, Reply] = Envelope(msg, asyncio.get_running_loop().create_future())
         self._mailbox.put_nowait(envelope)
+        return envelope
+
+    def tell(self, msg: Msg) -> None:
+        """Send ``msg`` without waiting for the reply: from a callback that cannot await, or
+        a sub-task reporting back. A failure is logged, since nobody else will see it."""
+        self._post(msg).reply.add_done_callback(self._told)
+
+    def _told(self, reply: asyncio.Future[Reply]) -> None:
+        if not reply.cancelled() and (error := reply.exception()) is not None:
+            log.error("%s failed a message nobody waits for", self.name, exc_info=error)
+
+    async def ask(self, msg: Msg, timeout: float | None = None) -> Reply:
+        """Send ``msg`` and wait for the actor's reply (or its exception); after ``timeout``
+        seconds raise :class:`Overdue`, withdrawing the message if it was not taken up yet."""
+        envelope = self._post(msg)
+        reply = envelope.reply
         if timeout is None:
             return await reply
         # asyncio.wait, not wait_for: on 3.11 wait_for can swallow the caller's cancellation

@@ -42,7 +42,9 @@ class Client:
         await self._session.close()
 
     async def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None,
-                      ok: tuple[int, ...] = (200, 201, 204)) -> tuple[int, Any]:
+                      ok: tuple[int, ...] = (200, 201, 204)) -> tuple[int, dict[str, Any]]:
+        """The status and JSON object of an answer with a status in ``ok`` (an empty body, as
+        a 204's, is ``{}``); any other status raises the error the body names."""
         data = orjson.dumps(body) if body is not None else None
         try:
             async with self._session.request(method, self.url + path, data=data, params=params,
@@ -52,34 +54,37 @@ class Client:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ServerUnreachable(f"no greatmemory server answered at {self.url}: {exc}") from None
         try:
-            payload = orjson.loads(raw) if raw else None
+            payload = orjson.loads(raw) if raw else {}
         except orjson.JSONDecodeError:  # something else listens there (another service, a proxy's error page)
-            raise ServerUnreachable(
-                f"{self.url} answered {status} with something that is not a greatmemory server's JSON"
-            ) from None
+            raise self._foreign(status) from None
         if status in ok:
+            if not isinstance(payload, dict):  # every answer of a greatmemory server is an object
+                raise self._foreign(status)
             return status, payload
-        error = (payload or {}).get("error", {}) if isinstance(payload, dict) else {}
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
         cls = _BY_CODE.get(error.get("code", ""), errors.GMError)
         message = error.get("message") or f"the server answered {status}"
         if issubclass(cls, errors.InvalidInput):
             raise cls(message, path=(error.get("details") or {}).get("path"))
         raise cls(message)
 
+    def _foreign(self, status: int) -> ServerUnreachable:
+        return ServerUnreachable(f"{self.url} answered {status} with something that is not a greatmemory server's JSON")
+
     async def readyz(self) -> tuple[int, dict[str, Any]]:
         return await self.request("GET", "/v1/readyz", ok=(200, 503))
 
     async def stats(self) -> dict[str, Any]:
-        return (await self.request("GET", "/v1/stats"))[1]  # type: ignore[no-any-return]
+        return (await self.request("GET", "/v1/stats"))[1]
 
     async def add(self, memory: dict[str, Any]) -> dict[str, Any]:
-        return (await self.request("POST", "/v1/memories", memory))[1]  # type: ignore[no-any-return]
+        return (await self.request("POST", "/v1/memories", memory))[1]
 
     async def get(self, memory_id: str) -> dict[str, Any]:
-        return (await self.request("GET", f"/v1/memories/{memory_id}"))[1]  # type: ignore[no-any-return]
+        return (await self.request("GET", f"/v1/memories/{memory_id}"))[1]
 
     async def delete(self, memory_id: str) -> None:
         await self.request("DELETE", f"/v1/memories/{memory_id}")
 
     async def search(self, query: dict[str, Any]) -> dict[str, Any]:
-        return (await self.request("POST", "/v1/memories/search", query))[1]  # type: ignore[no-any-return]
+        return (await self.request("POST", "/v1/memories/search", query))[1]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from gm.errors import InvalidInput, InvalidSetting
-from gm.memory import check_scope_value
+from gm.validation import check_scope_value
 
 T = TypeVar("T")
 

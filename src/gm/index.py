@@ -1,11 +1,11 @@
 """The in-process vector index: every live memory's unit vector in one float32 matrix,
 with its scope and expiry beside it, scored by cosine (a dot product) off the event loop.
 
-One task mutates it at a time: the loader while the store opens (commits meanwhile are
-buffered), then the Writer after each commit. Searches run on worker threads against a
-snapshot: the published arrays and the row count they carry. Appends fill a row before
-counting it, and growth or compaction builds new arrays completely before publishing
-them, so a running search never sees a torn or missing row.
+Only the Indexer (gm.indexer) writes it: its loader fills a fresh one that nobody else
+holds yet, then the published one follows each committed batch. Searches run on worker
+threads against a snapshot: the published arrays and the row count they carry. Appends
+fill a row before counting it, and growth or compaction builds new arrays completely
+before publishing them, so a running search never sees a torn or missing row.
 """
 
 from __future__ import annotations
@@ -198,3 +198,13 @@ class VectorIndex:
             top = np.arange(len(slots))
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(int(a.rowids[slots[i]]), float(scores[i])) for i in top]
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Scoring is a memory-bound matrix-vector product: one BLAS thread does it faster than
+    two (measured: 12.6 vs 18.7 ms over 100k vectors) and leaves the other core to the
+    embedding model. GM_BLAS_THREADS=0 leaves the process's BLAS settings alone."""
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads, user_api="blas")

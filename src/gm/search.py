@@ -16,15 +16,14 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gm.embedding import Embedder
 from gm.filters import Filter
+from gm.indexer import Indexer
 from gm.memory import Scope, SearchHit, TimeRange
-
-if TYPE_CHECKING:
-    from gm.store import Store
+from gm.storage.base import Backend
 
 KEYWORD_WEIGHT = 0.7
 VECTOR_WEIGHT = 1.0 - KEYWORD_WEIGHT
@@ -110,13 +109,16 @@ class SearchRequest:
 
 
 class Searcher:
-    """Runs a :class:`SearchRequest` against a store's backend, embedder and vector index."""
+    """Plans and runs a :class:`SearchRequest`: the keyword ranking from the backend, the
+    vector one from the database itself (pgvector) or the Indexer's in-process index."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, backend: Backend, embedder: Embedder, indexer: Indexer) -> None:
+        self.backend = backend
+        self.embedder = embedder
+        self.indexer = indexer
 
     async def search(self, request: SearchRequest) -> list[SearchHit]:
-        r, backend = request, self.store.backend
+        r, backend = request, self.backend
         # With a recency boost or a cosine cut, a single ranking also looks deeper, so a newer or
         # closer memory further down can still make the page.
         deep = r.mode == "hybrid" or r.recency is not None or r.min_score is not None
@@ -148,14 +150,18 @@ class Searcher:
     async def _vector_side(self, r: SearchRequest, depth: int) -> tuple[np.ndarray, Ranking]:
         """The query's embedding, and the vector ranking unless only the embedding is needed
         (keyword mode with ``min_score``)."""
-        vector, _ = await asyncio.gather(
-            self.store.embedder.embed(r.query, urgent=True), self.store.wait_index_or_fail()
-        )
+        vector, _ = await asyncio.gather(self.embedder.embed(r.query, urgent=True), self._index_ready())
         query = np.asarray(vector)
         return query, (await self._vector_ranking(query, r, depth) if r.mode != "keyword" else [])
 
+    async def _index_ready(self) -> None:
+        """Wait for the in-process index, unless (or until) loading it failed: then raise why,
+        at once. A database that searches vectors itself needs none."""
+        if not self.backend.native_vectors:
+            await self.indexer.wait_ready()
+
     async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int) -> Ranking:
-        backend = self.store.backend
+        backend = self.backend
         if backend.native_vectors:
             return await backend.vector_search(
                 query.tobytes(), r.scope, r.filter, depth, r.now, time_range=r.time_range
@@ -163,8 +169,7 @@ class Searcher:
         allowed: Iterable[int] | None = None
         if r.filter is not None or r.time_range is not None:  # the index knows scopes and expiry, not the rest
             allowed = await backend.matching_rowids(r.scope, r.filter, r.now, time_range=r.time_range)
-        index = self.store.index
-        return await asyncio.to_thread(index.search, query, r.scope, r.now, depth, allowed)
+        return await self.indexer.search(query, r.scope, r.now, depth, allowed)
 
     async def _cut(self, ranked: list[Candidate], query: np.ndarray, min_score: float) -> list[Candidate]:
         """Drop the candidates whose cosine is below ``min_score``; one the vector ranking did
@@ -172,11 +177,10 @@ class Searcher:
         unknown = [c.rowid for c in ranked if c.vector_score is None]
         cosines: dict[int, float] = {}
         if unknown:
-            backend = self.store.backend
-            if backend.native_vectors:
-                cosines = await backend.cosines(query.tobytes(), unknown)
+            if self.backend.native_vectors:
+                cosines = await self.backend.cosines(query.tobytes(), unknown)
             else:
-                cosines = self.store.index.cosines(query, unknown)
+                cosines = self.indexer.cosines(query, unknown)
         return [
             c for c in ranked
             if (c.vector_score if c.vector_score is not None else cosines.get(c.rowid, -1.0)) >= min_score

@@ -1,32 +1,39 @@
-"""The store: the embedded library's handle on a memory database. It validates inputs,
-asks the Embedder for vectors, sends writes to the backend's Writer, and answers reads and
-searches from the readers and the vector index. The HTTP server is a thin layer over it.
+"""The store: the embedded library's handle on a memory database. It validates inputs and
+delegates: vectors to the Embedder, writes to the backend's Writer, searches to the Searcher.
+
+Its rooms: the backend (gm.storage) holds the data, the Indexer (gm.indexer) the in-process
+vector index, the Searcher (gm.search) the ranking, the Upkeep (gm.upkeep) the background
+purge and context build. The HTTP server is a thin layer over the store.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
-import logging
-import os
-import re
-import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
-from gm import context, filters, loops
-from gm.config import DEFAULT_DB, StoreSettings
+from gm import filters
+from gm.config import StoreSettings
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, NotReady, StorageUnavailable, StoreClosed
-from gm.index import VectorIndex
-from gm.memory import (
-    MAX_BATCH,
-    HistoryEntry,
-    Memory,
-    Page,
-    SearchHit,
-    Stats,
+from gm.errors import InvalidInput, NotReady, StoreClosed
+from gm.index import limit_blas_threads
+from gm.indexer import Indexer
+from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms, parse_time
+from gm.readiness import Readiness, confirm, current_write_health
+from gm.search import Searcher, SearchRequest
+from gm.storage.base import (
+    UNSET,
+    AddMemories,
+    Backend,
+    DeleteMemory,
+    DeleteWhere,
+    PurgeExpired,
+    RecordModel,
+    UpdateMemory,
+    unknown_id,
+)
+from gm.upkeep import Upkeep
+from gm.validation import (
     check_expiry,
     check_id,
     check_limit,
@@ -40,30 +47,10 @@ from gm.memory import (
     check_text,
     check_time_range,
     new_memory,
-    now_ms,
-    parse_time,
 )
-from gm.search import Searcher, SearchRequest
-from gm.storage import is_postgres_url
-from gm.storage.base import (
-    UNSET,
-    AddMemories,
-    Backend,
-    CheckWrites,
-    DeleteMemory,
-    DeleteWhere,
-    IndexChange,
-    PurgeExpired,
-    RecordModel,
-    UpdateMemory,
-    unknown_id,
-)
-
-log = logging.getLogger(__name__)
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
-PROBE_SECONDS = 2.0  # readyz's probe write: a load balancer's health check should not wait longer
 
 
 class Store:
@@ -82,13 +69,9 @@ class Store:
         self.model = model
         self.settings = settings or StoreSettings.load()
         self.embedder = Embedder(model, threads=self.settings.embed_threads)
-        self.index = VectorIndex()
-        self.searcher = Searcher(self)
-        self._index_ready = asyncio.Event()
-        self.index_error: StorageUnavailable | None = None
-        self._pending: list[IndexChange] | None = []  # changes committed while the index loads
-        self._tasks: list[asyncio.Task[None]] = []
-        self._loader: asyncio.Task[None] | None = None
+        self.indexer = Indexer(backend.vectors)
+        self.searcher = Searcher(backend, self.embedder, self.indexer)
+        self.upkeep = Upkeep(backend, self.settings.purge_seconds)
         self._opened = False
         self._closed = False
 
@@ -96,18 +79,12 @@ class Store:
 
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
-        _limit_blas_threads(self.settings.blas_threads)
-        await self.backend.open(self._on_commit, self._reload_index)
+        limit_blas_threads(self.settings.blas_threads)
+        await self.backend.open(self.indexer.apply, self.indexer.reload)
         await self.backend.write(RecordModel(self.model.identity))
+        await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
-        loop = asyncio.get_running_loop()
-        if self.backend.native_vectors:  # the database searches vectors itself
-            self._pending = None
-            self._index_ready.set()
-        elif self._loader is None:  # (the backend may have asked for a reload already)
-            self._reload_index()
-        self._tasks.append(loop.create_task(self._purge_forever(), name="gm-purge"))
-        self._tasks.append(loop.create_task(context.backfill_forever(self.backend), name="gm-context-backfill"))
+        self.upkeep.start()
         return self
 
     async def close(self) -> None:
@@ -115,9 +92,11 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        await loops.stop(*self._tasks, self._loader)
+        await self.upkeep.stop()
         await self.embedder.stop()
-        await self.backend.close()
+        await self.indexer.stop_loading()
+        await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
+        await self.indexer.stop()
 
     async def __aenter__(self) -> Store:
         if not self._opened:
@@ -131,80 +110,31 @@ class Store:
     def ready(self) -> bool:
         return self._opened and not self._closed
 
+    def readiness(self) -> Readiness:
+        """Whether the store serves now (without asking the database: see :meth:`probe`)."""
+        backend, error = self.backend, self.indexer.error
+        if error is not None:
+            phase, reason = "unavailable", error.message
+        elif self.ready:
+            phase, reason = "ready", None
+        else:
+            phase, reason = (backend.phase if backend.phase in ("starting", "migrating") else "starting"), None
+        return Readiness(phase, reason, self.indexer.state, backend.name, backend.schema_version)
+
+    async def probe(self) -> Readiness:
+        """:meth:`readiness`, and when ready, whether the database answers and writes commit
+        (readyz's question; see :func:`gm.readiness.confirm`)."""
+        return await confirm(self.readiness(), self.backend)
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed("the store is closed; open it again with gm.open()")
         if not self._opened:
             raise NotReady(f"the store is still {self.backend.phase}; try again shortly")
 
-    async def _on_commit(self, changes: list[IndexChange]) -> None:
-        if self._pending is not None:
-            self._pending.extend(changes)
-        else:
-            self.index.apply(changes)
-
-    async def _load_index(self) -> None:
-        """Fill the index from the database; a failure (the database went away) is kept in
-        ``index_error`` (readyz says unavailable) and the load is tried again with backoff."""
-        delay = 1.0
-        while True:
-            started = time.perf_counter()
-            index = self.index
-            try:
-                async for rows in self.backend.vectors():  # commits meanwhile wait in _pending,
-                    await asyncio.to_thread(index.load, rows)  # so the loader may mutate off the loop
-                break
-            except Exception as exc:
-                log.exception("loading the vector index failed; retrying in %.0fs", delay)
-                self.index_error = StorageUnavailable(f"the vector index could not be loaded: {exc}")
-                await loops.pause(delay)
-                delay = min(delay * 2, 30.0)
-                if self._superseded():
-                    return
-                self.index = VectorIndex()
-        if self._superseded():
-            return
-        pending, self._pending = self._pending or [], None
-        self.index.apply(pending)  # replaying in order is idempotent: each change carries its final state
-        self.index_error = None
-        self._index_ready.set()
-        log.info("vector index loaded: %d memories in %.2fs", len(self.index), time.perf_counter() - started)
-
-    def _superseded(self) -> bool:
-        """A loader that a newer reload replaced must not publish (should its cancellation
-        have been lost on the way, see gm.loops)."""
-        return asyncio.current_task() is not self._loader
-
-    def _reload_index(self) -> None:
-        """Load the index afresh: at open, or when a shared database's change feed lost its
-        place. Exactly one load runs at a time."""
-        if self._closed:
-            return
-        if self._loader is not None:
-            self._loader.cancel()
-        self.index = VectorIndex()
-        self._pending = []
-        self._index_ready.clear()
-        self._loader = asyncio.get_running_loop().create_task(self._load_index(), name="gm-index-load")
-
-    async def _purge_forever(self) -> None:
-        while True:
-            try:
-                await self.purge_expired()
-            except Exception:
-                log.exception("purging expired memories failed; will retry")
-            await loops.pause(self.settings.purge_seconds)
-
-    async def wait_index_or_fail(self) -> None:
-        """Wait for the index, unless (or until) loading it failed: then raise why, at once."""
-        while not self._index_ready.is_set() and not self.backend.native_vectors:
-            if self.index_error is not None:
-                raise self.index_error
-            await loops.pause(0.25, self._index_ready)
-
     async def wait_index(self) -> None:
         """Wait until the vector index holds every stored vector (searches do this themselves)."""
-        await self._index_ready.wait()
+        await self.indexer.wait_loaded()
 
     # -- writes ---------------------------------------------------------------------
 
@@ -256,11 +186,25 @@ class Store:
             if not isinstance(data, dict):
                 raise InvalidInput(f"{prefix or 'memory '}must be a JSON object", path=prefix.rstrip(".") or None)
             items.append(new_memory(data, now, prefix))
-        vectors = await self.embedder.embed_many([item.text for item in items])
-        for item, vector in zip(items, vectors, strict=True):
-            item.vector = vector.tobytes()
-        result: list[tuple[Memory, bool]] = await self.backend.write(AddMemories(items, now))
-        return result
+        await self._embed(items)
+        return await self.backend.write(AddMemories(items, now))
+
+    async def add_prepared(self, items: builtins.list[NewMemory]) -> int:
+        """Store validated memories all-or-nothing, as an import does: with their own ids,
+        times and, when of the index's size, vectors; the others are embedded first. Returns
+        how many had to be embedded."""
+        self._check_open()
+        size = self.indexer.dim * 4
+        missing = [item for item in items if len(item.vector) != size]
+        await self._embed(missing)
+        await self.backend.write(AddMemories(items, now_ms()))
+        return len(missing)
+
+    async def _embed(self, items: builtins.list[NewMemory]) -> None:
+        if items:
+            vectors = await self.embedder.embed_many([item.text for item in items])
+            for item, vector in zip(items, vectors, strict=True):
+                item.vector = vector.tobytes()
 
     async def update(
         self,
@@ -302,8 +246,7 @@ class Store:
             if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
                 raise unknown_id(id)
             op.vector = (await self.embedder.embed(op.text)).tobytes()
-        memory: Memory = await self.backend.write(op)
-        return memory
+        return await self.backend.write(op)
 
     async def delete(self, id: str, *, namespace: str | None = None) -> None:
         """Delete one memory; raises :class:`gm.errors.NotFound` if there is none (with
@@ -326,14 +269,12 @@ class Store:
         """
         self._check_open()
         scope = check_scope(namespace, user_id, agent_id, session_id)
-        deleted: int = await self.backend.write(DeleteWhere(scope, filters.parse(filter), now_ms()))
-        return deleted
+        return await self.backend.write(DeleteWhere(scope, filters.parse(filter), now_ms()))
 
     async def purge_expired(self) -> int:
         """Delete expired memories now (the store also does this every GM_PURGE_SECONDS)."""
         self._check_open()
-        purged: int = await self.backend.write(PurgeExpired(now_ms()))
-        return purged
+        return await self.backend.write(PurgeExpired(now_ms()))
 
     # -- reads ----------------------------------------------------------------------
 
@@ -345,6 +286,11 @@ class Store:
         if memory is None:
             raise unknown_id(id)
         return memory
+
+    async def get_by_ids(self, ids: builtins.list[str]) -> dict[str, Memory]:
+        """The live memories among ``ids``, by id, in any namespace (what an import checks first)."""
+        self._check_open()
+        return await self.backend.get_by_ids([check_id(i) for i in ids], now_ms())
 
     async def list(
         self,
@@ -444,118 +390,17 @@ class Store:
             database_bytes=await self.backend.database_size(),
             extra={
                 "model_loaded": self.embedder.loaded,
-                "index_ready": self._index_ready.is_set(),
+                "index_ready": self.indexer.state == "ready",
                 "writes": self.backend.write_health(),
             },
         )
 
     async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
-        """How writes are going (see :meth:`Backend.write_health`). With ``probe``, while the
-        last batch failed, the Writer is first asked to commit a one-row write (waiting at most
-        PROBE_SECONDS): health follows the database back once it heals, with no traffic needed
-        (an instance that left a load balancer's rotation gets none)."""
-        health = self.backend.write_health()
-        if probe and health["status"] == "failing":
-            try:
-                async with asyncio.timeout(PROBE_SECONDS):  # (wait_for could swallow a cancellation on 3.11)
-                    await self.backend.write(CheckWrites(now_ms()))
-            except (StorageUnavailable, TimeoutError):
-                pass  # counted by the Writer; the answer below says so
-            health = self.backend.write_health()
-        return health
+        """How writes are going; see :func:`gm.readiness.current_write_health`."""
+        return await current_write_health(self.backend, probe=probe)
 
 
 def _check_namespace(namespace: Any) -> str | None:
     """A namespace constraint (None: any namespace)."""
     return check_scope_value(namespace, "namespace")
 
-
-def _limit_blas_threads(threads: int) -> None:
-    """Scoring is a memory-bound matrix-vector product: one BLAS thread does it faster than
-    two (measured: 12.6 vs 18.7 ms over 100k vectors) and leaves the other core to the
-    embedding model. GM_BLAS_THREADS=0 leaves the process's BLAS settings alone."""
-    if threads > 0:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads, user_api="blas")
-
-
-def open(
-    target: str | os.PathLike[str] = DEFAULT_DB,
-    *,
-    model_dir: str | os.PathLike[str] | None = None,
-    **backend_options: Any,
-) -> _Opening:
-    """Open (creating and migrating as needed) a memory database: a SQLite file path, or a
-    ``postgresql://`` URL for a database shared by several instances.
-
-    Use it as ``async with gm.open("mem.db") as mem:`` (closes on exit) or
-    ``mem = await gm.open("mem.db")`` (then ``await mem.close()``). ``model_dir`` (or
-    ``GM_MODEL_DIR``) names a folder with ``model.onnx`` and ``tokenizer.json`` to use
-    instead of the default all-MiniLM-L6-v2.
-    """
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", os.fspath(target)) if isinstance(target, str) else None
-    if scheme and not is_postgres_url(os.fspath(target)):
-        raise InvalidInput(
-            f"gm.open({target!r}): that is a {scheme[1]}:// URL, not a database; gm.open takes a SQLite file path "
-            "or a postgresql:// URL. To use a running greatmemory server, use its client: `from gm.client "
-            "import Client`, then `async with Client(url, api_key) as c: await c.add({'text': ...})`",
-            path="target",
-        )
-    return _Opening(target, model_dir, backend_options)
-
-
-class _Opening:
-    """Awaitable and async context manager returned by :func:`open`."""
-
-    def __init__(self, target: str | os.PathLike[str], model_dir: Any, options: dict[str, Any]) -> None:
-        self.target = target
-        self.model_dir = model_dir
-        self.options = options
-        self.store: Store | None = None
-
-    def build(self) -> Store:
-        settings = StoreSettings.load()  # a bad GM_* value fails here, before anything opens
-        directory = self.model_dir or settings.model_dir
-        model = ModelSpec.from_dir(directory) if directory else ModelSpec.default()
-        text = os.fspath(self.target)
-        options = dict(self.options)
-        if settings.schema_cap is not None and "target_version" not in options:
-            options["target_version"] = settings.schema_cap  # testing only: stands in for an older release
-        options.setdefault("write_timeout", settings.write_timeout)
-        if is_postgres_url(text):
-            from gm.storage.postgres import PostgresBackend
-
-            return Store(PostgresBackend(text, **options), model, settings)
-        from gm.storage.sqlite import SQLiteBackend
-
-        return Store(SQLiteBackend(Path(text), **options), model, settings)
-
-    def __await__(self) -> Any:
-        return self.__aenter__().__await__()
-
-    def __getattr__(self, name: str) -> Any:
-        if hasattr(Store, name):  # e.g. `mem = gm.open("mem.db"); await mem.add(...)`
-            raise AttributeError(
-                f"gm.open() returns an opener, not an open store, so it has no .{name}: write "
-                f"`async with gm.open(...) as mem:` or `mem = await gm.open(...)`, then use mem.{name}"
-            )
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __enter__(self) -> None:
-        raise TypeError("gm.open() is asynchronous: write `async with gm.open(...) as mem:` (not `with`)")
-
-    def __exit__(self, *exc: object) -> None:  # never reached: __enter__ refuses
-        pass
-
-    async def __aenter__(self) -> Store:
-        self.store = self.build()
-        try:
-            return await self.store.open()
-        except BaseException:
-            await self.store.close()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.store is not None:
-            await self.store.close()

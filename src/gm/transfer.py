@@ -21,11 +21,11 @@ import orjson
 
 import gm
 from gm.errors import GMError, InvalidInput
-from gm.memory import Memory, NewMemory, new_memory, now_ms, parse_json, parse_time
-from gm.storage.base import AddMemories
+from gm.memory import Memory, NewMemory, now_ms, parse_json, parse_time
 from gm.storage.inspection import EXPORTING, inspect
 from gm.storage.sql import memory_from_row
 from gm.store import Store
+from gm.validation import new_memory
 
 FORMAT = 1
 BATCH = 256
@@ -171,7 +171,7 @@ class Importer:
         with other content as conflicts; the rest is added in one transaction."""
         if not batch:
             return
-        existing = await self.store.backend.get_by_ids([item.id for _, item in batch], now_ms())
+        existing = await self.store.get_by_ids([item.id for _, item in batch])
         fresh: list[tuple[int, NewMemory]] = []
         for number, item in batch:
             found = existing.get(item.id)
@@ -182,15 +182,8 @@ class Importer:
                 self.report.skipped.append(Skipped(number, item.id, "already present with the same content"))
             else:
                 self.report.skipped.append(Skipped(number, item.id, "id already names a memory with other content"))
-        dim = self.store.index.dim * 4
-        missing = [item for _, item in fresh if len(item.vector) != dim]
-        if missing:
-            vectors = await self.store.embedder.embed_many([item.text for item in missing])
-            for item, vector in zip(missing, vectors, strict=True):
-                item.vector = vector.tobytes()
-            self.report.embedded += len(missing)
         if fresh:
-            await self.store.backend.write(AddMemories([item for _, item in fresh], now_ms()))
+            self.report.embedded += await self.store.add_prepared([item for _, item in fresh])
             self.report.imported += len(fresh)
 
 

@@ -7,12 +7,16 @@ import asyncio
 import logging
 import resource
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gm import logs, loops
 from gm.cli.exits import EXIT_ERROR, exit_code
 from gm.config import ServerConfig, is_loopback
 from gm.errors import GMError
+
+if TYPE_CHECKING:
+    from gm.http import ServerState
+    from gm.http.connections import ConnectionRunner
 
 log = logging.getLogger("gm.serve")
 
@@ -20,15 +24,55 @@ log = logging.getLogger("gm.serve")
 async def serve(config: ServerConfig) -> int:
     """Listen at once (healthz answers), open the store (readyz turns 200), and on
     SIGTERM/SIGINT drain: readyz 503, new requests 503, in-flight ones finish, writes commit."""
-    from aiohttp import web
-
-    from gm.http import ServerState, make_app
-    from gm.http.connections import ConnectionRunner
-    from gm.http.guard import HostPolicy
-    from gm.store import open as open_store
+    from gm.http import ServerState
+    from gm.opening import open as open_store
 
     target = config.target
     state = ServerState(lambda: open_store(target, model_dir=config.model_dir).build(), config.api_keys)
+    runner, url = await _listen(state, config)
+    _warn_about_exposure(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    opener = loop.create_task(state.open_store())
+    log.info("listening on %s, database %s; opening", url, config.shown_target)
+    stopped = loop.create_task(stop.wait())
+    await asyncio.wait({opener, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if opener.done() and opener.exception() is not None:
+        error = opener.exception()
+        log.error("cannot serve %s: %s", config.shown_target, getattr(error, "message", error))
+        code = exit_code(error) if isinstance(error, GMError) else EXIT_ERROR
+    elif opener.done():
+        ready = state.store.readiness()
+        log.info("ready on %s, database %s (%s, schema v%d), model %s", url, config.shown_target,
+                 ready.backend, ready.schema_version, state.store.model.identity)
+        await stopped
+    state.draining = True
+    await loops.stop(opener, stopped)  # an open still under way ends before the store is closed
+    runner.close_idle()  # an idle keep-alive connection must not hold the stop back
+    if code != 0:  # it never served: nothing to drain, nothing to report but the error above
+        await runner.cleanup()
+        await state.store.close()
+        return code
+    log.info("draining: readyz is 503, new requests are refused; waiting up to %.0fs", config.drain_seconds)
+    if not await state.wait_idle(config.drain_seconds):
+        log.warning("%d requests still running after %.0fs; stopping anyway", state.in_flight, config.drain_seconds)
+    await runner.cleanup()
+    await state.store.close()
+    log.info("stopped; every acknowledged write is committed")
+    return code
+
+
+async def _listen(state: ServerState, config: ServerConfig) -> tuple[ConnectionRunner, str]:
+    """The application on its port, listening; returns its runner and the URL it answers at."""
+    from aiohttp import web
+
+    from gm.http import make_app
+    from gm.http.connections import ConnectionRunner
+    from gm.http.guard import HostPolicy
+
     app = make_app(
         state,
         max_body_bytes=config.max_body_bytes,
@@ -47,6 +91,12 @@ async def serve(config: ServerConfig) -> int:
     await site.start()
     bound = runner.addresses[0]
     url = f"http://{bound[0]}:{bound[1]}" if ":" not in bound[0] else f"http://[{bound[0]}]:{bound[1]}"
+    return runner, url
+
+
+def _warn_about_exposure(config: ServerConfig) -> None:
+    """Say so when anyone who reaches the port may use it, and when the open-file limit is
+    too low for the connections allowed."""
     if config.ignored_host:
         log.warning("GM_HOST=%s ignored: no GM_API_KEYS set; pass --host to listen there without keys",
                     config.ignored_host)
@@ -55,50 +105,10 @@ async def serve(config: ServerConfig) -> int:
         log.warning("no GM_API_KEYS set: anyone who can reach the port can read and write (listening on %s)", where)
         if config.allowed_hosts is None and not is_loopback(config.host):
             log.info("requests must name this server by IP address or localhost; GM_ALLOWED_HOSTS adds names")
-
     files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if files != resource.RLIM_INFINITY and config.limits.max_connections + 64 > files:
         log.warning("GM_MAX_CONNECTIONS=%d leaves too few of the %d open files (ulimit -n) for the database; "
                     "raise the limit or lower GM_MAX_CONNECTIONS", config.limits.max_connections, files)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    opener = loop.create_task(state.open_store())
-    log.info("listening on %s, database %s; opening", url, config.shown_target)
-    stopped = loop.create_task(stop.wait())
-    await asyncio.wait({opener, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if opener.done() and opener.exception() is not None:
-        error = opener.exception()
-        log.error("cannot serve %s: %s", config.shown_target, getattr(error, "message", error))
-        code = exit_code(error) if isinstance(error, GMError) else EXIT_ERROR
-    elif opener.done():
-        backend = state.store.backend
-        log.info(
-            "ready on %s, database %s (%s, schema v%d), model %s",
-            url,
-            config.shown_target,
-            backend.name,
-            backend.schema_version,
-            state.store.model.identity,
-        )
-        await stopped
-    state.draining = True
-    await loops.stop(opener, stopped)  # an open still under way ends before the store is closed
-    runner.close_idle()  # an idle keep-alive connection must not hold the stop back
-    if code != 0:  # it never served: nothing to drain, nothing to report but the error above
-        await runner.cleanup()
-        await state.store.close()
-        return code
-    log.info("draining: readyz is 503, new requests are refused; waiting up to %.0fs", config.drain_seconds)
-    if not await state.wait_idle(config.drain_seconds):
-        log.warning("%d requests still running after %.0fs; stopping anyway", state.in_flight, config.drain_seconds)
-    await runner.cleanup()
-    await state.store.close()
-    log.info("stopped; every acknowledged write is committed")
-    return code
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
 from gm.memory import RESERVED_IDS
+from gm.readiness import Readiness
 from gm.store import Store
 
 log = logging.getLogger("gm.http")
@@ -44,16 +46,19 @@ class ServerState:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def readiness(self) -> Readiness:
+        """The store's readiness, unless this server is draining or could not open it."""
+        readiness = self.store.readiness()
+        if self.draining:
+            reason = self.failure.message if self.failure is not None else readiness.reason
+            return replace(readiness, phase="draining", reason=reason)
+        if self.failure is not None:
+            return replace(readiness, phase="unavailable", reason=self.failure.message)
+        return readiness
+
     @property
     def phase(self) -> str:
-        if self.draining:
-            return "draining"
-        if self.failure is not None or self.store.index_error is not None:
-            return "unavailable"
-        if self.store.ready:
-            return "ready"
-        phase = self.store.backend.phase
-        return phase if phase in ("starting", "migrating") else "starting"
+        return self.readiness().phase
 
     async def open_store(self, retry_seconds: float = 0.5, max_retry_seconds: float = 10.0) -> None:
         """Open the store; transient storage faults (``StorageUnavailable.transient``: a
@@ -180,35 +185,19 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     query(request)
     state = _state(request)
-    phase = state.phase
-    failure: GMError | None = None
-    body: dict[str, Any] = {}
-    if phase == "ready":
-        backend = state.store.backend
-        try:
-            await backend.check()
-            writes = body["writes"] = await state.store.write_health(probe=True)
-            if writes["status"] == "ok":
-                return json_response(
-                    {"status": "ready", "schema_version": backend.schema_version, "backend": backend.name, **body}
-                )
-            # Every write failing or stuck: leave the load balancer's rotation, as when the
-            # database is unreachable; the probe above brings the instance back once one commits.
-            phase, failure = "unavailable", StorageUnavailable(_writes_reason(writes))
-        except StorageUnavailable as exc:  # a shared database that stopped answering
-            phase, failure = "unavailable", exc
-    body = {"status": phase, **body}
-    failure = failure or state.failure or state.store.index_error
-    if failure is not None:
-        body["reason"] = failure.message
+    readiness = state.readiness()
+    if readiness.phase == "ready":
+        # The database answers and writes commit: else out of the load balancer's rotation,
+        # and the probe write brings the instance back once one commits.
+        readiness = await state.store.probe()
+    writes = {"writes": readiness.writes} if readiness.writes is not None else {}
+    if readiness.phase == "ready":
+        return json_response({"status": "ready", "schema_version": readiness.schema_version,
+                              "backend": readiness.backend, **writes})
+    body: dict[str, Any] = {"status": readiness.phase, **writes}
+    if readiness.reason is not None:
+        body["reason"] = readiness.reason
     return json_response(body, 503)
-
-
-def _writes_reason(writes: dict[str, Any]) -> str:
-    if writes["status"] == "blocked":
-        return (f"a write has waited {writes['oldest_pending_seconds']:.0f}s for the database, over the "
-                f"{writes['timeout_seconds']:g}s of GM_WRITE_TIMEOUT_SECONDS")
-    return f"writes are failing ({writes['consecutive_failures']} in a row): {writes['last_error']}"
 
 
 def _resident_bytes() -> int | None:

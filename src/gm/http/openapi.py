@@ -25,10 +25,21 @@ from gm.memory import (
 from gm.storage.sql import CURSOR_PATTERN
 from gm.store import MAX_LIST_LIMIT, MAX_SEARCH_LIMIT
 
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _closed(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    """An object with just these ``properties`` (``required`` among them)."""
+    return {"type": "object", **({"required": list(required)} if required else {}), "additionalProperties": False,
+            "properties": properties}
+
+
 # The bounds below are the validation's own constants (gm.memory, gm.store, gm.filters), so the
 # document is exactly as strict as the server: a request it allows is one the server takes.
 _NO_NUL = "^[^\\x00]*$"
-_TEXT = {  # gm.memory.check_text: not blank, no NUL, at most MAX_TEXT_CHARS
+_TEXT = {  # gm.validation.check_text: not blank, no NUL, at most MAX_TEXT_CHARS
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_TEXT_CHARS,
@@ -63,14 +74,8 @@ _SCALAR = {  # gm.filters._scalar: a JSON scalar; an integer must fit in 64 bits
 _FIELD_NAME = '^[^$."\\\\\\x00][^."\\\\\\x00]*(?:\\.[^."\\\\\\x00]+)*$'  # dotted path; no $ first, no ", \\ or NUL
 
 SCHEMAS: dict[str, Any] = {
-    "Memory": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [
-            "id", "namespace", "user_id", "agent_id", "session_id", "text", "metadata", "created_at", "updated_at",
-            "expires_at", "occurred_at",
-        ],
-        "properties": {
+    "Memory": _closed(
+        {
             "id": {"type": "string"},
             "namespace": {"type": "string"},
             "user_id": _NULLABLE_STR,
@@ -83,22 +88,16 @@ SCHEMAS: dict[str, Any] = {
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
             "occurred_at": {**_TIME, "description": "when it happened, as the client said; else when it was added"},
         },
-    },
-    "MemoryList": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["memories"],
-        "properties": {"memories": {"type": "array", "items": {"$ref": "#/components/schemas/Memory"}}},
-    },
+        "id", "namespace", "user_id", "agent_id", "session_id", "text", "metadata", "created_at", "updated_at",
+        "expires_at", "occurred_at",
+    ),
+    "MemoryList": _closed({"memories": {"type": "array", "items": _ref("Memory")}}, "memories"),
     "MemoryInput": {
-        "type": "object",
-        "required": ["text"],
-        "additionalProperties": False,
-        "properties": {
+        **_closed({
             "text": _TEXT,
             "id": {**_ID, "type": ["string", "null"]},
             **_INPUT_SCOPE,
-            "metadata": {"anyOf": [{"$ref": "#/components/schemas/Metadata"}, {"type": "null"}]},
+            "metadata": {"anyOf": [_ref("Metadata"), {"type": "null"}]},
             "expires_at": {
                 "type": ["string", "null"],
                 "format": "date-time",
@@ -116,30 +115,21 @@ SCHEMAS: dict[str, Any] = {
                 "description": "when it happened (default, or null: when it is added); RFC 3339 with a time zone, "
                 "from 1970 to the end of 9999 (UTC)",
             },
-        },
+        }, "text"),
         "not": {  # both given (not null) is refused
             "required": ["expires_at", "ttl_seconds"],
             "properties": {"expires_at": {"type": "string"}, "ttl_seconds": {"type": "number"}},
         },
     },
-    "MemoryBatch": {
-        "type": "object",
-        "required": ["memories"],
-        "additionalProperties": False,
-        "properties": {
-            "memories": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": MAX_BATCH,
-                "items": {"$ref": "#/components/schemas/MemoryInput"},
-            }
-        },
-    },
+    "MemoryBatch": _closed(
+        {"memories": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": _ref("MemoryInput")}},
+        "memories",
+    ),
     "Metadata": {
         "type": "object",
         "description": "Any JSON object up to 64 KiB as JSON, without the NUL character in a key or string",
         "propertyNames": {"pattern": _NO_NUL},
-        "additionalProperties": {"$ref": "#/components/schemas/JsonValue"},
+        "additionalProperties": _ref("JsonValue"),
     },
     "JsonValue": {
         "anyOf": [
@@ -147,8 +137,8 @@ SCHEMAS: dict[str, Any] = {
             {"type": ["boolean", "null"]},
             {"type": "integer", "minimum": INT64_MIN, "maximum": INT64_MAX},  # wider ones are refused by name
             {"type": "number", "not": {"type": "integer"}},
-            {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
-            {"$ref": "#/components/schemas/Metadata"},
+            {"type": "array", "items": _ref("JsonValue")},
+            _ref("Metadata"),
         ]
     },
     "Filter": {
@@ -158,9 +148,9 @@ SCHEMAS: dict[str, Any] = {
         "metadata. At most 16 levels of $and/$or/$not and 256 conditions.",
         "propertyNames": {"anyOf": [{"enum": ["$and", "$or", "$not"]}, {"pattern": _FIELD_NAME}]},
         "properties": {
-            "$and": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Clause"}},
-            "$or": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Clause"}},
-            "$not": {"$ref": "#/components/schemas/Clause"},
+            "$and": {"type": "array", "minItems": 1, "items": _ref("Clause")},
+            "$or": {"type": "array", "minItems": 1, "items": _ref("Clause")},
+            "$not": _ref("Clause"),
         },
         "additionalProperties": {
             "oneOf": [
@@ -180,30 +170,16 @@ SCHEMAS: dict[str, Any] = {
             ]
         },
     },
-    "Clause": {"allOf": [{"$ref": "#/components/schemas/Filter"}, {"minProperties": 1}]},
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message", "details"],
-                "additionalProperties": False,
-                "properties": {
-                    "code": {"type": "string"},
-                    "message": {"type": "string"},
-                    "details": {"type": "object"},
-                },
-            }
-        },
-    },
+    "Clause": {"allOf": [_ref("Filter"), {"minProperties": 1}]},
+    "Error": _closed(
+        {"error": _closed(
+            {"code": {"type": "string"}, "message": {"type": "string"}, "details": {"type": "object"}},
+            "code", "message", "details",
+        )},
+        "error",
+    ),
     "Probe": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
 }
-
-
-def _ref(name: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -235,11 +211,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
 _AUTH = (401, 403, 503)
 _ID_PARAMETER = [{"name": "id", "in": "path", "required": True, "schema": _ID}]
 _NULLABLE_FILTER = {"anyOf": [_ref("Filter"), {"type": "null"}]}
-_SEARCH = {
-    "type": "object",
-    "required": ["query"],
-    "additionalProperties": False,
-    "properties": {
+_SEARCH = _closed(
+    {
         "query": _TEXT,
         **_INPUT_SCOPE,
         "filter": _NULLABLE_FILTER,
@@ -256,25 +229,21 @@ _SEARCH = {
             "description": "a half-life in days: each score is halved per half-life since the memory occurred",
         },
     },
-}
+    "query",
+)
 _BULK_DELETE = {
-    "type": "object",
-    "required": ["namespace"],
-    "additionalProperties": False,
+    **_closed({**_INPUT_SCOPE, "namespace": _SCOPE_VALUE, "filter": _NULLABLE_FILTER}, "namespace"),
     "description": "namespace may be left out with a key bound to one: it is the key's",
-    "properties": {**_INPUT_SCOPE, "namespace": _SCOPE_VALUE, "filter": _NULLABLE_FILTER},
 }
 _PATCH = {
-    "type": "object",
-    "minProperties": 1,
-    "additionalProperties": False,
-    "properties": {
+    **_closed({
         "text": _TEXT,
         "metadata": _ref("Metadata"),
         "expires_at": {"type": ["string", "null"], "format": "date-time", "description": "null: never expires"},
         "occurred_at": {**_EVENT_TIME, "description": "when it happened (it cannot be cleared: a memory always "
                         "has an event time); RFC 3339 with a time zone, 1970-9999"},
-    },
+    }),
+    "minProperties": 1,
 }
 _LIST_PARAMETERS = [
     *({"name": name, "in": "query", "schema": _SCOPE_VALUE} for name in ("namespace", "user_id", "agent_id",
@@ -288,57 +257,31 @@ _LIST_PARAMETERS = [
     {"name": "order_by", "in": "query", "schema": {"enum": list(ORDERS), "default": "created_at"},
      "description": "newest first by when memories were added (created_at) or when they happened (occurred_at)"},
 ]
-_HITS = {
-    "type": "object",
-    "required": ["hits", "took_ms"],
-    "additionalProperties": False,
-    "properties": {
-        "hits": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["memory", "score", "vector_score", "keyword_score"],
-                "additionalProperties": False,
-                "properties": {
-                    "memory": _ref("Memory"),
-                    "score": {"type": "number", "description": "the mode's score; in hybrid mode the fused one"},
-                    "vector_score": {"type": ["number", "null"],
-                                     "description": "cosine similarity; null if the vector ranking did not find it"},
-                    "keyword_score": {"type": ["number", "null"],
-                                      "description": "keyword rank; null if the keyword ranking did not find it"},
-                },
-            },
-        },
-        "took_ms": {"type": "number"},
+_HIT = _closed(
+    {
+        "memory": _ref("Memory"),
+        "score": {"type": "number", "description": "the mode's score; in hybrid mode the fused one"},
+        "vector_score": {"type": ["number", "null"],
+                         "description": "cosine similarity; null if the vector ranking did not find it"},
+        "keyword_score": {"type": ["number", "null"],
+                          "description": "keyword rank; null if the keyword ranking did not find it"},
     },
-}
-_PAGE = {
-    "type": "object",
-    "required": ["memories", "next_cursor"],
-    "additionalProperties": False,
-    "properties": {"memories": {"type": "array", "items": _ref("Memory")}, "next_cursor": _NULLABLE_STR},
-}
-_HISTORY = {
-    "type": "object",
-    "required": ["history"],
-    "additionalProperties": False,
-    "properties": {
-        "history": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "required": ["op", "at", "text", "metadata"],
-                "additionalProperties": False,
-                "properties": {
-                    "op": {"type": "string", "enum": ["add", "update", "delete"]},
-                    "at": _TIME,
-                    "text": _NULLABLE_STR,
-                    "metadata": {"type": ["object", "null"]},
-                },
-            },
-        }
+    "memory", "score", "vector_score", "keyword_score",
+)
+_HITS = _closed({"hits": {"type": "array", "items": _HIT}, "took_ms": {"type": "number"}}, "hits", "took_ms")
+_PAGE = _closed(
+    {"memories": {"type": "array", "items": _ref("Memory")}, "next_cursor": _NULLABLE_STR}, "memories", "next_cursor"
+)
+_HISTORY_ENTRY = _closed(
+    {
+        "op": {"type": "string", "enum": ["add", "update", "delete"]},
+        "at": _TIME,
+        "text": _NULLABLE_STR,
+        "metadata": {"type": ["object", "null"]},
     },
-}
+    "op", "at", "text", "metadata",
+)
+_HISTORY = _closed({"history": {"type": "array", "items": _HISTORY_ENTRY}}, "history")
 
 
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -398,15 +341,7 @@ PATHS: dict[str, Any] = {
             "summary": "Delete every memory of a scope matching a filter",
             "requestBody": _body(_BULK_DELETE),
             "responses": {
-                "200": _json(
-                    {
-                        "type": "object",
-                        "required": ["deleted"],
-                        "additionalProperties": False,
-                        "properties": {"deleted": {"type": "integer", "minimum": 0}},
-                    },
-                    "Deleted",
-                ),
+                "200": _json(_closed({"deleted": {"type": "integer", "minimum": 0}}, "deleted"), "Deleted"),
                 **_errors(400, 413, 415, 422, *_AUTH),
             },
         }

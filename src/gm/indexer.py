@@ -1,0 +1,245 @@
+"""The Indexer: the actor that alone owns the published in-process vector index, loads it
+from the database and keeps it in step with committed writes; readiness is awaited here.
+
+Its messages: :class:`Open` (the store opened), :class:`Apply` (a committed batch of index
+changes, answered once applied: a Writer replies to its caller only after that, so a search
+started after a write returns sees it), :class:`Reload` (a shared database's change feed lost
+its place), :class:`Loaded` / :class:`LoadFailed` (the loader's results) and
+:class:`StopLoading` (the store closes). A load fills a fresh :class:`VectorIndex` in a
+sub-task, off the loop; meanwhile Apply's changes are buffered, then replayed onto it before
+it is published. Searches read the published snapshot on worker threads, outside the
+mailbox: VectorIndex publishes its arrays only once complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from gm import loops
+from gm.actor import Actor, Envelope
+from gm.errors import StorageUnavailable, StoreClosed
+from gm.index import VectorIndex
+from gm.memory import Scope
+from gm.storage.base import IndexChange, VectorRow
+
+log = logging.getLogger(__name__)
+
+FIRST_RETRY_SECONDS = 1.0  # after a failed load; doubled after each failure, up to MAX_RETRY_SECONDS
+MAX_RETRY_SECONDS = 30.0
+
+VectorSource = Callable[[], AsyncIterator[list[VectorRow]]]  # a backend's vectors(): every stored vector
+
+
+@dataclass(slots=True)
+class Open:
+    """The store opened: load the index (unless the change feed asked for a load already),
+    or, with ``load`` False (the database searches vectors itself), be ready with none."""
+
+    load: bool
+
+
+@dataclass(slots=True)
+class Apply:
+    """A committed batch of changes (in commit order, each with its row's final state)."""
+
+    changes: list[IndexChange]
+
+
+@dataclass(slots=True)
+class Reload:
+    """Load afresh: a shared database's change feed fell behind the changes it keeps."""
+
+
+@dataclass(slots=True)
+class Loaded:
+    """Load number ``load`` filled ``index`` (started at ``started``, a perf_counter)."""
+
+    load: int
+    index: VectorIndex
+    started: float
+
+
+@dataclass(slots=True)
+class LoadFailed:
+    """Load number ``load`` failed; it is tried again after a pause."""
+
+    load: int
+    error: StorageUnavailable
+
+
+@dataclass(slots=True)
+class StopLoading:
+    """The store closes: end the load under way and start none (Apply still comes, from the
+    last batches of the Writer, which stops after this and before the Indexer)."""
+
+
+IndexMsg = Open | Apply | Reload | Loaded | LoadFailed | StopLoading
+
+
+class Indexer(Actor[IndexMsg, None]):
+    """Owns ``index``, the one searches read; see the module's docstring."""
+
+    name = "indexer"
+
+    def __init__(self, vectors: VectorSource) -> None:
+        super().__init__(max_batch=64)
+        self.vectors = vectors
+        self.index = VectorIndex()  # published: searches read it; only this actor writes or replaces it
+        self.error: StorageUnavailable | None = None  # why the last load failed, until one succeeds
+        self._pending: list[IndexChange] | None = []  # changes committed while a load runs
+        self._load = 0  # the number of the latest load: a result of an older one is stale
+        self._loader: asyncio.Task[None] | None = None
+        self._loading_stopped = False
+        self._loaded = asyncio.Event()
+        self._outcome: asyncio.Future[None] | None = None  # what those waiting for readiness hear next
+
+    # -- what other tasks call -------------------------------------------------------
+
+    async def open(self, *, load: bool) -> None:
+        await self.ask(Open(load))
+
+    async def apply(self, changes: list[IndexChange]) -> None:
+        """The backends' ``on_commit``: returns once the index follows ``changes``."""
+        await self.ask(Apply(changes))
+
+    def reload(self) -> None:
+        """The backends' ``on_reset`` (a callback: it cannot await)."""
+        if not self._closing:
+            self.tell(Reload())
+
+    async def stop_loading(self) -> None:
+        await self.ask(StopLoading())
+
+    @property
+    def state(self) -> str:
+        """``ready`` (loaded, or nothing to load), ``failed`` (the last load failed; another
+        follows) or ``loading``."""
+        return "ready" if self._loaded.is_set() else "failed" if self.error is not None else "loading"
+
+    async def wait_loaded(self) -> None:
+        """Wait until the index holds every stored vector, through failed loads."""
+        await self._loaded.wait()
+
+    async def wait_ready(self) -> None:
+        """Wait until the index holds every stored vector; while the last load failed (or
+        when one fails meanwhile) raise why at once."""
+        if self._loaded.is_set():
+            return
+        if self.error is not None:
+            raise self.error
+        if self._outcome is None:
+            self._outcome = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._outcome)  # (a waiter that gives up leaves it to the others)
+
+    async def search(
+        self, query: npt.NDArray[np.float32], scope: Scope, now: int, k: int, allowed: Iterable[int] | None
+    ) -> list[tuple[int, float]]:
+        """The published index's ``k`` best (rowid, cosine) pairs, searched on a worker thread."""
+        index = self.index
+        return await asyncio.to_thread(index.search, query, scope, now, k, allowed)
+
+    def cosines(self, query: npt.NDArray[np.float32], rowids: Iterable[int]) -> dict[int, float]:
+        return self.index.cosines(query, rowids)
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    # -- the actor's own task --------------------------------------------------------
+
+    async def handle(self, batch: list[Envelope[IndexMsg, None]]) -> None:
+        for envelope in batch:  # one by one: a message that fails fails only its sender
+            try:
+                await self._take(envelope.msg)
+            except Exception as exc:
+                envelope.fail(exc)
+            else:
+                envelope.answer(None)
+
+    async def _take(self, msg: IndexMsg) -> None:
+        match msg:
+            case Apply(changes):
+                if self._pending is not None:
+                    self._pending.extend(changes)
+                else:
+                    self.index.apply(changes)
+            case Loaded(load, index, started) if load == self._load:
+                self._publish(index, started)
+            case LoadFailed(load, error) if load == self._load:
+                self.error = error
+                self._settle()
+            case Reload():
+                self._start_load()
+            case Open(load=False):
+                self._pending = None
+                self._loaded.set()
+                self._settle()
+            case Open() if self._loader is None:
+                self._start_load()
+            case StopLoading():
+                self._loading_stopped = True
+                await loops.stop(self._loader)
+
+    async def on_stop(self) -> None:
+        await loops.stop(self._loader)
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_exception(StoreClosed("the store is closed; open it again with gm.open()"))
+
+    def _start_load(self) -> None:
+        if self._loading_stopped:
+            return
+        if self._loader is not None:
+            self._loader.cancel()  # superseded: should its cancellation be lost, its result is stale
+        self._load += 1
+        self._pending = []
+        self._loaded.clear()
+        self._loader = asyncio.get_running_loop().create_task(self._fill(self._load), name="gm-index-load")
+
+    def _publish(self, index: VectorIndex, started: float) -> None:
+        index.apply(self._pending or [])  # replaying in order is idempotent: each change carries its final state
+        self._pending = None
+        self.index = index
+        self.error = None
+        self._loaded.set()
+        self._settle()
+        log.info("vector index loaded: %d memories in %.2fs", len(index), time.perf_counter() - started)
+
+    def _settle(self) -> None:
+        """Tell those waiting for readiness: loaded, or why the load failed."""
+        outcome, self._outcome = self._outcome, None
+        if outcome is None or outcome.done():
+            return
+        if self.error is None or self._loaded.is_set():
+            outcome.set_result(None)
+        else:
+            outcome.set_exception(self.error)
+
+    async def _fill(self, load: int) -> None:
+        """The loader: fill a fresh index from the database and post it back; after a
+        failure (the database went away) post why, and try again with backoff."""
+        delay = FIRST_RETRY_SECONDS
+        while True:
+            started = time.perf_counter()
+            index = VectorIndex()
+            try:
+                async for rows in self.vectors():
+                    await asyncio.to_thread(index.load, rows)  # nobody else holds this index yet
+            except Exception as exc:
+                log.exception("loading the vector index failed; retrying in %.0fs", delay)
+                self._report(LoadFailed(load, StorageUnavailable(f"the vector index could not be loaded: {exc}")))
+                await loops.pause(delay)
+                delay = min(delay * 2, MAX_RETRY_SECONDS)
+                continue
+            self._report(Loaded(load, index, started))
+            return
+
+    def _report(self, msg: Loaded | LoadFailed) -> None:
+        if not self._closing:
+            self.tell(msg)
