@@ -1,5 +1,6 @@
 """The docs stay true: the CLI reference's examples run, every GM_* variable the code
-reads is documented, the API reference names every route, and the site builds."""
+reads is documented, the API reference names every route, README's install and test
+commands are the ones CI runs, and the site builds."""
 
 from __future__ import annotations
 
@@ -70,6 +71,21 @@ def test_api_reference_names_every_route() -> None:
     text = (DOCS / "api.md").read_text()
     for method, path, _ in ROUTES:
         assert f"`{method} {path}`" in text, f"{method} {path} missing from docs/api.md"
+
+
+def sh_blocks(text: str) -> list[str]:
+    return [block.strip() for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S)]
+
+
+def test_readme_serves_without_test_extras_and_ci_runs_its_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    serve, test = sh_blocks(readme.split("## Two commands", 1)[1].split("\n## ", 1)[0])
+    assert ".venv/bin/pip install -e . " in serve and "[test]" not in serve, serve
+    assert serve.endswith(".venv/bin/gmem serve"), serve
+    assert test.startswith(".venv/bin/pip install -e '.[test]' && "), test
+    assert test.endswith(".venv/bin/python -m pytest"), test
+    assert test in (ROOT / ".ci" / "run").read_text().splitlines(), ".ci/run must run README's test command"
+    assert sh_blocks((DOCS / "index.md").read_text())[:2] == [serve, test], "docs/index.md's quickstart drifted"
 
 
 def test_site_builds(tmp_path: Path) -> None:
