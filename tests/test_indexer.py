@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gm import indexer as indexer_module
-from gm.errors import StorageUnavailable
+from gm.errors import StorageUnavailable, StoreClosed
 from gm.indexer import Indexer
 from gm.memory import Scope
 from gm.storage.base import IndexChange, VectorRow
@@ -105,3 +105,35 @@ async def test_nothing_to_load_when_the_database_searches_vectors_itself() -> No
         assert (indexer.state, source.calls) == ("ready", 0)
     finally:
         await indexer.stop()
+
+
+async def test_a_search_waiting_for_a_load_is_released_when_the_database_starts_searching_itself() -> None:
+    # pgvector's backfill completes while the in-process index is still loading: the waiters
+    # must not wait for (or fail with) a load nobody needs any more.
+    source = Source([VectorRow(1, SCOPE, None, vector(1))])
+    source.gate.clear()  # the load hangs
+    indexer = Indexer(source)
+    try:
+        await indexer.open(load=True)
+        waiting = asyncio.create_task(indexer.wait_ready())
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and indexer.state == "loading"
+        indexer.native()
+        await asyncio.wait_for(waiting, 5)
+        assert indexer.state == "ready"
+    finally:
+        await indexer.stop()
+
+
+async def test_waiting_for_the_index_of_a_stopped_indexer_fails_at_once() -> None:
+    source = Source([])
+    source.gate.clear()
+    indexer = Indexer(source)
+    await indexer.open(load=True)
+    waiting = asyncio.create_task(indexer.wait_ready())
+    await asyncio.sleep(0.01)
+    await indexer.stop()
+    with pytest.raises(StoreClosed):
+        await asyncio.wait_for(waiting, 5)  # one who waited when it stopped
+    with pytest.raises(StoreClosed):
+        await asyncio.wait_for(indexer.wait_ready(), 1)  # and one who comes later

@@ -32,3 +32,14 @@ def test_a_url_that_is_not_a_database_names_the_client(url: str, tmp_path: Path)
     if url.startswith("http"):
         assert "from gm.client import Client" in refused.value.message
     assert not Path("http:").exists()
+
+
+async def test_a_closed_store_cannot_be_opened_again_and_leaves_the_file_free(tmp_path: Path) -> None:
+    from gm.errors import StoreClosed
+
+    store = await gm.open(tmp_path / "mem.db")
+    await store.close()
+    with pytest.raises(StoreClosed, match="open it again with gm.open"):
+        await store.open()
+    async with gm.open(tmp_path / "mem.db") as again:  # nothing of the refused open holds the lock
+        assert (await again.stats()).memories == 0

@@ -184,13 +184,21 @@ class Embedder(Actor[Embed, Vector]):
     async def embed_many(self, texts: list[str]) -> list[Vector]:
         return list(await asyncio.gather(*(self.ask(Embed(t)) for t in texts)))
 
-    def _encode(self, texts: list[str]) -> Vector:
+    async def dimensions(self) -> int:
+        """The model's vector size (loading the model, on its thread, if it is not loaded yet)."""
+        encoder = await asyncio.get_running_loop().run_in_executor(self._thread, self._load)
+        return encoder.dim
+
+    def _load(self) -> Encoder:
         if self._encoder is None:
             started = time.perf_counter()
             self._encoder = Encoder(self.spec, self.threads)
             self.load_seconds = time.perf_counter() - started
             log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
-        return self._encoder.encode(texts)
+        return self._encoder
+
+    def _encode(self, texts: list[str]) -> Vector:
+        return self._load().encode(texts)
 
     async def handle(self, batch: list[Envelope[Embed, Vector]]) -> None:
         loop = asyncio.get_running_loop()

@@ -114,6 +114,12 @@ class Indexer(Actor[IndexMsg, None]):
         if not self._closing:
             self.tell(Reload())
 
+    def native(self) -> None:
+        """The backends' ``on_native``: the database searches vectors itself from now on
+        (pgvector's backfill completed), so those waiting for the index wait no more."""
+        if not self._closing:
+            self.tell(Open(load=False))
+
     async def stop_loading(self) -> None:
         await self.ask(StopLoading())
 
@@ -134,6 +140,8 @@ class Indexer(Actor[IndexMsg, None]):
             return
         if self.error is not None:
             raise self.error
+        if self._closing:
+            raise StoreClosed("the store is closed; open it again with gm.open()")
         if self._outcome is None:
             self._outcome = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._outcome)  # (a waiter that gives up leaves it to the others)
@@ -178,7 +186,10 @@ class Indexer(Actor[IndexMsg, None]):
             case Reload():
                 self._start_load()
             case Open(load=False):
+                await loops.stop(self._loader)  # (a load under way is not needed any more)
+                self._loader = None
                 self._pending = None
+                self.error = None
                 self._loaded.set()
                 self._settle()
             case Open() if self._loader is None:
@@ -236,6 +247,8 @@ class Indexer(Actor[IndexMsg, None]):
                 self._report(LoadFailed(load, StorageUnavailable(f"the vector index could not be loaded: {exc}")))
                 await loops.pause(delay)
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
+                if load != self._load or self._loading_stopped:
+                    return  # superseded or stopped (should its cancellation have been lost, see gm.loops)
                 continue
             self._report(Loaded(load, index, started))
             return

@@ -79,8 +79,10 @@ class Store:
 
     async def open(self) -> Store:
         """Migrate and open the database, check the model; the model itself stays unloaded."""
+        if self._closed:
+            raise StoreClosed("the store is closed; open it again with gm.open()")
         limit_blas_threads(self.settings.blas_threads)
-        await self.backend.open(self.indexer.apply, self.indexer.reload)
+        await self.backend.open(self.indexer.apply, self.indexer.reload, self.indexer.native)
         await self.backend.write(RecordModel(self.model.identity))
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
@@ -92,11 +94,13 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        await self.upkeep.stop()
-        await self.embedder.stop()
-        await self.indexer.stop_loading()
-        await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
-        await self.indexer.stop()
+        try:
+            await self.upkeep.stop()
+            await self.embedder.stop()
+            await self.indexer.stop_loading()
+            await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
+        finally:
+            await self.indexer.stop()  # (which fails whoever still waits for the index)
 
     async def __aenter__(self) -> Store:
         if not self._opened:
@@ -190,11 +194,15 @@ class Store:
         return await self.backend.write(AddMemories(items, now))
 
     async def add_prepared(self, items: builtins.list[NewMemory]) -> int:
-        """Store validated memories all-or-nothing, as an import does: with their own ids,
-        times and, when of the index's size, vectors; the others are embedded first. Returns
-        how many had to be embedded."""
+        """Store memories validated by :func:`gm.validation.new_memory` all-or-nothing, as an
+        import does: with their own ids, times and, when of the model's size, vectors; the
+        others are embedded first. Returns how many had to be embedded."""
         self._check_open()
-        size = self.indexer.dim * 4
+        if not items:
+            return 0
+        if len(items) > MAX_BATCH:
+            raise InvalidInput(f"a batch holds at most {MAX_BATCH} memories; split it", path="memories")
+        size = await self.embedder.dimensions() * 4
         missing = [item for item in items if len(item.vector) != size]
         await self._embed(missing)
         await self.backend.write(AddMemories(items, now_ms()))

@@ -63,11 +63,15 @@ class Backend(Reads):
 
     @abc.abstractmethod
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
+        self,
+        on_commit: Callable[[list[IndexChange]], Awaitable[None]],
+        on_reset: Callable[[], None] | None = None,
+        on_native: Callable[[], None] | None = None,
     ) -> None:
         """Migrate, then start the Writer; ``on_commit`` sees each batch's index changes
         after it is durable and before any caller hears back (on a shared database also
-        other instances' changes); ``on_reset`` asks for the index to be loaded afresh."""
+        other instances' changes); ``on_reset`` asks for the index to be loaded afresh;
+        ``on_native`` says the database searches vectors itself from now on."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

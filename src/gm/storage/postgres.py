@@ -59,6 +59,7 @@ class PostgresBackend(Backend):
         self.writer: PgWriter | None = None
         self.feed: ChangeFeed | None = None
         self._on_reset: Callable[[], None] = lambda: None
+        self._on_native: Callable[[], None] = lambda: None
         self._backfill: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
 
@@ -85,9 +86,13 @@ class PostgresBackend(Backend):
             raise unavailable(exc, f"migrating {self.where}") from None
 
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
+        self,
+        on_commit: Callable[[list[IndexChange]], Awaitable[None]],
+        on_reset: Callable[[], None] | None = None,
+        on_native: Callable[[], None] | None = None,
     ) -> None:
         self._on_reset = on_reset or (lambda: None)
+        self._on_native = on_native or (lambda: None)
         self.schema_read(await self.migrator.run())
         try:
             await self.pools.open()
@@ -101,7 +106,7 @@ class PostgresBackend(Backend):
             self.feed = ChangeFeed(self._own_fetch, self.pools.connect, on_commit, self._on_reset, self.context)
             await self.feed.start(start_seq)
         if self.pg_vectors.present:
-            backfill = self.pg_vectors.backfill_forever(self._stop_feed)
+            backfill = self.pg_vectors.backfill_forever(self._became_native)
             self._backfill = asyncio.get_running_loop().create_task(backfill, name="gm-vec-backfill")
         self.writer = PgWriter(self.pools, self.pg_vectors, self.schema_version, self.committed)
         self.writer.start()
@@ -115,8 +120,13 @@ class PostgresBackend(Backend):
         await self._stop_feed()
         await self.pools.close()
 
+    async def _became_native(self) -> None:
+        """Every row has its ``vec``: pgvector answers searches from now on."""
+        await self._stop_feed()
+        self._on_native()
+
     async def _stop_feed(self) -> None:
-        """No in-process index to keep in step (any more): pgvector answers."""
+        """No in-process index to keep in step (any more)."""
         if self.feed is not None:
             await self.feed.stop()
             self.feed = None

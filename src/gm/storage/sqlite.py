@@ -65,7 +65,10 @@ class SQLiteBackend(Backend):
         )
 
     async def open(
-        self, on_commit: Callable[[list[IndexChange]], Awaitable[None]], on_reset: Callable[[], None] | None = None
+        self,
+        on_commit: Callable[[list[IndexChange]], Awaitable[None]],
+        on_reset: Callable[[], None] | None = None,
+        on_native: Callable[[], None] | None = None,
     ) -> None:
         sqlite_migrations.check_path(self.path)
         self._lock.acquire()
