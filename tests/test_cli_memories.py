@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.http_server import spawn_server
+from tests.http_server import free_port, spawn_server
 from tests.test_cli import Run, gmem, memories
 
 KEY = "admin-key-0123456789abcdef"
@@ -293,3 +293,15 @@ def test_each_command_has_help_with_an_example(capsys: pytest.CaptureFixture[str
     for command in ("list", "update", "history", "forget"):
         result = gmem(capsys, command, "--help")
         assert result.code == 0 and f"Example:\n  gmem {command} " in result.out, command
+
+
+def test_unreachable_server_and_missing_database_exit_9(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    commands = (["list"], ["update", "some-id", "--text", "x"], ["history", "some-id"],
+                ["forget", "--user-id", "u1", "--yes"])
+    for argv in commands:
+        result = gmem(capsys, *argv[:1], "--url", url, *argv[1:])
+        assert result.code == 9 and f"no greatmemory server answered at {url}" in result.error_line, argv
+        result = gmem(capsys, *argv[:1], "--db", str(tmp_path / "typo.db"), *argv[1:])
+        assert result.code == 9 and "there is no database" in result.error_line, argv
+    assert not (tmp_path / "typo.db").exists()  # a typo does not create a database
