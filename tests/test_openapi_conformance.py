@@ -11,14 +11,16 @@ import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import jsonschema_rs  # schemathesis' own JSON Schema validator
 import pytest
 import schemathesis
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import ignored_auth
 
 from gm.http.openapi import openapi_document
-from tests.http_server import spawn_server
+from tests.http_server import spawn_server, start_server, store_factory
 
 KEY = "conformance-key-0123456789abcdef"
 # Examples per operation in the fuzzing phase: 12 operations x 2 servers in about 35 s on 2 cores (50: 48 s).
@@ -117,3 +119,85 @@ def test_generated_requests_get_documented_answers(case: schemathesis.Case, serv
     # Without keys every request is served whatever auth it carries: that is what `security: []` says.
     excluded = [] if headers else [ignored_auth]
     case.call_and_validate(base_url=url, headers=headers, excluded_checks=excluded, timeout=30)
+
+
+# -- what generated clients need: names for every operation, a shape for every answer ----------------
+
+OPERATIONS = [(method, path, operation) for path, item in DOCUMENT["paths"].items()
+              for method, operation in item.items() if method in ("get", "post", "put", "patch", "delete")]
+
+
+def test_every_operation_has_a_unique_operation_id() -> None:
+    ids = [operation.get("operationId") for _, _, operation in OPERATIONS]
+    assert all(isinstance(i, str) and i.isidentifier() for i in ids), ids
+    assert len(set(ids)) == len(ids) == 12, ids
+    assert {("post", "/v1/memories"): "addMemories", ("get", "/v1/stats"): "stats",
+            ("delete", "/v1/memories/{id}"): "deleteMemory"}.items() <= {
+        (method, path): operation["operationId"] for method, path, operation in OPERATIONS}.items()
+
+
+def _resolved(schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = DOCUMENT["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def _shapes(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    """A schema's alternatives (through $ref, oneOf, anyOf), each resolved."""
+    schema = _resolved(schema)
+    branches = schema.get("oneOf") or schema.get("anyOf")
+    return [shape for branch in branches for shape in _shapes(branch)] if branches else [schema]
+
+
+def test_every_answer_has_a_described_body() -> None:
+    """No success answer is a bare ``{"type": "object"}`` (a client could only hand out a
+    dict), and every error answer is the contract's Error."""
+    for method, path, operation in OPERATIONS:
+        for status, answer in operation["responses"].items():
+            if status == "204":
+                assert "content" not in answer, (method, path)
+                continue
+            schema = answer["content"]["application/json"]["schema"]
+            if status.startswith("2"):
+                for shape in _shapes(schema):
+                    assert shape.get("properties"), (method, path, status, shape)
+            elif not (path == "/v1/readyz" and status == "503"):  # readyz's 503 also says why it is not ready
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+def validator(name: str) -> jsonschema_rs.Validator:
+    return jsonschema_rs.Draft202012Validator(
+        {"components": DOCUMENT["components"], "$ref": f"#/components/schemas/{name}"}, validate_formats=True
+    )
+
+
+def assert_valid(name: str, body: Any) -> None:
+    errors = [str(e) for e in validator(name).iter_errors(body)]
+    assert not errors, errors
+
+
+async def test_stats_and_readiness_answers_are_what_the_document_says(target: str) -> None:
+    server = await start_server(store_factory(target))
+    try:
+        for namespace in ("n1", "n2", "n2"):
+            assert (await server.call("POST", "/v1/memories", json={"text": "a", "namespace": namespace}))[0] == 201
+        status, stats = await server.call("GET", "/v1/stats")
+        assert status == 200
+        assert_valid("Stats", stats)
+        assert stats["namespaces"] == {"n1": 1, "n2": 2} and stats["model_loaded"] is True
+        assert isinstance(stats["process_resident_bytes"], int) and stats["writes"]["status"] == "ok"
+        status, ready = await server.call("GET", "/v1/readyz")
+        assert status == 200
+        assert_valid("Ready", ready)
+        assert_valid("Health", (await server.call("GET", "/v1/healthz"))[1])
+        # The schemas are closed: a field the document does not name (a new one in Store.stats,
+        # say) fails here, so the document cannot fall behind the answer.
+        assert not validator("Stats").is_valid({**stats, "new_field": 1})
+        assert not validator("Stats").is_valid({**stats, "writes": {**stats["writes"], "status": "fine"}})
+        server.state.draining = True
+        status, draining = await server.call("GET", "/v1/readyz")
+        assert status == 503
+        assert_valid("NotReady", draining)
+    finally:
+        server.state.draining = False
+        await server.stop()

@@ -121,6 +121,47 @@ def allowed_hosts(raw: str) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(?::([0-9]{1,5}))?")
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _not_an_origin(part: str) -> str:
+    """What is wrong with an entry of GM_CORS_ORIGINS, in the words of the likely mistake."""
+    with_path = re.fullmatch(r"([a-z][a-z0-9+.-]*://[^/?#]+)[/?#].*", part.lower())
+    if part.lower() == "null":
+        return "null is the origin of every sandboxed frame and local file alike; it cannot be allowed"
+    if not part:
+        return "an entry is empty"
+    if "://" not in part and "/" not in part:
+        return f"an origin starts with a scheme: did you mean https://{part}?"
+    if with_path:
+        return f"an origin has no path: write {with_path.group(1)}"
+    return f"{part!r} is not scheme://host[:port]"
+
+
+def cors_origins(raw: str) -> tuple[str, ...]:
+    """``GM_CORS_ORIGINS``: comma-separated origins, ``scheme://host[:port]`` as a browser sends
+    them in ``Origin`` (lower case, no default port: ``https://a.example:443`` is kept as
+    ``https://a.example``), or ``*`` alone for any. Unset, no origin is answered (gm.http.cors)."""
+    parts = [part.strip() for part in raw.split(",")]
+    if "*" in parts and len(parts) > 1:
+        raise ValueError("* allows every origin: give it alone, not in a list")
+    if parts == ["*"]:
+        return ("*",)
+    origins: list[str] = []
+    for part in parts:
+        match = _ORIGIN.fullmatch(part.lower())
+        if match is None:
+            raise ValueError(f"expected origins such as https://app.example.com,http://localhost:3000; "
+                             f"{_not_an_origin(part)}")
+        scheme, host, port = match.groups()
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"the port of {part!r} is not from 1 to 65535")
+        keep = f":{int(port)}" if port is not None and _DEFAULT_PORTS.get(scheme) != str(int(port)) else ""
+        origins.append(f"{scheme}://{host}{keep}")
+    return tuple(dict.fromkeys(origins))
+
+
 @dataclass(frozen=True)
 class ApiKey:
     """One accepted key; ``namespace`` set means it may only touch that namespace."""
@@ -206,6 +247,7 @@ LOG_FORMAT = Setting("GM_LOG_FORMAT", "text", choice("text", "json"), "log_forma
 URL: Setting[str | None] = Setting("GM_URL", None, server_url, "url")  # the CLI's client commands
 API_KEY: Setting[str | None] = Setting("GM_API_KEY", None, text, "api_key", secret=True)
 ALLOWED_HOSTS: Setting[tuple[str, ...] | None] = Setting("GM_ALLOWED_HOSTS", None, allowed_hosts, "allowed_hosts")
+CORS_ORIGINS: Setting[tuple[str, ...]] = Setting("GM_CORS_ORIGINS", (), cors_origins)
 MAX_CONNECTIONS = Setting("GM_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, whole(1, 1_000_000), "max_connections")
 HEADER_TIMEOUT = Setting("GM_HEADER_TIMEOUT_SECONDS", DEFAULT_HEADER_TIMEOUT_SECONDS, seconds(zero=False))
 BODY_TIMEOUT = Setting("GM_BODY_TIMEOUT_SECONDS", DEFAULT_BODY_TIMEOUT_SECONDS, seconds(zero=False))
@@ -273,6 +315,7 @@ class ServerConfig:
     store: StoreSettings = StoreSettings()
     allowed_hosts: tuple[str, ...] | None = None
     limits: ConnectionLimits = ConnectionLimits()
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -297,6 +340,11 @@ class ServerConfig:
         if not api_keys and flags.get("host") in (None, "") and not is_loopback(host):
             ignored_host, host = host, DEFAULT_HOST  # no keys: only --host itself may open it beyond loopback
         store = StoreSettings.load(env)
+        cors = CORS_ORIGINS.read(env)
+        if cors == ("*",) and not api_keys:  # the JSON-only guard is all that keeps web pages out without keys
+            raise InvalidSetting("GM_CORS_ORIGINS=* lets every web page a user visits call this server, which has no "
+                                 "GM_API_KEYS to stop them reading and changing its memories; set GM_API_KEYS, or "
+                                 "list the origins that may call it", variable="GM_CORS_ORIGINS")
         return cls(
             host=host,
             port=PORT.read(env, flags),
@@ -311,6 +359,7 @@ class ServerConfig:
             store=store,
             allowed_hosts=ALLOWED_HOSTS.read(env, flags),
             limits=ConnectionLimits.load(flags, env),
+            cors_origins=cors,
         )
 
 

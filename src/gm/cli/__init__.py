@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
-from gm.cli import commands
+from gm.cli import commands, memories
 from gm.cli.exits import EXIT_ERROR, EXIT_USAGE, exit_code
 from gm.errors import GMError
 
@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _target(p)
     p.add_argument("id")
 
+    _add_memory_commands(sub)
+
     keys = sub.add_parser("keys", help="API key tools", description="API key tools.",
                           epilog="Example:\n  gmem keys new", formatter_class=argparse.RawDescriptionHelpFormatter)
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=_Parser)
@@ -148,6 +150,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "version", commands.version, "print the release and its schema version", "gmem version")
     return parser
+
+
+def _add_memory_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """gmem list, update, history and forget (gm.cli.memories)."""
+    p = _command(sub, "list", memories.list_, "list a scope's memories, newest first, a page at a time",
+                 "gmem list --user-id u1 --filter '{\"topic\": \"travel\"}' --limit 20",
+                 "Print a page of a scope's memories as a table (newest added first, or newest event first "
+                 "with --order-by occurred_at) and the cursor of the next page; --json prints the page.")
+    _target(p)
+    _scope(p)
+    p.add_argument("--filter", help="a metadata filter as JSON, e.g. '{\"topic\": \"travel\"}'")
+    p.add_argument("--limit", type=int, help="how many a page (1-1000, default 50)")
+    p.add_argument("--cursor", help="the next page: the cursor the previous page printed")
+    p.add_argument("--order-by", choices=["created_at", "occurred_at"],
+                   help="newest added first (created_at, the default) or newest event first (occurred_at)")
+    p.add_argument("--occurred-after", help="only memories that happened at or after this RFC 3339 time")
+    p.add_argument("--occurred-before", help="only memories that happened before this RFC 3339 time")
+
+    p = _command(sub, "update", memories.update, "change a memory's text, metadata, expiry or event time",
+                 "gmem update 0193a5c2-... --metadata '{\"topic\": \"travel\", \"confirmed\": true}'",
+                 "Change one memory; give at least one of the options. New text is embedded again; new "
+                 "metadata replaces the old object whole.")
+    _target(p)
+    p.add_argument("id")
+    p.add_argument("--text", help="the new text (embedded again)")
+    p.add_argument("--metadata", help="a JSON object replacing the metadata ('{}' clears it)")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-at", help="forget it at this RFC 3339 time, e.g. 2027-01-01T00:00:00Z")
+    expiry.add_argument("--no-expiry", action="store_true", help="never forget it (clears an expiry)")
+    p.add_argument("--occurred-at", help="when it happened, RFC 3339, e.g. 2024-03-15T09:30:00Z")
+
+    p = _command(sub, "history", memories.history, "show every add, update and delete of a memory",
+                 "gmem history 0193a5c2-...",
+                 "Print each change of one memory in commit order: when, what (add, update, delete), and "
+                 "the text and metadata it left.")
+    _target(p)
+    p.add_argument("id")
+
+    p = _command(sub, "forget", memories.forget, "delete every memory of a scope that matches a filter",
+                 "gmem forget --user-id u1 --filter '{\"topic\": \"travel\"}'",
+                 "Count the memories of a scope (and --filter) and, once confirmed, delete them. It asks on a "
+                 "terminal; elsewhere (a script, a pipe) it deletes only with --yes. A scope is required: "
+                 "--user-id, --agent-id or --session-id, or --namespace to forget a whole namespace.")
+    _target(p)
+    _scope(p)
+    p.add_argument("--filter", help="only memories whose metadata matches this JSON filter")
+    p.add_argument("--yes", action="store_true", help="do not ask: delete what matches")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

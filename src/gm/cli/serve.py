@@ -71,6 +71,7 @@ async def _listen(state: ServerState, config: ServerConfig) -> tuple[ConnectionR
 
     from gm.http import make_app
     from gm.http.connections import ConnectionRunner
+    from gm.http.cors import CorsPolicy
     from gm.http.guard import HostPolicy
 
     app = make_app(
@@ -78,6 +79,7 @@ async def _listen(state: ServerState, config: ServerConfig) -> tuple[ConnectionR
         max_body_bytes=config.max_body_bytes,
         hosts=HostPolicy.serving(config),
         body_timeout=config.limits.body_timeout,
+        cors=CorsPolicy(config.cors_origins),
     )
     runner = ConnectionRunner(
         app,

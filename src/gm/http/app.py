@@ -19,6 +19,7 @@ from gm import loops
 from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.connections import body_middleware, close_unfinished, end_connection, expect_continue
+from gm.http.cors import CorsPolicy, cors_middleware
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
@@ -374,12 +375,16 @@ def make_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     hosts: HostPolicy | None = None,
     body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS,
+    cors: CorsPolicy | None = None,
 ) -> web.Application:
     """The aiohttp application for ``state``; the caller opens the store (``state.open_store``).
-    ``hosts``: the Host headers it answers to (default: IP literals and localhost)."""
+    ``hosts``: the Host headers it answers to (default: IP literals and localhost); ``cors``:
+    the origins whose pages may call it (default: none)."""
+    cors = cors if cors is not None else CorsPolicy()
     middlewares = [
         error_middleware,
         cross_site_middleware(hosts or HostPolicy()),
+        cors_middleware(cors),
         auth_middleware,
         lifecycle_middleware,
         body_middleware(body_timeout),
@@ -389,6 +394,7 @@ def make_app(
     app[MAX_BODY_KEY] = max_body_bytes
     app.on_response_prepare.append(close_unfinished)
     app.on_response_prepare.append(close_when_draining)
+    app.on_response_prepare.append(cors.allow_origin)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler, expect_handler=expect_continue)
     return app
