@@ -78,6 +78,7 @@ async def _listen(state: ServerState, config: ServerConfig) -> tuple[ConnectionR
         max_body_bytes=config.max_body_bytes,
         hosts=HostPolicy.serving(config),
         body_timeout=config.limits.body_timeout,
+        metrics=config.metrics,
     )
     runner = ConnectionRunner(
         app,
