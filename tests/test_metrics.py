@@ -6,6 +6,7 @@ the GM_METRICS access setting, and answers while the store is not ready or a par
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import time
@@ -27,6 +28,7 @@ ADMIN = "metrics-admin-key-0123456789"
 TEAM = "metrics-team-key-0123456789"
 KEYS = parse_api_keys(f"{ADMIN},{TEAM}@team")
 # What the client sends that must never become a label value.
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 NAMESPACE, MEMORY_ID, PATH = "tenant-namespace-7f3a", "client-id-9c2e", "/no/such/path-4b1d"
 
 
@@ -113,6 +115,21 @@ async def test_requests_are_counted_by_route_template_and_status(server: Running
     assert value(before, "greatmemory_memories") == 0  # counted by the first scrape; paced after it
     assert value(after, "greatmemory_memories") == 0
     assert after["process_resident_memory_bytes"][0].value > 0
+
+
+async def test_docs_list_every_metric_served(tmp_path: Path) -> None:
+    server = await start_server(store_factory(tmp_path / "mem.db"))
+    try:
+        assert (await server.call("POST", "/v1/memories", json={"text": "Prefers window seats."}))[0] == 201
+        assert (await server.call("POST", "/v1/memories/search", json={"query": "seats"}))[0] == 200
+        await scrape(server)  # (the first scrape counts the memories)
+        status, body = await server.call("GET", "/metrics")
+        served = {f.name + ("_total" if f.type == "counter" else "")
+                  for f in text_string_to_metric_families(body.decode()) if f.name.startswith("greatmemory_")}
+    finally:
+        await server.stop()
+    documented = set(re.findall(r"^\| `(greatmemory_[a-z_]+)` \|", (DOCS / "metrics.md").read_text(), re.M))
+    assert served == documented
 
 
 async def test_the_memory_count_leaves_out_expired_memories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

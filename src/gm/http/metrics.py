@@ -128,7 +128,7 @@ def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 
 def one_of(name: str, documentation: str, label: str, values: Sequence[str], current: str) -> GaugeMetricFamily:
-    """A 0/1 gauge per value of a fixed list: 1 for ``current`` (none at all if it is not listed)."""
+    """A 0/1 gauge per value of a fixed list: 1 for ``current`` (all 0 if it is not listed)."""
     family = GaugeMetricFamily(name, documentation, labels=[label])
     for value in values:
         family.add_metric([value], 1.0 if value == current else 0.0)
