@@ -12,7 +12,7 @@ from gm.tally import SECONDS, SIZES, Tally
 
 
 class WriteHealth:
-    """How a Writer's commits are going, for readyz and ``/v1/stats``: touched only by the
+    """How a Writer's commits are going, for readyz, ``/v1/stats`` and /metrics: touched only by the
     Writer's task. A batch refused as a whole by the database (disk full, read-only, I/O
     error, a lock or write timeout, a missing table) is a failure; a single write refused
     for its own values (422, 404, 409) is not."""
