@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gm.config import ApiKey, ConnectionLimits
+from gm.config import DEFAULT_METRICS, ApiKey, ConnectionLimits
 from gm.embedding import ModelSpec
 from gm.http import ServerState, make_app
 from gm.http.connections import ConnectionRunner
@@ -65,9 +65,11 @@ async def start_server(
     open_store: bool = True,
     hosts: HostPolicy | None = None,
     limits: ConnectionLimits = ConnectionLimits(),
+    metrics: str = DEFAULT_METRICS,
 ) -> RunningServer:
     state = ServerState(make_store, api_keys)
-    app = make_app(state, max_body_bytes=max_body_bytes, hosts=hosts, body_timeout=limits.body_timeout)
+    app = make_app(state, max_body_bytes=max_body_bytes, hosts=hosts, body_timeout=limits.body_timeout,
+                   metrics=metrics)
     runner = ConnectionRunner(app, limits, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

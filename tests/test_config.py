@@ -39,6 +39,7 @@ BAD_SERVER_VALUES = [
     ("GM_HEADER_TIMEOUT_SECONDS", "-1"),
     ("GM_BODY_TIMEOUT_SECONDS", "nan"),
     ("GM_KEEPALIVE_SECONDS", "inf"),
+    ("GM_METRICS", "public"),
 ]
 BAD_STORE_VALUES = [
     ("GM_EMBED_THREADS", "many"),
@@ -95,11 +96,12 @@ def test_good_values_are_read() -> None:
     config = ServerConfig.load({}, {
         "GM_PORT": "0", "GM_MAX_BODY_BYTES": "1024", "GM_DRAIN_SECONDS": "0", "GM_LOG_FORMAT": "json",
         "GM_EMBED_THREADS": "2", "GM_BLAS_THREADS": "0", "GM_PURGE_SECONDS": "0.5", "GM_TEST_SCHEMA_CAP": "1",
-        "GM_DATABASE_URL": "postgresql://u@h/db",
+        "GM_DATABASE_URL": "postgresql://u@h/db", "GM_METRICS": "off",
     })
     assert (config.port, config.max_body_bytes, config.drain_seconds, config.log_format) == (0, 1024, 0.0, "json")
     assert config.store == StoreSettings(None, 2, 0, 0.5, 1)
     assert config.target == "postgresql://u@h/db"
+    assert config.metrics == "off" and ServerConfig.load({}, {}).metrics == "key"
 
 
 @pytest.mark.parametrize(("variable", "value"), [("GM_EMBED_THREADS", "many"), ("GM_MAX_BODY_BYTES", "-5"),

@@ -118,6 +118,11 @@ class Actor(Generic[Msg, Reply]):
             raise Overdue(True)
         return reply.result()
 
+    @property
+    def queued(self) -> int:
+        """Messages waiting in the mailbox, not yet taken up (what /metrics shows as queue depth)."""
+        return self._mailbox.qsize()
+
     def oldest_wait(self) -> float:
         """Seconds the oldest message not yet answered has waited (0 when idle): the batch
         under way holds the oldest, since the mailbox is first in, first out."""

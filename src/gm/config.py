@@ -35,6 +35,10 @@ DEFAULT_KEEPALIVE_SECONDS = 75.0  # longer than common proxies' idle timeout (60
 # precise errors come first; short of the 30 s many HTTP clients give up at.
 DEFAULT_WRITE_TIMEOUT_SECONDS = 15.0
 MAX_WRITE_TIMEOUT_SECONDS = 3600.0
+# /metrics: open like the probes, behind an API key not bound to a namespace (when GM_API_KEYS is
+# set), or off. A key by default: who set keys asked for a closed server, and the figures (traffic,
+# memory counts, version) help an attacker; Prometheus sends a key with two lines of its config.
+DEFAULT_METRICS = "key"
 
 
 # -- how a raw value is checked: each returns the value or raises ValueError saying what it expects ------
@@ -255,6 +259,7 @@ KEEPALIVE = Setting("GM_KEEPALIVE_SECONDS", DEFAULT_KEEPALIVE_SECONDS, seconds(z
 WRITE_TIMEOUT = Setting(
     "GM_WRITE_TIMEOUT_SECONDS", DEFAULT_WRITE_TIMEOUT_SECONDS, seconds(zero=False, most=MAX_WRITE_TIMEOUT_SECONDS)
 )
+METRICS = Setting("GM_METRICS", DEFAULT_METRICS, choice("open", "key", "off"))
 
 
 
@@ -316,6 +321,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] | None = None
     limits: ConnectionLimits = ConnectionLimits()
     cors_origins: tuple[str, ...] = ()
+    metrics: str = DEFAULT_METRICS
 
     @property
     def target(self) -> str:
@@ -360,6 +366,7 @@ class ServerConfig:
             allowed_hosts=ALLOWED_HOSTS.read(env, flags),
             limits=ConnectionLimits.load(flags, env),
             cors_origins=cors,
+            metrics=METRICS.read(env, flags),
         )
 
 

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from gm.actor import Actor, Envelope
 from gm.config import EMBED_THREADS
 from gm.errors import ModelError, ModelNotFound
+from gm.tally import SECONDS, SIZES, Tally
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class Embedder(Actor[Embed, Vector]):
         self._encoder: Encoder | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gm-embed")
         self.load_seconds: float | None = None
+        self.batch_texts = Tally(SIZES)  # texts per model call, and its seconds (read by gm.http.metrics)
+        self.batch_seconds = Tally(SECONDS)
 
     @property
     def loaded(self) -> bool:
@@ -205,6 +208,7 @@ class Embedder(Actor[Embed, Vector]):
         urgent = [e for e in batch if e.msg.urgent]
         for group in (urgent, [e for e in batch if not e.msg.urgent]):
             if group:
+                loading, started = not self.loaded, time.perf_counter()
                 try:
                     vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg.text for e in group])
                 except ModelError as exc:  # the model's files, not a bug: one line, no traceback
@@ -212,6 +216,9 @@ class Embedder(Actor[Embed, Vector]):
                     for envelope in group:
                         envelope.fail(exc)
                     continue
+                took = time.perf_counter() - started - ((self.load_seconds or 0.0) if loading else 0.0)
+                self.batch_texts.observe(len(group))
+                self.batch_seconds.observe(took)
                 for envelope, vector in zip(group, vectors, strict=True):
                     envelope.answer(vector)
 

@@ -59,6 +59,12 @@ class VectorIndex:
     def count(self) -> int:
         return self._a.count
 
+    @property
+    def nbytes(self) -> int:
+        """The memory its arrays hold, allocated rows included (for /metrics)."""
+        a = self._a
+        return a.vectors.nbytes + a.rowids.nbytes + a.live.nbytes + a.expires.nbytes + a.scope.nbytes
+
     def _intern(self, field: int, value: str) -> int:
         codes = self._codes[field]
         code = codes.get(value)

@@ -93,6 +93,7 @@ class Indexer(Actor[IndexMsg, None]):
         self.vectors = vectors
         self.index = VectorIndex()  # published: searches read it; only this actor writes or replaces it
         self.error: StorageUnavailable | None = None  # why the last load failed, until one succeeds
+        self.load_seconds: float | None = None  # how long the last load took, once one is published
         self._pending: list[IndexChange] | None = []  # changes committed while a load runs
         self._load = 0  # the number of the latest load: a result of an older one is stale
         self._loader: asyncio.Task[None] | None = None
@@ -220,7 +221,8 @@ class Indexer(Actor[IndexMsg, None]):
         self.error = None
         self._loaded.set()
         self._settle()
-        log.info("vector index loaded: %d memories in %.2fs", len(index), time.perf_counter() - started)
+        self.load_seconds = time.perf_counter() - started
+        log.info("vector index loaded: %d memories in %.2fs", len(index), self.load_seconds)
 
     def _settle(self) -> None:
         """Tell those waiting for readiness: loaded, or why the load failed."""

@@ -80,6 +80,7 @@ async def _listen(state: ServerState, config: ServerConfig) -> tuple[ConnectionR
         hosts=HostPolicy.serving(config),
         body_timeout=config.limits.body_timeout,
         cors=CorsPolicy(config.cors_origins),
+        metrics=config.metrics,
     )
     runner = ConnectionRunner(
         app,

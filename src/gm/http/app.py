@@ -16,12 +16,13 @@ from typing import Any
 from aiohttp import web
 
 from gm import loops
-from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, ApiKey
+from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
 from gm.http.connections import body_middleware, close_unfinished, end_connection, expect_continue
 from gm.http.cors import CorsPolicy, cors_middleware
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
 from gm.http.guard import HostPolicy, cross_site_middleware
+from gm.http.metrics import Metrics
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
 from gm.memory import RESERVED_IDS
@@ -31,6 +32,7 @@ from gm.store import Store
 log = logging.getLogger("gm.http")
 
 PROBES = frozenset({"/v1/healthz", "/v1/readyz"})
+METRICS_PATH = "/metrics"  # like the probes, it answers while starting and draining (GM_METRICS: whether with a key)
 NAMESPACE_KEY: web.RequestKey[str | None] = web.RequestKey("gm_key_namespace")
 
 
@@ -100,6 +102,7 @@ class ServerState:
 
 
 STATE_KEY = web.AppKey("gm_state", ServerState)
+METRICS_KEY = web.AppKey("gm_metrics", Metrics)
 
 
 def _state(request: web.Request) -> ServerState:
@@ -108,8 +111,8 @@ def _state(request: web.Request) -> ServerState:
 
 @web.middleware
 async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Probes always pass; other requests get 503 while starting, migrating or draining."""
-    if request.path in PROBES:
+    """Probes and /metrics always pass; other requests get 503 while starting, migrating or draining."""
+    if request.path in PROBES or request.path == METRICS_PATH:
         return await handler(request)
     state = _state(request)
     if state.draining:
@@ -132,6 +135,11 @@ async def close_when_draining(request: web.Request, response: web.StreamResponse
         end_connection(response)
 
 
+def _metrics_open(request: web.Request) -> bool:
+    metrics = request.app.get(METRICS_KEY)
+    return metrics is not None and metrics.open
+
+
 def _presented_key(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
@@ -142,7 +150,7 @@ def _presented_key(request: web.Request) -> str | None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = _state(request)
-    if not state.api_keys or request.path in PROBES:
+    if not state.api_keys or request.path in PROBES or (request.path == METRICS_PATH and _metrics_open(request)):
         return await handler(request)
     presented = (_presented_key(request) or "").encode()
     match: ApiKey | None = None
@@ -344,6 +352,14 @@ async def delete_many(request: web.Request) -> web.Response:
     return json_response({"deleted": deleted})
 
 
+async def scrape_metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` (not a /v1 route: Prometheus's format, not in the OpenAPI document)."""
+    query(request)
+    if request.get(NAMESPACE_KEY) is not None:
+        raise Forbidden("the metrics cover every namespace: scrape them with a key not bound to one")
+    return await request.app[METRICS_KEY].scrape(request)
+
+
 async def openapi(request: web.Request) -> web.Response:
     query(request)
     return json_response(openapi_document(keys=bool(_state(request).api_keys)))
@@ -376,12 +392,17 @@ def make_app(
     hosts: HostPolicy | None = None,
     body_timeout: float = DEFAULT_BODY_TIMEOUT_SECONDS,
     cors: CorsPolicy | None = None,
+    metrics: str = DEFAULT_METRICS,
 ) -> web.Application:
     """The aiohttp application for ``state``; the caller opens the store (``state.open_store``).
     ``hosts``: the Host headers it answers to (default: IP literals and localhost); ``cors``:
-    the origins whose pages may call it (default: none)."""
+    the origins whose pages may call it (default: none); ``metrics``: GM_METRICS, ``/metrics``
+    open, behind a key, or ``off`` (not served, nothing counted)."""
     cors = cors if cors is not None else CorsPolicy()
+    figures = Metrics(state, metrics) if metrics != "off" else None
+    counting = [figures.middleware()] if figures is not None else []  # outermost: it sees the status sent
     middlewares = [
+        *counting,
         error_middleware,
         cross_site_middleware(hosts or HostPolicy()),
         cors_middleware(cors),
@@ -397,4 +418,8 @@ def make_app(
     app.on_response_prepare.append(cors.allow_origin)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path.replace("{id}", _ID_PATTERN), handler, expect_handler=expect_continue)
+    if figures is not None:
+        app[METRICS_KEY] = figures
+        app.router.add_route("GET", METRICS_PATH, scrape_metrics)
+        app.on_cleanup.append(figures.stop)
     return app

@@ -8,10 +8,11 @@ from gm.actor import Actor, Envelope
 from gm.errors import GMError
 from gm.memory import now_ms
 from gm.storage.ops import WriteOp, WriteResult
+from gm.tally import SECONDS, SIZES, Tally
 
 
 class WriteHealth:
-    """How a Writer's commits are going, for readyz and ``/v1/stats``: touched only by the
+    """How a Writer's commits are going, for readyz, ``/v1/stats`` and /metrics: touched only by the
     Writer's task. A batch refused as a whole by the database (disk full, read-only, I/O
     error, a lock or write timeout, a missing table) is a failure; a single write refused
     for its own values (422, 404, 409) is not."""
@@ -21,15 +22,21 @@ class WriteHealth:
         self.last_failure_at: int | None = None
         self.last_error: str | None = None
         self.consecutive_failures = 0
+        self.failures = 0  # batches failed since the Writer started (a counter for gm.http.metrics)
+        self.batch_writes = Tally(SIZES)  # writes per committed batch, and its seconds from BEGIN to COMMIT
+        self.commit_seconds = Tally(SECONDS)
 
-    def committed(self) -> None:
+    def committed(self, writes: int, seconds: float) -> None:
         self.last_commit_at = now_ms()
         self.consecutive_failures = 0
+        self.batch_writes.observe(writes)
+        self.commit_seconds.observe(seconds)
 
     def failed(self, error: GMError) -> None:
         self.last_failure_at = now_ms()
         self.last_error = error.message
         self.consecutive_failures += 1
+        self.failures += 1
 
 
 class BatchWriter(Actor[WriteOp, object]):

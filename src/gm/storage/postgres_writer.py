@@ -5,6 +5,7 @@ a pooled connection, has the change feed number the changed rows, commits, retri
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -99,7 +100,7 @@ class PgWriter(BatchWriter):
         self.after_commit = after_commit  # with the last change number the batch wrote
 
     async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
-        ops = [e.msg for e in batch]
+        ops, started = [e.msg for e in batch], time.perf_counter()
         try:
             outcomes, last_seq = await once_more(
                 lambda: self._attempt(ops), lambda exc: not isinstance(exc, CommitUncertain), "committing",
@@ -109,7 +110,7 @@ class PgWriter(BatchWriter):
         except StorageUnavailable as error:
             self.fail_all(batch, error)
             return
-        self.health.committed()
+        self.health.committed(len(batch), time.perf_counter() - started)
         try:
             await self.after_commit(last_seq)
         except Exception:  # the writes are committed: their callers hear so; the feed's poll catches up

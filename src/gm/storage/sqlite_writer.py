@@ -5,6 +5,7 @@ each batch of writes (gm.storage.write_flow) in one transaction, a savepoint per
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -91,6 +92,7 @@ class Writer(BatchWriter):
         self.version = version
 
     async def handle(self, batch: list[Envelope[WriteOp, object]]) -> None:
+        started = time.perf_counter()
         try:
             await self.conn.execute("BEGIN IMMEDIATE")
             stamp = self.next_stamp()  # the write lock is held from here to COMMIT: stamps follow commit order
@@ -101,7 +103,7 @@ class Writer(BatchWriter):
                 await self.conn.execute("ROLLBACK")
             self.fail_all(batch, StorageUnavailable(f"the database refused the write: {exc}"))
             return
-        self.health.committed()
+        self.health.committed(len(batch), time.perf_counter() - started)
         changes = final_changes([c for o in outcomes if isinstance(o, WriteResult) for c in o.changes])
         if changes:
             await self.on_commit(changes)
