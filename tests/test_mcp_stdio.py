@@ -119,8 +119,8 @@ async def test_wrong_arguments_are_tool_errors_and_the_session_goes_on(tmp_path:
         assert "not_found" in await refused(client, "history", {"id": "never-used"})
         with pytest.raises(MCPError, match="unknown tool 'search'"):
             await client.call_tool("search", {"query": "seats"})
-        added = await call(client, "remember", {"text": "Still here after the mistakes."})
-        assert (await call(client, "get", {"id": added["memories"][0]["id"]}))["text"] == "Still here after the mistakes."
+        [added] = (await call(client, "remember", {"text": "Still here after the mistakes."}))["memories"]
+        assert (await call(client, "get", {"id": added["id"]}))["text"] == "Still here after the mistakes."
 
 
 def _message(payload: dict[str, Any]) -> bytes:

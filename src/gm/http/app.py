@@ -23,6 +23,7 @@ from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_respon
 from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
+from gm.mcp.bridge import json_rpc_errors as mcp_json_rpc_errors
 from gm.mcp.bridge import mount as mount_mcp
 from gm.memory import RESERVED_IDS
 from gm.readiness import Readiness
@@ -361,6 +362,7 @@ def make_app(
     """The aiohttp application for ``state``; the caller opens the store (``state.open_store``).
     ``hosts``: the Host headers it answers to (default: IP literals and localhost)."""
     middlewares = [
+        mcp_json_rpc_errors,
         error_middleware,
         cross_site_middleware(hosts or HostPolicy()),
         auth_middleware,

@@ -14,11 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from gm import loops
 from gm.http.connections import Connection, expect_continue
-from gm.http.errors import MAX_BODY_KEY
+from gm.http.errors import MAX_BODY_KEY, Handler, json_response
 from gm.mcp import NAMESPACE_SCOPE_KEY
 from gm.mcp.handle import Memories
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gm.mcp")
 
 MCP_PATH = "/mcp"
+SERVER_ERROR = -32000  # JSON-RPC's first implementation-defined server error
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade"})  # aiohttp's to write
 
 
@@ -38,6 +40,31 @@ def mount(app: web.Application, memories: Callable[[], Memories],
     endpoint = McpEndpoint(memories, namespace_of)
     app.cleanup_ctx.append(endpoint.running)
     app.router.add_route("POST", MCP_PATH, endpoint.handle, expect_handler=expect_continue)
+
+
+@web.middleware
+async def json_rpc_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """On ``/mcp``, an error the server answers before the MCP transport (401 no key, 503 not
+    ready, 421, 415...) goes out as a JSON-RPC error, which MCP clients show their user, with
+    the same status and headers; its ``data`` is the server's usual error object."""
+    response = await handler(request)
+    if request.path != MCP_PATH or response.status < 400 or not isinstance(response, web.Response):
+        return response
+    try:
+        error = orjson.loads(response.body)["error"] if isinstance(response.body, bytes) else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        error = None
+    if not isinstance(error, dict) or not isinstance(error.get("code"), str):
+        return response  # already the transport's own JSON-RPC answer
+    rewritten = json_response({"jsonrpc": "2.0", "id": None, "error": {
+        "code": SERVER_ERROR, "message": f"{error['code']}: {error.get('message', '')}", "data": error}},
+        response.status)
+    for name in ("Allow", "Retry-After"):
+        if name in response.headers:
+            rewritten.headers[name] = response.headers[name]
+    if response.keep_alive is False:
+        rewritten.force_close()
+    return rewritten
 
 
 def _session_manager(memories: Callable[[], Memories], max_body_bytes: int) -> StreamableHTTPSessionManager:
