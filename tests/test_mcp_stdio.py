@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,10 +25,24 @@ import gm
 TOOLS = {"remember", "recall", "get", "list", "update", "forget", "history"}
 
 
+DOC = Path(__file__).resolve().parent.parent / "docs" / "mcp.md"
+
+
+def documented_server() -> dict[str, Any]:
+    """The stdio entry of docs/mcp.md's first mcpServers snippet."""
+    snippet = re.search(r"```json\n(.*?)```", DOC.read_text(), flags=re.S)
+    assert snippet is not None
+    entry: dict[str, Any] = orjson.loads(snippet[1])["mcpServers"]["memory"]
+    return entry
+
+
 @asynccontextmanager
 async def stdio_client(db: Path) -> AsyncIterator[Client]:
-    params = StdioServerParameters(command=sys.executable, args=["-m", "gm", "mcp", "--db", str(db)],
-                                   env=dict(os.environ))
+    """The SDK's client starting the server as docs/mcp.md tells a host to, on ``db``."""
+    entry = documented_server()
+    assert entry["command"] == "gmem" and entry["args"][:2] == ["mcp", "--db"]
+    command = str(Path(sys.executable).parent / entry["command"])  # (this virtualenv's gmem)
+    params = StdioServerParameters(command=command, args=[*entry["args"][:2], str(db)], env=dict(os.environ))
     async with asyncio.timeout(90), Client(params, read_timeout_seconds=30) as client:
         yield client
 
@@ -119,8 +134,19 @@ async def test_wrong_arguments_are_tool_errors_and_the_session_goes_on(tmp_path:
         assert "not_found" in await refused(client, "history", {"id": "never-used"})
         with pytest.raises(MCPError, match="unknown tool 'search'"):
             await client.call_tool("search", {"query": "seats"})
-        [added] = (await call(client, "remember", {"text": "Still here after the mistakes."}))["memories"]
+        [added] = (await call(client, "remember", {"text": "Still here after the mistakes.", "memories": None,
+                                                   "id": None}))["memories"]
         assert (await call(client, "get", {"id": added["id"]}))["text"] == "Still here after the mistakes."
+
+
+def test_the_docs_name_every_tool_and_argument() -> None:
+    from gm.mcp.tools import TOOLS
+
+    rows = {line.split("|")[1].strip(" `"): line for line in DOC.read_text().splitlines() if line.startswith("| `")}
+    assert set(rows) == set(TOOLS)
+    for name, tool in TOOLS.items():
+        for argument in tool.input_schema["properties"]:
+            assert f"`{argument}`" in rows[name].split("|")[2], (name, argument)
 
 
 def _message(payload: dict[str, Any]) -> bytes:

@@ -70,6 +70,7 @@ async def remember(memories: Memories, args: dict[str, Any], bound: str | None) 
                     item["namespace"] = within_namespace(bound, item.get("namespace"))
         added = await memories.add_many(items)
     else:
+        args.pop("memories", None)  # (given as null)
         if args.get("text") is None:
             raise InvalidInput("text is required (or memories, a list, to remember several at once)", path="text")
         args["namespace"] = within_namespace(bound, args.get("namespace"))
