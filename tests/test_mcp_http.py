@@ -5,6 +5,7 @@ namespace), the same readiness and drain, the same cross-site guard."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gm.config import parse_api_keys
-from tests.http_server import RunningServer, start_server, store_factory
+from tests.http_server import RunningServer, spawn_server, start_server, store_factory
 
 ADMIN = "admin-key-0123456789abcdef"
 ALICE = "alice-key-0123456789abcdef"
@@ -34,9 +35,10 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 
 
 @asynccontextmanager
-async def mcp_client(server: RunningServer, key: str, mode: str = "auto") -> AsyncIterator[Client]:
+async def mcp_client(server: RunningServer | str, key: str, mode: str = "auto") -> AsyncIterator[Client]:
+    url = server if isinstance(server, str) else server.url
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    async with asyncio.timeout(60), http, Client(streamable_http_client(server.url + "/mcp", http_client=http),
+    async with asyncio.timeout(60), http, Client(streamable_http_client(url + "/mcp", http_client=http),
                                                  mode=mode, read_timeout_seconds=30) as client:
         yield client
 
@@ -147,3 +149,17 @@ async def test_mcp_is_behind_the_cross_site_guard(tmp_path: Path) -> None:
         assert status == 405 and gm_error(body)["code"] == "method_not_allowed"
     finally:
         await server.stop()
+
+
+async def test_gmem_serve_answers_mcp_and_stops_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    process, url = await spawn_server(log, "--db", str(tmp_path / "mem.db"), env={"GM_API_KEYS": ADMIN})
+    try:
+        async with mcp_client(url, ADMIN) as client:
+            [memory] = (await call(client, "remember", {"text": "Served by gmem serve."}))["memories"]
+            assert (await call(client, "get", {"id": memory["id"]}))["text"] == "Served by gmem serve."
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 60)
+    assert code == 0, log.read_text()
+    assert "Traceback" not in log.read_text() and " ERROR " not in log.read_text()

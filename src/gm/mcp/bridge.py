@@ -67,6 +67,13 @@ async def json_rpc_errors(request: web.Request, handler: Handler) -> web.StreamR
     return rewritten
 
 
+def _load_sdk() -> None:
+    """Import the MCP SDK and the tools (over a second: pydantic, starlette, their models)."""
+    import mcp.server.streamable_http_manager  # noqa: F401
+
+    import gm.mcp.server  # noqa: F401
+
+
 def _session_manager(memories: Callable[[], Memories], max_body_bytes: int) -> StreamableHTTPSessionManager:
     from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
@@ -96,7 +103,8 @@ class McpEndpoint:
 
     async def _run(self, ready: asyncio.Future[StreamableHTTPSessionManager], max_body_bytes: int) -> None:
         try:
-            manager = await asyncio.to_thread(_session_manager, self.memories, max_body_bytes)
+            await asyncio.to_thread(_load_sdk)  # (off the loop: /v1 and the probes answer meanwhile)
+            manager = _session_manager(self.memories, max_body_bytes)
             async with manager.run():
                 ready.set_result(manager)
                 await asyncio.Event().wait()  # until cancelled
