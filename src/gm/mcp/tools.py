@@ -139,7 +139,6 @@ _SCOPE_WORDS = ("Scope: namespace (default 'default'), user_id, agent_id, sessio
                 "when it matches each one given.")
 
 
-
 def _search_body() -> dict[str, Any]:
     body = request_body("/v1/memories/search", "post")
     body["properties"]["query"] = described(body["properties"]["query"], "what to look for, in words")
