@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gm.errors import InvalidInput
+from gm.errors import Forbidden, InvalidInput
 from gm.memory import (
     DEFAULT_NAMESPACE,
     ID_PATTERN,
@@ -253,3 +253,38 @@ def new_memory(data: dict[str, Any], now: int, prefix: str = "") -> NewMemory:
     occurred = data.get("occurred_at")
     occurred_at = parse_time(occurred, prefix + "occurred_at") if occurred is not None else None
     return NewMemory(mem_id, client_id, scope, text, metadata, expires_at, ttl_ms=ttl_ms, occurred_at=occurred_at)
+
+
+def within_namespace(bound: str | None, given: Any) -> Any:
+    """The namespace a caller acts on: with an API key bound to ``bound``, the key's own when
+    none is given; another one is refused (HTTP 403). Unbound (None): ``given`` as it is."""
+    if bound is None:
+        return given
+    if given is None:
+        return bound
+    if given != bound:
+        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
+    return given
+
+
+UPDATE_FIELDS = ("text", "metadata", "expires_at", "occurred_at")
+
+
+def update_changes(body: dict[str, Any]) -> dict[str, Any]:
+    """An update's changes as a caller sent them (a JSON object) as ``Store.update``'s keyword
+    arguments: ``expires_at`` null clears it; a null ``text``, ``metadata`` or ``occurred_at`` is
+    refused rather than read as "unchanged", and so is an unknown field."""
+    for key in body:
+        if key not in UPDATE_FIELDS:
+            raise InvalidInput(f"unknown field {key}", path=key)
+    if "metadata" in body and body["metadata"] is None:
+        raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
+    if "text" in body and body["text"] is None:
+        raise InvalidInput("text must be a non-empty string", path="text")
+    if "occurred_at" in body and body["occurred_at"] is None:
+        raise InvalidInput("occurred_at cannot be cleared: a memory always has an event time; "
+                           "give an RFC 3339 time such as 2026-11-29T16:20:00Z", path="occurred_at")
+    changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata", "occurred_at") if k in body}
+    if "expires_at" in body:
+        changes["expires_at"] = body["expires_at"]
+    return changes

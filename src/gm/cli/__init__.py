@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub)
 
+    from gm.cli.mcp import add_mcp_command
+
+    add_mcp_command(sub)
+
     p = _command(sub, "status", commands.status, "show schema version, readiness, counts, size and model",
                  "gmem status --db greatmemory.db",
                  "Report on a running server (--url) or a database file (--db, read-only: it never migrates "

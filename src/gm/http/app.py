@@ -25,9 +25,12 @@ from gm.http.guard import HostPolicy, cross_site_middleware
 from gm.http.metrics import Metrics
 from gm.http.openapi import openapi_document
 from gm.http.parsing import json_object, only_fields, query, query_int, query_json
+from gm.mcp.bridge import json_rpc_errors as mcp_json_rpc_errors
+from gm.mcp.bridge import mount as mount_mcp
 from gm.memory import RESERVED_IDS
 from gm.readiness import Readiness
 from gm.store import Store
+from gm.validation import update_changes, within_namespace
 
 log = logging.getLogger("gm.http")
 
@@ -171,16 +174,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 def _namespace(request: web.Request, given: Any) -> Any:
     """The namespace a request acts on: the key's own when it is bound and none is given;
     a different one than the key's is refused."""
-    bound = request.get(NAMESPACE_KEY)
-    if bound is None:
-        return given
-    if given is None:
-        return bound
-    if given != bound:
-        raise Forbidden(f"this API key may only be used on namespace {bound!r}")
-    return given
-
-
+    return within_namespace(request.get(NAMESPACE_KEY), given)
 
 
 # -- handlers ---------------------------------------------------------------------------
@@ -279,17 +273,7 @@ async def update_memory(request: web.Request) -> web.Response:
     store = _state(request).store
     body = await json_object(request)
     # PATCH {}: Store.update refuses it before any lookup
-    only_fields(body, ["text", "metadata", "expires_at", "occurred_at"])
-    changes: dict[str, Any] = {k: body[k] for k in ("text", "metadata", "occurred_at") if body.get(k) is not None}
-    if "expires_at" in body:
-        changes["expires_at"] = body["expires_at"]
-    if "metadata" in body and body["metadata"] is None:
-        raise InvalidInput("metadata must be a JSON object (send {} to clear it)", path="metadata")
-    if "text" in body and body["text"] is None:
-        raise InvalidInput("text must be a non-empty string", path="text")
-    if "occurred_at" in body and body["occurred_at"] is None:
-        raise InvalidInput("occurred_at cannot be cleared: a memory always has an event time; "
-                           "give an RFC 3339 time such as 2026-11-29T16:20:00Z", path="occurred_at")
+    changes = update_changes(body)
     # A bound key's namespace goes with the write: an id in another namespace is a 404, as an
     # unknown one is, decided in the transaction that writes (never by a read before it).
     memory = await store.update(request.match_info["id"], namespace=request.get(NAMESPACE_KEY), **changes)
@@ -403,6 +387,7 @@ def make_app(
     counting = [figures.middleware()] if figures is not None else []  # outermost: it sees the status sent
     middlewares = [
         *counting,
+        mcp_json_rpc_errors,
         error_middleware,
         cross_site_middleware(hosts or HostPolicy()),
         cors_middleware(cors),
@@ -422,4 +407,5 @@ def make_app(
         app[METRICS_KEY] = figures
         app.router.add_route("GET", METRICS_PATH, scrape_metrics)
         app.on_cleanup.append(figures.stop)
+    mount_mcp(app, lambda: state.store, lambda request: request.get(NAMESPACE_KEY))  # /mcp: the MCP tools
     return app

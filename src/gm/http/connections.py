@@ -63,6 +63,9 @@ class Connection(RequestHandler):
         self.awaiting_since = loop.time()
         self._head_begun = False  # some bytes of the awaited request have arrived
         self.refused = False
+        # Settles when the client has gone: what a bridged ASGI application's receive() waits on
+        # (aiohttp does not cancel a handler whose client left; see gm.mcp.bridge).
+        self.closed: asyncio.Future[None] = loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._server.admit(self):
@@ -75,6 +78,8 @@ class Connection(RequestHandler):
         self._start_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
         if self.refused:
             return
         self._server.release(self)
