@@ -19,15 +19,21 @@ def component(name: str) -> dict[str, Any]:
 
 
 def request_body(path: str, method: str) -> dict[str, Any]:
-    """The JSON body ``method path`` takes."""
+    """The JSON body ``method path`` takes (a named schema: what it names)."""
     body = _DOCUMENT["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
-    return copy.deepcopy(body)
+    return _named(body)
 
 
 def response_body(path: str, method: str, status: str = "200") -> dict[str, Any]:
-    """The JSON body ``method path`` answers ``status`` with."""
+    """The JSON body ``method path`` answers ``status`` with (a named schema: what it names)."""
     answer = _DOCUMENT["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]
-    return copy.deepcopy(answer)
+    return _named(answer)
+
+
+def _named(schema: dict[str, Any]) -> dict[str, Any]:
+    while set(schema) == {"$ref"}:
+        schema = _COMPONENTS[_name(schema["$ref"])]
+    return copy.deepcopy(schema)
 
 
 def parameters(path: str, method: str) -> dict[str, Any]:
