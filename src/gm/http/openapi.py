@@ -209,7 +209,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _AUTH = (401, 403, 503)
-_ID_PARAMETER = [{"name": "id", "in": "path", "required": True, "schema": _ID}]
+_ID_PARAMETER = [
+    {"name": "id", "in": "path", "required": True, "schema": _ID},
+    {"name": "namespace", "in": "query", "schema": _SCOPE_VALUE,
+     "description": "only the memory in this namespace: one elsewhere is 404, as an unknown id"},
+]
 _NULLABLE_FILTER = {"anyOf": [_ref("Filter"), {"type": "null"}]}
 _SEARCH = _closed(
     {
@@ -278,8 +282,9 @@ _HISTORY_ENTRY = _closed(
         "at": _TIME,
         "text": _NULLABLE_STR,
         "metadata": {"type": ["object", "null"]},
+        "namespace": {"type": "string", "description": "the namespace the change was made in"},
     },
-    "op", "at", "text", "metadata",
+    "op", "at", "text", "metadata", "namespace",
 )
 _HISTORY = _closed({"history": {"type": "array", "items": _HISTORY_ENTRY}}, "history")
 
