@@ -158,10 +158,11 @@ class Client:
         except aiohttp.ClientConnectorError as exc:  # refused, no such host: nothing was sent
             raise self.unreachable(_connect_failure(exc)) from None
         except TimeoutError:
-            raise self.unreachable(f"it did not answer within {self.timeout:g} s (timeout)",
-                                   sent=not idempotent) from None
+            raise self.unreachable(f"it did not answer within {self.timeout:g} s (timeout)", sent=not idempotent,
+                                   answered=True) from None
         except _UNCERTAIN as exc:  # the request went out; whether it was acted on is unknown
-            broke = self.unreachable(f"the connection broke ({exc or type(exc).__name__})", sent=not idempotent)
+            broke = self.unreachable(f"the connection broke before the answer came ({exc or type(exc).__name__})",
+                                     sent=not idempotent, answered=True)
             if idempotent:
                 raise _Retryable(broke, None) from None
             raise broke from None
@@ -187,13 +188,18 @@ class Client:
             raise self.foreign(status)
         return payload
 
-    def unreachable(self, reason: str, *, sent: bool = False) -> ServerUnreachable:
+    def unreachable(self, reason: str, *, sent: bool = False, answered: bool = False) -> ServerUnreachable:
+        """The error for a server that did not answer: ``sent``, a write whose outcome is
+        unknown; ``answered``, one that took the connection (so it runs: look elsewhere)."""
         maybe = "; the write was sent and may have been applied: look (get, list) before sending it again" if sent \
             else ""
-        return ServerUnreachable(
-            f"no greatmemory server answered at {self.url}: {reason}{maybe}. Check that `gmem serve` runs there "
-            "and that the URL's host and port are right (gm.connect(url), GM_URL)"
-        )
+        if answered:
+            hint = ("It may be overloaded or the request large: try again, or give gm.connect a longer timeout "
+                    "(or retry_for)")
+        else:
+            hint = ("Check that `gmem serve` runs there and that the URL's host and port are right "
+                    "(gm.connect(url), GM_URL)")
+        return ServerUnreachable(f"no greatmemory server answered at {self.url}: {reason}{maybe}. {hint}")
 
     def foreign(self, status: int) -> ServerUnreachable:
         error = ServerUnreachable(
