@@ -318,7 +318,8 @@ async def test_history_records_every_change_in_commit_order(mem: Memories) -> No
 
 
 async def test_stats_counts_live_memories_per_namespace(mem: Memories) -> None:
-    await mem.add_many([{"text": f"d{i}"} for i in range(2)] + [{"text": f"w{i}", "namespace": "work"} for i in range(3)])
+    await mem.add_many([{"text": f"d{i}"} for i in range(2)]
+                       + [{"text": f"w{i}", "namespace": "work"} for i in range(3)])
     await mem.add("expired", namespace="old", ttl_seconds=0.05)
     await asyncio.sleep(0.1)
     stats = await mem.stats()

@@ -155,7 +155,8 @@ async def test_a_bad_add_names_the_field_and_stores_nothing(mem: Memories, field
 @pytest.mark.parametrize(
     ("inputs", "path"),
     [([], "memories"), ("not a list", "memories"), (["just text"], "memories[0]"),
-     ([{"text": "ok"}, {"metadata": {}}], "memories[1].text"), ([{"text": "ok", "colour": "red"}], "memories[0].colour")],
+     ([{"text": "ok"}, {"metadata": {}}], "memories[1].text"),
+     ([{"text": "ok", "colour": "red"}], "memories[0].colour")],
 )
 async def test_a_bad_batch_names_the_item(mem: Memories, inputs: Any, path: str) -> None:
     with pytest.raises(InvalidInput) as caught:
