@@ -7,9 +7,12 @@ timeouts, API keys, every documented error code as its exception, and the sync f
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -463,3 +466,16 @@ async def test_a_sync_connection_that_fails_leaves_no_thread_behind() -> None:
     with pytest.raises(ServerUnreachable, match="the connection was refused"):
         gm.connect_sync(f"http://127.0.0.1:{free_port()}")
     assert sync_threads() == threads
+
+
+def test_the_library_docs_remote_examples_run(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "library.md").read_text()
+    examples = re.findall(r"```python\n(.*?)```", text[text.index("## Remote: gm.connect"):], flags=re.S)
+    assert len(examples) == 2
+    env = {k: v for k, v in os.environ.items() if k != "GM_API_KEY"}
+    with server_thread(store_factory(tmp_path / "mem.db")) as server:
+        for code in examples:
+            done = subprocess.run([sys.executable, "-c", code], env={**env, "GM_URL": server.url}, cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, f"{code}\n{done.stderr}"
+            assert done.stdout.strip() and "Traceback" not in done.stderr
