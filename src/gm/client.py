@@ -194,8 +194,7 @@ class Client:
         maybe = "; the write was sent and may have been applied: look (get, list) before sending it again" if sent \
             else ""
         if answered:
-            hint = ("It may be overloaded or the request large: try again, or give gm.connect a longer timeout "
-                    "(or retry_for)")
+            hint = "It may be overloaded or the request large: try again, or give gm.connect a longer timeout"
         else:
             hint = ("Check that `gmem serve` runs there and that the URL's host and port are right "
                     "(gm.connect(url), GM_URL)")
