@@ -28,7 +28,9 @@ async def open_handle(kind: str, db: Path | str) -> AsyncIterator[Memories]:
         return
     server = await start_server(store_factory(db))
     try:
-        async with gm.connect(server.url) as remote:
+        # (a longer timeout than the default 30 s: on a machine shared by several test runs, a
+        # server's first add, which loads the model, once took longer)
+        async with gm.connect(server.url, timeout=90) as remote:
             yield remote
     finally:
         await server.stop()
