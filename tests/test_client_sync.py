@@ -76,6 +76,8 @@ async def test_a_sync_connection_that_fails_leaves_no_thread_behind() -> None:
     threads = sync_threads()
     with pytest.raises(ServerUnreachable, match="the connection was refused"):
         gm.connect_sync(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(gm.errors.InvalidInput, match="did you mean http://localhost:8420"):
+        gm.connect_sync("localhost:8420")
     assert sync_threads() == threads
 
 

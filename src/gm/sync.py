@@ -22,10 +22,19 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def connect_sync(url: str | None = None, **options: Any) -> SyncRemoteStore:
+def connect_sync(
+    url: str | None = None,
+    *,
+    api_key: str | None = None,
+    timeout: float = 30.0,
+    connect_timeout: float = 5.0,
+    retry_for: float = 30.0,
+    max_connections: int = 100,
+) -> SyncRemoteStore:
     """:func:`gm.connect`, blocking: ``with gm.connect_sync(url) as mem: mem.add(...)``, or
     ``mem = gm.connect_sync(url)`` then ``mem.close()``. Takes the same options."""
-    store = SyncRemoteStore(url, options)
+    store = SyncRemoteStore(url, {"api_key": api_key, "timeout": timeout, "connect_timeout": connect_timeout,
+                                  "retry_for": retry_for, "max_connections": max_connections})
     try:
         store.run(store.remote.open())
     except BaseException:
@@ -52,12 +61,12 @@ class SyncRemoteStore:
     :func:`gm.connect_sync`; one may be shared by several threads."""
 
     def __init__(self, url: str | None, options: dict[str, Any]) -> None:
+        self.remote: RemoteStore = connect(url, **options).store  # bad options fail here, before a thread starts
+        self.url = self.remote.url
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gm.connect_sync", daemon=True)
         self._thread.start()
-        self.remote: RemoteStore = connect(url, **options).store
-        self.url = self.remote.url
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"<SyncRemoteStore {self.url}>"
