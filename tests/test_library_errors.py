@@ -25,12 +25,14 @@ async def test_a_store_used_without_await_says_how_to_open_it(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8420", "https://memory.example.com/", "mysql://db/mem"])
-def test_a_url_that_is_not_a_database_names_the_client(url: str, tmp_path: Path) -> None:
+def test_a_url_that_is_not_a_database_names_gm_connect(url: str, tmp_path: Path) -> None:
     with pytest.raises(gm.errors.InvalidInput) as refused:
         gm.open(url)
     assert "not a database" in refused.value.message
     if url.startswith("http"):
-        assert "from gm.client import Client" in refused.value.message
+        assert f"async with gm.connect({url!r}, api_key=...) as mem:" in refused.value.message
+    else:
+        assert "gm.connect" not in refused.value.message
     assert not Path("http:").exists()
 
 

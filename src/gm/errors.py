@@ -164,8 +164,49 @@ class DatabaseLocked(StorageUnavailable):
     code = "database_locked"
 
 
+class ServerUnreachable(StorageUnavailable):
+    """No greatmemory server answered at the URL :func:`gm.connect` was given: nothing
+    listens there, the name does not resolve, it did not answer in time, or what answered
+    is not a greatmemory server. The message names the URL and what to check."""
+
+    code = "server_unreachable"
+
+
 class BackupInvalid(GMError):
     """A backup file failed verification (not SQLite, corrupt, or counts that do not match)."""
 
     code = "backup_invalid"
     status = 422
+
+
+# Each library error by its code: what an HTTP error body names comes back as this class.
+BY_CODE: dict[str, type[GMError]] = {
+    cls.code: cls
+    for cls in (
+        GMError, InvalidInput, InvalidSetting, InvalidFilter, Unauthorized, Forbidden, NotFound, Conflict,
+        StoreClosed, NotReady, ModelError, ModelNotFound, ModelMismatch, SchemaError, SchemaTooNew,
+        MigrationFailed, StorageUnavailable, DatabaseUnusable, DatabaseLocked, ServerUnreachable, BackupInvalid,
+    )
+}
+
+
+def from_dict(body: dict[str, Any], status: int, cls: type[GMError] | None = None) -> GMError:
+    """The inverse of :meth:`GMError.to_dict`: the error an HTTP error body names, as the
+    class of its code (or ``cls``, for a code of the server's own), keeping the body's code,
+    message, details and ``status``; a code this release does not know is a plain GMError."""
+    code = str(body.get("code") or "internal")
+    message = str(body.get("message") or f"the server answered {status}")
+    given = body.get("details")
+    details: dict[str, Any] = given if isinstance(given, dict) else {}
+    kind = cls or BY_CODE.get(code, GMError)
+    error: GMError
+    if issubclass(kind, InvalidSetting):
+        error = kind(message, variable=str(details.get("path") or ""))
+    elif issubclass(kind, InvalidInput):
+        error = kind(message, path=details.get("path"))
+    elif issubclass(kind, MigrationFailed):
+        error = kind(message, step=details.get("step", 0), name=str(details.get("name", "")))
+    else:
+        error = kind(message, details=details or None)
+    error.code, error.status = code, status  # the server's words: e.g. draining is a NotReady coded so
+    return error

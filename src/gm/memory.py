@@ -69,6 +69,19 @@ class Memory:
             "occurred_at": format_time(self.occurred_at),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Memory:
+        """The inverse of :meth:`to_dict`: a memory as the HTTP API sends it (what gm.connect reads)."""
+        expires = data["expires_at"]
+        return cls(
+            id=data["id"], namespace=data["namespace"], user_id=data["user_id"], agent_id=data["agent_id"],
+            session_id=data["session_id"], text=data["text"], metadata=data["metadata"],
+            created_at=parse_time(data["created_at"], "created_at"),
+            updated_at=parse_time(data["updated_at"], "updated_at"),
+            expires_at=parse_time(expires, "expires_at") if expires is not None else None,
+            occurred_at=parse_time(data["occurred_at"], "occurred_at"),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
@@ -87,6 +100,10 @@ class SearchHit:
             "vector_score": self.vector_score, "keyword_score": self.keyword_score,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SearchHit:
+        return cls(Memory.from_dict(data["memory"]), data["score"], data["vector_score"], data["keyword_score"])
+
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
@@ -99,7 +116,12 @@ class HistoryEntry:
     namespace: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "at": format_time(self.at), "text": self.text, "metadata": self.metadata}
+        return {"op": self.op, "at": format_time(self.at), "text": self.text, "metadata": self.metadata,
+                "namespace": self.namespace}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HistoryEntry:
+        return cls(data["op"], parse_time(data["at"], "at"), data["text"], data["metadata"], data["namespace"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +130,10 @@ class Page:
 
     memories: list[Memory]
     next_cursor: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Page:
+        return cls([Memory.from_dict(m) for m in data["memories"]], data["next_cursor"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +158,16 @@ class Stats:
             "database_bytes": self.database_bytes,
             **self.extra,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stats:
+        """The inverse of :meth:`to_dict`: what is not a field goes back into ``extra``."""
+        fields = ("memories", "namespaces", "schema_version", "backend", "model", "database_bytes")
+        return cls(
+            memories=data["memories"], namespaces=data["namespaces"], schema_version=data["schema_version"],
+            backend=data["backend"], model=data["model"], database_bytes=data["database_bytes"],
+            extra={k: v for k, v in data.items() if k not in fields},
+        )
 
 
 @dataclass(frozen=True, slots=True)

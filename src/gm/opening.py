@@ -32,10 +32,14 @@ def open(
     """
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", os.fspath(target)) if isinstance(target, str) else None
     if scheme and not is_postgres_url(os.fspath(target)):
+        hint = (
+            " For a running greatmemory server, write gm.connect in place of gm.open: "
+            f"`async with gm.connect({target!r}, api_key=...) as mem:` has the same methods"
+            if scheme[1].lower() in ("http", "https") else ""
+        )
         raise InvalidInput(
             f"gm.open({target!r}): that is a {scheme[1]}:// URL, not a database; gm.open takes a SQLite file path "
-            "or a postgresql:// URL. To use a running greatmemory server, use its client: `from gm.client "
-            "import Client`, then `async with Client(url, api_key) as c: await c.add({'text': ...})`",
+            f"or a postgresql:// URL.{hint}",
             path="target",
         )
     return Opening(target, model_dir, backend_options)

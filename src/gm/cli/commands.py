@@ -19,9 +19,9 @@ import orjson
 
 import gm
 from gm import config, transfer
-from gm.client import Client
 from gm.errors import InvalidInput, StorageUnavailable
 from gm.memory import parse_json
+from gm.remote import Connecting, RemoteStore
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
 from gm.storage.inspection import inspect
 
@@ -79,8 +79,8 @@ def server_url(args: argparse.Namespace) -> str | None:
     return config.URL.read()
 
 
-def client(args: argparse.Namespace, url: str) -> Client:
-    return Client(url, config.API_KEY.read(flags=vars(args)))
+def client(args: argparse.Namespace, url: str) -> Connecting:
+    return gm.connect(url, api_key=config.API_KEY.read(flags=vars(args)))
 
 
 def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Store]:
@@ -93,15 +93,24 @@ def local_store(args: argparse.Namespace) -> AbstractAsyncContextManager[gm.Stor
     return gm.open(path)
 
 
+def memories(args: argparse.Namespace, *, create: bool = False) -> AbstractAsyncContextManager[gm.Store | RemoteStore]:
+    """Where a memory command acts: the server at ``--url`` (or GM_URL), else the database,
+    which only ``create`` (an add) makes when it does not exist. Both have the same methods."""
+    url = server_url(args)
+    if url:
+        return client(args, url)
+    return gm.open(database(args)) if create else local_store(args)
+
+
 # -- status -----------------------------------------------------------------------------------
 
 
 async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]:
     async with client(args, url) as remote:
-        code, ready = await remote.readyz()
-        result: dict[str, Any] = {"target": url, "readiness": ready.get("status"), "ready": code == 200}
-        if code == 200:
-            stats = await remote.stats()
+        readiness = await remote.probe()
+        result: dict[str, Any] = {"target": url, "readiness": readiness.phase, "ready": readiness.phase == "ready"}
+        if result["ready"]:
+            stats = (await remote.stats()).to_dict()
             result.update(stats)
             latest = postgres_migrations.LATEST if stats["backend"] == "postgres" else sqlite_migrations.LATEST
             result["latest_schema_version"] = latest
@@ -283,14 +292,8 @@ async def add(args: argparse.Namespace) -> int:
                        ("ttl_seconds", args.ttl_seconds), ("occurred_at", args.occurred_at)):
         if value is not None:
             body[key] = value
-    url = server_url(args)
-    if url:
-        async with client(args, url) as remote:
-            memory = await remote.add(body)
-    else:
-        async with gm.open(database(args)) as store:
-            [(stored, _)] = await store.add_inputs([body], batch=False)
-            memory = stored.to_dict()
+    async with memories(args, create=True) as mem:
+        memory = (await mem.add(body.pop("text"), **body)).to_dict()
     emit(args, memory, f"added {memory['id']}")
     return 0
 
@@ -305,40 +308,24 @@ async def search(args: argparse.Namespace) -> int:
     for key in ("occurred_after", "occurred_before"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
-    url = server_url(args)
-    if url:
-        async with client(args, url) as remote:
-            result = await remote.search(body)
-    else:
-        async with local_store(args) as store:
-            query = body.pop("query")
-            hits = await store.search(query, **body)
-            result = {"hits": [h.to_dict() for h in hits]}
+    async with memories(args) as mem:
+        hits = await mem.search(body.pop("query"), **body)
+    result = {"hits": [h.to_dict() for h in hits]}
     lines = [f"{h['score']:.4f}  {h['memory']['text']}  ({h['memory']['id']})" for h in result["hits"]]
     emit(args, result, "\n".join(lines) if lines else "no memories match")
     return 0
 
 
 async def get(args: argparse.Namespace) -> int:
-    url = server_url(args)
-    if url:
-        async with client(args, url) as remote:
-            memory = await remote.get(args.id)
-    else:
-        async with local_store(args) as store:
-            memory = (await store.get(args.id)).to_dict()
+    async with memories(args) as mem:
+        memory = (await mem.get(args.id)).to_dict()
     emit(args, memory, _describe(memory))
     return 0
 
 
 async def delete(args: argparse.Namespace) -> int:
-    url = server_url(args)
-    if url:
-        async with client(args, url) as remote:
-            await remote.delete(args.id)
-    else:
-        async with local_store(args) as store:
-            await store.delete(args.id)
+    async with memories(args) as mem:
+        await mem.delete(args.id)
     emit(args, {"deleted": args.id}, f"deleted {args.id}")
     return 0
 

@@ -35,10 +35,8 @@ def exit_code(error: GMError) -> int:
         (BackupInvalid, EXIT_INVALID_BACKUP),
         (NotFound, EXIT_NOT_FOUND),
         (InvalidInput, EXIT_USAGE),
-        (StorageUnavailable, EXIT_UNAVAILABLE),
+        (StorageUnavailable, EXIT_UNAVAILABLE),  # and ServerUnreachable, one of them
     ):
         if isinstance(error, cls):
             return code
-    if error.code == "server_unreachable":
-        return EXIT_UNAVAILABLE
     return EXIT_ERROR

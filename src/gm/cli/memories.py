@@ -14,72 +14,42 @@ from typing import Any
 import orjson
 
 import gm
-from gm.cli.commands import _json_arg, _scope, client, emit, local_store, server_url
+from gm.cli.commands import _json_arg, _scope, emit, memories
 from gm.cli.exits import EXIT_ERROR
-from gm.client import Client
 from gm.errors import InvalidInput
-from gm.validation import check_id
+from gm.remote import RemoteStore
 
 FORGET_PAGE = 1000  # the largest list page: counting what a forget would delete takes one read per 1,000
 
 
-class StoreMemories:
-    """The memories of a database opened here, in the HTTP API's JSON shapes, so that a
-    command prints the same thing on a database as on a server (:class:`ServerMemories`)."""
+class Memories:
+    """The memories of a database opened here or of a server (``gm.open`` and ``gm.connect``
+    have the same methods), in the HTTP API's JSON shapes, so a command prints the same
+    thing on either."""
 
-    def __init__(self, store: gm.Store) -> None:
-        self.store = store
+    def __init__(self, handle: gm.Store | RemoteStore) -> None:
+        self.handle = handle
 
     async def page(self, query: dict[str, Any]) -> dict[str, Any]:
         """One page: ``query`` holds the list's parameters (scope, filter, limit, cursor, ...)."""
-        page = await self.store.list(**query)
+        page = await self.handle.list(**query)
         return {"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor}
 
     async def update(self, memory_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return (await self.store.update(memory_id, **changes)).to_dict()
+        return (await self.handle.update(memory_id, **changes)).to_dict()
 
     async def history(self, memory_id: str) -> list[dict[str, Any]]:
-        return [entry.to_dict() for entry in await self.store.history(memory_id)]
+        return [entry.to_dict() for entry in await self.handle.history(memory_id)]
 
     async def delete_many(self, scope: dict[str, Any], filter: Any) -> int:
-        return await self.store.delete_many(**scope, filter=filter)
-
-
-class ServerMemories:
-    """The memories of a running server, through its HTTP API."""
-
-    def __init__(self, remote: Client) -> None:
-        self.remote = remote
-
-    async def page(self, query: dict[str, Any]) -> dict[str, Any]:
-        params = {k: orjson.dumps(v).decode() if k == "filter" else str(v) for k, v in query.items()}
-        return (await self.remote.request("GET", "/v1/memories", params=params))[1]
-
-    async def update(self, memory_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return (await self.remote.request("PATCH", f"/v1/memories/{check_id(memory_id)}", changes))[1]
-
-    async def history(self, memory_id: str) -> list[dict[str, Any]]:
-        body = (await self.remote.request("GET", f"/v1/memories/{check_id(memory_id)}/history"))[1]
-        return list(body["history"])
-
-    async def delete_many(self, scope: dict[str, Any], filter: Any) -> int:
-        body = {**scope, **({"filter": filter} if filter is not None else {})}
-        return int((await self.remote.request("POST", "/v1/memories/delete", body))[1]["deleted"])
-
-
-Memories = StoreMemories | ServerMemories
+        return await self.handle.delete_many(**scope, filter=filter)
 
 
 @asynccontextmanager
 async def memories_at(args: argparse.Namespace) -> AsyncIterator[Memories]:
     """The server of ``--url`` (or GM_URL), else the database of ``--db``, which must exist."""
-    url = server_url(args)
-    if url:
-        async with client(args, url) as remote:
-            yield ServerMemories(remote)
-    else:
-        async with local_store(args) as store:
-            yield StoreMemories(store)
+    async with memories(args) as handle:
+        yield Memories(handle)
 
 
 # -- list -------------------------------------------------------------------------------------

@@ -193,14 +193,13 @@ async def readyz(request: web.Request) -> web.Response:
         # The database answers and writes commit: else out of the load balancer's rotation,
         # and the probe write brings the instance back once one commits.
         readiness = await state.store.probe()
-    writes = {"writes": readiness.writes} if readiness.writes is not None else {}
-    if readiness.phase == "ready":
-        return json_response({"status": "ready", "schema_version": readiness.schema_version,
-                              "backend": readiness.backend, **writes})
-    body: dict[str, Any] = {"status": readiness.phase, **writes}
+    body: dict[str, Any] = {"status": readiness.phase, "schema_version": readiness.schema_version,
+                            "backend": readiness.backend, "index": readiness.index}
+    if readiness.writes is not None:
+        body["writes"] = readiness.writes
     if readiness.reason is not None:
         body["reason"] = readiness.reason
-    return json_response(body, 503)
+    return json_response(body, 200 if readiness.phase == "ready" else 503)
 
 
 def _resident_bytes() -> int | None:
@@ -241,9 +240,14 @@ async def add_memories(request: web.Request) -> web.Response:
     return json_response(memory.to_dict(), 201 if created else 200)
 
 
+def _constraint(request: web.Request) -> Any:
+    """A by-id route's namespace: ``?namespace=`` (only a memory there; another key's is a
+    403), else a bound key's own, else None: wherever the memory is."""
+    return _namespace(request, query(request, ("namespace",)).get("namespace"))
+
+
 async def get_memory(request: web.Request) -> web.Response:
-    query(request)
-    memory = await _state(request).store.get(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
+    memory = await _state(request).store.get(request.match_info["id"], namespace=_constraint(request))
     return json_response(memory.to_dict())
 
 
@@ -269,27 +273,25 @@ async def list_memories(request: web.Request) -> web.Response:
 
 
 async def update_memory(request: web.Request) -> web.Response:
-    query(request)
+    namespace = _constraint(request)
     store = _state(request).store
     body = await json_object(request)
     # PATCH {}: Store.update refuses it before any lookup
     changes = update_changes(body)
     # A bound key's namespace goes with the write: an id in another namespace is a 404, as an
     # unknown one is, decided in the transaction that writes (never by a read before it).
-    memory = await store.update(request.match_info["id"], namespace=request.get(NAMESPACE_KEY), **changes)
+    memory = await store.update(request.match_info["id"], namespace=namespace, **changes)
     return json_response(memory.to_dict())
 
 
 async def delete_memory(request: web.Request) -> web.Response:
-    query(request)
-    await _state(request).store.delete(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
+    await _state(request).store.delete(request.match_info["id"], namespace=_constraint(request))
     return web.Response(status=204)
 
 
 async def memory_history(request: web.Request) -> web.Response:
-    query(request)
     # A bound key sees only its namespace's changes: an id freed by a delete may be taken elsewhere since.
-    entries = await _state(request).store.history(request.match_info["id"], namespace=request.get(NAMESPACE_KEY))
+    entries = await _state(request).store.history(request.match_info["id"], namespace=_constraint(request))
     return json_response({"history": [e.to_dict() for e in entries]})
 
 

@@ -41,7 +41,11 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _AUTH = (401, 403, 503)
-_ID_PARAMETER = [{"name": "id", "in": "path", "required": True, "schema": ID}]
+_ID_PARAMETER = [
+    {"name": "id", "in": "path", "required": True, "schema": ID},
+    {"name": "namespace", "in": "query", "schema": SCOPE_VALUE,
+     "description": "only the memory in this namespace: one elsewhere is 404, as an unknown id"},
+]
 _LIST_PARAMETERS = [
     *({"name": name, "in": "query", "schema": SCOPE_VALUE} for name in ("namespace", "user_id", "agent_id",
                                                                           "session_id")),

@@ -241,8 +241,9 @@ _ANSWERS = {
             "at": _TIME,
             "text": _NULLABLE_STR,
             "metadata": {"type": ["object", "null"]},
+            "namespace": {"type": "string", "description": "the namespace the change was made in"},
         },
-        "op", "at", "text", "metadata",
+        "op", "at", "text", "metadata", "namespace",
     ),
     "History": closed({"history": {"type": "array", "items": ref("HistoryEntry")}}, "history"),
     "Deleted": closed({"deleted": {"type": "integer", "minimum": 0}}, "deleted"),
@@ -251,6 +252,8 @@ _ANSWERS = {
 # What the probes and /v1/stats say about the server (gm.readiness, Store.stats, the Writer's health).
 _BACKEND = {"enum": ["sqlite", "postgres"]}
 _OPTIONAL_TIME = {"type": ["string", "null"], "format": "date-time"}
+_INDEX_STATE = {"enum": ["ready", "loading", "failed"], "description": "the vector index: ready (loaded, or not "
+                "needed: pgvector searches), loading, or failed (the last load failed; another follows)"}
 _STATUS = {
     "Health": closed({"status": {"const": "ok"}}, "status"),
     "WriteHealth": {
@@ -273,13 +276,14 @@ _STATUS = {
     },
     "Ready": closed(
         {"status": {"const": "ready"}, "schema_version": {"type": "integer", "minimum": 0}, "backend": _BACKEND,
-         "writes": ref("WriteHealth")},
-        "status", "schema_version", "backend", "writes",
+         "index": _INDEX_STATE, "writes": ref("WriteHealth")},
+        "status", "schema_version", "backend", "index", "writes",
     ),
     "NotReady": closed(
         {"status": {"enum": ["starting", "migrating", "unavailable", "draining"]}, "reason": {"type": "string"},
+         "schema_version": {"type": "integer", "minimum": 0}, "backend": _BACKEND, "index": _INDEX_STATE,
          "writes": ref("WriteHealth")},
-        "status",
+        "status", "schema_version", "backend", "index",
     ),
     "Stats": closed(
         {
