@@ -190,3 +190,31 @@ async def test_a_database_in_use_is_one_line_on_stderr(tmp_path: Path) -> None:
     assert done.returncode == 6 and done.stdout == b""
     [line] = done.stderr.decode().splitlines()
     assert line.startswith("gmem: ") and "mem.db" in line
+
+
+async def test_gmem_mcp_url_serves_a_running_servers_memories_under_its_key(tmp_path: Path) -> None:
+    # The same tools through a server's API: the host runs `gmem mcp --url`, the key decides
+    # what the tools see (here one bound to namespace "team").
+    from tests.http_server import spawn_server
+
+    keys = "admin-secret-key-123,team-secret-key-456@team"
+    process, url = await spawn_server(tmp_path / "server.log", "--db", str(tmp_path / "server.db"),
+                                      env={"GM_API_KEYS": keys})
+    try:
+        async with gm.connect(url, api_key="admin-secret-key-123") as admin:
+            await admin.add("Kept elsewhere: the admin's note.", namespace="other", id="elsewhere")
+        command = str(Path(sys.executable).parent / "gmem")
+        params = StdioServerParameters(command=command, args=["mcp", "--url", url],
+                                       env={**os.environ, "GM_API_KEY": "team-secret-key-456"})
+        async with asyncio.timeout(90), Client(params, read_timeout_seconds=30) as client:
+            remembered = await call(client, "remember", {"text": "Prefers the window seat.", "user_id": "u1"})
+            [added] = remembered["memories"]
+            assert added["namespace"] == "team"
+            hits = await call(client, "recall", {"query": "where does she like to sit?", "user_id": "u1"})
+            assert [h["memory"]["text"] for h in hits["hits"]] == ["Prefers the window seat."]
+            assert "not_found" in await refused(client, "get", {"id": "elsewhere"})
+        async with gm.connect(url, api_key="admin-secret-key-123") as admin:  # it was written on the server
+            assert (await admin.get(added["id"])).text == "Prefers the window seat."
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

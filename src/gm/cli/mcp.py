@@ -1,5 +1,5 @@
 """``gmem mcp``: the memory tools for an MCP host (Claude Desktop, an agent framework) over
-standard input and output, on a local database; standard output carries only the protocol.
+standard input and output, on a local database or a server's; stdout carries only the protocol.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from gm import config, logs
-from gm.cli.commands import database
+from gm.cli.commands import client, database, server_url
 
 log = logging.getLogger("gm.mcp")
 
@@ -20,6 +20,12 @@ async def run(args: argparse.Namespace) -> int:
     from gm.storage.postgres_pool import redact
 
     logs.setup(config.LOG_FORMAT.read(flags=vars(args)))  # (to standard error: standard output is the protocol)
+    url = server_url(args)
+    if url:  # the same tools over a running server's API (its keys decide what they see)
+        async with client(args, url) as remote:
+            log.info("serving MCP on stdio, server %s", url)
+            await serve_stdio(remote)
+        return 0
     target = database(args)
     async with open_store(target, model_dir=args.model_dir) as store:
         log.info("serving MCP on stdio, database %s", redact(target))
@@ -35,13 +41,17 @@ def add_mcp_command(sub: Any) -> None:
         "tools over standard input and output, for an MCP host that starts this command (see docs/mcp.md). "
         "The database is created and migrated if need be. Logs go to standard error. A running server serves "
         "the same tools over HTTP at /mcp.",
-        epilog="Example (an MCP host's configuration):\n"
-        '  {"mcpServers": {"memory": {"command": "gmem", "args": ["mcp", "--db", "/home/me/memory.db"]}}}',
+        epilog="Examples (an MCP host's configuration):\n"
+        '  {"mcpServers": {"memory": {"command": "gmem", "args": ["mcp", "--db", "/home/me/memory.db"]}}}\n'
+        '  {"mcpServers": {"memory": {"command": "gmem", "args": ["mcp", "--url", "http://127.0.0.1:8420"],\n'
+        '                             "env": {"GM_API_KEY": "..."}}}}',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(run=run)
     p.add_argument(
         "--db", help="SQLite database file or postgresql:// URL (GM_DATABASE_URL, else GM_DB; default ./greatmemory.db)"
     )
+    p.add_argument("--url", help="serve the tools of a running server instead, through its API (GM_URL)")
+    p.add_argument("--api-key", help="the key for --url (GM_API_KEY)")
     p.add_argument("--model-dir", help="folder with model.onnx and tokenizer.json (GM_MODEL_DIR)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (GM_LOG_FORMAT)")
