@@ -305,3 +305,16 @@ def test_unreachable_server_and_missing_database_exit_9(tmp_path: Path, capsys: 
         result = gmem(capsys, *argv[:1], "--db", str(tmp_path / "typo.db"), *argv[1:])
         assert result.code == 9 and "there is no database" in result.error_line, argv
     assert not (tmp_path / "typo.db").exists()  # a typo does not create a database
+
+
+def test_a_json_flag_of_null_is_refused_not_taken_for_none(target: list[str], capsys: pytest.CaptureFixture[str],
+                                                          request: pytest.FixtureRequest) -> None:
+    # `--filter null` must not widen a forget to the whole scope, nor `--metadata null` be dropped.
+    user = f"nuller-{request.node.callspec.id}"
+    memory_id = add(capsys, target, "Prefers tea.", "--user-id", user)
+    for args in (("forget", *target, "--user-id", user, "--filter", "null", "--yes"),
+                 ("update", memory_id, *target, "--text", "Prefers green tea.", "--metadata", "null")):
+        done = gmem(capsys, *args)
+        assert done.code == 2 and "must be a JSON object, not null" in done.err, done
+    listed = gmem(capsys, "list", *target, "--user-id", user, "--json")
+    assert [m["text"] for m in listed.json["memories"]] == ["Prefers tea."]

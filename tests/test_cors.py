@@ -212,3 +212,17 @@ def test_origins_are_kept_as_browsers_send_them() -> None:
                         "https://app.example.com") == ("https://app.example.com", "http://localhost",
                                                        "http://[::1]:8080")
     assert ServerConfig.load({}, {}).cors_origins == ()
+
+
+async def test_a_listed_origins_mcp_client_may_send_the_transports_headers(listed: str) -> None:
+    # An MCP client in a browser (an inspector) sends the streamable HTTP transport's headers.
+    asked = "authorization,content-type,mcp-protocol-version,mcp-method,mcp-param-name,last-event-id"
+    async with aiohttp.ClientSession() as session, session.options(
+        listed + "/mcp", timeout=aiohttp.ClientTimeout(total=30),
+        headers={"Origin": APP, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked},
+    ) as response:
+        assert response.status == 204
+        allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+    assert set(asked.split(",")) <= allowed
+    plain_api = await call(listed, "OPTIONS", "/v1/memories", origin=APP, preflight="POST")
+    assert "mcp" not in plain_api.cors["access-control-allow-headers"].lower()  # only /mcp takes them

@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import orjson
 
-from gm import config
-from gm.client import DEFAULT_URL, Client
+from gm import config, errors, filters
+from gm.client import DEFAULT_URL, Client, encode
 from gm.errors import InvalidInput, StoreClosed
 from gm.memory import RESERVED_IDS, HistoryEntry, Memory, Page, SearchHit, Stats
 from gm.readiness import Readiness
@@ -136,6 +136,9 @@ class RemoteStore:
     async def probe(self) -> Readiness:
         """What the server's readiness probe says (``/v1/readyz``): its phase and why."""
         body = await self._call("GET", "/v1/readyz", idempotent=True, ok=(200, 503))
+        if "status" not in body:  # a 503 made before readyz ran (too many connections): an error body
+            error = body.get("error")
+            raise errors.from_dict(error if isinstance(error, dict) else {}, 503)
         return Readiness(body["status"], body.get("reason"), body["index"], body["backend"], body["schema_version"],
                          body.get("writes"))
 
@@ -169,7 +172,8 @@ class RemoteStore:
         occurred_at: str | datetime | None = None,
     ) -> Memory:
         """Store one memory and return it (see :meth:`gm.Store.add`). With a client ``id`` it
-        is retried whatever happened, since the same id and content again return the stored memory."""
+        is retried also when its answer was lost (not after a total timeout: that is raised),
+        since the same id and content again return the stored memory."""
         data = {
             "text": text, "namespace": namespace, "user_id": user_id, "agent_id": agent_id,
             "session_id": session_id, "metadata": metadata, "id": id, "expires_at": expires_at,
@@ -273,6 +277,8 @@ class RemoteStore:
             if moment is not None:
                 params[name] = moment.isoformat() if isinstance(moment, datetime) else str(moment)
         if filter is not None:
+            filters.parse(filter)  # refused here as the embedded store refuses it, naming the field
+            encode({"filter": filter})  # and what JSON cannot carry (NaN) as a body's would be
             params["filter"] = orjson.dumps(filter).decode()
         return Page.from_dict(await self._call("GET", "/v1/memories", params=params, idempotent=True))
 

@@ -269,9 +269,12 @@ def _json_arg(raw: str | None, name: str) -> Any:
     if raw is None:
         return None
     try:
-        return parse_json(raw)
+        value = parse_json(raw)
     except orjson.JSONDecodeError:
         raise InvalidInput(f"--{name} must be JSON, e.g. '{{\"topic\": \"travel\"}}'", path=name) from None
+    if value is None:  # (leaving the flag out is the way to give none: null must not pass for that)
+        raise InvalidInput(f"--{name} must be a JSON object, not null; leave it out to give none", path=name)
+    return value
 
 
 def _describe(memory: dict[str, Any]) -> str:

@@ -12,8 +12,11 @@ from aiohttp.typedefs import Middleware
 from gm.http.errors import Handler
 
 # What a page may send beyond the CORS-safelisted headers: the two ways of giving a key
-# (gm.http.app's auth) and Content-Type, since writes must be application/json (gm.http.guard).
+# (gm.http.app's auth) and Content-Type, since writes must be application/json (gm.http.guard);
+# and for /mcp the streamable HTTP transport's own (an MCP client in a browser sends them).
 ALLOWED_HEADERS = "Authorization, Content-Type, X-API-Key"
+MCP_HEADER_PREFIX = "mcp-"  # Mcp-Protocol-Version, Mcp-Session-Id, Mcp-Method, Mcp-Param-*
+MCP_HEADERS = frozenset({"last-event-id"})
 EXPOSED_HEADERS = "Retry-After"  # a 503 not_ready says when to try again
 MAX_AGE_SECONDS = 600  # a browser asks again after ten minutes (Chrome caps it at two hours)
 
@@ -67,7 +70,7 @@ def cors_middleware(policy: CorsPolicy) -> Middleware:
             return await handler(request)
         response = web.Response(status=204)
         response.headers["Access-Control-Allow-Methods"] = ", ".join(sorted(unmatched.allowed_methods))
-        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        response.headers["Access-Control-Allow-Headers"] = _allowed_headers(request)
         response.headers["Access-Control-Max-Age"] = str(MAX_AGE_SECONDS)
         if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
             # A public site's page calling a server on this machine or network: Chrome asks first.
@@ -75,3 +78,12 @@ def cors_middleware(policy: CorsPolicy) -> Middleware:
         return response
 
     return middleware
+
+
+def _allowed_headers(request: web.Request) -> str:
+    """The API's headers; on /mcp also those of the MCP transport the browser asks for."""
+    if request.path != "/mcp":
+        return ALLOWED_HEADERS
+    asked = [h.strip().lower() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+    mcp = [h for h in asked if h.startswith(MCP_HEADER_PREFIX) or h in MCP_HEADERS]
+    return ", ".join([ALLOWED_HEADERS, *mcp])
