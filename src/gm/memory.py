@@ -131,6 +131,10 @@ class Page:
     memories: list[Memory]
     next_cursor: str | None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The page as the HTTP API, the MCP tools and the CLI's ``--json`` give it."""
+        return {"memories": [m.to_dict() for m in self.memories], "next_cursor": self.next_cursor}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Page:
         return cls([Memory.from_dict(m) for m in data["memories"]], data["next_cursor"])

@@ -33,7 +33,7 @@ class Memories:
     async def page(self, query: dict[str, Any]) -> dict[str, Any]:
         """One page: ``query`` holds the list's parameters (scope, filter, limit, cursor, ...)."""
         page = await self.handle.list(**query)
-        return {"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor}
+        return page.to_dict()
 
     async def update(self, memory_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         return (await self.handle.update(memory_id, **changes)).to_dict()

@@ -269,7 +269,7 @@ async def list_memories(request: web.Request) -> web.Response:
         occurred_before=q.get("occurred_before"),
         order_by=q.get("order_by"),
     )
-    return json_response({"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor})
+    return json_response(page.to_dict())
 
 
 async def update_memory(request: web.Request) -> web.Response:

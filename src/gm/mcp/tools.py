@@ -95,7 +95,7 @@ async def get(memories: Memories, args: dict[str, Any], bound: str | None) -> An
 async def list_(memories: Memories, args: dict[str, Any], bound: str | None) -> Answer:
     args["namespace"] = within_namespace(bound, args.get("namespace"))
     page = await memories.list(**args)
-    data = {"memories": [m.to_dict() for m in page.memories], "next_cursor": page.next_cursor}
+    data = page.to_dict()
     return Answer(data, render.page(page))
 
 
