@@ -8,6 +8,9 @@ index) and on Postgres with pgvector (HNSW). Postgres is the server at
 pgvector comes from a Postgres the ``pgserver`` package (a test dependency) starts in a
 temp dir, once per session. Where either is missing those runs are skipped with a reason
 saying how to enable them, except under ``CI=true``, where they fail.
+
+Models besides the default (a second real one, a 768-dim one, copies of the default) are
+tests/models.py's fixtures, imported here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncpg
 import pytest
 
 import gm
+from tests.models import default_model_copy_dir, paraphrase_model_dir, wide_model_dir  # noqa: F401 - fixtures
 
 BACKENDS = ["sqlite", "postgres", "pgvector"]
 ADMIN_URL = os.environ.get("GM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
