@@ -13,6 +13,7 @@ or blocking, ``with gm.connect_sync(url) as mem:``.
 from gm import errors
 from gm.memory import HistoryEntry, Memory, Page, SearchHit, Stats
 from gm.opening import open
+from gm.reembed import Progress, ReembedReport
 from gm.remote import RemoteStore, connect
 from gm.store import Store
 from gm.sync import SyncRemoteStore, connect_sync
@@ -20,6 +21,6 @@ from gm.sync import SyncRemoteStore, connect_sync
 __version__ = "0.1.0"
 
 __all__ = [
-    "HistoryEntry", "Memory", "Page", "RemoteStore", "SearchHit", "Stats", "Store", "SyncRemoteStore", "connect",
-    "connect_sync", "errors", "open", "__version__",
+    "HistoryEntry", "Memory", "Page", "Progress", "ReembedReport", "RemoteStore", "SearchHit", "Stats", "Store",
+    "SyncRemoteStore", "connect", "connect_sync", "errors", "open", "__version__",
 ]

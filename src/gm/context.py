@@ -58,7 +58,7 @@ class Turn:
     rowid: int
     text: str
     occurred_at: int
-    embedding: bytes
+    embedding: bytes | None  # None: the next model's not made yet (the next columns, gm.reembed)
     context: str | None
     search_embedding: bytes | None
     scope: Scope
@@ -85,10 +85,11 @@ def context_of(turns: list[Turn], i: int) -> str:
 def search_embedding_of(turns: list[Turn], i: int) -> bytes | None:
     """The vector the index searches for ``turns[i]``: its own embedding plus VECTOR_MIX of
     each previous one, renormalised; None when it has no predecessor (its own is used)."""
-    previous = turns[max(0, i - VECTOR_PREVIOUS) : i]
-    if not previous:
+    previous = [t.embedding for t in turns[max(0, i - VECTOR_PREVIOUS) : i] if t.embedding is not None]
+    own = turns[i].embedding
+    if not previous or own is None:  # (a neighbour the next model has not embedded yet joins the mix once it is)
         return None
-    return mix(turns[i].embedding, [t.embedding for t in previous])
+    return mix(own, previous)
 
 
 def mix(own: bytes, previous: list[bytes]) -> bytes:
@@ -117,18 +118,28 @@ def deleted_positions(rows: list[Any]) -> list[Position]:
 
 
 ORDER_KEY = "coalesce(occurred_at, created_at)"  # a session's order: event time, then rowid (its index holds it)
-TURN_COLUMNS = (
-    f"rowid, text, {ORDER_KEY}, embedding, context, search_embedding, "
-    "namespace, user_id, agent_id, session_id, expires_at"
-)
+
+
+def turn_columns(next: bool = False) -> str:
+    """The columns of a turn: with ``next``, the next model's vectors (gm.reembed)."""
+    suffix = "_next" if next else ""
+    return (f"rowid, text, {ORDER_KEY}, embedding{suffix}, context, search_embedding{suffix}, "
+            "namespace, user_id, agent_id, session_id, expires_at")
+
+
+TURN_COLUMNS = turn_columns()
+
+
+def _blob(value: Any) -> bytes | None:
+    return bytes(value) if value is not None else None
 
 
 def turn_from_row(row: Any) -> Turn:
-    return Turn(row[0], row[1], row[2], bytes(row[3]), row[4], bytes(row[5]) if row[5] is not None else None,
-                Scope(row[6], row[7], row[8], row[9]), row[10])
+    return Turn(row[0], row[1], row[2], _blob(row[3]), row[4], _blob(row[5]), Scope(row[6], row[7], row[8], row[9]),
+                row[10])
 
 
-def window_sql(at: Position, before: bool, limit: int, param: Callable[[Any], str]) -> str:
+def window_sql(at: Position, before: bool, limit: int, param: Callable[[Any], str], next: bool = False) -> str:
     """The turns of ``at``'s session before it (nearest first) or at and after it, as SQL
     both backends run (``param`` gives each value's placeholder); the session-order index
     ``memories_by_session_order`` serves it."""
@@ -140,13 +151,17 @@ def window_sql(at: Position, before: bool, limit: int, param: Callable[[Any], st
         place = f"{key} >= {param(at.occurred_at)} AND ({key} > {param(at.occurred_at)} OR rowid >= {param(at.rowid)})"
     order = "DESC" if before else "ASC"
     return (
-        f"SELECT {TURN_COLUMNS} FROM memories WHERE {session} AND {place} "
+        f"SELECT {turn_columns(next)} FROM memories WHERE {session} AND {place} "
         f"ORDER BY {key} {order}, rowid {order} LIMIT {param(limit)}"
     )
 
 
 class SessionRows(abc.ABC):
-    """What :func:`refresh` asks of a Writer, inside its transaction."""
+    """What :func:`refresh` asks of a Writer, inside its transaction. With ``next`` they are
+    the next model's vectors of a re-embed under way (gm.reembed): only search vectors are
+    refreshed, the context column being shared by both."""
+
+    next = False
 
     @abc.abstractmethod
     async def around(self, at: Position, before: int, after: int) -> list[Turn]:
@@ -154,8 +169,9 @@ class SessionRows(abc.ABC):
         at or after it, in session order."""
 
     @abc.abstractmethod
-    async def store(self, turn: Turn, context: str, search_embedding: bytes | None) -> None:
-        """Write a turn's new context and search embedding (and whatever index follows them)."""
+    async def store(self, turn: Turn, context: str | None, search_embedding: bytes | None) -> None:
+        """Write a turn's new context (None: keep it) and search embedding (and whatever index
+        follows them)."""
 
     @abc.abstractmethod
     async def missing(self, limit: int) -> list[tuple[int, str, str | None, int]]:
@@ -207,13 +223,17 @@ async def refresh(rows: SessionRows, positions: list[Position]) -> list[IndexCha
             if turn.rowid in done:
                 continue
             done.add(turn.rowid)
-            context, search = context_of(turns, i), search_embedding_of(turns, i)
+            if rows.next and turn.embedding is None:
+                continue  # the next model has not embedded it yet: done when it has
+            context = turn.context if rows.next else context_of(turns, i)
+            search = search_embedding_of(turns, i)
             if context == turn.context and search == turn.search_embedding:
                 continue
-            await rows.store(turn, context, search)
+            await rows.store(turn, None if rows.next else context, search)
             if search != turn.search_embedding:
                 vector = search if search is not None else turn.embedding
-                changes.append(IndexChange(turn.rowid, vector=vector, scope=turn.scope, expires_at=turn.expires_at))
+                changes.append(IndexChange(turn.rowid, vector=vector, scope=turn.scope, expires_at=turn.expires_at,
+                                           next=rows.next))
     return changes
 
 

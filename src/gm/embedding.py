@@ -70,6 +70,11 @@ class ModelSpec:
         digest.update(str(spec.model_path.stat().st_size).encode())
         return cls(spec.model_path, spec.tokenizer_path, f"{folder.resolve().name}@{digest.hexdigest()[:12]}")
 
+    @property
+    def label(self) -> str:
+        """A name for people (the identity is what the database records)."""
+        return self.identity.split("@")[0]
+
     def check_files(self) -> None:
         for path in (self.model_path, self.tokenizer_path):
             if not path.is_file():

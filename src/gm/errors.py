@@ -117,6 +117,21 @@ class ModelMismatch(ModelError):
     code = "model_mismatch"
 
 
+class ModelSwitched(ModelError):
+    """The database's vectors moved to another model (a re-embed switched) after this write
+    was embedded; the store embeds it again with the new model and retries once."""
+
+    code = "model_switched"
+    status = 503
+
+
+class ReembedInProgress(Conflict):
+    """A re-embed (or reindex) is already under way: to another model, or run by another
+    process; finish it, or cancel it with ``gmem reembed --cancel``."""
+
+    code = "reembed_in_progress"
+
+
 class SchemaError(GMError):
     """Base of schema / migration problems."""
 
@@ -184,8 +199,9 @@ BY_CODE: dict[str, type[GMError]] = {
     cls.code: cls
     for cls in (
         GMError, InvalidInput, InvalidSetting, InvalidFilter, Unauthorized, Forbidden, NotFound, Conflict,
-        StoreClosed, NotReady, ModelError, ModelNotFound, ModelMismatch, SchemaError, SchemaTooNew,
-        MigrationFailed, StorageUnavailable, DatabaseUnusable, DatabaseLocked, ServerUnreachable, BackupInvalid,
+        StoreClosed, NotReady, ModelError, ModelNotFound, ModelMismatch, ModelSwitched, ReembedInProgress, SchemaError,
+        SchemaTooNew, MigrationFailed, StorageUnavailable, DatabaseUnusable, DatabaseLocked, ServerUnreachable,
+        BackupInvalid,
     )
 }
 

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from gm import loops
 from gm.actor import Actor, Envelope
-from gm.errors import StorageUnavailable, StoreClosed
+from gm.errors import ModelSwitched, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
 from gm.memory import Scope
 from gm.storage.base import IndexChange, VectorRow
@@ -75,12 +75,41 @@ class LoadFailed:
 
 
 @dataclass(slots=True)
+class Prepare:
+    """A re-embed to ``model`` is under way (gm.reembed): fill an index of the next vectors
+    beside the published one, and keep it in step with them."""
+
+    model: str
+
+
+@dataclass(slots=True)
+class NextLoaded:
+    model: str
+    index: VectorIndex | None  # None: the load failed (the re-embed prepares again)
+
+
+@dataclass(slots=True)
+class Promote:
+    """The switch to ``model`` committed: its index is the published one from now on; the
+    one before stays for the searches under way (their query has the old model's vector).
+    With ``reload``, nothing was prepared here (another instance re-embedded): load it."""
+
+    model: str
+    reload: bool = False
+
+
+@dataclass(slots=True)
+class Discard:
+    """The re-embed was cancelled: drop the next index."""
+
+
+@dataclass(slots=True)
 class StopLoading:
     """The store closes: end the load under way and start none (Apply still comes, from the
     last batches of the Writer, which stops after this and before the Indexer)."""
 
 
-IndexMsg = Open | Apply | Reload | Loaded | LoadFailed | StopLoading
+IndexMsg = Open | Apply | Reload | Loaded | LoadFailed | StopLoading | Prepare | NextLoaded | Promote | Discard
 
 
 class Indexer(Actor[IndexMsg, None]):
@@ -88,10 +117,20 @@ class Indexer(Actor[IndexMsg, None]):
 
     name = "indexer"
 
-    def __init__(self, vectors: VectorSource) -> None:
+    def __init__(self, vectors: VectorSource, next_vectors: VectorSource, model: str,
+                 on_unknown_model: Callable[[str], None] = lambda model: None) -> None:
         super().__init__(max_batch=64)
         self.vectors = vectors
+        self.next_vectors = next_vectors  # a re-embed's next vectors (gm.reembed)
         self.index = VectorIndex()  # published: searches read it; only this actor writes or replaces it
+        self.model = model  # the identity of the model whose vectors ``index`` holds
+        self.retired: tuple[str, VectorIndex] | None = None  # the index before the last switch
+        self.next_model: str | None = None  # a re-embed's, while one is under way
+        self.next_index: VectorIndex | None = None
+        self._next_pending: list[IndexChange] | None = None  # next changes committed while it loads
+        self._next_loader: asyncio.Task[None] | None = None
+        self._next_ready = asyncio.Event()
+        self.on_unknown_model = on_unknown_model  # changes of a model this instance does not use: it must follow
         self.error: StorageUnavailable | None = None  # why the last load failed, until one succeeds
         self.load_seconds: float | None = None  # how long the last load took, once one is published
         self._pending: list[IndexChange] | None = []  # changes committed while a load runs
@@ -124,6 +163,19 @@ class Indexer(Actor[IndexMsg, None]):
     async def stop_loading(self) -> None:
         await self.ask(StopLoading())
 
+    async def prepare(self, model: str) -> None:
+        """Fill the next index for a re-embed to ``model``; returns once it is filled."""
+        await self.ask(Prepare(model))
+        await self._next_ready.wait()
+        if self.next_index is None or self.next_model != model:
+            raise StorageUnavailable("the next model's vector index could not be loaded; the re-embed will retry")
+
+    async def promote(self, model: str, *, reload: bool = False) -> None:
+        await self.ask(Promote(model, reload))
+
+    async def discard(self) -> None:
+        await self.ask(Discard())
+
     @property
     def state(self) -> str:
         """``ready`` (loaded, or nothing to load), ``failed`` (the last load failed; another
@@ -147,15 +199,25 @@ class Indexer(Actor[IndexMsg, None]):
             self._outcome = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._outcome)  # (a waiter that gives up leaves it to the others)
 
+    def index_of(self, model: str) -> VectorIndex:
+        """The index of ``model``'s vectors: the published one, or the one before the last
+        switch for a search whose query was embedded before it; ModelSwitched if neither."""
+        if model == self.model or not model:
+            return self.index
+        if self.retired is not None and self.retired[0] == model:
+            return self.retired[1]
+        raise ModelSwitched(f"the vectors moved to model {self.model!r}; embed the query again")
+
     async def search(
-        self, query: npt.NDArray[np.float32], scope: Scope, now: int, k: int, allowed: Iterable[int] | None
+        self, query: npt.NDArray[np.float32], scope: Scope, now: int, k: int, allowed: Iterable[int] | None,
+        model: str = "",
     ) -> list[tuple[int, float]]:
-        """The published index's ``k`` best (rowid, cosine) pairs, searched on a worker thread."""
-        index = self.index
+        """The ``k`` best (rowid, cosine) pairs of the index of ``model`` (the query's), searched on a worker thread."""
+        index = self.index_of(model)
         return await asyncio.to_thread(index.search, query, scope, now, k, allowed)
 
-    def cosines(self, query: npt.NDArray[np.float32], rowids: Iterable[int]) -> dict[int, float]:
-        return self.index.cosines(query, rowids)
+    def cosines(self, query: npt.NDArray[np.float32], rowids: Iterable[int], model: str = "") -> dict[int, float]:
+        return self.index_of(model).cosines(query, rowids)
 
     @property
     def dim(self) -> int:
@@ -175,10 +237,22 @@ class Indexer(Actor[IndexMsg, None]):
     async def _take(self, msg: IndexMsg) -> None:
         match msg:
             case Apply(changes):
-                if self._pending is not None:
-                    self._pending.extend(changes)
+                self._apply(changes)
+            case Prepare(model):
+                self._prepare(model)
+            case NextLoaded(model, index) if model == self.next_model:
+                if index is not None:
+                    index.apply(self._next_pending or [])
+                    self.next_index = index
+                    log.info("next model's vector index loaded: %d memories", len(index))
                 else:
-                    self.index.apply(changes)
+                    self.next_model = None
+                self._next_pending = None
+                self._next_ready.set()
+            case Promote(model, reload):
+                self._promote(model, reload)
+            case Discard():
+                await self._drop_next()
             case Loaded(load, index, started) if load == self._load:
                 self._publish(index, started)
             case LoadFailed(load, error) if load == self._load:
@@ -199,7 +273,72 @@ class Indexer(Actor[IndexMsg, None]):
                 self._loading_stopped = True
                 await loops.stop(self._loader)
 
+    def _apply(self, changes: list[IndexChange]) -> None:
+        """Each change to the index of its model's vectors; one of no model's (a removal, a new
+        expiry) to both."""
+        current: list[IndexChange] = []
+        following: list[IndexChange] = []
+        for change in changes:
+            if change.model == self.model or not change.model:
+                current.append(change)
+            if self.next_model is not None and (change.model == self.next_model or not change.model):
+                following.append(change)
+            elif change.model and change.model != self.model and not (self.retired and change.model == self.retired[0]):
+                self.on_unknown_model(change.model)  # another instance switched: this one must follow
+        if self._pending is not None:
+            self._pending.extend(current)
+        else:
+            self.index.apply(current)
+        if self._next_pending is not None:
+            self._next_pending.extend(following)
+        elif self.next_index is not None:
+            self.next_index.apply(following)
+
+    def _prepare(self, model: str) -> None:
+        if self.next_model == model and (self.next_index is not None or self._next_loader is not None
+                                         and not self._next_loader.done()):
+            return  # (already prepared, or under way)
+        if self._next_loader is not None:
+            self._next_loader.cancel()
+        self.next_model, self.next_index, self._next_pending = model, None, []
+        self._next_ready.clear()
+        self._next_loader = asyncio.get_running_loop().create_task(self._fill_next(model), name="gm-next-index-load")
+
+    async def _fill_next(self, model: str) -> None:
+        index = VectorIndex()
+        try:
+            async for rows in self.next_vectors():
+                await asyncio.to_thread(index.load, rows)  # nobody else holds this index yet
+        except Exception:
+            log.exception("loading the next model's vector index failed")
+            self._report_next(NextLoaded(model, None))
+            return
+        self._report_next(NextLoaded(model, index))
+
+    def _report_next(self, msg: NextLoaded) -> None:
+        if not self._closing:
+            self.tell(msg)
+
+    def _promote(self, model: str, reload: bool) -> None:
+        if model == self.model:
+            return
+        self.retired = (self.model, self.index)
+        self.model = model
+        if not reload and self.next_model == model and self.next_index is not None and self._next_pending is None:
+            self.index = self.next_index
+        else:  # nothing prepared (another instance re-embedded): load the switched vectors
+            self._start_load()
+        self.next_model, self.next_index, self._next_pending = None, None, None
+        log.info("vectors switched to model %s", model)
+
+    async def _drop_next(self) -> None:
+        await loops.stop(self._next_loader)
+        self._next_loader = None
+        self.next_model, self.next_index, self._next_pending = None, None, None
+        self._next_ready.set()
+
     async def on_stop(self) -> None:
+        await loops.stop(self._next_loader)
         await loops.stop(self._loader)
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_exception(StoreClosed("the store is closed; open it again with gm.open()"))

@@ -204,6 +204,7 @@ class NewMemory:
     metadata: dict[str, Any]
     expires_at: int | None
     vector: bytes = b""
+    next_vector: bytes = b""  # the next model's, while a re-embed is under way (gm.reembed)
     created_at: int | None = None  # set only by imports, which keep the original times
     updated_at: int | None = None
     ttl_ms: int | None = None  # the expiry was given as a TTL: it counts from the commit

@@ -14,16 +14,17 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from gm.embedding import Embedder
+from gm.errors import ModelSwitched
 from gm.filters import Filter
 from gm.indexer import Indexer
 from gm.memory import Scope, SearchHit, TimeRange
 from gm.storage.base import Backend
+from gm.vector_models import VectorModels
 
 KEYWORD_WEIGHT = 0.7
 VECTOR_WEIGHT = 1.0 - KEYWORD_WEIGHT
@@ -112,20 +113,35 @@ class Searcher:
     """Plans and runs a :class:`SearchRequest`: the keyword ranking from the backend, the
     vector one from the database itself (pgvector) or the Indexer's in-process index."""
 
-    def __init__(self, backend: Backend, embedder: Embedder, indexer: Indexer) -> None:
+    def __init__(
+        self, backend: Backend, models: VectorModels, indexer: Indexer,
+        follow: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.backend = backend
-        self.embedder = embedder
+        self.models = models
         self.indexer = indexer
+        self.follow = follow  # catch up with a switch another instance made (a shared database)
 
     async def search(self, request: SearchRequest) -> list[SearchHit]:
+        """The hits of ``request``; one whose query a re-embed's switch overtook (embedded by
+        the old model once its index was gone) runs again with the new model."""
+        try:
+            return await self._search(request)
+        except ModelSwitched:
+            if self.follow is not None:
+                await self.follow()
+            return await self._search(request)
+
+    async def _search(self, request: SearchRequest) -> list[SearchHit]:
         r, backend = request, self.backend
         # With a recency boost or a cosine cut, a single ranking also looks deeper, so a newer or
         # closer memory further down can still make the page.
         deep = r.mode == "hybrid" or r.recency is not None or r.min_score is not None
         depth = candidates(r.limit) if deep else r.limit
         wants_vector = r.mode != "keyword" or r.min_score is not None
+        model = self.models.identity  # the vectors the query is embedded for (a switch may come meanwhile)
         (query_vector, vector), keyword = await asyncio.gather(  # the keyword query runs beside both vector steps
-            self._vector_side(r, depth) if wants_vector else _no_vector(),
+            self._vector_side(r, depth, model) if wants_vector else _no_vector(),
             backend.keyword_search(keyword_terms(r.query), r.scope, r.filter, depth, r.now, time_range=r.time_range)
             if r.mode != "vector" else _empty(),
         )
@@ -136,7 +152,7 @@ class Searcher:
         else:
             ranked = [Candidate(rowid, score, keyword_score=score) for rowid, score in keyword]
         if r.min_score is not None and query_vector is not None:
-            ranked = await self._cut(ranked, query_vector, r.min_score)
+            ranked = await self._cut(ranked, query_vector, r.min_score, model)
         if r.recency is None:
             ranked = ranked[: r.limit]
         found = await backend.get_many([c.rowid for c in ranked], r.now)
@@ -147,12 +163,20 @@ class Searcher:
             ranked = sorted(ranked, key=lambda c: -c.score)[: r.limit]
         return [SearchHit(found[c.rowid], c.score, c.vector_score, c.keyword_score) for c in ranked if c.rowid in found]
 
-    async def _vector_side(self, r: SearchRequest, depth: int) -> tuple[np.ndarray, Ranking]:
+    async def _vector_side(self, r: SearchRequest, depth: int, model: str) -> tuple[np.ndarray, Ranking]:
         """The query's embedding, and the vector ranking unless only the embedding is needed
         (keyword mode with ``min_score``)."""
-        vector, _ = await asyncio.gather(self.embedder.embed(r.query, urgent=True), self._index_ready())
+        embedder = self.models.embedder
+        if self.models.identity != model:
+            raise ModelSwitched("the vectors switched model; search again")
+        vector, _ = await asyncio.gather(embedder.embed(r.query, urgent=True), self._index_ready())
         query = np.asarray(vector)
-        return query, (await self._vector_ranking(query, r, depth) if r.mode != "keyword" else [])
+        if self.models.identity != model:
+            raise ModelSwitched("the vectors switched model; search again")
+        ranking = await self._vector_ranking(query, r, depth, model) if r.mode != "keyword" else []
+        if self.backend.native_vectors and self.models.identity != model:
+            raise ModelSwitched("the vectors switched model while searching; search again")
+        return query, ranking
 
     async def _index_ready(self) -> None:
         """Wait for the in-process index, unless (or until) loading it failed: then raise why,
@@ -160,7 +184,7 @@ class Searcher:
         if not self.backend.native_vectors:
             await self.indexer.wait_ready()
 
-    async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int) -> Ranking:
+    async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int, model: str) -> Ranking:
         backend = self.backend
         if backend.native_vectors:
             return await backend.vector_search(
@@ -169,9 +193,9 @@ class Searcher:
         allowed: Iterable[int] | None = None
         if r.filter is not None or r.time_range is not None:  # the index knows scopes and expiry, not the rest
             allowed = await backend.matching_rowids(r.scope, r.filter, r.now, time_range=r.time_range)
-        return await self.indexer.search(query, r.scope, r.now, depth, allowed)
+        return await self.indexer.search(query, r.scope, r.now, depth, allowed, model)
 
-    async def _cut(self, ranked: list[Candidate], query: np.ndarray, min_score: float) -> list[Candidate]:
+    async def _cut(self, ranked: list[Candidate], query: np.ndarray, min_score: float, model: str) -> list[Candidate]:
         """Drop the candidates whose cosine is below ``min_score``; one the vector ranking did
         not return has its cosine looked up (it stays out of ``vector_score``)."""
         unknown = [c.rowid for c in ranked if c.vector_score is None]
@@ -180,7 +204,7 @@ class Searcher:
             if self.backend.native_vectors:
                 cosines = await self.backend.cosines(query.tobytes(), unknown)
             else:
-                cosines = self.indexer.cosines(query, unknown)
+                cosines = self.indexer.cosines(query, unknown, model)
         return [
             c for c in ranked
             if (c.vector_score if c.vector_score is not None else cosines.get(c.rowid, -1.0)) >= min_score

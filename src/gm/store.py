@@ -9,17 +9,21 @@ purge and context build. The HTTP server is a thin layer over the store.
 from __future__ import annotations
 
 import builtins
+import os
 from datetime import datetime
 from typing import Any
 
 from gm import filters
 from gm.config import StoreSettings
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, NotReady, StoreClosed
+from gm.errors import InvalidInput, ModelSwitched, NotReady, StoreClosed
 from gm.index import limit_blas_threads
 from gm.indexer import Indexer
 from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms, parse_time
 from gm.readiness import Readiness, confirm, current_write_health
+from gm.reembed import BATCH as REEMBED_BATCH
+from gm.reembed import ModelFollower, NextModel, ProgressSink, Reembed, ReembedReport, model_of
+from gm.reembed import end as end_reembed
 from gm.search import Searcher, SearchRequest
 from gm.storage.base import (
     UNSET,
@@ -48,6 +52,7 @@ from gm.validation import (
     check_time_range,
     new_memory,
 )
+from gm.vector_models import VectorModels
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -66,12 +71,12 @@ class Store:
 
     def __init__(self, backend: Backend, model: ModelSpec, settings: StoreSettings | None = None) -> None:
         self.backend = backend
-        self.model = model
         self.settings = settings or StoreSettings.load()
-        self.embedder = Embedder(model, threads=self.settings.embed_threads)
-        self.indexer = Indexer(backend.vectors)
-        self.searcher = Searcher(backend, self.embedder, self.indexer)
-        self.upkeep = Upkeep(backend, self.settings.purge_seconds)
+        self.models = VectorModels(model, Embedder(model, threads=self.settings.embed_threads))
+        self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self._follow_soon)
+        self.searcher = Searcher(backend, self.models, self.indexer, self._follow)
+        self.upkeep = Upkeep(backend, self.settings.purge_seconds, self._follow if backend.shared else None)
+        self.following = ModelFollower(self)
         self._opened = False
         self._closed = False
 
@@ -83,7 +88,7 @@ class Store:
             raise StoreClosed("the store is closed; open it again with gm.open()")
         limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self.indexer.apply, self.indexer.reload, self.indexer.native)
-        await self.backend.write(RecordModel(self.model.identity))
+        self.models.identity = self.indexer.model = await self.backend.write(RecordModel(self.model.identity))
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
         self.upkeep.start()
@@ -96,7 +101,7 @@ class Store:
         self._closed = True
         try:
             await self.upkeep.stop()
-            await self.embedder.stop()
+            await self.models.close()
             await self.indexer.stop_loading()
             await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
         finally:
@@ -111,12 +116,26 @@ class Store:
         await self.close()
 
     @property
+    def model(self) -> ModelSpec:
+        """The model of the vectors (it changes when a re-embed switches)."""
+        return self.models.spec
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.models.embedder
+
+    @property
+    def vectors_model(self) -> str:
+        """The identity the database records for its vectors."""
+        return self.models.identity
+
+    @property
     def ready(self) -> bool:
         return self._opened and not self._closed
 
     def readiness(self) -> Readiness:
         """Whether the store serves now (without asking the database: see :meth:`probe`)."""
-        backend, error = self.backend, self.indexer.error
+        backend, error = self.backend, self.following.error or self.indexer.error
         if error is not None:
             phase, reason = "unavailable", error.message
         elif self.ready:
@@ -190,8 +209,23 @@ class Store:
             if not isinstance(data, dict):
                 raise InvalidInput(f"{prefix or 'memory '}must be a JSON object", path=prefix.rstrip(".") or None)
             items.append(new_memory(data, now, prefix))
-        await self._embed(items)
-        return await self.backend.write(AddMemories(items, now))
+        return await self._add(items, now, items)
+
+    async def _add(
+        self, items: builtins.list[NewMemory], now: int, unembedded: builtins.list[NewMemory]
+    ) -> builtins.list[tuple[Memory, bool]]:
+        """Embed ``unembedded`` (with the next model too during a re-embed) and write all; a
+        write that a switch overtook is embedded again with the new model, once."""
+        for attempt in (1, 2):
+            model, following = await self.models.embed_items(items, unembedded)
+            try:
+                return await self.backend.write(AddMemories(items, now, model, following))
+            except ModelSwitched:
+                if attempt == 2:
+                    raise
+                await self.following.wait()
+                unembedded = items
+        raise AssertionError("unreachable")
 
     async def add_prepared(self, items: builtins.list[NewMemory]) -> int:
         """Store memories validated by :func:`gm.validation.new_memory` all-or-nothing, as an
@@ -204,15 +238,8 @@ class Store:
             raise InvalidInput(f"a batch holds at most {MAX_BATCH} memories; split it", path="memories")
         size = await self.embedder.dimensions() * 4
         missing = [item for item in items if len(item.vector) != size]
-        await self._embed(missing)
-        await self.backend.write(AddMemories(items, now_ms()))
+        await self._add(items, now_ms(), missing)
         return len(missing)
-
-    async def _embed(self, items: builtins.list[NewMemory]) -> None:
-        if items:
-            vectors = await self.embedder.embed_many([item.text for item in items])
-            for item, vector in zip(items, vectors, strict=True):
-                item.vector = vector.tobytes()
 
     async def update(
         self,
@@ -253,8 +280,16 @@ class Store:
         if op.text is not None:
             if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
                 raise unknown_id(id)
-            op.vector = (await self.embedder.embed(op.text)).tobytes()
-        return await self.backend.write(op)
+        for attempt in (1, 2):
+            if op.text is not None:
+                op.vector, op.model, op.next_vector, op.next_model = await self.models.embed_text(op.text)
+            try:
+                return await self.backend.write(op)
+            except ModelSwitched:
+                if attempt == 2:
+                    raise
+                await self.following.wait()
+        raise AssertionError("unreachable")
 
     async def delete(self, id: str, *, namespace: str | None = None) -> None:
         """Delete one memory; raises :class:`gm.errors.NotFound` if there is none (with
@@ -394,7 +429,7 @@ class Store:
             namespaces=counts,
             schema_version=self.backend.schema_version,
             backend=self.backend.name,
-            model=self.model.identity,
+            model=model_of(self.vectors_model),
             database_bytes=await self.backend.database_size(),
             extra={
                 "model_loaded": self.embedder.loaded,
@@ -402,6 +437,44 @@ class Store:
                 "writes": self.backend.write_health(),
             },
         )
+
+    # -- the model ------------------------------------------------------------------
+
+    async def reembed(
+        self, model_dir: str | os.PathLike[str] | None = None, *, progress: ProgressSink | None = None,
+        batch: int = REEMBED_BATCH,
+    ) -> ReembedReport:
+        """Move the vectors to the model in ``model_dir`` (None: rebuild them with the current
+        model, a reindex) while this store keeps serving; resumes one that was interrupted.
+        ``progress`` hears how far it is. See :mod:`gm.reembed`.
+
+        >>> await mem.reembed("/models/bge-small", progress=lambda p: print(p.line()))
+        """
+        self._check_open()
+        spec = ModelSpec.from_dir(model_dir) if model_dir is not None else None
+        return await Reembed(self, spec, progress, batch).run()
+
+    async def end_reembed(self, *, drop_old: bool) -> bool:
+        """``drop_old``: drop the vectors the last switch left behind (the later step of a
+        re-embed); else cancel the re-embed under way. Whether there was anything to do."""
+        self._check_open()
+        return await end_reembed(self, drop_old=drop_old)
+
+    def writes_also_for(self, following: NextModel | None) -> None:
+        """During a re-embed, this store's writes are embedded with ``following`` too."""
+        self.models.next = following
+
+    async def switch_to(self, identity: str, spec: ModelSpec | None, embedder: Embedder | None) -> None:
+        """The switch committed (this store's re-embed): searches use the new model and index."""
+        if not self.backend.native_vectors:
+            await self.indexer.promote(identity)
+        self.models.switch(identity, spec, embedder)
+
+    def _follow_soon(self, identity: str) -> None:
+        self.following.soon(identity)
+
+    async def _follow(self) -> None:
+        await self.following.check()
 
     async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
         """How writes are going; see :func:`gm.readiness.current_write_health`."""

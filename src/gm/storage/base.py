@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import abc
 import builtins
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, overload
 
 from gm.actor import Overdue
-from gm.errors import StorageUnavailable
+from gm.errors import ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Memory, Scope, TimeRange, format_time
 from gm.migrator import Migrator
@@ -18,13 +19,18 @@ from gm.storage.batch_writer import BatchWriter, WriteHealth
 from gm.storage.ops import (
     UNSET,
     AddMemories,
+    BeginReembed,
     BuildContext,
     CheckWrites,
     DeleteMemory,
     DeleteWhere,
+    EndReembed,
     IndexChange,
     PurgeExpired,
     RecordModel,
+    ReembedInfo,
+    StoreNextVectors,
+    SwitchVectors,
     UpdateMemory,
     VectorRow,
     WriteOp,
@@ -34,8 +40,9 @@ from gm.storage.ops import (
 from gm.storage.reads import Reads
 
 __all__ = [  # the operations are the backends' vocabulary: importable from here, where they are used
-    "UNSET", "AddMemories", "Backend", "BuildContext", "CheckWrites", "DeleteMemory", "DeleteWhere", "IndexChange",
-    "PurgeExpired", "RecordModel", "UpdateMemory", "VectorRow", "WriteOp", "WriteResult", "unknown_id",
+    "UNSET", "AddMemories", "Backend", "BeginReembed", "BuildContext", "CheckWrites", "DeleteMemory", "DeleteWhere",
+    "EndReembed", "IndexChange", "PurgeExpired", "RecordModel", "StoreNextVectors", "SwitchVectors", "UpdateMemory",
+    "VectorRow", "WriteOp", "WriteResult", "unknown_id",
 ]
 
 
@@ -56,10 +63,24 @@ class Backend(Reads):
         """starting | migrating | ready | failed (the Migrator's)."""
         return self.migrator.phase
 
+    shared = False  # other processes write it too (Postgres): they may switch the vectors' model
+
     @property
     def native_vectors(self) -> bool:
         """True: vector_search answers; False: the store keeps an in-process index."""
         return False
+
+    @asynccontextmanager
+    async def reembed_lock(self) -> AsyncIterator[None]:
+        """Held while a re-embed runs (gm.reembed): one at a time, ReembedInProgress for
+        a second (Postgres: across every instance)."""
+        if getattr(self, "_reembedding", False):
+            raise ReembedInProgress("a re-embed or reindex is already running on this store")
+        self._reembedding = True
+        try:
+            yield
+        finally:
+            self._reembedding = False
 
     @abc.abstractmethod
     async def open(
@@ -86,6 +107,14 @@ class Backend(Reads):
     async def write(self, op: RecordModel) -> str: ...
     @overload
     async def write(self, op: CheckWrites) -> None: ...
+    @overload
+    async def write(self, op: BeginReembed) -> ReembedInfo: ...
+    @overload
+    async def write(self, op: SwitchVectors) -> int | None: ...
+    @overload
+    async def write(self, op: StoreNextVectors) -> int: ...
+    @overload
+    async def write(self, op: EndReembed) -> bool: ...
 
     async def write(self, op: WriteOp) -> Any:
         """Hand ``op`` to the Writer; its reply once committed. A write not answered within

@@ -4,8 +4,10 @@ replies and the index changes it produces, and the errors every backend answers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import orjson
 
 from gm.errors import Conflict, ModelMismatch, NotFound
 from gm.filters import Filter
@@ -16,10 +18,15 @@ UNSET: Any = object()
 
 @dataclass(slots=True)
 class AddMemories:
-    """Insert all items or none; a client id seen before with the same content is returned as is."""
+    """Insert all items or none; a client id seen before with the same content is returned as is.
+
+    ``model`` is the identity of the model that made the items' vectors; during a re-embed
+    (gm.reembed) ``next_model`` made their ``next_vector`` (empty when not made)."""
 
     items: list[NewMemory]
     now: int
+    model: str = ""
+    next_model: str = ""
 
 
 @dataclass(slots=True)
@@ -36,6 +43,9 @@ class UpdateMemory:
     expires_at: Any = UNSET  # int, None (clear) or UNSET (keep)
     namespace: str | None = None
     occurred_at: int | None = None  # None: keep
+    model: str = ""  # the identity of the model that made ``vector``; ``next_vector`` by ``next_model``
+    next_vector: bytes | None = None
+    next_model: str = ""
 
 
 @dataclass(slots=True)
@@ -82,8 +92,68 @@ class BuildContext:
     limit: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReembedInfo:
+    """A re-embed under way, as ``meta.reembed`` records it."""
+
+    identity: str  # the next model's
+    label: str
+    model_dir: str
+    dimensions: int
+    copy: bool  # the same model: a reindex copies the vectors instead of running a model
+    started_at: int  # ms
+
+    def to_json(self) -> str:
+        return orjson.dumps(asdict(self)).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> ReembedInfo:
+        data: dict[str, Any] = orjson.loads(text)
+        return cls(str(data["identity"]), str(data.get("label", "")), str(data.get("model_dir", "")),
+                   int(data["dimensions"]), bool(data.get("copy", False)), int(data.get("started_at", 0)))
+
+
+@dataclass(slots=True)
+class BeginReembed:
+    """Start moving the vectors to the model ``identity`` (gm.reembed): the next columns
+    are added beside the current ones, and the re-embed is recorded in ``meta``; a re-embed
+    to the same model already under way is resumed. ``copy``: the same model (a reindex)."""
+
+    identity: str
+    label: str
+    model_dir: str
+    dimensions: int
+    copy: bool = False
+
+
+@dataclass(slots=True)
+class StoreNextVectors:
+    """Store the next model's vectors of memories whose text is still ``text``:
+    (rowid, text, vector); replies how many were stored."""
+
+    rows: list[tuple[int, str, bytes]]
+    identity: str
+
+
+@dataclass(slots=True)
+class SwitchVectors:
+    """Make the next vectors current, atomically, if every memory has one; replies the new
+    vectors generation, or None if some memory still has none."""
+
+    identity: str
+
+
+@dataclass(slots=True)
+class EndReembed:
+    """``drop_old``: drop the vectors a switch left behind; else cancel the re-embed under way
+    (its next columns go). Replies whether there was anything to drop."""
+
+    drop_old: bool
+
+
 WriteOp = (
     AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites | BuildContext
+    | BeginReembed | StoreNextVectors | SwitchVectors | EndReembed
 )
 
 
@@ -142,20 +212,23 @@ class IndexChange:
     vector: bytes | None = None
     scope: Scope | None = None
     expires_at: int | None = None
+    next: bool = False  # the vector is the next model's (a re-embed under way): for the next index
+    model: str = ""  # the identity of the model whose vector this is (set by the write flow); "" every index
 
 
 def final_changes(changes: list[IndexChange]) -> list[IndexChange]:
     """A batch's index changes with one per row, its final state: an add into a session
     first carries the memory's own vector, then the mixed one (gm.context); the index then
     writes one slot, not two. An expiry-only change keeps the vector before it."""
-    final: dict[int, IndexChange] = {}
+    final: dict[tuple[int, bool], IndexChange] = {}
     for change in changes:
-        before = final.get(change.rowid)
+        key = (change.rowid, change.next)
+        before = final.get(key)
         if before is not None and not change.remove and change.vector is None and not before.remove:
             before.expires_at = change.expires_at
         else:
-            final.pop(change.rowid, None)  # (re-inserted: the dict keeps the order of final states)
-            final[change.rowid] = change
+            final.pop(key, None)  # (re-inserted: the dict keeps the order of final states)
+            final[key] = change
     return list(final.values())
 
 

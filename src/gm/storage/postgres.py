@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -15,7 +16,7 @@ import asyncpg
 from gm import loops
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.context import CONTEXT_WEIGHT
-from gm.errors import StorageUnavailable
+from gm.errors import ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
@@ -32,6 +33,8 @@ from gm.storage.sql import Numbered, Params, scope_sql
 __all__ = ["FEED_LOCK", "PostgresBackend", "redact"]
 
 CHECK_TIMEOUT = 2.0  # readyz's probe of the database
+
+REEMBED_LOCK = 0x676D7265656D62  # "gmreemb": one re-embed at a time, across instances
 
 
 class PostgresBackend(Backend):
@@ -63,9 +66,26 @@ class PostgresBackend(Backend):
         self._backfill: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
 
+    shared = True
+
     @property
     def native_vectors(self) -> bool:
         return self.pg_vectors.searchable
+
+    @asynccontextmanager
+    async def reembed_lock(self) -> AsyncIterator[None]:
+        """One re-embed at a time across every instance: a session lock on a connection of
+        its own, held to the end (a killed process's connection closes and frees it)."""
+        async with super().reembed_lock():
+            conn = await self.pools.connect()
+            try:
+                if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", REEMBED_LOCK):
+                    raise ReembedInProgress(
+                        "another instance is running a re-embed or reindex of this database; let it finish"
+                    )
+                yield
+            finally:
+                await conn.close()
 
     @property
     def pgvector(self) -> bool:

@@ -81,6 +81,7 @@ class ChangeFeed:
         self.reload = reload  # the index must be loaded afresh: changes were pruned before we read them
         self.context = context
         self.last_seq = 0
+        self.following: str | None = None  # the identity of a re-embed's next model, once seen
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,15 +105,18 @@ class ChangeFeed:
     async def catch_up(self) -> None:
         async with self._lock:
             while True:
-                rows = await self.fetch(
-                    "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
-                    f"{search_vector(self.context, 'm.')} "
-                    "FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
-                    "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000",
-                    [self.last_seq],
-                )
+                try:
+                    rows = await self.fetch(self._changes_sql(), [self.last_seq])
+                except StorageUnavailable:
+                    if self.following is None:
+                        raise
+                    self.following = None  # the re-embed ended (switched or cancelled): its columns went
+                    continue
                 if not rows:
                     return
+                if rows[-1][9] != self.following:  # a re-embed began or ended: read them again, with its vectors
+                    self.following = rows[-1][9]
+                    continue
                 if rows[0][0] > self.last_seq + 1 and await self._pruned_past():
                     log.warning("change feed: fell behind the kept changes; reloading the vector index")
                     self.reload()
@@ -120,11 +124,28 @@ class ChangeFeed:
                 for r in rows:
                     if r[2] is None:
                         changes.append(IndexChange(r[1], remove=True))
-                    else:
-                        changes.append(IndexChange(r[1], vector=r[7], scope=Scope(r[2], r[3], r[4], r[5]),
-                                                   expires_at=r[6]))
+                        continue
+                    scope = Scope(r[2], r[3], r[4], r[5])
+                    changes.append(IndexChange(r[1], vector=r[7], scope=scope, expires_at=r[6], model=r[8] or ""))
+                    if self.following is not None and r[9] == self.following:  # a re-embed's next vectors
+                        changes.append(IndexChange(r[1], remove=r[10] is None, vector=r[10], scope=scope,
+                                                   expires_at=r[6], model=self.following))
                 await self.apply(changes)
                 self.last_seq = rows[-1][0]
+
+    def _changes_sql(self) -> str:
+        """The changes after ``$1`` with each row's state now, the model of its vectors, and
+        while a re-embed runs (gm.reembed), its next model and next vector."""
+        following = (", coalesce(m.search_embedding_next, m.embedding_next)" if self.following is not None
+                     else ", NULL")
+        return (
+            "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
+            f"{search_vector(self.context, 'm.')}, (SELECT value FROM meta WHERE key = 'model'), "
+            "(SELECT value::json->>'identity' FROM meta WHERE key = 'reembed')"
+            f"{following} "
+            "FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "
+            "WHERE c.seq > $1 ORDER BY c.seq LIMIT 5000"
+        )
 
     async def _pruned_past(self) -> bool:
         rows = await self.fetch("SELECT value FROM meta WHERE key = 'changes_pruned_through'", [])

@@ -15,7 +15,7 @@ import asyncpg
 import numpy as np
 
 from gm import loops
-from gm.errors import InvalidInput, ModelMismatch
+from gm.errors import ModelMismatch, ModelSwitched
 from gm.storage.postgres_pool import Pools, connection_lost, once_more
 from gm.storage.sql import Numbered, search_vector
 
@@ -99,6 +99,28 @@ class PgVectors:
         else:
             self.dimensions = dim
 
+    async def add_next(self, conn: asyncpg.Connection, dim: int) -> None:
+        """A re-embed begins (gm.storage.reembed_flow): ``vec_next`` and its HNSW index, empty."""
+        await conn.execute("ALTER TABLE memories ADD COLUMN vec_next vector")
+        await conn.execute("ALTER TABLE memories ALTER COLUMN vec_next SET STORAGE PLAIN")
+        await conn.execute(
+            f"CREATE INDEX memories_vec_next_hnsw ON memories USING hnsw ((vec_next::vector({dim})) vector_cosine_ops)"
+        )
+        await conn.execute("CREATE INDEX memories_without_vec_next ON memories (rowid) WHERE vec_next IS NULL")
+
+    async def switch(self, conn: asyncpg.Connection, dim: int) -> None:
+        """The next vectors become current: columns and indexes take the current names."""
+        await conn.execute("ALTER TABLE memories RENAME COLUMN vec TO vec_old")
+        await conn.execute("ALTER TABLE memories RENAME COLUMN vec_next TO vec")
+        for index in ("memories_vec_hnsw", "memories_without_vec"):
+            await conn.execute(f"ALTER INDEX IF EXISTS {index} RENAME TO {index.replace('vec', 'vec_old', 1)}")
+            await conn.execute(f"ALTER INDEX {index.replace('vec', 'vec_next', 1)} RENAME TO {index}")
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('hnsw_dimensions', $1) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value", str(dim)
+        )
+        self.dimensions = None  # read again once committed
+
     async def search(self, vector: bytes, where: str, p: Numbered, limit: int) -> builtins.list[tuple[int, float]]:
         """The ``limit`` nearest by cosine distance among the rows ``where`` selects (its values
         in ``p``): HNSW with iterative scans, so a narrow scope or filter still fills the page."""
@@ -108,8 +130,8 @@ class PgVectors:
             self.dimensions = int(rows[0][0]) if rows else None
             if self.dimensions is None:
                 return []  # no vector was ever written
-        if dim != self.dimensions:
-            raise InvalidInput(f"the query vector has {dim} dimensions but the stored ones have {self.dimensions}")
+        if dim != self.dimensions:  # (the query comes from our model: the vectors switched to another since)
+            raise ModelSwitched(f"the query vector has {dim} dimensions but the stored ones have {self.dimensions}")
         target = p(vector, f"vector({dim})")
         distance = f"vec::vector({dim}) <=> {target}"
         query = (f"SELECT rowid, {distance} AS distance FROM memories WHERE vec IS NOT NULL AND {where} "
@@ -136,7 +158,13 @@ class PgVectors:
                 await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
                 if self.iterative_scan:
                     await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-                return list(await conn.fetch(sql, *values))
+                try:
+                    return list(await conn.fetch(sql, *values))
+                except asyncpg.DataException as exc:
+                    if "dimensions" not in str(exc):
+                        raise
+                    self.dimensions = None  # a re-embed switched to a model of other dimensions
+                    raise ModelSwitched(f"the vectors switched to another model: {exc}") from None
 
         return await once_more(run, connection_lost, "searching")
 

@@ -16,7 +16,7 @@ from gm.actor import Envelope
 from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.storage.batch_writer import BatchWriter
 from gm.storage.ops import WriteOp, WriteResult
-from gm.storage.postgres_feed import FEED_LOCK, number_changes, prune_changes
+from gm.storage.postgres_feed import CHANNEL, FEED_LOCK, number_changes, prune_changes
 from gm.storage.postgres_pool import DB_ERRORS, Pools, once_more, statement_error, unavailable
 from gm.storage.postgres_vectors import PgVectors
 from gm.storage.sql import Numbered, Params
@@ -24,6 +24,10 @@ from gm.storage.write_flow import Transaction, apply_batch
 
 log = logging.getLogger(__name__)
 
+MEMORY_COLUMNS = (
+    "SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = current_schema() AND table_name = 'memories'"
+)
 LOCK_TIMEOUT = "5s"  # a write waiting longer for a lock fails (503) rather than hangs
 
 
@@ -58,8 +62,44 @@ class PgTransaction(Transaction):
             return exc
         return InvalidInput(f"the database refused it: {exc}") if statement_error(exc) else None
 
+    blob_type = "bytea"
+
+    async def memory_columns(self) -> set[str]:
+        return {r[0] for r in await self.conn.fetch(MEMORY_COLUMNS)}
+
     def embedding_columns(self, vector: bytes) -> dict[str, bytes]:
         return {"embedding": vector, "vec": vector} if self.vectors.present else {"embedding": vector}
+
+    def next_vector_columns(self, vector: bytes | None) -> dict[str, bytes | None]:
+        return {"embedding_next": vector, "vec_next": vector} if self.vectors.present else {"embedding_next": vector}
+
+    def next_search_columns(self, search: bytes | None, own: bytes) -> dict[str, bytes | None]:
+        if self.vectors.present:
+            return {"search_embedding_next": search, "vec_next": search or own}
+        return {"search_embedding_next": search}
+
+    async def exclusive(self) -> None:
+        # Every instance's writes in flight finish first (and so are seen), the next ones wait: a
+        # write takes the table's row lock before the feed lock, so the feed lock alone would deadlock.
+        await self.conn.execute("LOCK TABLE memories IN ACCESS EXCLUSIVE MODE")
+
+    async def next_columns_added(self, dimensions: int) -> None:
+        if self.vectors.present:
+            await self.vectors.add_next(self.conn, dimensions)
+
+    async def vectors_switched(self, dimensions: int) -> None:
+        if self.vectors.present:
+            await self.vectors.switch(self.conn, dimensions)
+        if self.context:  # a trigger names its columns by number: it would follow `embedding` to `embedding_old`
+            await self.conn.execute("DROP TRIGGER memories_context_follow_update ON memories")
+            await self.conn.execute(
+                "CREATE TRIGGER memories_context_follow_update BEFORE UPDATE OF text, embedding ON memories "
+                "FOR EACH ROW EXECUTE FUNCTION gm_context_follow_update()"
+            )
+        await self.conn.execute(f"NOTIFY {CHANNEL}")  # every instance's feed looks now
+
+    async def vector_columns_dropped(self, suffix: str) -> None:
+        await self.conn.execute(f"ALTER TABLE memories DROP COLUMN IF EXISTS vec{suffix}")  # (with its indexes)
 
     def search_columns(self, search: bytes | None, own: bytes) -> dict[str, bytes | None]:
         if self.vectors.present:

@@ -117,12 +117,23 @@ class Reads(abc.ABC):
 
     async def vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
         """Every memory's searched vector, in pages (what the in-process index loads)."""
+        async for rows in self._vectors(search_vector(self.context), ""):
+            yield rows
+
+    async def next_vectors(self) -> AsyncIterator[builtins.list[VectorRow]]:
+        """The next model's searched vector of every memory that has one (a re-embed under
+        way, gm.reembed), in pages."""
+        async for rows in self._vectors("coalesce(search_embedding_next, embedding_next)",
+                                        " AND embedding_next IS NOT NULL"):
+            yield rows
+
+    async def _vectors(self, vector: str, where: str) -> AsyncIterator[builtins.list[VectorRow]]:
         last = 0
         while True:
             p = self.params()
             rows = await self.fetch(
-                f"SELECT {VECTOR_COLUMNS}, {search_vector(self.context)} FROM memories "
-                f"WHERE rowid > {p(last)} ORDER BY rowid LIMIT {VECTOR_PAGE}",
+                f"SELECT {VECTOR_COLUMNS}, {vector} FROM memories "
+                f"WHERE rowid > {p(last)}{where} ORDER BY rowid LIMIT {VECTOR_PAGE}",
                 p.values,
             )
             if not rows:
@@ -149,6 +160,27 @@ class Reads(abc.ABC):
             p.values,
         )
         return int(rows[0][0])
+
+    async def missing_next(self, after: int, limit: int) -> builtins.list[tuple[int, str, bytes]]:
+        """Up to ``limit`` memories past rowid ``after`` the next model has not embedded yet
+        (a re-embed under way): (rowid, text, current own embedding), in rowid order."""
+        p = self.params()
+        rows = await self.fetch(
+            f"SELECT rowid, text, embedding FROM memories WHERE embedding_next IS NULL AND rowid > {p(after)} "
+            f"ORDER BY rowid LIMIT {p(limit)}",
+            p.values,
+        )
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    async def count_missing_next(self) -> tuple[int, int]:
+        """How many memories the next model has embedded, and how many in all."""
+        rows = await self.fetch("SELECT count(embedding_next), count(*) FROM memories", [])
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def meta_value(self, key: str) -> str | None:
+        p = self.params()
+        rows = await self.fetch(f"SELECT value FROM meta WHERE key = {p(key)}", p.values)
+        return str(rows[0][0]) if rows else None
 
     async def without_context(self) -> int:
         """How many memories still wait for their session context to be built."""

@@ -68,6 +68,9 @@ class SQLiteTransaction(Transaction):
             raise
         await self.conn.execute("RELEASE op")
 
+    async def memory_columns(self) -> set[str]:
+        return {r[0] for r in await self.conn.execute_fetchall("SELECT name FROM pragma_table_info('memories')")}
+
     def refusal(self, exc: Exception) -> GMError | None:
         if database_failed(exc):
             return None  # the whole batch fails

@@ -24,17 +24,22 @@ from gm.context import (
     turn_from_row,
     window_sql,
 )
-from gm.errors import GMError, StorageUnavailable
+from gm.errors import GMError, ModelSwitched, StorageUnavailable
 from gm.memory import Memory, NewMemory, Scope
 from gm.storage.ops import (
     AddMemories,
+    BeginReembed,
     BuildContext,
     CheckWrites,
     DeleteMemory,
     DeleteWhere,
+    EndReembed,
     IndexChange,
     PurgeExpired,
     RecordModel,
+    ReembedInfo,
+    StoreNextVectors,
+    SwitchVectors,
     UpdateMemory,
     WriteOp,
     WriteResult,
@@ -44,6 +49,7 @@ from gm.storage.ops import (
     unknown_id,
     updated,
 )
+from gm.storage.reembed_flow import ReembedFlow
 from gm.storage.sql import CONTEXT_VERSION, Params, columns_for, event_time_sql, live_by_id, memory_from_row, scope_sql
 
 HISTORY_SQL = "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES ({marks})"
@@ -90,6 +96,35 @@ class Transaction(abc.ABC):
         """The columns a memory's search embedding (gm.context) is written to."""
         return {"search_embedding": search}
 
+    blob_type = "BLOB"  # the type of a vector column
+
+    def next_vector_columns(self, vector: bytes | None) -> dict[str, bytes | None]:
+        """The columns the next model's own embedding is written to (gm.reembed)."""
+        return {"embedding_next": vector}
+
+    def next_search_columns(self, search: bytes | None, own: bytes) -> dict[str, bytes | None]:
+        return {"search_embedding_next": search}
+
+    @abc.abstractmethod
+    async def memory_columns(self) -> set[str]:
+        """The names of the ``memories`` table's columns now."""
+
+    async def exclusive(self) -> None:
+        """Hold every writer off until this transaction ends (Postgres: other instances' too)."""
+        return None
+
+    async def next_columns_added(self, dimensions: int) -> None:
+        """After the next vector columns were added (Postgres: pgvector's, and its index)."""
+        return None
+
+    async def vectors_switched(self, dimensions: int) -> None:
+        """After the next vector columns became the current ones (Postgres: pgvector's too)."""
+        return None
+
+    async def vector_columns_dropped(self, suffix: str) -> None:
+        """Before the vector columns ending in ``suffix`` (``_next``, ``_old``) are dropped."""
+        return None
+
     async def vectors_added(self, dimensions: int) -> None:
         """After vectors of ``dimensions`` were inserted (Postgres: the HNSW index may be due)."""
         return None
@@ -107,11 +142,14 @@ async def apply_batch(tx: Transaction, ops: Sequence[WriteOp], stamp: int) -> li
     for op in ops:
         try:
             async with tx.savepoint():
-                outcomes.append(await flow.apply(op))
+                result = await flow.apply(op)
+                await flow.stamp_models(result.changes)
+                outcomes.append(result)
         except Exception as exc:
             refused = tx.refusal(exc)
             if refused is None:
                 raise
+            flow.known_model, flow.known_reembed, flow.known_old = None, False, None  # (it was rolled back)
             outcomes.append(refused)
     return outcomes
 
@@ -127,6 +165,9 @@ class WriteFlow:
         self.tx = tx
         self.stamp = stamp
         self.columns = tx.columns
+        self.known_reembed: ReembedInfo | None | bool = False  # False: not read yet in this transaction
+        self.known_model: str | None = None
+        self.known_old: bool | None = None
 
     async def apply(self, op: WriteOp) -> WriteResult:
         if isinstance(op, AddMemories):
@@ -154,6 +195,14 @@ class WriteFlow:
         if isinstance(op, CheckWrites):
             await self.set_meta("write_check", str(op.now))
             return WriteResult(None)
+        if isinstance(op, StoreNextVectors):
+            return await ReembedFlow(self).store(op)
+        if isinstance(op, BeginReembed):
+            return await ReembedFlow(self).begin(op)
+        if isinstance(op, SwitchVectors):
+            return await ReembedFlow(self).switch(op)
+        if isinstance(op, EndReembed):
+            return await ReembedFlow(self).end(op)
         raise TypeError(f"unknown write {op!r}")
 
     async def history(self, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
@@ -168,42 +217,119 @@ class WriteFlow:
         p = self.tx.params()
         await self.tx.execute(META_SQL.format(key=p(key), value=p(value)), p.values)
 
+    async def meta(self, key: str) -> str | None:
+        p = self.tx.params()
+        rows = await self.tx.fetch(f"SELECT value FROM meta WHERE key = {p(key)}", p.values)
+        return str(rows[0][0]) if rows else None
+
+    async def reembed(self) -> ReembedInfo | None:
+        """The re-embed under way (gm.reembed), read once per transaction."""
+        if self.known_reembed is False:
+            value = await self.meta("reembed")
+            self.known_reembed = ReembedInfo.from_json(value) if value is not None else None
+        assert not isinstance(self.known_reembed, bool)
+        return self.known_reembed
+
+    async def switched_model(self, identity: str, label: str, model_dir: str) -> None:
+        """Record that the vectors are the model ``identity``'s now (a re-embed switched from
+        the folder ``model_dir``, where the other instances find it)."""
+        await self.set_meta("model", identity)
+        await self.set_meta("model_label", label)
+        await self.set_meta("vectors_model_dir", model_dir)
+        self.known_model = identity
+
+    async def has_old_vectors(self) -> bool:
+        """Whether the vectors the last switch left behind are still there (gm.reembed)."""
+        if self.known_old is None:
+            self.known_old = await self.meta("old_vectors") is not None
+        return self.known_old
+
+    async def current_model(self) -> str:
+        """The identity of the model of the current vectors, read once per transaction."""
+        if self.known_model is None:
+            self.known_model = await self.meta("model") or ""
+        return self.known_model
+
+    async def stamp_models(self, changes: list[IndexChange]) -> None:
+        """Name the model of each change's vector, so the index of that model follows it (a
+        removal from the next index only names the next model)."""
+        for change in changes:
+            if change.next:
+                info = await self.reembed()
+                change.model = info.identity if info is not None else "-"
+            elif change.vector is not None:
+                change.model = await self.current_model()
+
+    async def check_model(self, model: str, next_model: str) -> bool:
+        """Whether a write's vectors, made by ``model`` (and ``next_model``), suit the stored
+        ones: False if its next vectors are the current ones now (a switch came between the
+        embedding and this commit); ModelSwitched if it has none of the current model."""
+        if not model:
+            return True  # (a write with no vectors of its own)
+        current = await self.current_model()
+        if not current or current == model:
+            return True
+        if next_model and next_model == current:
+            return False
+        raise ModelSwitched(f"the vectors moved to model {current!r} while this write was embedded; retry it")
+
     async def refresh(self, moved: list[Position]) -> list[IndexChange]:
-        """Session context follows the write (see gm.context)."""
-        return await refresh(TxSessionRows(self.tx), moved) if self.tx.context and moved else []
+        """Session context follows the write (see gm.context), and the next model's search
+        vectors too while a re-embed is under way."""
+        if not self.tx.context or not moved:
+            return []
+        return await refresh(TxSessionRows(self.tx), moved) + await self.refresh_next(moved)
+
+    async def refresh_next(self, moved: list[Position]) -> list[IndexChange]:
+        if not moved or await self.reembed() is None:
+            return []
+        return await refresh(TxSessionRows(self.tx, next=True), moved)
 
     async def add(self, op: AddMemories) -> WriteResult:
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
         moved: list[Position] = []
+        swap = not await self.check_model(op.model, op.next_model)
+        info = await self.reembed()
+        with_next = info is not None and not swap and op.next_model == info.identity
         for item in op.items:
             if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
                 p = self.tx.params()
                 purged = await self.delete_where(f"id = {p(item.id)} AND expires_at <= {p(op.now)}", p)
                 changes.extend(purged.changes)
-            added = await self.insert(item)
+            vector = item.next_vector if swap else item.vector
+            next_vector = item.next_vector if with_next and item.next_vector else None
+            added = await self.insert(item, vector, next_vector if info is not None else b"")
             if added is None:
                 out.append((await self.existing(item), False))
                 continue
             rowid, memory = added
             out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=item.vector, scope=item.scope, expires_at=memory.expires_at))
+            changes.append(IndexChange(rowid, vector=vector, scope=item.scope, expires_at=memory.expires_at))
+            if next_vector:
+                changes.append(IndexChange(rowid, vector=next_vector, scope=item.scope, expires_at=memory.expires_at,
+                                           next=True))
             if item.scope.session_id is not None:
                 moved.append(Position(item.scope.namespace, item.scope.session_id, memory.occurred_at, rowid))
         if changes:
-            await self.tx.vectors_added(len(op.items[0].vector) // 4)
+            await self.tx.vectors_added(len(op.items[0].next_vector if swap else op.items[0].vector) // 4)
         return WriteResult(out, changes + await self.refresh(moved))
 
-    async def insert(self, item: NewMemory) -> tuple[int, Memory] | None:
-        """Insert ``item`` and record its history; None if its id is taken."""
+    async def insert(self, item: NewMemory, vector: bytes, next_vector: bytes | None) -> tuple[int, Memory] | None:
+        """Insert ``item`` with its ``vector`` (and ``next_vector``, unless b"": no re-embed
+        is under way) and record its history; None if its id is taken."""
         s = item.scope
         meta = orjson.dumps(item.metadata).decode()
         created, updated_at, expires_at, occurred = added_times(item, self.stamp)
         values: dict[str, Any] = {
             "id": item.id, "namespace": s.namespace, "user_id": s.user_id, "agent_id": s.agent_id,
             "session_id": s.session_id, "text": item.text, "metadata": meta, "created_at": created,
-            "updated_at": updated_at, "expires_at": expires_at, **self.tx.embedding_columns(item.vector),
+            "updated_at": updated_at, "expires_at": expires_at, **self.tx.embedding_columns(vector),
         }
+        if next_vector != b"":
+            values |= self.tx.next_vector_columns(next_vector)
+        if await self.has_old_vectors():
+            values["embedding_old"] = b""  # (NOT NULL, as `embedding` was on SQLite: the old model has none)
         if self.tx.context:
             values |= {"occurred_at": occurred, "context": date_words(occurred)}
         p = self.tx.params()
@@ -245,14 +371,25 @@ class WriteFlow:
             values["occurred_at"] = memory.occurred_at
             if old.session_id is None:  # alone, its context is its date
                 values["context"] = date_words(memory.occurred_at)
-        if op.vector is not None:
-            values |= self.tx.embedding_columns(op.vector)
+        vector, next_vector, info = op.vector, None, None
+        if vector is not None:
+            swap = not await self.check_model(op.model, op.next_model)
+            info = await self.reembed()
+            vector = op.next_vector if swap else vector
+            if info is not None and not swap and op.next_model == info.identity:
+                next_vector = op.next_vector or None
+            values |= self.tx.embedding_columns(vector or b"")
+            if info is not None:  # a text the next model has not embedded is embedded again (gm.reembed)
+                values |= self.tx.next_vector_columns(next_vector)
         p = self.tx.params()
         assignments = ", ".join(f"{name} = {_mark(p, name, v)}" for name, v in values.items())
         await self.tx.execute(f"UPDATE memories SET {assignments} WHERE rowid = {p(rowid)}", p.values)
         await self.history("update", [(op.id, old.namespace, self.stamp, memory.text, meta)])
         scope = Scope(old.namespace, old.user_id, old.agent_id, old.session_id)
-        changes = [IndexChange(rowid, vector=op.vector, scope=scope, expires_at=memory.expires_at)]
+        changes = [IndexChange(rowid, vector=vector, scope=scope, expires_at=memory.expires_at)]
+        if info is not None:
+            changes.append(IndexChange(rowid, remove=next_vector is None, vector=next_vector, scope=scope,
+                                       expires_at=memory.expires_at, next=True))
         return WriteResult(memory, changes + await self.refresh(context_moves(old, memory, rowid)))
 
     async def delete_where(self, where: str, p: Params, missing: str | None = None) -> WriteResult:
@@ -272,29 +409,35 @@ class WriteFlow:
     async def record_model(self, op: RecordModel) -> WriteResult:
         rows = await self.tx.fetch("SELECT value FROM meta WHERE key = 'model'", [])
         stored = rows[0][0] if rows else None
-        if stored is not None and stored != op.identity:
-            if await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
-                raise model_mismatch(stored, op.identity)
-        if stored != op.identity:
-            await self.set_meta("model", op.identity)
+        if stored is not None and stored.split("~", 1)[0] == op.identity:
+            return WriteResult(stored)  # (vectors a reindex made: of the same model, another generation)
+        if stored is not None and await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
+            raise model_mismatch(stored, op.identity)
+        await self.set_meta("model", op.identity)
+        self.known_model = None
         return WriteResult(op.identity)
 
 
 class TxSessionRows(SessionRows):
-    """A Writer's transaction as gm.context sees it."""
+    """A Writer's transaction as gm.context sees it (with ``next``, the next model's vectors)."""
 
-    def __init__(self, tx: Transaction) -> None:
+    def __init__(self, tx: Transaction, next: bool = False) -> None:
         self.tx = tx
+        self.next = next
 
     async def around(self, at: Position, before: int, after: int) -> list[Turn]:
         earlier, later = self.tx.params(), self.tx.params()
-        first = await self.tx.fetch(window_sql(at, True, before, earlier), earlier.values)
-        rest = await self.tx.fetch(window_sql(at, False, after, later), later.values)
+        first = await self.tx.fetch(window_sql(at, True, before, earlier, self.next), earlier.values)
+        rest = await self.tx.fetch(window_sql(at, False, after, later, self.next), later.values)
         return [turn_from_row(r) for r in reversed(first)] + [turn_from_row(r) for r in rest]
 
-    async def store(self, turn: Turn, context: str, search_embedding: bytes | None) -> None:
+    async def store(self, turn: Turn, context: str | None, search_embedding: bytes | None) -> None:
         p = self.tx.params()
-        columns = {"context": context, **self.tx.search_columns(search_embedding, turn.embedding)}
+        own = turn.embedding or b""
+        if self.next:
+            columns: dict[str, Any] = self.tx.next_search_columns(search_embedding, own)
+        else:
+            columns = {"context": context, **self.tx.search_columns(search_embedding, own)}
         assignments = ", ".join(f"{name} = {p(value)}" for name, value in columns.items())
         await self.tx.execute(f"UPDATE memories SET {assignments} WHERE rowid = {p(turn.rowid)}", p.values)
 

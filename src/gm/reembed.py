@@ -1,0 +1,250 @@
+"""Re-embedding online: moving a database's vectors to another model (or rebuilding them
+with the same one, a reindex) while the store keeps serving searches and writes.
+
+How it goes (gm.storage.reembed_flow holds the SQL): the next model's columns are added
+beside the current ones; a sweep embeds every memory into them in small writes through
+the Writer, while this store embeds its own new writes with both models; the Indexer fills
+an index of the next vectors beside the published one. Once every memory has its next
+vector, one transaction renames the next columns to the current names, and the store
+switches its model and index in the same step. The state is in the rows (a NULL
+``embedding_next``), so a re-embed killed at any point resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gm.embedding import Embedder, ModelSpec
+from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StoreClosed
+from gm.storage.base import BeginReembed, EndReembed, StoreNextVectors, SwitchVectors
+from gm.storage.ops import ReembedInfo
+
+if TYPE_CHECKING:
+    from gm.store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # memories a sweep write holds: one embedding call, and a commit short enough for other writes
+MAX_PASSES = 20  # sweeps from the start that find memories written meanwhile without the next vector
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far a long job is: ``done`` of ``total`` in ``phase``, at ``rate`` per second."""
+
+    phase: str
+    done: int
+    total: int
+    rate: float
+    eta_seconds: float | None
+
+    def line(self) -> str:
+        eta = f", about {self.eta_seconds:.0f}s left" if self.eta_seconds is not None else ""
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        return f"{self.phase}: {self.done:,} of {self.total:,} memories{share}, {self.rate:,.0f}/s{eta}"
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReembedReport:
+    """What a finished re-embed did."""
+
+    model: str  # the identity the vectors have now
+    embedded: int  # memories this run embedded (a resumed run counts only its own)
+    total: int
+    seconds: float
+    resumed: bool
+
+    @property
+    def rate(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def vectors_identity(model_identity: str, generation: int) -> str:
+    """The identity the database records for vectors made by ``model_identity``: a reindex
+    with the same model makes vectors of another generation, so the two index sets differ."""
+    return f"{model_identity}~{generation}" if generation else model_identity
+
+
+def model_of(vectors_identity: str) -> str:
+    """The model identity of a recorded vectors identity."""
+    return vectors_identity.split("~", 1)[0]
+
+
+class NextModel:
+    """The next model's side of a store while a re-embed is under way: what its writes are
+    embedded with besides the current model (``embedder`` None: a reindex copies vectors)."""
+
+    def __init__(self, info: ReembedInfo, embedder: Embedder | None) -> None:
+        self.info = info
+        self.embedder = embedder
+
+    async def vectors(self, texts: list[str], current: list[bytes]) -> list[bytes]:
+        """The next model's vectors of ``texts`` (b"" each once the re-embed ended: the
+        write then leaves them to the next re-embed)."""
+        if self.embedder is None:
+            return current
+        try:
+            return [v.tobytes() for v in await self.embedder.embed_many(texts)]
+        except StoreClosed:
+            return [b""] * len(texts)
+
+
+class Reembed:
+    """One re-embed run on an open store (:meth:`gm.store.Store.reembed`)."""
+
+    def __init__(self, store: Store, spec: ModelSpec | None, progress: ProgressSink | None, batch: int = BATCH) -> None:
+        self.store = store
+        self.spec = spec  # None: reindex with the current model
+        self.progress = progress
+        self.batch = batch
+
+    async def run(self) -> ReembedReport:
+        store = self.store
+        started = time.perf_counter()
+        async with store.backend.reembed_lock():
+            embedder = None if self.spec is None else Embedder(self.spec, threads=store.settings.embed_threads)
+            try:
+                info, resumed = await self._begin(embedder)
+                next_model = NextModel(info, embedder)
+                store.writes_also_for(next_model)
+                if not store.backend.native_vectors:
+                    await store.indexer.prepare(info.identity)
+                embedded, total = await self._sweep(next_model)
+                await store.switch_to(info.identity, self.spec, embedder)
+                embedder = None  # (the store owns it now)
+            except BaseException:
+                store.writes_also_for(None)
+                raise
+            finally:
+                if embedder is not None:
+                    await embedder.stop()
+        seconds = time.perf_counter() - started
+        log.info("re-embed done: %d memories embedded in %.1fs; vectors are %s now", embedded, seconds, info.identity)
+        return ReembedReport(info.identity, embedded, total, seconds, resumed)
+
+    async def _begin(self, embedder: Embedder | None) -> tuple[ReembedInfo, bool]:
+        store = self.store
+        generation = int(await store.backend.meta_value("vectors_generation") or 0) + 1
+        if embedder is None:  # a reindex: the same model, vectors made afresh
+            identity = vectors_identity(model_of(store.vectors_model), generation)
+            label, model_dir = store.model.label, str(store.model.model_path.parent)
+            dim = await store.embedder.dimensions()
+        else:
+            assert self.spec is not None
+            if self.spec.identity == model_of(store.vectors_model):
+                raise InvalidInput(
+                    f"the database's vectors are already model {self.spec.label!r}'s; to rebuild them, run "
+                    "`gmem reindex`"
+                )
+            identity = vectors_identity(self.spec.identity, generation)
+            label, model_dir, dim = self.spec.label, str(self.spec.model_path.parent), await embedder.dimensions()
+        begun = int(time.time() * 1000)
+        info: ReembedInfo = await store.backend.write(BeginReembed(identity, label, model_dir, dim, embedder is None))
+        return info, info.started_at < begun
+
+    async def _sweep(self, next_model: NextModel) -> tuple[int, int]:
+        """Embed every memory the next model has not, then switch; returns how many it
+        embedded and the memories in all. A pass that embedded some is followed by another
+        from the start: a text changed behind it, or written by an instance that does not
+        embed with both models, needs its next vector too."""
+        backend = self.store.backend
+        done, total = await backend.count_missing_next()
+        started, embedded = time.perf_counter(), 0
+        self._report("embedding", done, total, started, 0)
+        for _ in range(MAX_PASSES):
+            cursor, found = 0, False
+            pending: asyncio.Task[int] | None = None  # the last batch's write, while the next one embeds
+            while rows := await backend.missing_next(cursor, self.batch):
+                found = True
+                vectors = await next_model.vectors([r[1] for r in rows], [r[2] for r in rows])
+                if pending is not None:
+                    stored = await pending
+                    embedded, done = embedded + stored, done + stored
+                    self._report("embedding", done, total, started, embedded)
+                write = StoreNextVectors([(r[0], r[1], v) for r, v in zip(rows, vectors, strict=True)],
+                                         next_model.info.identity)
+                pending = asyncio.ensure_future(backend.write(write))
+                cursor = rows[-1][0]
+            if pending is not None:
+                stored = await pending
+                embedded, done = embedded + stored, done + stored
+            if not found and await backend.write(SwitchVectors(next_model.info.identity)) is not None:
+                self._report("switched", total, total, started, embedded)
+                return embedded, total
+            done, total = await backend.count_missing_next()
+        raise ReembedInProgress(
+            f"memories kept arriving without the next model's vector after {MAX_PASSES} passes; run it again"
+        )
+
+    def _report(self, phase: str, done: int, total: int, started: float, embedded: int) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.perf_counter() - started
+        rate = embedded / elapsed if elapsed > 0 and embedded else 0.0
+        eta = (total - done) / rate if rate > 0 else None
+        self.progress(Progress(phase, done, total, rate, eta))
+
+
+async def end(store: Store, *, drop_old: bool) -> bool:
+    """Drop the vectors the last switch left behind (``drop_old``), or cancel the re-embed
+    under way; whether there was anything to do."""
+    async with store.backend.reembed_lock():
+        done: bool = await store.backend.write(EndReembed(drop_old))
+        if not drop_old:
+            await store.indexer.discard()
+        return done
+
+
+
+class ModelFollower:
+    """Follows a switch another instance made (a shared Postgres database): the new model is
+    loaded from the folder the re-embed recorded, and the index of its vectors is loaded.
+    If that folder is not here, the store is unavailable until restarted with it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.error: GMError | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def soon(self, identity: str) -> None:
+        """The index saw a change of another model's vectors: look now."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.check(), name="gm-follow-model")
+
+    async def wait(self) -> None:
+        """A write found the vectors switched: follow before it is embedded again."""
+        await self.check()
+
+    async def check(self) -> None:
+        store = self.store
+        identity = await store.backend.meta_value("model")
+        if identity is None or identity == store.vectors_model:
+            return
+        spec, embedder = None, None
+        if model_of(identity) != model_of(store.vectors_model):
+            folder = await store.backend.meta_value("vectors_model_dir") or ""
+            try:
+                spec = ModelSpec.from_dir(folder)
+                if spec.identity != model_of(identity):
+                    raise ModelMismatch(f"the model in {folder} is not the one the vectors were made by")
+            except GMError as exc:
+                self.error = ModelMismatch(
+                    f"another instance moved the vectors to model {identity!r} (gmem reembed), whose files are "
+                    f"not usable here ({exc.message}); restart this instance with GM_MODEL_DIR set to that model"
+                )
+                log.error("%s", self.error.message)
+                return
+            embedder = Embedder(spec, threads=store.settings.embed_threads)
+        log.info("another instance switched the vectors to model %s: following", identity)
+        if not store.backend.native_vectors:
+            await store.indexer.promote(identity, reload=True)
+        store.models.switch(identity, spec, embedder)
+        self.error = None
