@@ -4,11 +4,15 @@ query goes ahead of queued add texts, and the vectors are the model's own."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from gm.embedding import Embedder, Encoder, ModelSpec, Vector
+from gm.embedding import DEFAULT_TOKENIZER, Embedder, Encoder, ModelSpec, Vector
+from gm.errors import ModelError
 
 
 class RecordingEmbedder(Embedder):
@@ -58,3 +62,28 @@ async def test_a_search_query_goes_ahead_of_queued_add_texts() -> None:
         ["the search query"],
         [f"queued add {i}" for i in range(10)],
     ]
+
+
+def test_the_token_embeddings_output_is_found_by_name_or_shape(tmp_path: Path) -> None:
+    # paraphrase-MiniLM-L3-v2 as its package ships it has four outputs, the token embeddings
+    # third and unnamed; a model with two candidate outputs is refused, naming them.
+    from tests.models import _onnx, write_paraphrase_model
+
+    encoder = Encoder(ModelSpec.from_dir(write_paraphrase_model(tmp_path / "paraphrase")), threads=1)
+    assert encoder.dim == 384 and encoder.encode(["two words"]).shape == (1, 384)
+    onnx = _onnx()
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Cast", ["input_ids"], ["f"], to=onnx.TensorProto.FLOAT),
+         h.make_node("Unsqueeze", ["f", "axes"], ["a"]), h.make_node("Identity", ["a"], ["b"])],
+        "two", [h.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "T"]),
+                h.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["B", "T"])],
+        [h.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["B", "T", 1]) for name in ("a", "b")],
+        [onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")],
+    )
+    folder = tmp_path / "ambiguous"
+    folder.mkdir()
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(folder / "model.onnx"))
+    shutil.copyfile(DEFAULT_TOKENIZER, folder / "tokenizer.json")
+    with pytest.raises(ModelError, match=r"cannot tell which output .* \(found: a tensor\(float\)"):
+        Encoder(ModelSpec.from_dir(folder), threads=1)

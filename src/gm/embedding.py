@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -114,7 +115,24 @@ class Encoder:
         except Exception as exc:
             raise ModelError(f"cannot load model {spec.model_path}: {exc}") from None
         self.input_names = {i.name for i in self.session.get_inputs()}
-        self.dim = int(self.session.get_outputs()[0].shape[-1])
+        self.output = self._hidden_state_output(spec)
+        self.dim = int(self.output.shape[-1])
+
+    def _hidden_state_output(self, spec: ModelSpec) -> Any:
+        """The output holding the token embeddings: ``last_hidden_state``, or else the one
+        float output of shape [batch, tokens, dimensions] with a known size (exports name it
+        otherwise, and some add pooled or pass-through outputs beside it)."""
+        outputs = self.session.get_outputs()
+        named = [o for o in outputs if o.name == "last_hidden_state"]
+        if not named:
+            named = [o for o in outputs if "float" in o.type and len(o.shape) == 3 and isinstance(o.shape[-1], int)]
+        if len(named) != 1:
+            found = ", ".join(f"{o.name} {o.type} {o.shape}" for o in outputs)
+            raise ModelError(
+                f"cannot tell which output of {spec.model_path} holds the token embeddings (found: {found}); "
+                "export it with an output named last_hidden_state"
+            )
+        return named[0]
 
     def encode(self, texts: list[str]) -> Vector:
         """Unit-length float32 vectors, one row per text, in input order.
@@ -145,7 +163,7 @@ class Encoder:
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        hidden: Vector = self.session.run(None, feeds)[0]
+        hidden: Vector = self.session.run([self.output.name], feeds)[0]
         weights = mask[:, :, None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)
