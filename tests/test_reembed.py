@@ -266,44 +266,46 @@ def test_a_reembed_killed_mid_way_resumes_where_it_stopped(tmp_path: Path, parap
     assert_all_made_by(own_vectors_sqlite(db), paraphrase_model_dir)
 
 
-@pytest.mark.parametrize("backend", ["postgres", "pgvector"])
-async def test_two_postgres_instances_the_other_switches_when_it_commits(
-    backend: str, wide_model_dir: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(params=["postgres", "pgvector"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     from tests.conftest import _target
 
-    for url in _target(backend, tmp_path):
-        async with gm.open(url) as a, gm.open(url) as b:
-            await fill(a, 120)
-            stop = asyncio.Event()
-            b_added: list[str] = []
-            b_hits: list[int] = []
+    yield from _target(request.param, tmp_path)
 
-            async def serve_b() -> None:
-                i = 0
-                while not stop.is_set():
-                    b_added.append((await b.add(f"b wrote {i}: an owl", user_id="u2")).id)
-                    b_hits.append(len(await b.search("the cat likes topic 3", user_id="u0", limit=4)))
-                    i += 1
-                    await asyncio.sleep(0.01)
 
-            serving = asyncio.ensure_future(serve_b())
+async def test_two_postgres_instances_the_other_switches_when_it_commits(shared_url: str, wide_model_dir: Path) -> None:
+    async with gm.open(shared_url) as a, gm.open(shared_url) as b:
+        await fill(a, 120)
+        stop = asyncio.Event()
+        b_added: list[str] = []
+        b_hits: list[int] = []
+        instances = {"b": b}
+
+        async def serve_b() -> None:
+            i = 0
+            while not stop.is_set():
+                other = instances["b"]
+                b_added.append((await other.add(f"b wrote {i}: an owl", user_id="u2")).id)
+                b_hits.append(len(await other.search("the cat likes topic 3", user_id="u0", limit=4)))
+                i += 1
+                await asyncio.sleep(0.01)
+
+        serving = asyncio.ensure_future(serve_b())
+        await asyncio.sleep(0.05)
+        outcomes = await asyncio.gather(a.reembed(wide_model_dir, batch=8), b.reembed(wide_model_dir, batch=8),
+                                        return_exceptions=True)
+        # One instance at a time: one ran to the end, the other was refused at once.
+        assert sorted(type(o).__name__ for o in outcomes) == ["ReembedInProgress", "ReembedReport"], outcomes
+        runner, other = (a, b) if isinstance(outcomes[0], gm.ReembedReport) else (b, a)
+        instances["b"] = other  # (the one that did not run it goes on serving)
+        deadline = time.monotonic() + 10
+        while other.vectors_model != runner.vectors_model and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            outcomes = await asyncio.gather(a.reembed(wide_model_dir, batch=8), b.reembed(wide_model_dir, batch=8),
-                                            return_exceptions=True)
-            # One instance at a time: one ran to the end, the other was refused at once.
-            assert sorted(type(o).__name__ for o in outcomes) == ["ReembedInProgress", "ReembedReport"], outcomes
-            if isinstance(outcomes[1], gm.ReembedReport):
-                a, b = b, a
-            deadline = time.monotonic() + 10
-            while b.vectors_model != a.vectors_model and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.1)
-            stop.set()
-            await serving
-            assert b.vectors_model == a.vectors_model and b.model.identity == a.model.identity
-            assert min(b_hits) == 4
-            assert (await b.search("an owl", user_id="u2", mode="vector", limit=1))[0].memory.text.endswith("owl")
-            assert (await b.stats()).memories == 120 + len(b_added)
-        rows = await own_vectors(url)
-        assert_all_made_by(rows, wide_model_dir)
+        await asyncio.sleep(0.1)
+        stop.set()
+        await serving
+        assert other.vectors_model == runner.vectors_model and other.model.identity == runner.model.identity
+        assert min(b_hits) == 4
+        assert (await other.search("an owl", user_id="u2", mode="vector", limit=1))[0].memory.text.endswith("owl")
+        assert (await other.stats()).memories == 120 + len(b_added)
+    assert_all_made_by(await own_vectors(shared_url), wide_model_dir)

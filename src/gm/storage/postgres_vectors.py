@@ -160,7 +160,7 @@ class PgVectors:
                     await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 try:
                     return list(await conn.fetch(sql, *values))
-                except asyncpg.DataException as exc:
+                except asyncpg.DataError as exc:
                     if "dimensions" not in str(exc):
                         raise
                     self.dimensions = None  # a re-embed switched to a model of other dimensions
