@@ -83,7 +83,7 @@ class Store:
             raise StoreClosed("the store is closed; open it again with gm.open()")
         limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self.indexer.apply, self.indexer.reload, self.indexer.native)
-        await self.backend.write(RecordModel(self.model.identity))
+        await self.backend.write(RecordModel(self.model.record()))
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
         self.upkeep.start()
@@ -397,6 +397,7 @@ class Store:
             model=self.model.identity,
             database_bytes=await self.backend.database_size(),
             extra={
+                "model_label": self.model.label,
                 "model_loaded": self.embedder.loaded,
                 "index_ready": self.indexer.state == "ready",
                 "writes": self.backend.write_health(),

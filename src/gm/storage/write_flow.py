@@ -26,6 +26,7 @@ from gm.context import (
 )
 from gm.errors import GMError, StorageUnavailable
 from gm.memory import Memory, NewMemory, Scope
+from gm.model_identity import META_KEYS, recorded_model
 from gm.storage.ops import (
     AddMemories,
     BuildContext,
@@ -47,6 +48,7 @@ from gm.storage.ops import (
 from gm.storage.sql import CONTEXT_VERSION, Params, columns_for, event_time_sql, live_by_id, memory_from_row, scope_sql
 
 HISTORY_SQL = "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES ({marks})"
+RECORDED_MODEL_SQL = f"SELECT key, value FROM meta WHERE key IN ({', '.join(repr(k) for k in META_KEYS)})"
 META_SQL = (
     "INSERT INTO meta (key, value) VALUES ({key}, {value}) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
@@ -270,14 +272,17 @@ class WriteFlow:
         return WriteResult(len(rows), removed + await self.refresh(deleted_positions(rows)))
 
     async def record_model(self, op: RecordModel) -> WriteResult:
-        rows = await self.tx.fetch("SELECT value FROM meta WHERE key = 'model'", [])
-        stored = rows[0][0] if rows else None
-        if stored is not None and stored != op.identity:
-            if await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
-                raise model_mismatch(stored, op.identity)
-        if stored != op.identity:
-            await self.set_meta("model", op.identity)
-        return WriteResult(op.identity)
+        model = op.model  # (the meta rows, and why `model` keeps the old scheme: gm.model_identity)
+        rows = await self.tx.fetch(RECORDED_MODEL_SQL, [])
+        stored = recorded_model({row[0]: row[1] for row in rows})
+        found = None if stored is None else stored.rows_for(model)
+        if stored is not None and found is None and await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
+            raise model_mismatch(stored.shown, model.identity, stored_label=stored.label,
+                                 configured_label=model.label, configured_dir=model.directory)
+        writes = model.meta() if found is None else found  # (a database without memories takes the configured model)
+        for key, value in writes.items():
+            await self.set_meta(key, value)
+        return WriteResult(model.identity)
 
 
 class TxSessionRows(SessionRows):
