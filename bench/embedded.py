@@ -136,7 +136,7 @@ def bench_ceiling(cfg: Config) -> dict[int, float]:
     texts = embedded_texts(cfg.ceiling_texts, seed=1)
     words = [len(t.split()) for t in texts]
     tokens = [len(e.ids) for e in encoder.tokenizer.encode_batch(texts)]
-    print(f"model {spec.identity}; loaded in {load:.2f}s; ONNX intra-op threads {threads} "
+    print(f"model {spec.shown}; loaded in {load:.2f}s; ONNX intra-op threads {threads} "
           f"(os.cpu_count() = {os.cpu_count()})")
     print(f"{len(texts)} texts per batch size and round, {cfg.ceiling_rounds} round(s); words/text "
           f"{min(words)}-{max(words)} (mean {np.mean(words):.1f}); tokens/text mean {np.mean(tokens):.1f}, "

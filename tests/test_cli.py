@@ -686,7 +686,7 @@ def test_export_import_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[
     lines = dump.read_bytes().splitlines()
     header = json.loads(lines[0])["greatmemory"]
     assert (header["memories"], header["vectors"], header["schema_version"]) == (16, vectors, LATEST)
-    assert header["model"] == ModelSpec.default().identity
+    assert (header["model"], header["model_label"]) == (ModelSpec.default().identity, "all-MiniLM-L6-v2-int8")
     assert len(lines) == 17
     assert all(("vector" in json.loads(line)) == vectors for line in lines[1:])
     if vectors:
@@ -806,9 +806,10 @@ def test_status_of_database_files(tmp_path: Path, capsys: pytest.CaptureFixture[
     report = gmem(capsys, "status", "--db", current, "--json").json
     assert report["schema_version"] == LATEST and report["migrations_pending"] is False
     assert (report["memories"], report["namespaces"]) == (4, {"default": 3, "team": 1})
-    assert report["model"] == ModelSpec.default().identity
+    assert (report["model"], report["model_label"]) == (ModelSpec.default().identity, "all-MiniLM-L6-v2-int8")
     assert report["in_use_by"] is None and report["readiness"] == "ready"
     text = gmem(capsys, "status", "--db", current).out
+    assert f"model: all-MiniLM-L6-v2-int8 ({ModelSpec.default().identity})\n" in text
     assert f"schema: v{LATEST}; this release knows v{LATEST}" in text
     assert "memories: 4" in text and "team: 1" in text and "in use by: nobody" in text
 
@@ -837,6 +838,7 @@ def test_status_of_a_server(served: Served, capsys: pytest.CaptureFixture[str]) 
     assert isinstance(report["process_resident_bytes"], int) and report["process_resident_bytes"] > 0
     text = gmem(capsys, "status", "--url", served.url).out
     assert f"server: {served.url}" in text and "readiness: ready" in text and "server memory (resident):" in text
+    assert f"model: all-MiniLM-L6-v2-int8 ({ModelSpec.default().identity})\n" in text
     # The same database seen as a file names the server process holding it.
     on_file = gmem(capsys, "status", "--db", served.db, "--json").json
     assert on_file["in_use_by"] == f"process {served.process.pid}"

@@ -142,7 +142,8 @@ def test_status_of_a_postgres_database(
         assert f"database: {pg_url}\nreadiness: ready\nbackend: postgres\n" in text
         assert f"schema: v{LATEST}; this release knows v{LATEST}" in text
         assert "memories: 4\n  default: 3\n  team: 1\n" in text
-        assert f"model: {ModelSpec.default().identity}" in text and "connected instances: 0" in text
+        assert f"model: all-MiniLM-L6-v2-int8 ({ModelSpec.default().identity})\n" in text
+        assert "connected instances: 0" in text
 
 
 def test_status_text_names_the_backend(pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gm.config import parse_api_keys
+from gm.embedding import ModelSpec
 from gm.http.app import ROUTES, make_app
 from gm.http.openapi import openapi_document
 from gm.mcp.bridge import MCP_PATH
@@ -260,7 +261,8 @@ async def test_stats_shape(server: RunningServer, target: str) -> None:
     status, stats = await server.call("GET", "/v1/stats")
     assert status == 200
     assert stats["memories"] == 2 and stats["namespaces"] == {"n1": 1, "n2": 1}
-    assert stats["schema_version"] == LATEST and stats["model"].startswith("all-MiniLM")
+    assert stats["schema_version"] == LATEST and stats["model"] == ModelSpec.default().identity
+    assert stats["model_label"] == "all-MiniLM-L6-v2-int8"
     assert stats["backend"] == ("postgres" if target.startswith("postgresql:") else "sqlite")
 
 

@@ -19,7 +19,6 @@ from gm.embedding import ModelSpec
 from gm.errors import (
     Conflict,
     InvalidInput,
-    ModelMismatch,
     ModelNotFound,
     NotFound,
     StorageUnavailable,
@@ -706,27 +705,3 @@ async def test_missing_model_files_fail_at_open(db_path: Path, tmp_path: Path, m
         async with gm.open(db_path):
             pass
     assert not db_path.exists()
-
-
-async def test_another_model_is_refused_on_a_database_with_data(target: str, tmp_path: Path) -> None:
-    default = ModelSpec.default()
-    other = tmp_path / "my-own-minilm"
-    other.mkdir()
-    shutil.copyfile(default.model_path, other / "model.onnx")
-    shutil.copyfile(default.tokenizer_path, other / "tokenizer.json")
-
-    async with gm.open(tmp_path / "empty.db") as empty:  # a database without memories may switch models
-        assert (await empty.stats()).model == default.identity
-    async with gm.open(tmp_path / "empty.db", model_dir=other) as switched:
-        assert (await switched.stats()).model.startswith("my-own-minilm@")
-
-    async with gm.open(target) as store:
-        memory = await store.add("Made with the default model.")
-    with pytest.raises(ModelMismatch) as caught:
-        await gm.open(target, model_dir=other)
-    assert default.identity in caught.value.message and "my-own-minilm@" in caught.value.message
-    assert "GM_MODEL_DIR" in caught.value.message
-
-    async with gm.open(target) as store:  # the refusal changed nothing
-        assert (await store.stats()).model == default.identity
-        assert await store.get(memory.id) == memory

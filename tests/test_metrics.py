@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gm.config import parse_api_keys
+from gm.embedding import ModelSpec
 from gm.http import metrics
 from gm.index import VectorIndex
 from gm.storage import sqlite_migrations
@@ -106,7 +107,8 @@ async def test_requests_are_counted_by_route_template_and_status(server: Running
     [info] = after["greatmemory_build_info"]
     assert info.labels["backend"] == ("postgres" if target.startswith("postgresql:") else "sqlite")
     assert info.labels["schema_version"] == str(sqlite_migrations.LATEST)
-    assert info.labels["model"].startswith("all-MiniLM-L6-v2") and info.labels["version"]
+    assert info.labels["model"] == ModelSpec.default().identity and info.labels["version"]
+    assert info.labels["model_label"] == "all-MiniLM-L6-v2-int8"
     if target.startswith("postgresql:") and server.state.store.backend.native_vectors:
         assert "greatmemory_index_vectors" not in after  # pgvector searches: no in-process index
     else:

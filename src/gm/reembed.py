@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StoreClosed
+from gm.model_identity import IDENTITY, model_of, vectors_identity
 from gm.storage.base import BeginReembed, EndReembed, StoreNextVectors, SwitchVectors
 from gm.storage.ops import ReembedInfo
 
@@ -65,17 +66,6 @@ class ReembedReport:
     @property
     def rate(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
-
-
-def vectors_identity(model_identity: str, generation: int) -> str:
-    """The identity the database records for vectors made by ``model_identity``: a reindex
-    with the same model makes vectors of another generation, so the two index sets differ."""
-    return f"{model_identity}~{generation}" if generation else model_identity
-
-
-def model_of(vectors_identity: str) -> str:
-    """The model identity of a recorded vectors identity."""
-    return vectors_identity.split("~", 1)[0]
 
 
 class NextModel:
@@ -225,7 +215,7 @@ class ModelFollower:
 
     async def check(self) -> None:
         store = self.store
-        identity = await store.backend.meta_value("model")
+        identity = await store.backend.meta_value(IDENTITY)
         if identity is None or identity == store.vectors_model:
             return
         spec, embedder = None, None

@@ -20,9 +20,10 @@ from gm.errors import InvalidInput, ModelSwitched, NotReady, StoreClosed
 from gm.index import limit_blas_threads
 from gm.indexer import Indexer
 from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms, parse_time
+from gm.model_identity import model_of
 from gm.readiness import Readiness, confirm, current_write_health
 from gm.reembed import BATCH as REEMBED_BATCH
-from gm.reembed import ModelFollower, NextModel, ProgressSink, Reembed, ReembedReport, model_of
+from gm.reembed import ModelFollower, NextModel, ProgressSink, Reembed, ReembedReport
 from gm.reembed import end as end_reembed
 from gm.search import Searcher, SearchRequest
 from gm.storage.base import (
@@ -88,7 +89,7 @@ class Store:
             raise StoreClosed("the store is closed; open it again with gm.open()")
         limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self.indexer.apply, self.indexer.reload, self.indexer.native)
-        self.models.identity = self.indexer.model = await self.backend.write(RecordModel(self.model.identity))
+        self.models.identity = self.indexer.model = await self.backend.write(RecordModel(self.model.record()))
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
         self.upkeep.start()
@@ -432,6 +433,7 @@ class Store:
             model=model_of(self.vectors_model),
             database_bytes=await self.backend.database_size(),
             extra={
+                "model_label": self.model.label,
                 "model_loaded": self.embedder.loaded,
                 "index_ready": self.indexer.state == "ready",
                 "writes": self.backend.write_health(),

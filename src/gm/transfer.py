@@ -3,7 +3,8 @@ releases. Export reads the file read-only (safe while a server runs); import goe
 through a store, batched and idempotent by id.
 
 The first line of an export is a header, ``{"greatmemory": {"format": 1, "model": ...,
-"schema_version": ..., "memories": N, "vectors": bool}}``; every other line is one memory
+"model_label": ..., "schema_version": ..., "memories": N, "vectors": bool}}`` (``model``: the
+vectors' model identity, see gm.model_identity); every other line is one memory
 with the contract's fields (``occurred_at`` among them) plus, with ``--vectors``,
 ``"vector"``: its float32 embedding in base64. Import also takes plain lines with just
 ``"text"`` (and any other input field); a line without ``occurred_at`` occurred at its
@@ -43,18 +44,20 @@ async def export_lines_async(
     async with inspect(target, EXPORTING) as database:
         database.guard()
         if database.schema_version == 0:
-            yield _header(None, 0, 0, vectors)
+            yield _header({"model": None, "model_label": None}, 0, 0, vectors)
             return
         now = now_ms()
         total = await database.total(now, namespace)
-        yield _header(await database.meta("model"), database.schema_version, total, vectors)
+        yield _header(await database.model_fields(), database.schema_version, total, vectors)
         async for rows in database.export_rows(now, vectors=vectors, namespace=namespace):
             for row in rows:
                 yield orjson.dumps(_line(row, vectors)) + b"\n"
 
 
-def _header(model: str | None, version: int, total: int, vectors: bool) -> bytes:
-    header = {"format": FORMAT, "release": gm.__version__, "schema_version": version, "model": model,
+def _header(model: dict[str, str | None], version: int, total: int, vectors: bool) -> bytes:
+    # ``model`` is the content identity (an older release importing this file compares it to
+    # its own old-scheme name, finds them unequal and embeds again: slower, never wrong).
+    header = {"format": FORMAT, "release": gm.__version__, "schema_version": version, **model,
               "memories": total, "vectors": vectors}
     return orjson.dumps({"greatmemory": header}) + b"\n"
 
@@ -118,7 +121,7 @@ class Importer:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.report = ImportReport()
-        self.file_model: str | None = None
+        self.same_model = False  # the file's vectors were made by the store's model: reuse them
 
     def parse(self, number: int, raw: bytes) -> tuple[int, NewMemory] | None:
         """One line as a memory to add, or None (a header, a blank line, or skipped with a reason)."""
@@ -134,8 +137,9 @@ class Importer:
             return None
         if "greatmemory" in data:
             header = data["greatmemory"]
-            if isinstance(header, dict):
-                self.file_model = header.get("model")
+            model = header.get("model") if isinstance(header, dict) else None
+            # A content identity, or an older release's ``label@digest``: either names these files or not.
+            self.same_model = isinstance(model, str) and self.store.model.record().made(model)
             return None
         _check_line_fields(number, data)
         memory_id = data.get("id") if isinstance(data.get("id"), str) else None
@@ -159,7 +163,7 @@ class Importer:
         if data.get("updated_at") is not None:
             item.updated_at = parse_time(data["updated_at"], "updated_at")
         vector = data.get("vector")
-        if isinstance(vector, str) and self.file_model == self.store.model.identity:
+        if isinstance(vector, str) and self.same_model:
             try:
                 item.vector = base64.b64decode(vector, validate=True)
             except ValueError:

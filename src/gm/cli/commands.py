@@ -118,6 +118,14 @@ async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]
     return result
 
 
+def model_line(identity: str | None, label: str | None) -> str:
+    if identity is None:
+        return "none recorded yet"
+    if label is None or identity.startswith(f"{label}@"):  # (an older release's record names its label)
+        return identity
+    return f"{label} ({identity})"
+
+
 async def status(args: argparse.Namespace) -> int:
     url = server_url(args)
     target = database(args)
@@ -136,7 +144,7 @@ async def status(args: argparse.Namespace) -> int:
         lines.append(f"memories: {result['memories']:,}")
         lines += [f"  {ns}: {count:,}" for ns, count in result["namespaces"].items()]
         lines.append(f"database size: {mib(result.get('database_bytes'))}")
-        lines.append(f"model: {result.get('model') or 'none recorded yet'}")
+        lines.append(f"model: {model_line(result.get('model'), result.get('model_label'))}")
     if url and result.get("process_resident_bytes") is not None:
         lines.append(f"server memory (resident): {mib(result['process_resident_bytes'])}")
     if "in_use_by" in result:

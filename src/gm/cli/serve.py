@@ -47,7 +47,7 @@ async def serve(config: ServerConfig) -> int:
     elif opener.done():
         ready = state.store.readiness()
         log.info("ready on %s, database %s (%s, schema v%d), model %s", url, config.shown_target,
-                 ready.backend, ready.schema_version, state.store.model.identity)
+                 ready.backend, ready.schema_version, state.store.model.shown)
         await stopped
     state.draining = True
     await loops.stop(opener, stopped)  # an open still under way ends before the store is closed

@@ -190,8 +190,9 @@ def store_part(state: ServerState) -> Iterator[Metric]:
     yield one_of("greatmemory_migration_phase", "The schema migration at start: 1 for its phase.", "phase",
                  MIGRATION_PHASES, backend.phase)
     info = InfoMetricFamily("greatmemory_build", "This server: its version, backend, schema version (empty until "
-                            "migrated) and embedding model.")
+                            "migrated) and embedding model (its content identity and label).")
     info.add_metric([], {"version": gm.__version__, "backend": backend.name, "model": store.model.identity,
+                         "model_label": store.model.label,
                          "schema_version": str(backend.schema_version) if backend.schema_version else ""})
     yield info
 

@@ -292,7 +292,10 @@ _STATUS = {
                            "description": "live memories per namespace (only the key's, for a bound key)"},
             "schema_version": {"type": "integer", "minimum": 0},
             "backend": _BACKEND,
-            "model": {"type": "string", "description": "the embedding model's identity"},
+            "model": {"type": "string", "description": "the embedding model's identity: sha256 of its files' content "
+                      "and pooling, the same wherever its files are"},
+            "model_label": {"type": "string", "description": "the model's name for people: the default model's, "
+                            "or GM_MODEL_DIR's folder name"},
             "database_bytes": {"type": ["integer", "null"], "minimum": 0},
             "model_loaded": {"type": "boolean", "description": "the model is loaded (it loads on first use)"},
             "index_ready": {"type": "boolean", "description": "the vector index is loaded and searches run"},
@@ -300,7 +303,7 @@ _STATUS = {
             "process_resident_bytes": {"type": ["integer", "null"], "minimum": 0,
                                        "description": "the server's resident memory (null where unknown)"},
         },
-        "memories", "namespaces", "schema_version", "backend", "model", "database_bytes", "model_loaded",
+        "memories", "namespaces", "schema_version", "backend", "model", "model_label", "database_bytes", "model_loaded",
         "index_ready", "writes", "process_resident_bytes",
     ),
     "OpenAPIDocument": {

@@ -16,6 +16,7 @@ import asyncpg
 
 from gm.errors import SchemaTooNew, StorageUnavailable
 from gm.memory import now_ms
+from gm.model_identity import META_KEYS, RecordedModel, recorded_model
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
 from gm.storage.postgres_pool import DB_ERRORS, connect, redact
 from gm.storage.postgres_vectors import HAS_VEC, register_codec
@@ -64,15 +65,30 @@ class Inspection(Reads):
             "memories": sum(namespaces.values()),
             "namespaces": namespaces,
             "database_bytes": await self.size(),
-            "model": await self.meta("model") if self.schema_version > 0 else None,
+            **await self.model_fields(),
             **await self.details(),
         }
 
     async def meta(self, key: str) -> str | None:
-        """A value of the ``meta`` table (``model``: the identity of the stored vectors)."""
+        """A value of the ``meta`` table."""
         p = self.params()
         rows = await self.fetch(f"SELECT value FROM meta WHERE key = {p(key)}", p.values)
         return str(rows[0][0]) if rows else None
+
+    async def recorded_model(self) -> RecordedModel | None:
+        """Which model made the stored vectors (None: none recorded yet)."""
+        if self.schema_version == 0:
+            return None
+        p = self.params()
+        marks = ", ".join(p(key) for key in META_KEYS)
+        rows = await self.fetch(f"SELECT key, value FROM meta WHERE key IN ({marks})", p.values)
+        return recorded_model({str(row[0]): str(row[1]) for row in rows})
+
+    async def model_fields(self) -> dict[str, str | None]:
+        """``model`` (the stored vectors' model: its content identity, or the old-scheme
+        ``label@digest`` an older release recorded) and ``model_label``, for status and export."""
+        recorded = await self.recorded_model()
+        return {"model": recorded.shown if recorded else None, "model_label": recorded.label if recorded else None}
 
     async def total(self, now: int, namespace: str | None) -> int:
         """How many live memories (of ``namespace``, when given) an export writes."""

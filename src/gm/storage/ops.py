@@ -12,6 +12,7 @@ import orjson
 from gm.errors import Conflict, ModelMismatch, NotFound
 from gm.filters import Filter
 from gm.memory import Memory, NewMemory, Scope
+from gm.model_identity import ModelRecord
 
 UNSET: Any = object()
 
@@ -71,9 +72,10 @@ class PurgeExpired:
 
 @dataclass(slots=True)
 class RecordModel:
-    """Record the model identity of the vectors, or fail with ModelMismatch if another one holds data."""
+    """Record which model makes the vectors (gm.model_identity), upgrading an old-scheme record
+    of the same files in place, or fail with ModelMismatch if another model's vectors hold data."""
 
-    identity: str
+    model: ModelRecord
 
 
 @dataclass(slots=True)
@@ -192,11 +194,19 @@ def id_conflict(memory_id: str) -> Conflict:
     )
 
 
-def model_mismatch(stored: str, configured: str) -> ModelMismatch:
+def model_mismatch(
+    stored: str, configured: str, *, stored_label: str | None = None, configured_label: str | None = None,
+    configured_dir: str | None = None,
+) -> ModelMismatch:
+    def named(identity: str, label: str | None) -> str:
+        return f"{identity!r} ({label})" if label and not identity.startswith(f"{label}@") else repr(identity)
+
+    folder = configured_dir or "<folder of the configured model>"
     return ModelMismatch(
-        f"this database's vectors were made by model {stored!r} but the configured "
-        f"model is {configured!r}; set GM_MODEL_DIR to the model the database was built "
-        "with, or export and re-import its memories into a new database"
+        f"this database's vectors were made by model {named(stored, stored_label)} but the configured "
+        f"model is {named(configured, configured_label)}; to move this database to the configured model run "
+        f"`gmem reembed --model-dir {folder}` with the server on the old model, or set GM_MODEL_DIR back to "
+        "the model the database was built with"
     )
 
 

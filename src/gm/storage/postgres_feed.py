@@ -140,7 +140,7 @@ class ChangeFeed:
                      else ", NULL")
         return (
             "SELECT c.seq, c.rowid, m.namespace, m.user_id, m.agent_id, m.session_id, m.expires_at, "
-            f"{search_vector(self.context, 'm.')}, (SELECT value FROM meta WHERE key = 'model'), "
+            f"{search_vector(self.context, 'm.')}, (SELECT value FROM meta WHERE key = 'model_identity'), "
             "(SELECT value::json->>'identity' FROM meta WHERE key = 'reembed')"
             f"{following} "
             "FROM changes c LEFT JOIN memories m ON m.rowid = c.rowid "

@@ -111,7 +111,7 @@ class ReembedFlow:
             raise not_running(op.identity)
         if await self.tx.fetch(f"SELECT 1 FROM memories WHERE {NEXT[0]} IS NULL LIMIT 1", []):
             return WriteResult(None)  # written meanwhile without the next vector: embed those first
-        old_model = await self.flow.meta("model")
+        old_model = await self.flow.current_model()
         await self.tx.execute(f"DROP INDEX {MISSING_INDEX}", [])
         for current, old, new in zip(CURRENT, OLD, NEXT, strict=True):
             await self.tx.execute(f"ALTER TABLE memories RENAME COLUMN {current} TO {old}", [])

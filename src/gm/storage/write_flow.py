@@ -26,6 +26,7 @@ from gm.context import (
 )
 from gm.errors import GMError, ModelSwitched, StorageUnavailable
 from gm.memory import Memory, NewMemory, Scope
+from gm.model_identity import IDENTITY, IDENTITY_OF, LABEL, META_KEYS, MODEL, recorded_model
 from gm.storage.ops import (
     AddMemories,
     BeginReembed,
@@ -53,6 +54,7 @@ from gm.storage.reembed_flow import ReembedFlow
 from gm.storage.sql import CONTEXT_VERSION, Params, columns_for, event_time_sql, live_by_id, memory_from_row, scope_sql
 
 HISTORY_SQL = "INSERT INTO history (memory_id, namespace, op, at, text, metadata) VALUES ({marks})"
+RECORDED_MODEL_SQL = f"SELECT key, value FROM meta WHERE key IN ({', '.join(repr(k) for k in META_KEYS)})"
 META_SQL = (
     "INSERT INTO meta (key, value) VALUES ({key}, {value}) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
@@ -232,10 +234,13 @@ class WriteFlow:
 
     async def switched_model(self, identity: str, label: str, model_dir: str) -> None:
         """Record that the vectors are the model ``identity``'s now (a re-embed switched from
-        the folder ``model_dir``, where the other instances find it)."""
-        await self.set_meta("model", identity)
-        await self.set_meta("model_label", label)
-        await self.set_meta("vectors_model_dir", model_dir)
+        the folder ``model_dir``, where the other instances find it). ``model``, the row a
+        release before content identities reads, names no model it could be configured with:
+        it refuses the database (its columns moved) instead of writing beside them."""
+        refusal = f"re-embedded to {label} ({identity}): needs a release with gmem reembed"
+        for key, value in {MODEL: refusal, IDENTITY: identity, IDENTITY_OF: refusal, LABEL: label,
+                           "vectors_model_dir": model_dir}.items():
+            await self.set_meta(key, value)
         self.known_model = identity
 
     async def has_old_vectors(self) -> bool:
@@ -247,7 +252,7 @@ class WriteFlow:
     async def current_model(self) -> str:
         """The identity of the model of the current vectors, read once per transaction."""
         if self.known_model is None:
-            self.known_model = await self.meta("model") or ""
+            self.known_model = await self.meta(IDENTITY) or ""
         return self.known_model
 
     async def stamp_models(self, changes: list[IndexChange]) -> None:
@@ -407,15 +412,20 @@ class WriteFlow:
         return WriteResult(len(rows), removed + await self.refresh(deleted_positions(rows)))
 
     async def record_model(self, op: RecordModel) -> WriteResult:
-        rows = await self.tx.fetch("SELECT value FROM meta WHERE key = 'model'", [])
-        stored = rows[0][0] if rows else None
-        if stored is not None and stored.split("~", 1)[0] == op.identity:
-            return WriteResult(stored)  # (vectors a reindex made: of the same model, another generation)
-        if stored is not None and await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
-            raise model_mismatch(stored, op.identity)
-        await self.set_meta("model", op.identity)
+        model = op.model  # (the meta rows, and why `model` keeps the old scheme: gm.model_identity)
+        rows = await self.tx.fetch(RECORDED_MODEL_SQL, [])
+        stored = recorded_model({row[0]: row[1] for row in rows})
+        found = None if stored is None else stored.rows_for(model)
+        if stored is not None and found is None and await self.tx.fetch("SELECT 1 FROM memories LIMIT 1", []):
+            raise model_mismatch(stored.shown, model.identity, stored_label=stored.label,
+                                 configured_label=model.label, configured_dir=model.directory)
+        writes = model.meta() if found is None else found  # (a database without memories takes the configured model)
+        for key, value in writes.items():
+            await self.set_meta(key, value)
         self.known_model = None
-        return WriteResult(op.identity)
+        if found == {} and stored is not None and stored.identity:
+            return WriteResult(stored.identity)  # (a reindex's vectors: the model's, another generation; gm.reembed)
+        return WriteResult(model.identity)
 
 
 class TxSessionRows(SessionRows):
