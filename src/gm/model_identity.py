@@ -109,7 +109,7 @@ class ModelRecord:
     def made(self, recorded: str) -> bool:
         """Whether vectors recorded as made by ``recorded`` (a content identity, or an export
         header's old-scheme ``label@digest``) are this model's."""
-        return recorded == self.identity or legacy_digest(recorded) in self.legacy_digests
+        return model_of(recorded) == self.identity or legacy_digest(recorded) in self.legacy_digests
 
     def meta(self) -> dict[str, str]:
         """The meta rows of a database whose vectors this model makes from now on."""

@@ -104,14 +104,16 @@ class Reembed:
             try:
                 info, resumed = await self._begin(embedder)
                 next_model = NextModel(info, embedder)
-                store.writes_also_for(next_model)
+                store.models.next = next_model  # the store's writes are embedded with both from now on
                 if not store.backend.native_vectors:
                     await store.indexer.prepare(info.identity)
                 embedded, total = await self._sweep(next_model)
-                await store.switch_to(info.identity, self.spec, embedder)
+                if not store.backend.native_vectors:  # (the switch committed: searches move in one step)
+                    await store.indexer.promote(info.identity)
+                store.models.switch(info.identity, self.spec, embedder)
                 embedder = None  # (the store owns it now)
             except BaseException:
-                store.writes_also_for(None)
+                store.models.next = None
                 raise
             finally:
                 if embedder is not None:
@@ -183,6 +185,16 @@ class Reembed:
         self.progress(Progress(phase, done, total, rate, eta))
 
 
+async def say_if_waiting(store: Store) -> None:
+    """At open: a re-embed that stopped (killed, or its server restarted) waits to be resumed."""
+    value = await store.backend.meta_value("reembed")
+    if value is not None:
+        info = ReembedInfo.from_json(value)
+        again = "gmem reindex" if info.copy else f"gmem reembed --model-dir {info.model_dir}"
+        log.warning("a re-embed to %s stopped before its switch: run `%s` to finish it, or `gmem reembed --cancel`; "
+                    "meanwhile the current vectors serve", info.label, again)
+
+
 async def end(store: Store, *, drop_old: bool) -> bool:
     """Drop the vectors the last switch left behind (``drop_old``), or cancel the re-embed
     under way; whether there was anything to do."""
@@ -215,6 +227,8 @@ class ModelFollower:
 
     async def check(self) -> None:
         store = self.store
+        if store.models.next is not None:
+            return  # this store runs the re-embed: it switches itself
         identity = await store.backend.meta_value(IDENTITY)
         if identity is None or identity == store.vectors_model:
             return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import os
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHi
 from gm.model_identity import model_of
 from gm.readiness import Readiness, confirm, current_write_health
 from gm.reembed import BATCH as REEMBED_BATCH
-from gm.reembed import ModelFollower, NextModel, ProgressSink, Reembed, ReembedReport
+from gm.reembed import ModelFollower, ProgressSink, Reembed, ReembedReport, say_if_waiting
 from gm.reembed import end as end_reembed
 from gm.search import Searcher, SearchRequest
 from gm.storage.base import (
@@ -35,6 +36,7 @@ from gm.storage.base import (
     PurgeExpired,
     RecordModel,
     UpdateMemory,
+    WriteOp,
     unknown_id,
 )
 from gm.upkeep import Upkeep
@@ -74,10 +76,10 @@ class Store:
         self.backend = backend
         self.settings = settings or StoreSettings.load()
         self.models = VectorModels(model, Embedder(model, threads=self.settings.embed_threads))
-        self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self._follow_soon)
-        self.searcher = Searcher(backend, self.models, self.indexer, self._follow)
-        self.upkeep = Upkeep(backend, self.settings.purge_seconds, self._follow if backend.shared else None)
-        self.following = ModelFollower(self)
+        self.following = ModelFollower(self)  # a switch another instance made (a shared database)
+        self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self.following.soon)
+        self.searcher = Searcher(backend, self.models, self.indexer, self.following.check)
+        self.upkeep = Upkeep(backend, self.settings.purge_seconds, self.following.check if backend.shared else None)
         self._opened = False
         self._closed = False
 
@@ -93,6 +95,7 @@ class Store:
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
         self.upkeep.start()
+        await say_if_waiting(self)
         return self
 
     async def close(self) -> None:
@@ -215,18 +218,24 @@ class Store:
     async def _add(
         self, items: builtins.list[NewMemory], now: int, unembedded: builtins.list[NewMemory]
     ) -> builtins.list[tuple[Memory, bool]]:
-        """Embed ``unembedded`` (with the next model too during a re-embed) and write all; a
-        write that a switch overtook is embedded again with the new model, once."""
-        for attempt in (1, 2):
+        """Embed ``unembedded`` (each item with the next model too during a re-embed) and write all."""
+
+        async def embedded() -> AddMemories:
             model, following = await self.models.embed_items(items, unembedded)
-            try:
-                return await self.backend.write(AddMemories(items, now, model, following))
-            except ModelSwitched:
-                if attempt == 2:
-                    raise
-                await self.following.wait()
-                unembedded = items
-        raise AssertionError("unreachable")
+            unembedded[:] = items  # (embedded again, should a switch overtake the write)
+            return AddMemories(items, now, model, following)
+
+        added: builtins.list[tuple[Memory, bool]] = await self._write_embedded(embedded)
+        return added
+
+    async def _write_embedded(self, embedded: Callable[[], Awaitable[WriteOp]]) -> Any:
+        """Write what ``embedded`` makes; one that a re-embed's switch overtook (its vectors are
+        the old model's) is made again with the new model, once."""
+        try:
+            return await self.backend.write(await embedded())
+        except ModelSwitched:
+            await self.following.wait()
+            return await self.backend.write(await embedded())
 
     async def add_prepared(self, items: builtins.list[NewMemory]) -> int:
         """Store memories validated by :func:`gm.validation.new_memory` all-or-nothing, as an
@@ -281,16 +290,14 @@ class Store:
         if op.text is not None:
             if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
                 raise unknown_id(id)
-        for attempt in (1, 2):
+
+        async def embedded() -> UpdateMemory:
             if op.text is not None:
                 op.vector, op.model, op.next_vector, op.next_model = await self.models.embed_text(op.text)
-            try:
-                return await self.backend.write(op)
-            except ModelSwitched:
-                if attempt == 2:
-                    raise
-                await self.following.wait()
-        raise AssertionError("unreachable")
+            return op
+
+        memory: Memory = await self._write_embedded(embedded)
+        return memory
 
     async def delete(self, id: str, *, namespace: str | None = None) -> None:
         """Delete one memory; raises :class:`gm.errors.NotFound` if there is none (with
@@ -461,22 +468,6 @@ class Store:
         re-embed); else cancel the re-embed under way. Whether there was anything to do."""
         self._check_open()
         return await end_reembed(self, drop_old=drop_old)
-
-    def writes_also_for(self, following: NextModel | None) -> None:
-        """During a re-embed, this store's writes are embedded with ``following`` too."""
-        self.models.next = following
-
-    async def switch_to(self, identity: str, spec: ModelSpec | None, embedder: Embedder | None) -> None:
-        """The switch committed (this store's re-embed): searches use the new model and index."""
-        if not self.backend.native_vectors:
-            await self.indexer.promote(identity)
-        self.models.switch(identity, spec, embedder)
-
-    def _follow_soon(self, identity: str) -> None:
-        self.following.soon(identity)
-
-    async def _follow(self) -> None:
-        await self.following.check()
 
     async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
         """How writes are going; see :func:`gm.readiness.current_write_health`."""

@@ -41,8 +41,8 @@ from gm.storage.reads import Reads
 
 __all__ = [  # the operations are the backends' vocabulary: importable from here, where they are used
     "UNSET", "AddMemories", "Backend", "BeginReembed", "BuildContext", "CheckWrites", "DeleteMemory", "DeleteWhere",
-    "EndReembed", "IndexChange", "PurgeExpired", "RecordModel", "StoreNextVectors", "SwitchVectors", "UpdateMemory",
-    "VectorRow", "WriteOp", "WriteResult", "unknown_id",
+    "EndReembed", "IndexChange", "PurgeExpired", "RecordModel", "ReembedInfo", "StoreNextVectors", "SwitchVectors",
+    "UpdateMemory", "VectorRow", "WriteOp", "WriteResult", "unknown_id",
 ]
 
 

@@ -125,7 +125,7 @@ class PgVectors:
         """The ``limit`` nearest by cosine distance among the rows ``where`` selects (its values
         in ``p``): HNSW with iterative scans, so a narrow scope or filter still fills the page."""
         dim = len(vector) // 4
-        if self.dimensions is None:  # another instance may have written the first vectors
+        if self.dimensions is None or dim != self.dimensions:  # another instance wrote the first ones, or switched
             rows = await self.pools.fetch("SELECT value FROM meta WHERE key = 'hnsw_dimensions'", [])
             self.dimensions = int(rows[0][0]) if rows else None
             if self.dimensions is None:
