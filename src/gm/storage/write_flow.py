@@ -34,6 +34,7 @@ from gm.storage.ops import (
     DeleteWhere,
     IndexChange,
     PurgeExpired,
+    RebuildStep,
     RecordModel,
     UpdateMemory,
     WriteOp,
@@ -154,6 +155,8 @@ class WriteFlow:
         if isinstance(op, CheckWrites):
             await self.set_meta("write_check", str(op.now))
             return WriteResult(None)
+        if isinstance(op, RebuildStep):
+            return WriteResult(await op.run(self.tx))
         raise TypeError(f"unknown write {op!r}")
 
     async def history(self, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
