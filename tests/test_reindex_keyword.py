@@ -19,7 +19,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from gm.errors import Conflict
+from gm.errors import Conflict, StorageUnavailable
 from gm.memory import NewMemory, Scope
 from gm.progress import Meter, Progress
 from gm.storage import sqlite_migrations, sqlite_rebuild
@@ -326,6 +326,19 @@ async def test_sqlite_a_second_rebuild_at_once_is_refused(sqlite_backend: SQLite
         sqlite_backend.rebuild_keyword(batch=20), sqlite_backend.rebuild_keyword(batch=20), return_exceptions=True
     )
     assert sorted(type(r).__name__ for r in results) == ["Conflict", "NoneType"], results
+    fts_matches_content(db_path)
+
+
+async def test_sqlite_rebuild_replaces_a_damaged_live_index(sqlite_backend: SQLiteBackend, db_path: Path) -> None:
+    workload = Workload(sqlite_backend)
+    await workload.populate(ROWS)
+    damage(db_path, ["UPDATE memories_search_data SET block = randomblob(40) WHERE id > 10"])
+    with pytest.raises(StorageUnavailable):
+        await workload.check_all()
+    await sqlite_backend.rebuild_keyword(batch=50)
+    await workload.check_all()
+    for _ in range(6):
+        await workload.step()
     fts_matches_content(db_path)
 
 

@@ -59,6 +59,7 @@ class SQLiteBackend(Backend):
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._lock = DatabaseLock(self.path)
+        self.rebuilding_keywords = False  # a keyword index rebuild is under way (gm.storage.sqlite_rebuild)
 
     async def _migrate(self, on_phase: Callable[[str], None]) -> int:
         return await asyncio.to_thread(

@@ -34,10 +34,10 @@ LIVE = "memories_search"
 NEXT = "memories_search_next"
 CURSOR = "keyword_rebuild_cursor"  # meta: the last rowid copied into NEXT
 PHASE = "keyword index"
-# Rows a step copies. 2,000 short memories take ~25 ms on the Writer here (see docs/reindex.md),
-# which is as long as a write queued behind a step waits.
-BATCH = 2000
-PREPARE_ATTEMPTS = 5  # a damaged half-built table fails every write's batch, ours too until it is first
+# Rows a step copies: a write queued behind a step waits for it. 1,000 memories of 10-40 words
+# take ~15 ms here (2,000: ~38 ms, for no faster a rebuild; bench/reindex_keyword.py).
+BATCH = 1000
+STEP_ATTEMPTS = 5  # a write into a damaged index fails its whole batch, a step beside it too
 # The latest definition of the keyword index: what a rebuild builds. (Schema v3 created it;
 # a release that changes it changes it here, and `gmem reindex` builds it online.)
 DEFINITION = (
@@ -77,44 +77,47 @@ class Resume:
 
 async def rebuild(backend: SQLiteBackend, progress: OnProgress | None = None, *, batch: int = BATCH) -> None:
     """Build the keyword index afresh beside the live one and switch to it; resumes a rebuild
-    that was interrupted. Every step is a write on the backend's Writer (gm.storage.ops.RebuildStep)."""
+    that was interrupted. Every step is a write on the backend's Writer (gm.storage.ops.RebuildStep).
+    One at a time: the file is this process's alone (gm.storage.sqlite_files.DatabaseLock), and
+    a second call while one runs gets Conflict."""
     if not backend.context:
         raise SchemaError(
             f"{backend.path} is at schema v{backend.schema_version}, before the keyword index over text and "
             "context; open it with this release (it migrates) and run the rebuild again"
         )
-    at = await _prepare_retrying(backend)
-    meter = Meter(PHASE, at.total, at.done)
-    if progress is not None:
-        progress(meter.at(at.done))
-    cursor, done = at.cursor, at.done
-    while True:
-        copied, cursor = await backend.write(RebuildStep(_step(copy, cursor, batch)))
-        done += copied
-        if copied < batch:
-            break
+    if backend.rebuilding_keywords:
+        raise Conflict(f"the keyword index of {backend.path} is being rebuilt already; let that rebuild finish")
+    backend.rebuilding_keywords = True
+    try:
+        at: Resume = await _write(backend, prepare)
+        meter = Meter(PHASE, at.total, at.done)
         if progress is not None:
-            progress(meter.at(done, max(meter.total, done)))
-    total = await backend.write(RebuildStep(_step(switch, cursor)))
+            progress(meter.at(at.done))
+        done = at.done
+        while True:
+            copied: int = await _write(backend, lambda tx: copy(tx, batch))
+            done += copied
+            if copied < batch:
+                break
+            if progress is not None:
+                progress(meter.at(done, max(meter.total, done)))
+        total: int = await _write(backend, switch)
+    finally:
+        backend.rebuilding_keywords = False
     log.info("keyword index rebuilt: %d memories", total)
     if progress is not None:
         progress(meter.at(total, total))
 
 
-def _step(run: Callable[..., Awaitable[Any]], *args: Any) -> Callable[[Transaction], Awaitable[Any]]:
-    async def step(tx: Transaction) -> Any:
-        return await run(tx, *args)
-
-    return step
-
-
-async def _prepare_retrying(backend: SQLiteBackend) -> Resume:
-    for attempt in range(1, PREPARE_ATTEMPTS + 1):
+async def _write(backend: SQLiteBackend, run: Callable[[Transaction], Awaitable[Any]]) -> Any:
+    """One step on the Writer, tried again if its batch failed as a whole: a write beside it may
+    have failed the batch (one into a damaged index, which a step is about to replace). Each
+    step reads the cursor it starts from, so one that did commit is not done twice."""
+    for attempt in range(1, STEP_ATTEMPTS + 1):
         try:
-            result: Resume = await backend.write(RebuildStep(prepare))
-            return result
-        except StorageUnavailable:
-            if attempt == PREPARE_ATTEMPTS:
+            return await backend.write(RebuildStep(run))
+        except StorageUnavailable as exc:
+            if attempt == STEP_ATTEMPTS or not exc.transient:
                 raise
             await asyncio.sleep(0.05 * attempt)
     raise AssertionError("unreachable")
@@ -138,31 +141,31 @@ async def prepare(tx: Transaction) -> Resume:
     return Resume(cursor, rows[0][1], rows[0][0])
 
 
-async def copy(tx: Transaction, after: int, size: int) -> tuple[int, int]:
-    """Copy the next ``size`` memories after rowid ``after`` into NEXT and move the cursor
-    there, in one transaction; (rows copied, the new cursor)."""
-    await _still_at(tx, after)
+async def copy(tx: Transaction, size: int) -> int:
+    """Copy the next ``size`` memories after the cursor into NEXT and move the cursor past
+    them, in one transaction; how many it copied."""
+    after = await _current(tx)
     rows = await tx.fetch(
         "SELECT count(*), max(rowid) FROM (SELECT rowid FROM memories WHERE rowid > ? ORDER BY rowid LIMIT ?)",
         [after, size],
     )
     count, last = rows[0][0], rows[0][1]
     if not count:
-        return 0, after
+        return 0
     await tx.execute(
         f"INSERT INTO {NEXT} (rowid, text, context) SELECT rowid, text, context FROM memories "
         "WHERE rowid > ? AND rowid <= ?", [after, last],
     )
     await tx.execute("UPDATE meta SET value = ? WHERE key = ?", [str(last), CURSOR])
-    return count, last
+    return int(count)
 
 
-async def switch(tx: Transaction, after: int) -> int:
+async def switch(tx: Transaction) -> int:
     """Copy what was added since the last step, then put NEXT in the live index's place: the
     old table and its triggers go, NEXT is renamed and the live triggers made for it. One
     transaction, so searches see the old index or the new one, never neither. Returns how many
     memories the index holds."""
-    await _still_at(tx, after)
+    after = await _current(tx)
     await tx.execute(
         f"INSERT INTO {NEXT} (rowid, text, context) SELECT rowid, text, context FROM memories WHERE rowid > ?",
         [after],
@@ -170,7 +173,7 @@ async def switch(tx: Transaction, after: int) -> int:
     for kind in TRIGGER_KINDS:
         await tx.execute(f"DROP TRIGGER IF EXISTS {LIVE}_{kind}", [])
         await tx.execute(f"DROP TRIGGER IF EXISTS {NEXT}_{kind}", [])
-    await tx.execute(f"DROP TABLE IF EXISTS {LIVE}", [])
+    await _drop(tx, LIVE)  # (the rebuild also replaces a damaged live index)
     await tx.execute(f"ALTER TABLE {NEXT} RENAME TO {LIVE}", [])
     for sql in _triggers_sql(LIVE):
         await tx.execute(sql, [])
@@ -179,10 +182,13 @@ async def switch(tx: Transaction, after: int) -> int:
     return int(rows[0][0])
 
 
-async def _still_at(tx: Transaction, after: int) -> None:
-    """Refuse a step whose cursor another rebuild has moved (two at once would index rows twice)."""
-    if await _cursor(tx) != after:
-        raise Conflict("another rebuild of the keyword index is under way on this database; let it finish")
+async def _current(tx: Transaction) -> int:
+    cursor = await _cursor(tx)
+    if cursor is None:
+        raise StorageUnavailable(
+            f"the half-built keyword index {NEXT} lost its cursor while it was built; run the rebuild again"
+        )
+    return cursor
 
 
 async def _cursor(tx: Transaction) -> int | None:
@@ -209,38 +215,39 @@ async def discard_if_unsound(tx: Transaction) -> bool:
         return False
     for trigger in triggers:
         await tx.execute(f"DROP TRIGGER IF EXISTS {trigger}", [])
-    if table is not None:
-        await _drop_next(tx)
-    for name, (kind, _) in objects.items():  # shadow tables a damaged FTS5 table did not take with it
-        if kind == "table" and name != NEXT and name.startswith(NEXT + "_"):
-            await tx.execute(f"DROP TABLE IF EXISTS {name}", [])
+    await _drop(tx, NEXT)
     await tx.execute("DELETE FROM meta WHERE key = ?", [CURSOR])
     return True
 
 
-async def _drop_next(tx: Transaction) -> None:
-    """DROP TABLE NEXT; if FTS5 cannot even open it (a shadow table gone), its schema row is
-    removed instead (SQLite's documented last resort, ``writable_schema``, the schema cookie
-    bumped so every connection reloads it) and the caller drops the shadow tables left."""
+SHADOWS = ("data", "idx", "content", "docsize", "config")  # the tables an FTS5 table keeps itself in
+
+
+async def _drop(tx: Transaction, table: str) -> None:
+    """Drop the FTS5 ``table`` and its shadow tables, even damaged: if FTS5 cannot open it (a
+    shadow table gone), its schema row is removed instead (SQLite's last resort,
+    ``writable_schema``, with the schema cookie bumped so every connection reloads the schema)."""
     await tx.execute("SAVEPOINT keyword_drop", [])
     try:
-        await tx.execute(f"DROP TABLE {NEXT}", [])
+        await tx.execute(f"DROP TABLE IF EXISTS {table}", [])
     except sqlite3.DatabaseError as exc:
         await tx.execute("ROLLBACK TO keyword_drop", [])
-        log.warning("FTS5 cannot drop the damaged %s (%s): removing its schema entry", NEXT, exc)
+        log.warning("FTS5 cannot drop the damaged %s (%s): removing its schema entry", table, exc)
         try:
             version = (await tx.fetch("PRAGMA schema_version", []))[0][0]
             await tx.execute("PRAGMA writable_schema = ON", [])
-            await tx.execute("DELETE FROM sqlite_master WHERE type = 'table' AND name = ?", [NEXT])
+            await tx.execute("DELETE FROM sqlite_master WHERE type = 'table' AND name = ?", [table])
             await tx.execute(f"PRAGMA schema_version = {int(version) + 1}", [])
         except sqlite3.DatabaseError as again:
             raise DatabaseUnusable(
-                f"the half-built keyword index {NEXT} is damaged and cannot be dropped ({again}); restore a backup"
+                f"the keyword index table {table} is damaged and cannot be dropped ({again}); restore a backup"
             ) from None
         finally:
             await tx.execute("PRAGMA writable_schema = OFF", [])
     finally:
         await tx.execute("RELEASE keyword_drop", [])
+    for shadow in SHADOWS:  # (what a damaged table did not take with it)
+        await tx.execute(f"DROP TABLE IF EXISTS {table}_{shadow}", [])
 
 
 async def _intact(tx: Transaction) -> bool:
