@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from gm.errors import Conflict
+from gm.errors import Conflict, StorageUnavailable
 from gm.progress import Meter, OnProgress
 from gm.storage.postgres_feed import FEED_LOCK
 from gm.storage.postgres_pool import DB_ERRORS, unavailable
@@ -69,6 +69,7 @@ async def _exclusive(backend: PostgresBackend, doing: str) -> AsyncIterator[asyn
                 f"another instance is rebuilding indexes of {backend.where} (gmem reindex); "
                 "wait for it to finish, then run this again if you still need to"
             )
+        await conn.execute("SET statement_timeout = 0")  # (a build takes as long as it takes)
         with contextlib.suppress(asyncpg.PostgresError):  # (Postgres 14 on) a build stops soon after we die
             await conn.execute("SET client_connection_check_interval = '1s'")
         yield conn
@@ -92,11 +93,11 @@ async def _refresh_search_tsv(conn: asyncpg.Connection, progress: OnProgress | N
     meter = Meter("keyword columns", total, done)
     rewritten = 0
     while True:
-        last = await conn.fetchval(
-            "SELECT max(rowid) FROM (SELECT rowid FROM memories WHERE rowid > $1 ORDER BY rowid LIMIT $2) b",
+        count, last = await conn.fetchrow(
+            "SELECT count(*), max(rowid) FROM (SELECT rowid FROM memories WHERE rowid > $1 ORDER BY rowid LIMIT $2) b",
             after, batch,
         )
-        if last is None:
+        if not count:
             break
         stale = [r[0] for r in await conn.fetch(
             "SELECT rowid FROM memories WHERE rowid > $1 AND rowid <= $2 "
@@ -116,9 +117,8 @@ async def _refresh_search_tsv(conn: asyncpg.Connection, progress: OnProgress | N
                 "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 CURSOR, str(last),
             )
-        done += int(await conn.fetchval("SELECT count(*) FROM memories WHERE rowid > $1 AND rowid <= $2", after, last))
-        after = last
-        if progress is not None:
+        done, after = done + count, last
+        if progress is not None and count == batch:  # (the last step's report is the final one below)
             progress(meter.at(done, max(meter.total, done)))
     await conn.execute("DELETE FROM meta WHERE key = $1", CURSOR)
     if rewritten:
@@ -170,7 +170,10 @@ async def _watch(backend: PostgresBackend, pid: int, phase: str, progress: OnPro
     meters: dict[str, Meter] = {}
     while True:
         await asyncio.sleep(POLL_SECONDS)
-        rows = await backend.pools.fetch(PROGRESS, [pid], own=True, doing="reading an index build's progress")
+        try:
+            rows = await backend.pools.fetch(PROGRESS, [pid], own=True, doing="reading an index build's progress")
+        except StorageUnavailable:
+            continue  # (the build goes on; its progress is looked at again next time)
         if not rows:
             continue
         stage, blocks_done, blocks_total, tuples_done, tuples_total = rows[0]

@@ -66,6 +66,8 @@ def _triggers_sql(table: str, when: str = "") -> list[str]:
 # Only rows at or before the cursor: a row past it is not in NEXT yet (its copy will index it).
 COPIED = f"WHEN {{row}}.rowid <= (SELECT CAST(value AS INTEGER) FROM meta WHERE key = '{CURSOR}')"
 TRIGGER_KINDS = ("insert", "delete", "update")
+OURS = f"name LIKE '{NEXT.replace('_', '!_')}%' ESCAPE '!'"  # NEXT, its shadow tables and its triggers
+UNDER_WAY = f"SELECT 1 FROM sqlite_master WHERE {OURS} UNION ALL SELECT 1 FROM meta WHERE key = ?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +202,7 @@ async def discard_if_unsound(tx: Transaction) -> bool:
     """Drop what an interrupted rebuild left if it cannot be resumed: a half-built table that
     is missing, damaged, of another definition (an older release's) or without its cursor, or
     triggers whose table is gone (they would fail every write). True if something was dropped."""
-    rows = await tx.fetch("SELECT type, name, sql FROM sqlite_master WHERE name LIKE ? ESCAPE '\\'",
-                          [NEXT.replace("_", "\\_") + "%"])
+    rows = await tx.fetch(f"SELECT type, name, sql FROM sqlite_master WHERE {OURS}", [])
     objects = {name: (kind, sql) for kind, name, sql in rows}
     if not objects and await _cursor(tx) is None:
         return False  # nothing under way: the common case, one look at the schema
@@ -267,7 +268,10 @@ async def _intact(tx: Transaction) -> bool:
 
 async def settle_at_open(conn: aiosqlite.Connection, version: int) -> None:
     """At open, before any write: drop what an interrupted rebuild left that would fail writes
-    (triggers into a missing or damaged table); a sound half-built table stays to be resumed."""
+    (triggers into a missing or damaged table); a sound half-built table stays to be resumed.
+    Nothing is written, nor the write lock taken, unless a rebuild was under way."""
+    if not await conn.execute_fetchall(UNDER_WAY, [CURSOR]):
+        return
     await conn.execute("BEGIN IMMEDIATE")
     try:
         if await discard_if_unsound(SQLiteTransaction(conn, version)):
