@@ -35,7 +35,7 @@ NEXT = "memories_search_next"
 CURSOR = "keyword_rebuild_cursor"  # meta: the last rowid copied into NEXT
 PHASE = "keyword index"
 # Rows a step copies: a write queued behind a step waits for it. 1,000 memories of 10-40 words
-# take ~15 ms here (2,000: ~38 ms, for no faster a rebuild; bench/reindex_keyword.py).
+# take 10-12 ms p50 here (2,000: 38 ms, for no faster a rebuild; bench/reindex_keyword.py).
 BATCH = 1000
 STEP_ATTEMPTS = 5  # a write into a damaged index fails its whole batch, a step beside it too
 # The latest definition of the keyword index: what a rebuild builds. (Schema v3 created it;
