@@ -13,7 +13,8 @@ or blocking, ``with gm.connect_sync(url) as mem:``.
 from gm import errors
 from gm.memory import HistoryEntry, Memory, Page, SearchHit, Stats
 from gm.opening import open
-from gm.reembed import Progress, ReembedReport
+from gm.progress import Progress
+from gm.reembed import ReembedReport
 from gm.remote import RemoteStore, connect
 from gm.store import Store
 from gm.sync import SyncRemoteStore, connect_sync

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StoreClosed
 from gm.model_identity import IDENTITY, model_of, vectors_identity
+from gm.progress import Meter, OnProgress, Progress
 from gm.storage.base import BeginReembed, EndReembed, StoreNextVectors, SwitchVectors
 from gm.storage.ops import ReembedInfo
 
@@ -34,23 +34,7 @@ BATCH = 64  # memories a sweep write holds: one embedding call, and a commit sho
 MAX_PASSES = 20  # sweeps from the start that find memories written meanwhile without the next vector
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """How far a long job is: ``done`` of ``total`` in ``phase``, at ``rate`` per second."""
-
-    phase: str
-    done: int
-    total: int
-    rate: float
-    eta_seconds: float | None
-
-    def line(self) -> str:
-        eta = f", about {self.eta_seconds:.0f}s left" if self.eta_seconds is not None else ""
-        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return f"{self.phase}: {self.done:,} of {self.total:,} memories{share}, {self.rate:,.0f}/s{eta}"
-
-
-ProgressSink = Callable[[Progress], None]
+ProgressSink = OnProgress
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,8 +133,9 @@ class Reembed:
         embed with both models, needs its next vector too."""
         backend = self.store.backend
         done, total = await backend.count_missing_next()
-        started, embedded = time.perf_counter(), 0
-        self._report("embedding", done, total, started, 0)
+        meter = Meter("embedding", total, done)
+        embedded = 0
+        self._report(meter.at(done))
         for _ in range(MAX_PASSES):
             cursor, found = 0, False
             pending: asyncio.Task[int] | None = None  # the last batch's write, while the next one embeds
@@ -160,7 +145,7 @@ class Reembed:
                 if pending is not None:
                     stored = await pending
                     embedded, done = embedded + stored, done + stored
-                    self._report("embedding", done, total, started, embedded)
+                    self._report(meter.at(done))
                 write = StoreNextVectors([(r[0], r[1], v) for r, v in zip(rows, vectors, strict=True)],
                                          next_model.info.identity)
                 pending = asyncio.ensure_future(backend.write(write))
@@ -169,20 +154,18 @@ class Reembed:
                 stored = await pending
                 embedded, done = embedded + stored, done + stored
             if not found and await backend.write(SwitchVectors(next_model.info.identity)) is not None:
-                self._report("switched", total, total, started, embedded)
+                finished = meter.at(total, total)
+                self._report(Progress("switched", total, total, finished.rate, 0.0))
                 return embedded, total
             done, total = await backend.count_missing_next()
+            self._report(meter.at(done, total))
         raise ReembedInProgress(
             f"memories kept arriving without the next model's vector after {MAX_PASSES} passes; run it again"
         )
 
-    def _report(self, phase: str, done: int, total: int, started: float, embedded: int) -> None:
-        if self.progress is None:
-            return
-        elapsed = time.perf_counter() - started
-        rate = embedded / elapsed if elapsed > 0 and embedded else 0.0
-        eta = (total - done) / rate if rate > 0 else None
-        self.progress(Progress(phase, done, total, rate, eta))
+    def _report(self, progress: Progress) -> None:
+        if self.progress is not None:
+            self.progress(progress)
 
 
 async def say_if_waiting(store: Store) -> None:

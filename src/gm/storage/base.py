@@ -15,6 +15,7 @@ from gm.errors import ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Memory, Scope, TimeRange, format_time
 from gm.migrator import Migrator
+from gm.progress import OnProgress
 from gm.storage.batch_writer import BatchWriter, WriteHealth
 from gm.storage.ops import (
     UNSET,
@@ -27,6 +28,7 @@ from gm.storage.ops import (
     EndReembed,
     IndexChange,
     PurgeExpired,
+    RebuildStep,
     RecordModel,
     ReembedInfo,
     StoreNextVectors,
@@ -41,8 +43,8 @@ from gm.storage.reads import Reads
 
 __all__ = [  # the operations are the backends' vocabulary: importable from here, where they are used
     "UNSET", "AddMemories", "Backend", "BeginReembed", "BuildContext", "CheckWrites", "DeleteMemory", "DeleteWhere",
-    "EndReembed", "IndexChange", "PurgeExpired", "RecordModel", "ReembedInfo", "StoreNextVectors", "SwitchVectors",
-    "UpdateMemory", "VectorRow", "WriteOp", "WriteResult", "unknown_id",
+    "EndReembed", "IndexChange", "PurgeExpired", "RebuildStep", "RecordModel", "ReembedInfo", "StoreNextVectors",
+    "SwitchVectors", "UpdateMemory", "VectorRow", "WriteOp", "WriteResult", "unknown_id",
 ]
 
 
@@ -115,6 +117,8 @@ class Backend(Reads):
     async def write(self, op: StoreNextVectors) -> int: ...
     @overload
     async def write(self, op: EndReembed) -> bool: ...
+    @overload
+    async def write(self, op: RebuildStep) -> Any: ...
 
     async def write(self, op: WriteOp) -> Any:
         """Hand ``op`` to the Writer; its reply once committed. A write not answered within
@@ -157,6 +161,22 @@ class Backend(Reads):
         self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
         *, time_range: TimeRange | None = None,
     ) -> builtins.list[tuple[int, float]]: ...
+
+    @abc.abstractmethod
+    async def rebuild_keyword(self, progress: OnProgress | None = None) -> None:
+        """Rebuild the keyword index online, as this release defines it: searches keep using the
+        old index and writes keep being accepted until one transaction switches to the new one.
+        Resumable: a run killed part-way continues where it stopped when run again. ``progress``
+        hears each step (phase, done, total, rate, ETA). SQLite builds a new FTS5 table beside
+        the live one in short steps on the Writer; Postgres recomputes stale ``search_tsv``
+        values in batches and reindexes the GIN indexes concurrently, one instance at a time
+        (another caller meanwhile gets Conflict)."""
+
+    async def rebuild_vector_index(self, progress: OnProgress | None = None) -> None:
+        """Rebuild the database's approximate vector index (pgvector's HNSW) online, if it has
+        one; a backend whose vectors are searched by the in-process index has nothing to rebuild
+        (that index is built afresh from the database at every open)."""
+        return None
 
     async def vector_search(
         self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,

@@ -4,8 +4,9 @@ replies and the index changes it produces, and the errors every backend answers 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -13,6 +14,9 @@ from gm.errors import Conflict, ModelMismatch, NotFound
 from gm.filters import Filter
 from gm.memory import Memory, NewMemory, Scope
 from gm.model_identity import ModelRecord
+
+if TYPE_CHECKING:
+    from gm.storage.write_flow import Transaction
 
 UNSET: Any = object()
 
@@ -153,9 +157,19 @@ class EndReembed:
     drop_old: bool
 
 
+@dataclass(slots=True)
+class RebuildStep:
+    """One bounded piece of an online rebuild of derived state (gm.storage.keyword_rebuild):
+    ``run`` works on the Writer's transaction, in its own savepoint like any write, and what
+    it returns is the reply. A rebuild made of such steps keeps the one-writer rule, and other
+    writes take their turns between its steps."""
+
+    run: Callable[[Transaction], Awaitable[Any]]
+
+
 WriteOp = (
     AddMemories | UpdateMemory | DeleteMemory | DeleteWhere | PurgeExpired | RecordModel | CheckWrites | BuildContext
-    | BeginReembed | StoreNextVectors | SwitchVectors | EndReembed
+    | BeginReembed | StoreNextVectors | SwitchVectors | EndReembed | RebuildStep
 )
 
 

@@ -20,8 +20,9 @@ from gm.errors import ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
+from gm.progress import OnProgress
 from gm.search import STOPWORDS
-from gm.storage import postgres_migrations
+from gm.storage import postgres_migrations, postgres_reindex
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.postgres_feed import FEED_LOCK, LAST_SEQ, ChangeFeed
@@ -195,6 +196,15 @@ class PostgresBackend(Backend):
             params.values,
         )
         return [(r[0], float(r[1])) for r in rows]
+
+    async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = postgres_reindex.BATCH) -> None:
+        """Stale ``search_tsv`` values recomputed ``batch`` rows a step, then the GIN indexes
+        reindexed concurrently (gm.storage.postgres_reindex)."""
+        await postgres_reindex.rebuild_keyword(self, progress, batch)
+
+    async def rebuild_vector_index(self, progress: OnProgress | None = None) -> None:
+        """pgvector's HNSW index reindexed concurrently, if the database has one."""
+        await postgres_reindex.rebuild_vector_index(self, progress)
 
     async def vector_search(
         self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,

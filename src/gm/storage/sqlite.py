@@ -21,7 +21,8 @@ from gm.errors import InvalidInput, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
-from gm.storage import sqlite_migrations
+from gm.progress import OnProgress
+from gm.storage import sqlite_migrations, sqlite_rebuild
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.sql import Params, QMarks, scope_sql
@@ -58,6 +59,7 @@ class SQLiteBackend(Backend):
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers: list[aiosqlite.Connection] = []
         self._lock = DatabaseLock(self.path)
+        self.rebuilding_keywords = False  # a keyword index rebuild is under way (gm.storage.sqlite_rebuild)
 
     async def _migrate(self, on_phase: Callable[[str], None]) -> int:
         return await asyncio.to_thread(
@@ -78,6 +80,8 @@ class SQLiteBackend(Backend):
             pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000", f"mmap_size = {MMAP_BYTES}")
             for pragma in pragmas:
                 await conn.execute(f"PRAGMA {pragma}")
+            if self.context:
+                await sqlite_rebuild.settle_at_open(conn, self.schema_version)
             uri = f"file:{self.path.resolve()}?mode=ro"
             for _ in range(READERS):
                 reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
@@ -140,6 +144,10 @@ class SQLiteBackend(Backend):
             p.values,
         )
         return [(r[0], -float(r[1])) for r in rows]
+
+    async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = sqlite_rebuild.BATCH) -> None:
+        """A new FTS5 table built beside the live one, ``batch`` rows a step (gm.storage.sqlite_rebuild)."""
+        await sqlite_rebuild.rebuild(self, progress, batch=batch)
 
     def size_bytes(self) -> int | None:
         total = 0

@@ -267,13 +267,18 @@ def expected_schema(steps: tuple[Step, ...], version: int) -> dict[tuple[str, st
         conn.close()
 
 
-def _schema_of(conn: sqlite3.Connection) -> dict[tuple[str, str], frozenset[str]]:
+def _schema_of(
+    conn: sqlite3.Connection, known: dict[tuple[str, str], frozenset[str]] | None = None
+) -> dict[tuple[str, str], frozenset[str]]:
+    """Every table, index and trigger, with the columns of each table (of each ``known`` one:
+    a table of no step, e.g. a half-built keyword index, is not opened, so its damage is not the
+    database's, gm.storage.sqlite_rebuild)."""
     objects = conn.execute(
         "SELECT type, name FROM sqlite_master WHERE type IN ('table', 'index', 'trigger') AND name NOT LIKE 'sqlite_%'"
     ).fetchall()
     return {
-        (kind, name): frozenset(r[1] for r in conn.execute(f'PRAGMA table_info("{name}")')) if kind == "table"
-        else frozenset()
+        (kind, name): frozenset(r[1] for r in conn.execute(f'PRAGMA table_info("{name}")'))
+        if kind == "table" and (known is None or (kind, name) in known) else frozenset()
         for kind, name in objects
     }
 
@@ -282,8 +287,8 @@ def check_schema(conn: sqlite3.Connection, db: str | os.PathLike[str], version: 
                  steps: tuple[Step, ...] = STEPS) -> None:
     """Refuse (:class:`DatabaseUnusable`) a database whose tables, columns, indexes or
     triggers are not the ones its schema version stands for."""
-    present = _schema_of(conn)
     expected = expected_schema(steps, version)
+    present = _schema_of(conn, expected)
     for kind, name in sorted(expected, key=lambda key: key[0] != "table"):  # tables first, in creation order
         columns = expected[kind, name]
         if (kind, name) not in present:

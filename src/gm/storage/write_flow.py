@@ -37,6 +37,7 @@ from gm.storage.ops import (
     EndReembed,
     IndexChange,
     PurgeExpired,
+    RebuildStep,
     RecordModel,
     ReembedInfo,
     StoreNextVectors,
@@ -205,6 +206,8 @@ class WriteFlow:
             return await ReembedFlow(self).switch(op)
         if isinstance(op, EndReembed):
             return await ReembedFlow(self).end(op)
+        if isinstance(op, RebuildStep):
+            return WriteResult(await op.run(self.tx))
         raise TypeError(f"unknown write {op!r}")
 
     async def history(self, op: str, rows: list[tuple[str, str, int, str, str]]) -> None:
