@@ -220,9 +220,11 @@ class Store:
     ) -> builtins.list[tuple[Memory, bool]]:
         """Embed ``unembedded`` (each item with the next model too during a re-embed) and write all."""
 
+        todo = [unembedded]
+
         async def embedded() -> AddMemories:
-            model, following = await self.models.embed_items(items, unembedded)
-            unembedded[:] = items  # (embedded again, should a switch overtake the write)
+            model, following = await self.models.embed_items(items, todo[0])
+            todo[0] = items  # (all embedded again, should a switch overtake the write)
             return AddMemories(items, now, model, following)
 
         added: builtins.list[tuple[Memory, bool]] = await self._write_embedded(embedded)
