@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 from gm import filters
 from gm.config import StoreSettings
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import InvalidInput, ModelSwitched, NotReady, StoreClosed
+from gm.errors import InvalidInput, NotReady, StoreClosed
 from gm.index import limit_blas_threads
 from gm.indexer import Indexer
-from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms, parse_time
+from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms
 from gm.model_identity import model_of
 from gm.readiness import Readiness, confirm, current_write_health
 from gm.reembed import BATCH as REEMBED_BATCH
@@ -36,15 +35,12 @@ from gm.storage.base import (
     PurgeExpired,
     RecordModel,
     UpdateMemory,
-    WriteOp,
     unknown_id,
 )
 from gm.upkeep import Upkeep
 from gm.validation import (
-    check_expiry,
     check_id,
     check_limit,
-    check_metadata,
     check_min_score,
     check_mode,
     check_order,
@@ -54,6 +50,7 @@ from gm.validation import (
     check_text,
     check_time_range,
     new_memory,
+    update_op,
 )
 from gm.vector_models import VectorModels
 
@@ -227,17 +224,8 @@ class Store:
             todo[0] = items  # (all embedded again, should a switch overtake the write)
             return AddMemories(items, now, model, following)
 
-        added: builtins.list[tuple[Memory, bool]] = await self._write_embedded(embedded)
+        added: builtins.list[tuple[Memory, bool]] = await self.models.write(self.backend, embedded, self.following.wait)
         return added
-
-    async def _write_embedded(self, embedded: Callable[[], Awaitable[WriteOp]]) -> Any:
-        """Write what ``embedded`` makes; one that a re-embed's switch overtook (its vectors are
-        the old model's) is made again with the new model, once."""
-        try:
-            return await self.backend.write(await embedded())
-        except ModelSwitched:
-            await self.following.wait()
-            return await self.backend.write(await embedded())
 
     async def add_prepared(self, items: builtins.list[NewMemory]) -> int:
         """Store memories validated by :func:`gm.validation.new_memory` all-or-nothing, as an
@@ -275,30 +263,16 @@ class Store:
         >>> await mem.update(memory.id, metadata={"topic": "travel", "confirmed": True})
         """
         self._check_open()
-        check_id(id)
-        ns = _check_namespace(namespace)
-        if text is None and metadata is None and expires_at is UNSET and occurred_at is None:
-            raise InvalidInput("give at least one of text, metadata, expires_at, occurred_at")
-        now = now_ms()
-        op = UpdateMemory(id, now, namespace=ns)
-        if text is not None:
-            op.text = check_text(text)
-        if metadata is not None:
-            op.metadata = check_metadata(metadata)
-        if expires_at is not UNSET:
-            op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
-        if occurred_at is not None:
-            op.occurred_at = parse_time(occurred_at, "occurred_at")
-        if op.text is not None:
-            if await self.backend.get(id, now, ns) is None:  # spare the embedding; the Writer decides
-                raise unknown_id(id)
+        op = update_op(id, _check_namespace(namespace), now_ms(), text, metadata, expires_at, occurred_at)
+        if op.text is not None and await self.backend.get(id, op.now, op.namespace) is None:
+            raise unknown_id(id)  # (spares the embedding; the Writer decides)
 
         async def embedded() -> UpdateMemory:
             if op.text is not None:
                 op.vector, op.model, op.next_vector, op.next_model = await self.models.embed_text(op.text)
             return op
 
-        memory: Memory = await self._write_embedded(embedded)
+        memory: Memory = await self.models.write(self.backend, embedded, self.following.wait)
         return memory
 
     async def delete(self, id: str, *, namespace: str | None = None) -> None:

@@ -31,6 +31,7 @@ from gm.memory import (
     new_id,
     parse_time,
 )
+from gm.storage.ops import UNSET, UpdateMemory
 
 _ID_RE = re.compile(ID_PATTERN)
 
@@ -288,3 +289,22 @@ def update_changes(body: dict[str, Any]) -> dict[str, Any]:
     if "expires_at" in body:
         changes["expires_at"] = body["expires_at"]
     return changes
+
+
+def update_op(
+    id: Any, namespace: str | None, now: int, text: Any, metadata: Any, expires_at: Any, occurred_at: Any
+) -> UpdateMemory:
+    """The checked update of :meth:`gm.Store.update` (``expires_at`` UNSET: keep it)."""
+    check_id(id)
+    if text is None and metadata is None and expires_at is UNSET and occurred_at is None:
+        raise InvalidInput("give at least one of text, metadata, expires_at, occurred_at")
+    op = UpdateMemory(id, now, namespace=namespace)
+    if text is not None:
+        op.text = check_text(text)
+    if metadata is not None:
+        op.metadata = check_metadata(metadata)
+    if expires_at is not UNSET:
+        op.expires_at = None if expires_at is None else check_expiry(expires_at, None, now)
+    if occurred_at is not None:
+        op.occurred_at = parse_time(occurred_at, "occurred_at")
+    return op

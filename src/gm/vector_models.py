@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gm.embedding import Embedder, ModelSpec, Vector
+from gm.errors import ModelSwitched
 
 if TYPE_CHECKING:
     from gm.memory import NewMemory
     from gm.reembed import NextModel
+    from gm.storage.base import Backend, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,18 @@ class VectorModels:
             return vector.tobytes(), identity, None, ""
         [next_vector] = await following.vectors([text], [vector.tobytes()])
         return vector.tobytes(), identity, next_vector, following.info.identity
+
+    async def write(
+        self, backend: Backend, embedded: Callable[[], Awaitable[WriteOp]], follow: Callable[[], Awaitable[None]]
+    ) -> Any:
+        """Write what ``embedded`` makes (embedding its texts here); one that a re-embed's
+        switch overtook (its vectors are the old model's) is made again once ``follow`` has
+        caught up with the switch."""
+        try:
+            return await backend.write(await embedded())
+        except ModelSwitched:
+            await follow()
+            return await backend.write(await embedded())
 
     def switch(self, identity: str, spec: ModelSpec | None, embedder: Embedder | None) -> None:
         """The vectors are ``identity``'s now (made by ``spec``'s ``embedder``; None: the same

@@ -16,7 +16,7 @@ from gm.memory import Memory, NewMemory, Scope
 from gm.model_identity import ModelRecord
 
 if TYPE_CHECKING:
-    from gm.storage.write_flow import Transaction
+    from gm.storage.transaction import Transaction
 
 UNSET: Any = object()
 

@@ -20,7 +20,8 @@ from gm.storage.postgres_feed import CHANNEL, FEED_LOCK, number_changes, prune_c
 from gm.storage.postgres_pool import DB_ERRORS, Pools, once_more, statement_error, unavailable
 from gm.storage.postgres_vectors import PgVectors
 from gm.storage.sql import Numbered, Params
-from gm.storage.write_flow import Transaction, apply_batch
+from gm.storage.transaction import Transaction
+from gm.storage.write_flow import apply_batch
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from gm.errors import Conflict, DatabaseUnusable, SchemaError, StorageUnavailabl
 from gm.progress import Meter, OnProgress
 from gm.storage.ops import RebuildStep
 from gm.storage.sqlite_writer import SQLiteTransaction
-from gm.storage.write_flow import Transaction
+from gm.storage.transaction import Transaction
 
 if TYPE_CHECKING:
     from gm.storage.sqlite import SQLiteBackend

@@ -17,7 +17,8 @@ from gm.errors import GMError, InvalidInput, StorageUnavailable
 from gm.storage.batch_writer import BatchWriter
 from gm.storage.ops import IndexChange, WriteOp, WriteResult, final_changes
 from gm.storage.sql import Params, QMarks
-from gm.storage.write_flow import Transaction, apply_batch
+from gm.storage.transaction import Transaction
+from gm.storage.write_flow import apply_batch
 
 # SQLITE_ERROR, TOOBIG, CONSTRAINT, MISMATCH, RANGE: the statement was wrong, not the database.
 _STATEMENT_ERRORS = frozenset({1, 18, 19, 20, 25})
