@@ -102,6 +102,8 @@ class ReembedFlow:
                                        expires_at=expires, next=True))
             if session is not None:
                 moved.append(Position(ns, session, at, rowid))
+        if info.copy and moved:  # a reindex: the keyword context follows this release's windows too, row by row
+            return WriteResult(len(changes), changes + await self.flow.refresh(moved))
         return WriteResult(len(changes), changes + await self.flow.refresh_next(moved))
 
     async def switch(self, op: SwitchVectors) -> WriteResult:
