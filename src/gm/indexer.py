@@ -112,16 +112,21 @@ class StopLoading:
 IndexMsg = Open | Apply | Reload | Loaded | LoadFailed | StopLoading | Prepare | NextLoaded | Promote | Discard
 
 
+async def _nothing() -> AsyncIterator[list[VectorRow]]:
+    return
+    yield  # (an async generator of no pages)
+
+
 class Indexer(Actor[IndexMsg, None]):
     """Owns ``index``, the one searches read; see the module's docstring."""
 
     name = "indexer"
 
-    def __init__(self, vectors: VectorSource, next_vectors: VectorSource, model: str,
+    def __init__(self, vectors: VectorSource, next_vectors: VectorSource | None = None, model: str = "",
                  on_unknown_model: Callable[[str], None] = lambda model: None) -> None:
         super().__init__(max_batch=64)
         self.vectors = vectors
-        self.next_vectors = next_vectors  # a re-embed's next vectors (gm.reembed)
+        self.next_vectors = next_vectors or _nothing  # a re-embed's next vectors (gm.reembed)
         self.index = VectorIndex()  # published: searches read it; only this actor writes or replaces it
         self.model = model  # the identity of the model whose vectors ``index`` holds
         self.retired: tuple[str, VectorIndex] | None = None  # the index before the last switch
