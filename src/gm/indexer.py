@@ -31,6 +31,7 @@ from gm.storage.base import IndexChange, VectorRow
 
 log = logging.getLogger(__name__)
 
+RETIRED_SECONDS = 10.0  # the old model's index answers the searches it embedded for this long after a switch
 FIRST_RETRY_SECONDS = 1.0  # after a failed load; doubled after each failure, up to MAX_RETRY_SECONDS
 MAX_RETRY_SECONDS = 30.0
 
@@ -99,6 +100,13 @@ class Promote:
 
 
 @dataclass(slots=True)
+class DropRetired:
+    """The searches embedded with the model before ``model``'s switch are done: its index goes."""
+
+    model: str
+
+
+@dataclass(slots=True)
 class Discard:
     """The re-embed was cancelled: drop the next index."""
 
@@ -109,7 +117,9 @@ class StopLoading:
     last batches of the Writer, which stops after this and before the Indexer)."""
 
 
-IndexMsg = Open | Apply | Reload | Loaded | LoadFailed | StopLoading | Prepare | NextLoaded | Promote | Discard
+IndexMsg = (
+    Open | Apply | Reload | Loaded | LoadFailed | StopLoading | Prepare | NextLoaded | Promote | DropRetired | Discard
+)
 
 
 async def _nothing() -> AsyncIterator[list[VectorRow]]:
@@ -135,6 +145,7 @@ class Indexer(Actor[IndexMsg, None]):
         self._next_pending: list[IndexChange] | None = None  # next changes committed while it loads
         self._next_loader: asyncio.Task[None] | None = None
         self._next_ready = asyncio.Event()
+        self._retire: asyncio.TimerHandle | None = None
         self.on_unknown_model = on_unknown_model  # changes of a model this instance does not use: it must follow
         self.error: StorageUnavailable | None = None  # why the last load failed, until one succeeds
         self.load_seconds: float | None = None  # how long the last load took, once one is published
@@ -172,6 +183,8 @@ class Indexer(Actor[IndexMsg, None]):
         """Fill the next index for a re-embed to ``model``; returns once it is filled."""
         await self.ask(Prepare(model))
         await self._next_ready.wait()
+        if self._closing:
+            raise StoreClosed("the store is closed; open it again with gm.open()")
         if self.next_index is None or self.next_model != model:
             raise StorageUnavailable("the next model's vector index could not be loaded; the re-embed will retry")
 
@@ -256,6 +269,8 @@ class Indexer(Actor[IndexMsg, None]):
                 self._next_ready.set()
             case Promote(model, reload):
                 self._promote(model, reload)
+            case DropRetired(model) if model == self.model:
+                self.retired = None
             case Discard():
                 await self._drop_next()
             case Loaded(load, index, started) if load == self._load:
@@ -320,7 +335,7 @@ class Indexer(Actor[IndexMsg, None]):
             return
         self._report_next(NextLoaded(model, index))
 
-    def _report_next(self, msg: NextLoaded) -> None:
+    def _report_next(self, msg: NextLoaded | DropRetired) -> None:
         if not self._closing:
             self.tell(msg)
 
@@ -328,6 +343,9 @@ class Indexer(Actor[IndexMsg, None]):
         if model == self.model:
             return
         self.retired = (self.model, self.index)
+        if self._retire is not None:
+            self._retire.cancel()
+        self._retire = asyncio.get_running_loop().call_later(RETIRED_SECONDS, self._report_next, DropRetired(model))
         self.model = model
         if not reload and self.next_model == model and self.next_index is not None and self._next_pending is None:
             self.index = self.next_index
@@ -343,6 +361,9 @@ class Indexer(Actor[IndexMsg, None]):
         self._next_ready.set()
 
     async def on_stop(self) -> None:
+        self._next_ready.set()  # (whoever waits for the next index hears the store closed)
+        if self._retire is not None:
+            self._retire.cancel()
         await loops.stop(self._next_loader)
         await loops.stop(self._loader)
         if self._outcome is not None and not self._outcome.done():

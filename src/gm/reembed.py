@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from gm import loops
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StoreClosed
+from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StorageUnavailable, StoreClosed
 from gm.model_identity import IDENTITY, model_of, vectors_identity
 from gm.progress import Meter, OnProgress, Progress
 from gm.storage.base import BeginReembed, EndReembed, StoreNextVectors, SwitchVectors
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 BATCH = 64  # memories a sweep write holds: one embedding call, and a commit short enough for other writes
 MAX_PASSES = 20  # sweeps from the start that find memories written meanwhile without the next vector
+SETTLE_SECONDS = 10.0  # how long a search that met this store's own switch waits for the store to make it
+SWITCH_ATTEMPTS = 3
+SWITCH_PAUSE_SECONDS = 1.0
 
 
 ProgressSink = OnProgress
@@ -56,19 +60,22 @@ class NextModel:
     """The next model's side of a store while a re-embed is under way: what its writes are
     embedded with besides the current model (``embedder`` None: a reindex copies vectors)."""
 
-    def __init__(self, info: ReembedInfo, embedder: Embedder | None) -> None:
+    def __init__(self, info: ReembedInfo, embedder: Embedder | None, own: bool = True,
+                 spec: ModelSpec | None = None) -> None:
         self.info = info
         self.embedder = embedder
+        self.spec = spec
+        self.own = own  # this store runs the re-embed (False: another instance does; this one follows)
 
-    async def vectors(self, texts: list[str], current: list[bytes]) -> list[bytes]:
-        """The next model's vectors of ``texts`` (b"" each once the re-embed ended: the
-        write then leaves them to the next re-embed)."""
+    async def vectors(self, texts: list[str], current: list[bytes]) -> list[bytes] | None:
+        """The next model's vectors of ``texts``; None once the re-embed ended (its model
+        stopped): the write then has none, and the sweep or the switch sees to it."""
         if self.embedder is None:
-            return current
+            return list(current)
         try:
             return [v.tobytes() for v in await self.embedder.embed_many(texts)]
         except StoreClosed:
-            return [b""] * len(texts)
+            return None
 
 
 class Reembed:
@@ -98,6 +105,8 @@ class Reembed:
                 embedder = None  # (the store owns it now)
             except BaseException:
                 store.models.next = None
+                if not store.backend.native_vectors and not store.closing:
+                    await store.indexer.discard()  # (a run that stopped: its next index is not kept up)
                 raise
             finally:
                 if embedder is not None:
@@ -130,7 +139,7 @@ class Reembed:
         """Embed every memory the next model has not, then switch; returns how many it
         embedded and the memories in all. A pass that embedded some is followed by another
         from the start: a text changed behind it, or written by an instance that does not
-        embed with both models, needs its next vector too."""
+        embed with both models (yet), needs its next vector too."""
         backend = self.store.backend
         done, total = await backend.count_missing_next()
         meter = Meter("embedding", total, done)
@@ -139,21 +148,28 @@ class Reembed:
         for _ in range(MAX_PASSES):
             cursor, found = 0, False
             pending: asyncio.Task[int] | None = None  # the last batch's write, while the next one embeds
-            while rows := await backend.missing_next(cursor, self.batch):
-                found = True
-                vectors = await next_model.vectors([r[1] for r in rows], [r[2] for r in rows])
+            try:
+                while rows := await backend.missing_next(cursor, self.batch):
+                    found = True
+                    vectors = await next_model.vectors([r[1] for r in rows], [r[2] for r in rows])
+                    if vectors is None or self.store.closing:
+                        raise StoreClosed("the store closed during the re-embed; run it again to resume")
+                    if pending is not None:
+                        stored = await pending
+                        embedded, done = embedded + stored, done + stored
+                        self._report(meter.at(done))
+                    write = StoreNextVectors([(r[0], r[1], v) for r, v in zip(rows, vectors, strict=True)],
+                                             next_model.info.identity)
+                    pending = asyncio.ensure_future(backend.write(write))
+                    cursor = rows[-1][0]
                 if pending is not None:
                     stored = await pending
+                    pending = None
                     embedded, done = embedded + stored, done + stored
-                    self._report(meter.at(done))
-                write = StoreNextVectors([(r[0], r[1], v) for r, v in zip(rows, vectors, strict=True)],
-                                         next_model.info.identity)
-                pending = asyncio.ensure_future(backend.write(write))
-                cursor = rows[-1][0]
-            if pending is not None:
-                stored = await pending
-                embedded, done = embedded + stored, done + stored
-            if not found and await backend.write(SwitchVectors(next_model.info.identity)) is not None:
+            finally:
+                if pending is not None:  # (failed or cancelled: its outcome is not needed, but is heard)
+                    await asyncio.gather(pending, return_exceptions=True)
+            if not found and await self._switch(next_model.info.identity) is not None:
                 finished = meter.at(total, total)
                 self._report(Progress("switched", total, total, finished.rate, 0.0))
                 return embedded, total
@@ -162,6 +178,19 @@ class Reembed:
         raise ReembedInProgress(
             f"memories kept arriving without the next model's vector after {MAX_PASSES} passes; run it again"
         )
+
+    async def _switch(self, identity: str) -> int | None:
+        """The switch; one that could not take its lock in time (Postgres: a long query held
+        the table) is tried again after a pause."""
+        for attempt in range(SWITCH_ATTEMPTS):
+            try:
+                return await self.store.backend.write(SwitchVectors(identity))
+            except StorageUnavailable as exc:
+                if attempt == SWITCH_ATTEMPTS - 1:
+                    raise
+                log.warning("re-embed: the switch failed (%s); trying again", exc.message)
+                await asyncio.sleep(SWITCH_PAUSE_SECONDS)
+        return None
 
     def _report(self, progress: Progress) -> None:
         if self.progress is not None:
@@ -190,14 +219,19 @@ async def end(store: Store, *, drop_old: bool) -> bool:
 
 
 class ModelFollower:
-    """Follows a switch another instance made (a shared Postgres database): the new model is
-    loaded from the folder the re-embed recorded, and the index of its vectors is loaded.
-    If that folder is not here, the store is unavailable until restarted with it."""
+    """Follows what another instance of a shared (Postgres) database does with the vectors:
+    while it re-embeds, this store embeds its writes with both models too and fills the next
+    model's index beside its own (so that instance's switch needs no waiting for stragglers);
+    once it switches, this store switches to the new model, loaded from the folder the
+    re-embed recorded. If that folder is not here, the store is unavailable until restarted
+    with it."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.error: GMError | None = None
         self._task: asyncio.Task[None] | None = None
+        self._preparing: asyncio.Task[None] | None = None
+        self._unusable: str | None = None  # a re-embed whose model is not usable here (said once)
 
     def soon(self, identity: str) -> None:
         """The index saw a change of another model's vectors: look now."""
@@ -205,33 +239,90 @@ class ModelFollower:
             self._task = asyncio.get_running_loop().create_task(self.check(), name="gm-follow-model")
 
     async def wait(self) -> None:
-        """A write found the vectors switched: follow before it is embedded again."""
+        """A write or search found the vectors switched: follow before it runs again (this
+        store's own re-embed switches it itself: wait for that)."""
+        await self.store.models.settled(SETTLE_SECONDS)
         await self.check()
+        if self.error is not None:
+            raise self.error
 
     async def check(self) -> None:
         store = self.store
-        if store.models.next is not None:
+        following = store.models.next
+        if following is not None and following.own:
             return  # this store runs the re-embed: it switches itself
         identity = await store.backend.meta_value(IDENTITY)
-        if identity is None or identity == store.vectors_model:
-            return
-        spec, embedder = None, None
-        if model_of(identity) != model_of(store.vectors_model):
+        if identity is not None and identity != store.vectors_model:
+            await self._switch(identity)
+        elif store.backend.shared:
+            await self._follow_reembed()
+
+    async def stop(self) -> None:
+        await loops.stop(self._task, self._preparing)
+
+    async def _switch(self, identity: str) -> None:
+        store = self.store
+        following, spec, embedder = store.models.next, None, None
+        if following is not None and following.info.identity == identity:  # (it embedded our writes already)
+            spec, embedder = following.spec, following.embedder
+        elif model_of(identity) != model_of(store.vectors_model):
             folder = await store.backend.meta_value("vectors_model_dir") or ""
-            try:
-                spec = ModelSpec.from_dir(folder)
-                if spec.identity != model_of(identity):
-                    raise ModelMismatch(f"the model in {folder} is not the one the vectors were made by")
-            except GMError as exc:
-                self.error = ModelMismatch(
-                    f"another instance moved the vectors to model {identity!r} (gmem reembed), whose files are "
-                    f"not usable here ({exc.message}); restart this instance with GM_MODEL_DIR set to that model"
-                )
-                log.error("%s", self.error.message)
+            spec = self._model(identity, folder)
+            if spec is None:
                 return
             embedder = Embedder(spec, threads=store.settings.embed_threads)
         log.info("another instance switched the vectors to model %s: following", identity)
         if not store.backend.native_vectors:
-            await store.indexer.promote(identity, reload=True)
+            await store.indexer.promote(identity)  # (its prepared index, else a load of the switched vectors)
         store.models.switch(identity, spec, embedder)
         self.error = None
+
+    def _model(self, identity: str, folder: str) -> ModelSpec | None:
+        try:
+            spec = ModelSpec.from_dir(folder)
+            if spec.identity != model_of(identity):
+                raise ModelMismatch(f"the model in {folder} is not the one the vectors were made by")
+            return spec
+        except GMError as exc:
+            self.error = ModelMismatch(
+                f"another instance moved the vectors to model {identity!r} (gmem reembed), whose files are "
+                f"not usable here ({exc.message}); restart this instance with GM_MODEL_DIR set to that model"
+            )
+            log.error("%s", self.error.message)
+            return None
+
+    async def _follow_reembed(self) -> None:
+        """Embed with both models while another instance re-embeds (or stop, once it ended)."""
+        store = self.store
+        value = await store.backend.meta_value("reembed")
+        info = ReembedInfo.from_json(value) if value is not None else None
+        following = store.models.next
+        if following is not None and (info is None or info.identity != following.info.identity):
+            store.models.next = None  # cancelled (a switch is followed above)
+            if following.embedder is not None:
+                await following.embedder.stop()
+            if not store.backend.native_vectors:
+                await store.indexer.discard()
+            following = None
+        if info is None or following is not None or self._unusable == info.identity:
+            return
+        spec, embedder = None, None
+        if not info.copy:
+            try:
+                spec = ModelSpec.from_dir(info.model_dir)
+            except GMError as exc:  # its writes are embedded by the sweep instead
+                log.warning("another instance re-embeds with the model in %s, not usable here (%s): this instance's "
+                            "writes wait for that sweep", info.model_dir, exc.message)
+                self._unusable = info.identity
+                return
+            embedder = Embedder(spec, threads=store.settings.embed_threads)
+        store.models.next = NextModel(info, embedder, own=False, spec=spec)
+        log.info("another instance re-embeds to %s: this one embeds its writes with both models", info.label)
+        if not store.backend.native_vectors:
+            self._preparing = asyncio.get_running_loop().create_task(self._prepare(info.identity))
+
+    async def _prepare(self, identity: str) -> None:
+        try:
+            await self.store.indexer.prepare(identity)
+        except GMError as exc:
+            log.warning("the next model's index: %s; the switch will load it instead", exc.message)

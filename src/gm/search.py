@@ -188,7 +188,7 @@ class Searcher:
         backend = self.backend
         if backend.native_vectors:
             return await backend.vector_search(
-                query.tobytes(), r.scope, r.filter, depth, r.now, time_range=r.time_range
+                query.tobytes(), r.scope, r.filter, depth, r.now, time_range=r.time_range, model=model
             )
         allowed: Iterable[int] | None = None
         if r.filter is not None or r.time_range is not None:  # the index knows scopes and expiry, not the rest

@@ -75,7 +75,7 @@ class Store:
         self.models = VectorModels(model, Embedder(model, threads=self.settings.embed_threads))
         self.following = ModelFollower(self)  # a switch another instance made (a shared database)
         self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self.following.soon)
-        self.searcher = Searcher(backend, self.models, self.indexer, self.following.check)
+        self.searcher = Searcher(backend, self.models, self.indexer, self.following.wait)
         self.upkeep = Upkeep(backend, self.settings.purge_seconds, self.following.check if backend.shared else None)
         self._opened = False
         self._closed = False
@@ -102,6 +102,7 @@ class Store:
         self._closed = True
         try:
             await self.upkeep.stop()
+            await self.following.stop()
             await self.models.close()
             await self.indexer.stop_loading()
             await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
@@ -129,6 +130,10 @@ class Store:
     def vectors_model(self) -> str:
         """The identity the database records for its vectors."""
         return self.models.identity
+
+    @property
+    def closing(self) -> bool:
+        return self._closed
 
     @property
     def ready(self) -> bool:

@@ -32,8 +32,32 @@ class VectorModels:
         self.spec = spec
         self.embedder = embedder
         self.identity = spec.identity  # the database's record of the vectors (set once opened)
-        self.next: NextModel | None = None
+        self._next: NextModel | None = None
+        self._settled = asyncio.Event()  # no re-embed of this store's own is under way
+        self._settled.set()
         self._retiring: dict[asyncio.Task[None], Embedder] = {}
+
+    @property
+    def next(self) -> NextModel | None:
+        """The next model while a re-embed is under way (this store's own, or another instance's)."""
+        return self._next
+
+    @next.setter
+    def next(self, following: NextModel | None) -> None:
+        self._next = following
+        if following is not None and following.own:
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    async def settled(self, timeout: float) -> None:
+        """Until this store's own re-embed has switched or stopped (at most ``timeout`` seconds):
+        a search or write that met the switch before this store made it waits for it here."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        except TimeoutError:
+            pass
 
     async def embed_items(self, items: Sequence[NewMemory], unembedded: Sequence[NewMemory]) -> tuple[str, str]:
         """Give each of ``unembedded`` its vector, and each of ``items`` its next one during a
@@ -46,6 +70,8 @@ class VectorModels:
         if following is None or not items:
             return identity, ""
         nexts = await following.vectors([item.text for item in items], [item.vector for item in items])
+        if nexts is None:
+            return identity, ""
         for item, next_vector in zip(items, nexts, strict=True):
             item.next_vector = next_vector
         return identity, following.info.identity
@@ -56,8 +82,10 @@ class VectorModels:
         vector: Vector = await self.embedder.embed(text)
         if following is None:
             return vector.tobytes(), identity, None, ""
-        [next_vector] = await following.vectors([text], [vector.tobytes()])
-        return vector.tobytes(), identity, next_vector, following.info.identity
+        nexts = await following.vectors([text], [vector.tobytes()])
+        if nexts is None:
+            return vector.tobytes(), identity, None, ""
+        return vector.tobytes(), identity, nexts[0], following.info.identity
 
     async def write(
         self, backend: Backend, embedded: Callable[[], Awaitable[WriteOp]], follow: Callable[[], Awaitable[None]]

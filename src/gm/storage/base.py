@@ -180,7 +180,7 @@ class Backend(Reads):
 
     async def vector_search(
         self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,
-        *, time_range: TimeRange | None = None,
+        *, time_range: TimeRange | None = None, model: str = "",
     ) -> builtins.list[tuple[int, float]]:
         raise NotImplementedError("this backend searches vectors with the in-process index")
 

@@ -16,7 +16,7 @@ import asyncpg
 from gm import loops
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.context import CONTEXT_WEIGHT
-from gm.errors import ReembedInProgress, StorageUnavailable
+from gm.errors import ModelSwitched, ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
@@ -208,12 +208,19 @@ class PostgresBackend(Backend):
 
     async def vector_search(
         self, vector: bytes, scope: Scope, filter: Filter | None, limit: int, now: int,
-        *, time_range: TimeRange | None = None,
+        *, time_range: TimeRange | None = None, model: str = "",
     ) -> builtins.list[tuple[int, float]]:
-        """pgvector: the ``limit`` nearest by cosine distance among live memories of the scope."""
+        """pgvector: the ``limit`` nearest by cosine distance among live memories of the scope;
+        with ``model``, only while the vectors are that model's (ModelSwitched once they are not:
+        another instance's switch, seen in the same statement)."""
         p = Numbered()
         where = scope_sql(scope, filter, now, p, time_range=time_range, version=self.schema_version)
-        return await self.pg_vectors.search(vector, where, p, limit)
+        if model:
+            where += f" AND (SELECT value FROM meta WHERE key = 'model_identity') = {p(model)}"
+        hits = await self.pg_vectors.search(vector, where, p, limit)
+        if model and not hits and await self.meta_value("model_identity") not in (model, None):
+            raise ModelSwitched("the vectors switched to another model; embed the query again")
+        return hits
 
     async def cosines(self, vector: bytes, rowids: builtins.list[int]) -> dict[int, float]:
         return await self.pg_vectors.cosines(vector, rowids)

@@ -87,6 +87,8 @@ class ReembedFlow:
         changes: list[IndexChange] = []
         moved: list[Position] = []
         for rowid, text, vector in op.rows:
+            if not vector:
+                raise ValueError(f"an empty next vector for row {rowid}")  # (a bug: the sweep has a vector for each)
             p = self.tx.params()
             columns = self.tx.next_vector_columns(vector)
             assignments = ", ".join(f"{name} = {p(value)}" for name, value in columns.items())

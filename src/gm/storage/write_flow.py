@@ -191,16 +191,16 @@ class WriteFlow:
             elif change.vector is not None:
                 change.model = await self.current_model()
 
-    async def check_model(self, model: str, next_model: str) -> bool:
-        """Whether a write's vectors, made by ``model`` (and ``next_model``), suit the stored
-        ones: False if its next vectors are the current ones now (a switch came between the
-        embedding and this commit); ModelSwitched if it has none of the current model."""
+    async def check_model(self, model: str, next_model: str, next_vectors: list[bytes]) -> bool:
+        """Whether a write's vectors, made by ``model`` (and ``next_vectors`` by ``next_model``),
+        suit the stored ones: False if its next vectors are the current ones now (a switch came
+        between the embedding and this commit); ModelSwitched if it has none of the current model."""
         if not model:
             return True  # (a write with no vectors of its own)
         current = await self.current_model()
         if not current or current == model:
             return True
-        if next_model and next_model == current:
+        if next_model and next_model == current and all(next_vectors):
             return False
         raise ModelSwitched(f"the vectors moved to model {current!r} while this write was embedded; retry it")
 
@@ -220,7 +220,7 @@ class WriteFlow:
         out: list[tuple[Memory, bool]] = []
         changes: list[IndexChange] = []
         moved: list[Position] = []
-        swap = not await self.check_model(op.model, op.next_model)
+        swap = not await self.check_model(op.model, op.next_model, [item.next_vector for item in op.items])
         info = await self.reembed()
         with_next = info is not None and not swap and op.next_model == info.identity
         for item in op.items:
@@ -302,9 +302,10 @@ class WriteFlow:
             values["occurred_at"] = memory.occurred_at
             if old.session_id is None:  # alone, its context is its date
                 values["context"] = date_words(memory.occurred_at)
-        vector, next_vector, info = op.vector, None, None
+        # An unchanged text keeps its vectors (its search vector mixes its neighbours': gm.context).
+        vector, next_vector, info = (op.vector if memory.text != old.text else None), None, None
         if vector is not None:
-            swap = not await self.check_model(op.model, op.next_model)
+            swap = not await self.check_model(op.model, op.next_model, [op.next_vector or b""])
             info = await self.reembed()
             vector = op.next_vector if swap else vector
             if info is not None and not swap and op.next_model == info.identity:
