@@ -67,9 +67,9 @@ class ProgressLine:
     """A job's progress on stderr: on a terminal one line redrawn in place; elsewhere (a log,
     a pipe) a line every REPORT_SECONDS, the first and a change of phase at once."""
 
-    def __init__(self, stream: TextIO = sys.stderr, clock: Any = time.monotonic) -> None:
-        self.stream = stream
-        self.terminal = stream.isatty()
+    def __init__(self, stream: TextIO | None = None, clock: Any = time.monotonic) -> None:
+        self.stream = stream or sys.stderr  # (looked up when made: tests and callers may have replaced it)
+        self.terminal = self.stream.isatty()
         self.clock = clock
         self.last_at: float | None = None
         self.last_phase: str | None = None
