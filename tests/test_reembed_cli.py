@@ -26,7 +26,7 @@ from tests.test_cli import Run, gmem
 pytestmark = pytest.mark.timeout(120)
 
 
-def seed(db: Path, count: int) -> None:
+def seed(db: Path | str, count: int) -> None:
     async def run() -> None:
         async with gm.open(db) as mem:
             await mem.add_many([{"text": f"note {i}: the {['cat', 'owl', 'fox'][i % 3]} sleeps", "user_id": "u1",
@@ -83,9 +83,9 @@ def test_reembed_a_file_with_progress_then_drop_the_old_vectors(
 
 
 def test_a_reembed_under_way_shows_in_status_can_be_resumed_or_cancelled(
-    tmp_path: Path, wide_model_dir: Path, capsys: pytest.CaptureFixture[str], clean_env: None,
+    target: str, wide_model_dir: Path, capsys: pytest.CaptureFixture[str], clean_env: None,
 ) -> None:
-    db = tmp_path / "mem.db"
+    db = target  # a SQLite file, or a Postgres database (with pgvector, or not)
     seed(db, 20)
     wide = ModelSpec.from_dir(wide_model_dir)
 

@@ -56,8 +56,9 @@ class ReembedJob:
                 "GET /v1/admin/reembed (gmem status), or cancel it with POST /v1/admin/reembed/cancel "
                 "(gmem reembed --cancel)"
             )
-        try:
-            model = new_model(model_dir).identity if model_dir is not None else model_of(store.vectors_model)
+        try:  # (off the loop: a model's identity is a hash of its files)
+            model = (await asyncio.to_thread(new_model, model_dir)).identity if model_dir is not None \
+                else model_of(store.vectors_model)
         except ModelError as exc:
             exc.status = 422  # the folder the request named: its error, not the server's
             raise
