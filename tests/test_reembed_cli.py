@@ -80,6 +80,7 @@ def test_reembed_a_file_with_progress_then_drop_the_old_vectors(
     assert (report["model"], report["embedded"], report["total"], report["resumed"]) == (
         f"{wide.identity}~2", 50, 50, False)
     assert "switched: 50 / 50" in reindexed.err
+    assert reindexed.err.splitlines()[-1].startswith("keyword index: 50 / 50 memories (100%)"), reindexed.err
 
 
 def test_a_reembed_under_way_shows_in_status_can_be_resumed_or_cancelled(
@@ -166,7 +167,7 @@ async def test_through_a_server(tmp_path: Path, wide_model_dir: Path) -> None:
         async with asyncio.timeout(60):
             await gate.reached.wait()
         status = await gmem_child("status", "--url", server.url)
-        assert f"model: {wide.identity}\nre-embed under way: to model {wide.label}, 0 of 40 memories" in status.out
+        assert f"re-embed under way: to model {wide.label}, 0 of 40 memories have its vector" in status.out
         assert "running on this server: embedding" in status.out, status.out
         busy = await gmem_child("reindex", "--url", server.url)
         assert busy.code == 10 and "is running on this server" in busy.error_line

@@ -4,16 +4,21 @@ derived index state rebuilt online, one part after another, each resumable and s
 
 from __future__ import annotations
 
-from gm.reembed import BATCH, ProgressSink, ReembedReport
+from gm.progress import OnProgress
+from gm.reembed import BATCH, ReembedReport
 from gm.store import Store
 
-# What a reindex rebuilds, in order, as `gmem reindex --help` names it.
-# TODO(keyword index): `Backend.rebuild_keyword(progress)` is being built; once it lands it is
-# the second part here, awaited in `reindex` below after the vectors, and named in PARTS.
-PARTS = ("the vectors and session-context search vectors (with the current model)",)
+# What a reindex rebuilds, in order, as `gmem reindex --help` names it; `reindex` below runs them.
+PARTS = (
+    "the vectors and session-context search vectors, made afresh with the current model (with pgvector, "
+    "its HNSW index too: the new vectors get one of their own)",
+    "the keyword index",
+)
 
 
-async def reindex(store: Store, *, progress: ProgressSink | None = None, batch: int = BATCH) -> ReembedReport:
+async def reindex(store: Store, *, progress: OnProgress | None = None, batch: int = BATCH) -> ReembedReport:
     """Rebuild ``store``'s derived index state while it keeps serving (see PARTS); returns
-    the vectors' report. ``progress`` hears each part's phases."""
-    return await store.reembed(None, progress=progress, batch=batch)
+    the vectors' report. ``progress`` hears each part's phases (see docs/reindex.md)."""
+    report = await store.reembed(None, progress=progress, batch=batch)
+    await store.backend.rebuild_keyword(progress)
+    return report

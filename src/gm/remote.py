@@ -22,9 +22,10 @@ from gm import config, errors, filters
 from gm.client import DEFAULT_URL, Client, encode
 from gm.errors import GMError, InvalidInput, StorageUnavailable, StoreClosed
 from gm.memory import RESERVED_IDS, HistoryEntry, Memory, Page, SearchHit, Stats
+from gm.progress import Progress
 from gm.readiness import Readiness
 from gm.reembed import BATCH as REEMBED_BATCH
-from gm.reembed import Progress, ProgressSink, ReembedReport
+from gm.reembed import ProgressSink, ReembedReport
 from gm.storage.base import UNSET, unknown_id
 from gm.store import MAX_LIST_LIMIT, MAX_REEMBED_BATCH, Store
 from gm.validation import check_id, check_limit, check_order, check_scope_value

@@ -142,8 +142,9 @@ def reembed_lines(result: dict[str, Any]) -> list[str]:
         lines.append(f"re-embed under way: to model {under_way['label'] or under_way['model']}, "
                      f"{under_way['done']:,} of {under_way['total']:,} memories have its vector{share}")
         if job.get("state") == "running":
+            rate = f", {job['rate']:,.0f}/s" if job.get("rate") else ""
             eta = f", about {job['eta_seconds']:.0f}s left" if job.get("eta_seconds") is not None else ""
-            lines.append(f"  running on this server: {job['phase']}, {job['rate']:,.0f}/s{eta}")
+            lines.append(f"  running on this server: {job['phase']}{rate}{eta}")
         else:
             lines.append(f"  running elsewhere, or interrupted: `gmem reembed --model-dir {under_way['model_dir']}` "
                          "resumes it, `gmem reembed --cancel` cancels it")

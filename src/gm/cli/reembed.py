@@ -16,32 +16,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
 from gm import reindex as reindexing
 from gm.cli.commands import client, database, emit, local_store, server_url
 from gm.errors import DatabaseLocked
-from gm.reembed import BATCH, ReembedReport, model_of
+from gm.model_identity import model_of
+from gm.progress import Progress
+from gm.reembed import BATCH, ReembedReport
 from gm.remote import RemoteStore
 from gm.store import Store
 
 REPORT_SECONDS = 2.0  # off a terminal, a progress line every this many seconds (and the last one)
 REDRAW_SECONDS = 0.1  # on a terminal, the line is redrawn at most this often
-
-
-class ProgressLike(Protocol):
-    """What a long job reports (gm.Progress, or a rebuild's like it)."""
-
-    @property
-    def phase(self) -> str: ...
-    @property
-    def done(self) -> int: ...
-    @property
-    def total(self) -> int: ...
-    @property
-    def rate(self) -> float: ...
-    @property
-    def eta_seconds(self) -> float | None: ...
 
 
 def _duration(seconds: float) -> str:
@@ -55,12 +42,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def describe(p: ProgressLike) -> str:
-    """``embedding: 1,234 / 2,938 memories (42%), 310/s, ETA 6s``."""
+def describe(p: Progress) -> str:
+    """``embedding: 1,234 / 2,938 memories (42%), 310/s, ETA 6s`` (an index build on Postgres
+    counts table blocks, not memories: no unit then)."""
     share = f" ({100 * p.done // p.total}%)" if p.total else ""
     rate = f", {p.rate:,.0f}/s" if p.rate > 0 else ""
     eta = f", ETA {_duration(p.eta_seconds)}" if p.eta_seconds is not None and p.done < p.total else ""
-    return f"{p.phase}: {p.done:,} / {p.total:,} memories{share}{rate}{eta}"
+    unit = "" if p.phase.startswith("reindex ") else " memories"
+    return f"{p.phase}: {p.done:,} / {p.total:,}{unit}{share}{rate}{eta}"
 
 
 class ProgressLine:
@@ -76,7 +65,7 @@ class ProgressLine:
         self.pending: str | None = None  # a line not written yet (throttled), written by finish
         self.drawn = False
 
-    def __call__(self, progress: ProgressLike) -> None:
+    def __call__(self, progress: Progress) -> None:
         now, line = self.clock(), describe(progress)
         due = self.last_at is None or progress.phase != self.last_phase or now - self.last_at >= (
             REDRAW_SECONDS if self.terminal else REPORT_SECONDS)
@@ -186,7 +175,7 @@ async def _end(args: argparse.Namespace) -> int:
 async def reindex(args: argparse.Namespace) -> int:
     async with _opened(args, "reindex") as handle:
         report = await _run(args, handle, None)
-    text = [_summary(report, "reindexed"),
+    text = [_summary(report, "reindexed") + ", and the keyword index is rebuilt",
             "  the old vectors are kept until `gmem reembed --drop-old`"]
     emit(args, {**_where(args), **report.to_dict()}, "\n".join(text))
     return 0
@@ -216,9 +205,9 @@ def add_reembed_commands(sub: Any, command: Any, target: Any) -> None:
     p = command(
         sub, "reindex", reindex, "rebuild the derived index state, online",
         "gmem reindex --db greatmemory.db",
-        f"Rebuild what is derived from the memories while servers keep serving: {parts}. The keyword "
-        "index is not rebuilt yet. Progress goes to stderr; killed, it resumes where it stopped; the new "
-        "state is switched in one step and the old vectors stay until `gmem reembed --drop-old`.",
+        f"Rebuild what is derived from the memories while servers keep serving: {parts}. Progress goes "
+        "to stderr; killed, it resumes where it stopped; each part is switched in one step, and the old "
+        "vectors stay until `gmem reembed --drop-old`. See docs/reindex.md.",
     )
     target(p)
     p.add_argument("--batch", type=int, default=BATCH, help=f"memories rebuilt and written at a time (1-1000, "

@@ -20,7 +20,9 @@ from gm.errors import Forbidden, GMError, InvalidInput, ModelError, NotReady, Re
 from gm.http.errors import Handler, json_response
 from gm.http.parsing import json_object, only_fields, query
 from gm.memory import format_time, now_ms
-from gm.reembed import Progress, ReembedReport, model_of, new_model, recorded
+from gm.model_identity import model_of
+from gm.progress import Progress
+from gm.reembed import ReembedReport, new_model, recorded
 from gm.reindex import reindex
 from gm.store import Store
 
