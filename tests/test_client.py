@@ -28,8 +28,12 @@ from gm.errors import (
     GMError,
     InvalidFilter,
     InvalidInput,
+    ModelError,
+    ModelNotFound,
+    ModelSwitched,
     NotFound,
     NotReady,
+    ReembedInProgress,
     ServerUnreachable,
     StorageUnavailable,
     Unauthorized,
@@ -313,7 +317,8 @@ EXPECTED: dict[str, type[GMError]] = {
     "conflict": Conflict, "body_too_large": InvalidInput, "unsupported_media_type": GMError,
     "host_not_allowed": GMError, "invalid_input": InvalidInput, "invalid_filter": InvalidFilter,
     "not_ready": NotReady, "draining": NotReady, "storage_unavailable": StorageUnavailable,
-    "too_many_connections": NotReady, "internal": GMError,
+    "too_many_connections": NotReady, "internal": GMError, "reembed_in_progress": ReembedInProgress,
+    "model_not_found": ModelNotFound, "model_error": ModelError, "model_switched": ModelSwitched,
 }
 
 

@@ -372,3 +372,24 @@ async def test_times_are_milliseconds_and_to_dict_is_the_http_shape(mem: Memorie
     assert memory.occurred_at == parse_time("2023-06-01T12:00:00.123Z", "t")
     assert memory.to_dict()["created_at"] == format_time(memory.created_at)
     assert gm.Memory.from_dict(memory.to_dict()) == memory
+
+
+# -- re-embedding --------------------------------------------------------------------------
+
+
+async def test_reembed_switches_the_model_and_the_old_vectors_go_later(mem: Memories, wide_model_dir: Path) -> None:
+    await mem.add_many([{"text": f"note {i}: the {['heron', 'otter'][i % 2]} swims", "user_id": "u1"}
+                        for i in range(10)])
+    seen: list[gm.Progress] = []
+    following = {"poll_seconds": 0.02} if isinstance(mem, gm.RemoteStore) else {}
+    report = await mem.reembed(wide_model_dir, progress=seen.append, batch=4, **following)
+    wide = ModelSpec.from_dir(wide_model_dir).identity
+    assert (report.embedded, report.total, report.resumed) == (10, 10, False) and report.model.startswith(wide)
+    assert seen[-1] == gm.Progress("switched", 10, 10, seen[-1].rate, seen[-1].eta_seconds)
+    assert (await mem.stats()).model == wide
+    assert (await mem.search("the otter swims", user_id="u1", limit=1))[0].memory.text.endswith("otter swims")
+    with pytest.raises(InvalidInput, match="gmem reindex"):  # already that model's
+        await mem.reembed(wide_model_dir)
+    assert await mem.end_reembed(drop_old=True) is True
+    assert await mem.end_reembed(drop_old=True) is False
+    assert await mem.end_reembed(drop_old=False) is False  # nothing to cancel

@@ -4,8 +4,9 @@ the retry rule, and every error body turned back into the library's own exceptio
 The retry rule (docs/library.md, "Remote: gm.connect"):
 
 - An answer that proves the server did nothing — 503 ``not_ready`` or ``draining`` (the
-  lifecycle middleware refuses before any handler runs) or ``too_many_connections`` (refused
-  before the request is read) — is retried for every operation, writes included.
+  lifecycle middleware refuses before any handler runs), ``too_many_connections`` (refused
+  before the request is read) or ``model_switched`` (a write refused in its transaction: a
+  re-embed switched the model under it) — is retried for every operation, writes included.
 - When the outcome is unknown — the connection broke after the request went out, or 503
   ``storage_unavailable`` (a write past its timeout may still commit) — only requests a
   repeat cannot harm are retried: reads, searches, and adds whose every memory has a client
@@ -49,7 +50,7 @@ RETRY_FIRST_SECONDS = 0.1
 RETRY_MOST_SECONDS = 2.0
 
 # Answered before the server did anything: safe to send again, whatever the request.
-REFUSED = frozenset({"not_ready", "draining", "too_many_connections"})
+REFUSED = frozenset({"not_ready", "draining", "too_many_connections", "model_switched"})
 # The server's own codes (gm.http), each as the library error a caller catches; the
 # exception keeps the server's code (``error.code == "draining"``).
 SERVER_CODES: dict[str, type[GMError]] = {

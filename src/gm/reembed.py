@@ -14,19 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from gm import loops
 from gm.embedding import Embedder, ModelSpec
-from gm.errors import GMError, InvalidInput, ModelMismatch, ReembedInProgress, StorageUnavailable, StoreClosed
+from gm.errors import (
+    GMError,
+    InvalidInput,
+    ModelMismatch,
+    ModelNotFound,
+    ReembedInProgress,
+    StorageUnavailable,
+    StoreClosed,
+)
+from gm.memory import format_time
 from gm.model_identity import IDENTITY, model_of, vectors_identity
 from gm.progress import Meter, OnProgress, Progress
 from gm.storage.base import BeginReembed, EndReembed, StoreNextVectors, SwitchVectors
 from gm.storage.ops import ReembedInfo
 
 if TYPE_CHECKING:
+    from gm.storage.reads import Reads
     from gm.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +67,62 @@ class ReembedReport:
     @property
     def rate(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as the HTTP API and ``gmem reembed --json`` write it."""
+        return {"model": self.model, "embedded": self.embedded, "total": self.total,
+                "seconds": round(self.seconds, 3), "rate": round(self.rate, 1), "resumed": self.resumed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReembedReport:
+        return cls(str(data["model"]), int(data["embedded"]), int(data["total"]), float(data["seconds"]),
+                   bool(data["resumed"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a database records about re-embedding: the one under way (``info``; ``done`` of
+    ``total`` memories have its vector), and ``old_model``, whose vectors the last switch left
+    until ``end_reembed(drop_old=True)``."""
+
+    info: ReembedInfo | None
+    done: int
+    total: int
+    old_model: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        under_way = None
+        if self.info is not None:
+            under_way = {"model": self.info.identity, "label": self.info.label, "model_dir": self.info.model_dir,
+                         "started_at": format_time(self.info.started_at), "done": self.done, "total": self.total}
+        return {"reembed": under_way, "old_vectors": self.old_model}
+
+
+async def recorded(reads: Reads, *, next_column: bool = True) -> Recorded:
+    """What ``reads`` (a backend, or a read-only inspection) records about re-embedding;
+    ``next_column``: whether ``memories.embedding_next`` exists to be counted (BeginReembed
+    adds it in the transaction that records the re-embed, so a backend need not look)."""
+    raw, old = await reads.meta_value("reembed"), await reads.meta_value("old_vectors")
+    info = ReembedInfo.from_json(raw) if raw is not None else None
+    done, total = await reads.count_missing_next() if info is not None and next_column else (0, 0)
+    old_model = None
+    if old is not None:
+        try:
+            old_model = str(orjson.loads(old).get("model") or "") or "an earlier model"
+        except (orjson.JSONDecodeError, AttributeError):
+            old_model = "an earlier model"
+    return Recorded(info, done, total, old_model)
+
+
+def new_model(folder: str | os.PathLike[str]) -> ModelSpec:
+    """The model a re-embed is asked to move to, in ``folder``."""
+    try:
+        return ModelSpec.from_dir(folder)
+    except ModelNotFound:
+        raise ModelNotFound(
+            f"{os.fspath(folder)} is not a model's folder: the model to re-embed with must be a folder holding "
+            "model.onnx and tokenizer.json"
+        ) from None
 
 
 class NextModel:

@@ -9,7 +9,9 @@ so the error is the one the embedded store raises.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import os
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -18,11 +20,14 @@ import orjson
 
 from gm import config, errors, filters
 from gm.client import DEFAULT_URL, Client, encode
-from gm.errors import InvalidInput, StoreClosed
+from gm.errors import GMError, InvalidInput, StorageUnavailable, StoreClosed
 from gm.memory import RESERVED_IDS, HistoryEntry, Memory, Page, SearchHit, Stats
+from gm.progress import Progress
 from gm.readiness import Readiness
+from gm.reembed import BATCH as REEMBED_BATCH
+from gm.reembed import ProgressSink, ReembedReport
 from gm.storage.base import UNSET, unknown_id
-from gm.store import MAX_LIST_LIMIT, Store
+from gm.store import MAX_LIST_LIMIT, MAX_REEMBED_BATCH, Store
 from gm.validation import check_id, check_limit, check_order, check_scope_value
 
 
@@ -317,6 +322,54 @@ class RemoteStore:
         """Counts per namespace, schema version, backend and model; ``extra`` has the rest of
         ``/v1/stats`` (the Writer's health, the index's state, the server's resident memory)."""
         return Stats.from_dict(await self._call("GET", "/v1/stats", idempotent=True))
+
+    # -- the model ------------------------------------------------------------------
+
+    async def reembed(
+        self, model_dir: str | os.PathLike[str] | None = None, *, progress: ProgressSink | None = None,
+        batch: int = REEMBED_BATCH, poll_seconds: float = 1.0,
+    ) -> ReembedReport:
+        """Have the server move its vectors to the model in ``model_dir``, a folder on the
+        server (None: a reindex), and wait until it has switched (see :meth:`gm.Store.reembed`):
+        the server runs it in the background, and its status is read every ``poll_seconds``
+        for ``progress``. Cancelling this call leaves the server's re-embed running."""
+        check_limit(batch, default=REEMBED_BATCH, maximum=MAX_REEMBED_BATCH, path="batch")
+        body = {"model_dir": os.fspath(model_dir) if model_dir is not None else None, "batch": batch}
+        status = await self._call("POST", "/v1/admin/reembed", body=body, idempotent=False, ok=(202,))
+        ours, heard = status["started_at"], None
+        while True:
+            if status["started_at"] != ours:
+                raise GMError("another re-embed was started on the server after this one; see GET /v1/admin/reembed")
+            if progress is not None and status["phase"] is not None:
+                now = Progress(status["phase"], status["done"], status["total"], status["rate"], status["eta_seconds"])
+                if now != heard:
+                    progress(now)
+                    heard = now
+            if status["state"] == "done":
+                return ReembedReport.from_dict(status["report"])
+            if status["state"] == "failed":
+                error = status["error"] or {}
+                raise errors.from_dict(error, errors.BY_CODE.get(str(error.get("code")), GMError).status)
+            if status["state"] != "running":
+                raise StorageUnavailable(
+                    f"the server at {self.url} stopped the re-embed before it finished (cancelled, or restarted); "
+                    "ask again to resume it where it stopped"
+                )
+            await asyncio.sleep(poll_seconds)
+            status = await self.reembed_status()
+
+    async def reembed_status(self) -> dict[str, Any]:
+        """The server's re-embed as ``GET /v1/admin/reembed`` answers (its ``state``, ``phase``,
+        ``done``, ``total``, ``rate``, ``eta_seconds``, ..., and ``database``: what the database
+        records, as :meth:`gm.Store.reembed_recorded` reads it)."""
+        return await self._call("GET", "/v1/admin/reembed", idempotent=True)
+
+    async def end_reembed(self, *, drop_old: bool) -> bool:
+        """``drop_old``: drop the vectors the server's last switch left behind; else cancel the
+        re-embed under way. Whether there was anything to do (see :meth:`gm.Store.end_reembed`)."""
+        path = "/v1/admin/reembed/drop-old" if drop_old else "/v1/admin/reembed/cancel"
+        done: bool = (await self._call("POST", path, body={}, idempotent=True))["done"]
+        return done
 
     async def _by_id(self, method: str, id: str, namespace: str | None, tail: str = "",
                      body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -23,7 +23,16 @@ from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHi
 from gm.model_identity import model_of
 from gm.readiness import Readiness, confirm, current_write_health
 from gm.reembed import BATCH as REEMBED_BATCH
-from gm.reembed import ModelFollower, ProgressSink, Reembed, ReembedReport, say_if_waiting
+from gm.reembed import (
+    ModelFollower,
+    ProgressSink,
+    Recorded,
+    Reembed,
+    ReembedReport,
+    new_model,
+    recorded,
+    say_if_waiting,
+)
 from gm.reembed import end as end_reembed
 from gm.search import Searcher, SearchRequest
 from gm.storage.base import (
@@ -56,6 +65,7 @@ from gm.vector_models import VectorModels
 
 MAX_SEARCH_LIMIT = 100
 MAX_LIST_LIMIT = 1000
+MAX_REEMBED_BATCH = 1000  # memories a re-embed's write holds at most (the default, 64, keeps its commits short)
 
 
 class Store:
@@ -436,12 +446,14 @@ class Store:
     ) -> ReembedReport:
         """Move the vectors to the model in ``model_dir`` (None: rebuild them with the current
         model, a reindex) while this store keeps serving; resumes one that was interrupted.
-        ``progress`` hears how far it is. See :mod:`gm.reembed`.
+        ``progress`` hears how far it is; ``batch``: memories embedded and written at a time
+        (1-1000). See :mod:`gm.reembed`.
 
         >>> await mem.reembed("/models/bge-small", progress=lambda p: print(p.line()))
         """
         self._check_open()
-        spec = ModelSpec.from_dir(model_dir) if model_dir is not None else None
+        batch = check_limit(batch, default=REEMBED_BATCH, maximum=MAX_REEMBED_BATCH, path="batch")
+        spec = new_model(model_dir) if model_dir is not None else None
         return await Reembed(self, spec, progress, batch).run()
 
     async def end_reembed(self, *, drop_old: bool) -> bool:
@@ -449,6 +461,13 @@ class Store:
         re-embed); else cancel the re-embed under way. Whether there was anything to do."""
         self._check_open()
         return await end_reembed(self, drop_old=drop_old)
+
+    async def reembed_recorded(self) -> Recorded:
+        """What the database records: the re-embed under way (its model, how many memories
+        have its vector; run by this store, another one, or interrupted) and the model whose
+        vectors the last switch left until ``end_reembed(drop_old=True)``."""
+        self._check_open()
+        return await recorded(self.backend)
 
     async def write_health(self, *, probe: bool = False) -> dict[str, Any]:
         """How writes are going; see :func:`gm.readiness.current_write_health`."""

@@ -124,3 +124,6 @@ class SyncRemoteStore:
     history = _blocking(RemoteStore.history)
     search = _blocking(RemoteStore.search)
     stats = _blocking(RemoteStore.stats)
+    reembed = _blocking(RemoteStore.reembed)
+    reembed_status = _blocking(RemoteStore.reembed_status)
+    end_reembed = _blocking(RemoteStore.end_reembed)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="greatmemory: long-term memory for AI agents. Run `gmem COMMAND --help` for each command.",
         epilog="Example:\n  gmem serve --db memories.db\n\nExit codes: 0 ok, 1 error, 2 usage, 3 schema newer "
         "than this release, 4 migration failed, 5 model problem, 6 database in use, 7 backup invalid, "
-        "8 not found, 9 unreachable.",
+        "8 not found, 9 unreachable, 10 a re-embed already under way.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
 
     _add_memory_commands(sub)
+
+    from gm.cli.reembed import add_reembed_commands
+
+    add_reembed_commands(sub, _command, _target)
 
     keys = sub.add_parser("keys", help="API key tools", description="API key tools.",
                           epilog="Example:\n  gmem keys new", formatter_class=argparse.RawDescriptionHelpFormatter)

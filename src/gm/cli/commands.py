@@ -19,7 +19,7 @@ import orjson
 
 import gm
 from gm import config, transfer
-from gm.errors import InvalidInput, StorageUnavailable
+from gm.errors import Forbidden, InvalidInput, NotFound, StorageUnavailable
 from gm.memory import parse_json
 from gm.remote import Connecting, RemoteStore
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
@@ -115,6 +115,12 @@ async def status_of_server(args: argparse.Namespace, url: str) -> dict[str, Any]
             latest = postgres_migrations.LATEST if stats["backend"] == "postgres" else sqlite_migrations.LATEST
             result["latest_schema_version"] = latest
             result["migrations_pending"] = stats["schema_version"] < latest
+            try:
+                job = await remote.reembed_status()
+            except (Forbidden, NotFound):  # a key bound to a namespace; a server from before re-embedding
+                return result
+            result.update(job.pop("database"))
+            result["reembed_job"] = job
     return result
 
 
@@ -124,6 +130,30 @@ def model_line(identity: str | None, label: str | None) -> str:
     if label is None or identity.startswith(f"{label}@"):  # (an older release's record names its label)
         return identity
     return f"{label} ({identity})"
+
+
+def reembed_lines(result: dict[str, Any]) -> list[str]:
+    """What ``gmem status`` says of re-embedding: the one under way, this server's last run,
+    old vectors awaiting ``--drop-old``."""
+    lines = []
+    job, under_way = result.get("reembed_job") or {}, result.get("reembed")
+    if under_way is not None:
+        share = f" ({100 * under_way['done'] // under_way['total']}%)" if under_way["total"] else ""
+        lines.append(f"re-embed under way: to model {under_way['label'] or under_way['model']}, "
+                     f"{under_way['done']:,} of {under_way['total']:,} memories have its vector{share}")
+        if job.get("state") == "running":
+            rate = f", {job['rate']:,.0f}/s" if job.get("rate") else ""
+            eta = f", about {job['eta_seconds']:.0f}s left" if job.get("eta_seconds") is not None else ""
+            lines.append(f"  running on this server: {job['phase']}{rate}{eta}")
+        else:
+            lines.append(f"  running elsewhere, or interrupted: `gmem reembed --model-dir {under_way['model_dir']}` "
+                         "resumes it, `gmem reembed --cancel` cancels it")
+    elif job.get("state") == "failed" and job.get("error"):
+        lines.append(f"last re-embed on this server failed: {job['error']['message']}")
+    if result.get("old_vectors") is not None:
+        lines.append(f"old vectors: {result['old_vectors']}'s, kept by the last switch; "
+                     "`gmem reembed --drop-old` drops them")
+    return lines
 
 
 async def status(args: argparse.Namespace) -> int:
@@ -145,6 +175,7 @@ async def status(args: argparse.Namespace) -> int:
         lines += [f"  {ns}: {count:,}" for ns, count in result["namespaces"].items()]
         lines.append(f"database size: {mib(result.get('database_bytes'))}")
         lines.append(f"model: {model_line(result.get('model'), result.get('model_label'))}")
+        lines += reembed_lines(result)
     if url and result.get("process_resident_bytes") is not None:
         lines.append(f"server memory (resident): {mib(result['process_resident_bytes'])}")
     if "in_use_by" in result:

@@ -9,7 +9,9 @@ from gm.errors import (
     InvalidInput,
     MigrationFailed,
     ModelError,
+    ModelSwitched,
     NotFound,
+    ReembedInProgress,
     SchemaTooNew,
     StorageUnavailable,
 )
@@ -24,13 +26,16 @@ EXIT_LOCKED = 6  # a running server holds the database
 EXIT_INVALID_BACKUP = 7  # a backup failed verification
 EXIT_NOT_FOUND = 8  # no memory with that id
 EXIT_UNAVAILABLE = 9  # the server or database cannot be reached
+EXIT_BUSY = 10  # a re-embed or reindex is already under way (on this database, by this or another process)
 
 
 def exit_code(error: GMError) -> int:
     for cls, code in (
         (SchemaTooNew, EXIT_SCHEMA),
         (MigrationFailed, EXIT_MIGRATION),
+        (ModelSwitched, EXIT_MODEL),  # (a write that a re-embed's switch overtook twice: a ModelError)
         (ModelError, EXIT_MODEL),
+        (ReembedInProgress, EXIT_BUSY),
         (DatabaseLocked, EXIT_LOCKED),
         (BackupInvalid, EXIT_INVALID_BACKUP),
         (NotFound, EXIT_NOT_FOUND),

@@ -18,6 +18,7 @@ from aiohttp import web
 from gm import loops
 from gm.config import DEFAULT_BODY_TIMEOUT_SECONDS, DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS, ApiKey
 from gm.errors import Forbidden, GMError, InvalidInput, StorageUnavailable, Unauthorized
+from gm.http import admin
 from gm.http.connections import body_middleware, close_unfinished, end_connection, expect_continue
 from gm.http.cors import CorsPolicy, cors_middleware
 from gm.http.errors import MAX_BODY_KEY, Handler, error_middleware, error_response, json_response
@@ -368,6 +369,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/v1/memories/{id}", delete_memory),
     ("GET", "/v1/memories/{id}/history", memory_history),
     ("GET", "/v1/openapi.json", openapi),
+    *admin.ROUTES,  # /v1/admin/...: re-embedding (gm.http.admin)
 )
 
 
@@ -400,6 +402,8 @@ def make_app(
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app[STATE_KEY] = state
     app[MAX_BODY_KEY] = max_body_bytes
+    app[admin.ADMIN_KEY] = admin.Admin(lambda: state.store, lambda request: request.get(NAMESPACE_KEY))
+    app.on_shutdown.append(app[admin.ADMIN_KEY].stop)  # a re-embed under way stops before the store closes
     app.on_response_prepare.append(close_unfinished)
     app.on_response_prepare.append(close_when_draining)
     app.on_response_prepare.append(cors.allow_origin)

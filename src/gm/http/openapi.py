@@ -64,6 +64,13 @@ def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
+def _admin_errors(*statuses: int) -> dict[str, Any]:
+    return {**_errors(*statuses, *_AUTH), "403": _json(ref("Error"), "Key bound to a namespace (admin needs one bound "
+                                                       "to none)"),
+            **({"409": _json(ref("Error"), "A re-embed is under way (here, or on another instance)")}
+               if 409 in statuses else {})}
+
+
 PATHS: dict[str, Any] = {
     "/v1/healthz": {
         "get": {
@@ -153,6 +160,38 @@ PATHS: dict[str, Any] = {
             "operationId": "memoryHistory",
             "summary": "Every add, update and delete of a memory, oldest first",
             "responses": {"200": _json(ref("History"), "History"), **_errors(404, 422, *_AUTH)},
+        },
+    },
+    "/v1/admin/reembed": {
+        "post": {
+            "operationId": "startReembed",
+            "summary": "Start moving the vectors to another model (model_dir null: a reindex) in the background",
+            "requestBody": _body(ref("ReembedRequest")),
+            "responses": {"202": _json(ref("ReembedStatus"), "Started (or resumed): its status"),
+                          **_admin_errors(400, 409, 413, 415, 422)},
+        },
+        "get": {
+            "operationId": "reembedStatus",
+            "summary": "How this server's re-embed goes, and what the database records",
+            "responses": {"200": _json(ref("ReembedStatus"), "Status"), **_admin_errors(422)},
+        },
+    },
+    "/v1/admin/reembed/cancel": {
+        "post": {
+            "operationId": "cancelReembed",
+            "summary": "Cancel the re-embed under way: its new vectors are dropped, the current ones stay",
+            "requestBody": _body(ref("NoFields")),
+            "responses": {"200": _json(ref("Done"), "Cancelled, or nothing to cancel"),
+                          **_admin_errors(400, 409, 413, 415, 422)},
+        },
+    },
+    "/v1/admin/reembed/drop-old": {
+        "post": {
+            "operationId": "dropOldVectors",
+            "summary": "Drop the vectors the last switch left behind (the later step of a re-embed)",
+            "requestBody": _body(ref("NoFields")),
+            "responses": {"200": _json(ref("Done"), "Dropped, or nothing to drop"),
+                          **_admin_errors(400, 409, 413, 415, 422)},
         },
     },
     "/v1/openapi.json": {

@@ -20,7 +20,7 @@ from gm.memory import (
     MODES,
     RESERVED_IDS,
 )
-from gm.store import MAX_SEARCH_LIMIT
+from gm.store import MAX_REEMBED_BATCH, MAX_SEARCH_LIMIT
 
 
 def ref(name: str) -> dict[str, Any]:
@@ -322,4 +322,68 @@ _STATUS = {
     },
 }
 
-SCHEMAS: dict[str, Any] = {**_BODIES, **_REQUESTS, **_ANSWERS, **_STATUS}
+# The admin routes' (gm.http.admin): a re-embed or reindex run by the server.
+_COUNT = {"type": "integer", "minimum": 0}
+_ADMIN = {
+    "ReembedRequest": closed(
+        {
+            "model_dir": {"type": ["string", "null"], "minLength": 1, "pattern": _NO_NUL,
+                          "description": "the new model's folder on the server (model.onnx, tokenizer.json); null: "
+                          "a reindex, the derived index state rebuilt with the current model"},
+            "batch": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_REEMBED_BATCH, "default": 64,
+                      "description": "memories embedded and written at a time"},
+        },
+        "model_dir",
+    ),
+    "ReembedReport": closed(
+        {
+            "model": {"type": "string", "description": "the identity the vectors have now"},
+            "embedded": {**_COUNT, "description": "memories this run embedded (a resumed run counts only its own)"},
+            "total": _COUNT,
+            "seconds": {"type": "number", "minimum": 0},
+            "rate": {"type": "number", "minimum": 0, "description": "memories embedded a second"},
+            "resumed": {"type": "boolean", "description": "it went on with a run that had been interrupted"},
+        },
+        "model", "embedded", "total", "seconds", "rate", "resumed",
+    ),
+    "ReembedRecord": {
+        **closed(
+            {
+                "reembed": {"anyOf": [closed({
+                    "model": {"type": "string"}, "label": {"type": "string"}, "model_dir": {"type": "string"},
+                    "started_at": _TIME, "done": _COUNT, "total": _COUNT,
+                }, "model", "label", "model_dir", "started_at", "done", "total"), {"type": "null"}],
+                    "description": "the re-embed under way: run by this server, by another instance, or "
+                    "interrupted (asking again resumes it); done of total memories have its vector"},
+                "old_vectors": {**_NULLABLE_STR, "description": "the model whose vectors the last switch left, until "
+                                "POST /v1/admin/reembed/drop-old"},
+            },
+            "reembed", "old_vectors",
+        ),
+        "description": "What the database records about re-embedding",
+    },
+    "ReembedStatus": closed(
+        {
+            "state": {"enum": ["idle", "running", "done", "failed"],
+                      "description": "this server's re-embed: none yet, under way, finished, or stopped by an error"},
+            "phase": {**_NULLABLE_STR, "description": "starting, embedding, switched, ..."},
+            "done": _COUNT,
+            "total": _COUNT,
+            "rate": {"type": "number", "minimum": 0, "description": "memories a second in this run"},
+            "eta_seconds": {"type": ["number", "null"], "minimum": 0, "description": "null while not known"},
+            "model": {**_NULLABLE_STR, "description": "the model identity the vectors move to"},
+            "started_at": _OPTIONAL_TIME,
+            "finished_at": _OPTIONAL_TIME,
+            "error": {"anyOf": [closed({"code": {"type": "string"}, "message": {"type": "string"}}, "code", "message"),
+                                {"type": "null"}], "description": "why it failed"},
+            "report": {"anyOf": [ref("ReembedReport"), {"type": "null"}]},
+            "database": ref("ReembedRecord"),
+        },
+        "state", "phase", "done", "total", "rate", "eta_seconds", "model", "started_at", "finished_at", "error",
+        "report", "database",
+    ),
+    "Done": closed({"done": {"type": "boolean", "description": "false: there was nothing to do"}}, "done"),
+    "NoFields": {**closed({}), "description": "an empty object: the action takes nothing"},
+}
+
+SCHEMAS: dict[str, Any] = {**_BODIES, **_REQUESTS, **_ANSWERS, **_STATUS, **_ADMIN}

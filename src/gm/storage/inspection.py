@@ -17,6 +17,7 @@ import asyncpg
 from gm.errors import SchemaTooNew, StorageUnavailable
 from gm.memory import now_ms
 from gm.model_identity import META_KEYS, RecordedModel, recorded_model
+from gm.reembed import recorded
 from gm.storage import is_postgres_url, postgres_migrations, sqlite_files, sqlite_migrations
 from gm.storage.postgres_pool import DB_ERRORS, connect, redact
 from gm.storage.postgres_vectors import HAS_VEC, register_codec
@@ -38,6 +39,10 @@ class Inspection(Reads):
 
     @abc.abstractmethod
     async def size(self) -> int | None: ...
+
+    @abc.abstractmethod
+    async def memory_columns(self) -> set[str]:
+        """The columns of ``memories`` (a re-embed under way adds ``embedding_next``)."""
 
     async def details(self) -> dict[str, Any]:
         """What this backend adds to a status report."""
@@ -66,8 +71,17 @@ class Inspection(Reads):
             "namespaces": namespaces,
             "database_bytes": await self.size(),
             **await self.model_fields(),
+            **await self.reembedding(),
             **await self.details(),
         }
+
+    async def reembedding(self) -> dict[str, Any]:
+        """The re-embed under way (its model, how many memories have its vector) and the old
+        vectors a switch left, awaiting ``gmem reembed --drop-old`` (gm.reembed.Recorded)."""
+        if self.schema_version == 0:
+            return {"reembed": None, "old_vectors": None}
+        found = await recorded(self, next_column="embedding_next" in await self.memory_columns())
+        return found.to_dict()
 
     async def meta(self, key: str) -> str | None:
         """A value of the ``meta`` table."""
@@ -143,6 +157,9 @@ class SQLiteInspection(Inspection):
     async def size(self) -> int | None:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
 
+    async def memory_columns(self) -> set[str]:
+        return {str(row[1]) for row in await self.fetch("PRAGMA table_info(memories)", [])}
+
     async def details(self) -> dict[str, Any]:
         return {"in_use_by": sqlite_files.holder(self.path)}
 
@@ -174,6 +191,11 @@ class PostgresInspection(Inspection):
     async def size(self) -> int | None:
         rows = await self.fetch("SELECT pg_database_size(current_database())", [])
         return int(rows[0][0])
+
+    async def memory_columns(self) -> set[str]:
+        rows = await self.fetch("SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                                "current_schema() AND table_name = 'memories'", [])
+        return {str(row[0]) for row in rows}
 
     async def details(self) -> dict[str, Any]:
         vectors = None
