@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gm import loops
+from gm import loops, vector_models
 from gm.actor import Actor, Envelope
 from gm.errors import ModelSwitched, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -31,7 +31,6 @@ from gm.storage.base import IndexChange, VectorRow
 
 log = logging.getLogger(__name__)
 
-RETIRED_SECONDS = 10.0  # the old model's index answers the searches it embedded for this long after a switch
 FIRST_RETRY_SECONDS = 1.0  # after a failed load; doubled after each failure, up to MAX_RETRY_SECONDS
 MAX_RETRY_SECONDS = 30.0
 
@@ -345,7 +344,8 @@ class Indexer(Actor[IndexMsg, None]):
         self.retired = (self.model, self.index)
         if self._retire is not None:
             self._retire.cancel()
-        self._retire = asyncio.get_running_loop().call_later(RETIRED_SECONDS, self._report_next, DropRetired(model))
+        grace = vector_models.OLD_MODEL_GRACE_SECONDS  # (as long as the old model answers the searches under way)
+        self._retire = asyncio.get_running_loop().call_later(grace, self._report_next, DropRetired(model))
         self.model = model
         if not reload and self.next_model == model and self.next_index is not None and self._next_pending is None:
             self.index = self.next_index

@@ -287,6 +287,11 @@ async def end(store: Store, *, drop_old: bool) -> bool:
 
 
 
+def recorded_model_here(folder: str) -> ModelSpec:
+    """The model another instance's re-embed recorded (its folder), as found on this machine."""
+    return ModelSpec.from_dir(folder)
+
+
 class ModelFollower:
     """Follows what another instance of a shared (Postgres) database does with the vectors:
     while it re-embeds, this store embeds its writes with both models too and fills the next
@@ -348,7 +353,7 @@ class ModelFollower:
 
     def _model(self, identity: str, folder: str) -> ModelSpec | None:
         try:
-            spec = ModelSpec.from_dir(folder)
+            spec = recorded_model_here(folder)
             if spec.identity != model_of(identity):
                 raise ModelMismatch(f"the model in {folder} is not the one the vectors were made by")
             return spec
@@ -378,7 +383,7 @@ class ModelFollower:
         spec, embedder = None, None
         if not info.copy:
             try:
-                spec = ModelSpec.from_dir(info.model_dir)
+                spec = recorded_model_here(info.model_dir)
             except GMError as exc:  # its writes are embedded by the sweep instead
                 log.warning("another instance re-embeds with the model in %s, not usable here (%s): this instance's "
                             "writes wait for that sweep", info.model_dir, exc.message)

@@ -192,13 +192,21 @@ async def test_another_pgvector_instance_never_searches_new_vectors_with_the_old
 
 
 async def test_a_write_on_an_instance_that_cannot_follow_says_why(
-    pg_url: str, paraphrase_model_dir: Path, tmp_path: Path
+    pg_url: str, paraphrase_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """B cannot load the model A switched to (its folder is not on B's machine): the follower
-    records a ModelMismatch that names the fix, but B's writes answer ModelSwitched, "retry
-    it", which no retry can make succeed."""
+    """B cannot load the model A switched to (its folder is not on B's machine): B's writes
+    answer the follower's ModelMismatch, which names the fix, not a ModelSwitched "retry it"
+    that no retry can make succeed. Both instances run in this process, so the folder's
+    absence on B's machine is stood in for where B's follower looks for it."""
     import shutil
 
+    import gm.reembed
+    from gm.errors import ModelNotFound
+
+    def not_here(folder: str) -> Any:
+        raise ModelNotFound(f"model file {folder}/model.onnx is missing")
+
+    monkeypatch.setattr(gm.reembed, "recorded_model_here", not_here)
     folder = tmp_path / "only-on-a"
     shutil.copytree(paraphrase_model_dir, folder)
     async with gm.open(pg_url) as a, gm.open(pg_url) as b:
