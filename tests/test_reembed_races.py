@@ -1,5 +1,7 @@
-"""Review of the online re-embedding core (gm.reembed): tests that fail on the code as
-landed, one a finding. Each names what it shows; see the review report for the why.
+"""Online re-embedding (gm.reembed) at its edges: a write in flight when a run is cancelled
+after its switch, another instance writing all along, another pgvector instance's searches
+right after the switch, closing the store mid-run, the old index's release, an instance
+that cannot follow, and an update that keeps its text. Each was a bug found in review.
 """
 
 from __future__ import annotations
