@@ -24,11 +24,26 @@ class Progress:
     def finished(self) -> bool:
         return self.done >= self.total
 
-    def line(self, unit: str = "memories") -> str:
-        """One line for people: ``embedding: 1,200 of 5,000 memories (24%), 180/s, about 21s left``."""
-        eta = f", about {self.eta_seconds:.0f}s left" if self.eta_seconds is not None else ""
-        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return f"{self.phase}: {self.done:,} of {self.total:,} {unit}{share}, {self.rate:,.0f}/s{eta}"
+    def line(self) -> str:
+        """``embedding: 1,234 / 2,938 memories (42%), 310/s, ETA 6s`` (an index build on
+        Postgres counts table blocks, not memories: no unit then)."""
+        share = f" ({100 * self.done // self.total}%)" if self.total else ""
+        rate = f", {self.rate:,.0f}/s" if self.rate > 0 else ""
+        eta = f", ETA {duration(self.eta_seconds)}" if self.eta_seconds is not None and self.done < self.total else ""
+        unit = "" if self.phase.startswith("reindex ") else " memories"
+        return f"{self.phase}: {self.done:,} / {self.total:,}{unit}{share}{rate}{eta}"
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``3m07s``, ``2h05m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 OnProgress = Callable[[Progress], None]

@@ -31,27 +31,6 @@ REPORT_SECONDS = 2.0  # off a terminal, a progress line every this many seconds 
 REDRAW_SECONDS = 0.1  # on a terminal, the line is redrawn at most this often
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def describe(p: Progress) -> str:
-    """``embedding: 1,234 / 2,938 memories (42%), 310/s, ETA 6s`` (an index build on Postgres
-    counts table blocks, not memories: no unit then)."""
-    share = f" ({100 * p.done // p.total}%)" if p.total else ""
-    rate = f", {p.rate:,.0f}/s" if p.rate > 0 else ""
-    eta = f", ETA {_duration(p.eta_seconds)}" if p.eta_seconds is not None and p.done < p.total else ""
-    unit = "" if p.phase.startswith("reindex ") else " memories"
-    return f"{p.phase}: {p.done:,} / {p.total:,}{unit}{share}{rate}{eta}"
-
-
 class ProgressLine:
     """A job's progress on stderr: on a terminal one line redrawn in place; elsewhere (a log,
     a pipe) a line every REPORT_SECONDS, the first and a change of phase at once."""
@@ -66,7 +45,7 @@ class ProgressLine:
         self.drawn = False
 
     def __call__(self, progress: Progress) -> None:
-        now, line = self.clock(), describe(progress)
+        now, line = self.clock(), progress.line()
         due = self.last_at is None or progress.phase != self.last_phase or now - self.last_at >= (
             REDRAW_SECONDS if self.terminal else REPORT_SECONDS)
         self.last_phase = progress.phase
