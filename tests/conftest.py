@@ -18,6 +18,7 @@ import os
 import queue
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -265,6 +266,7 @@ class DatabaseSupply:
         self._work: queue.PriorityQueue[tuple[int, int, str]] = queue.PriorityQueue()
         self._made: queue.Queue[str | BaseException] = queue.Queue()
         self._order = itertools.count()
+        self._failure: BaseException | None = None
         if self.template is not None:
             _run(self._make_template(self.template))
         for _ in range(self.AHEAD):
@@ -279,11 +281,19 @@ class DatabaseSupply:
 
     def take(self) -> str:
         self._ask(self.CREATE)
-        made = self._made.get(timeout=60)
-        if isinstance(made, BaseException):
-            self._made.put(made)  # every later taker hears it too
-            raise made
-        return made
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                made = self._made.get(timeout=0.5)
+            except queue.Empty:
+                if self._failure is not None:
+                    raise self._failure from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no database made in 60 s on {self.admin_url}: is it overloaded?") from None
+                continue
+            if isinstance(made, BaseException):
+                raise made
+            return made
 
     def give_back(self, name: str) -> None:
         self._ask(self.DROP, name)
@@ -302,27 +312,27 @@ class DatabaseSupply:
 
     def _serve(self) -> None:
         loop = asyncio.new_event_loop()
-        try:
-            conn = loop.run_until_complete(asyncpg.connect(self.admin_url, timeout=5))
-        except BaseException as exc:  # noqa: BLE001 - handed to every taker
-            self._made.put(exc)
-            loop.close()
-            return
+        conn: asyncpg.Connection | None = None
         try:
             while True:
                 kind, _, name = self._work.get()
                 if kind == self.STOP:
                     break
                 try:
+                    if conn is None or conn.is_closed():
+                        conn = loop.run_until_complete(asyncpg.connect(self.admin_url, timeout=5))
                     if kind == self.CREATE:
                         self._made.put(loop.run_until_complete(self._create(conn)))
                     else:
                         loop.run_until_complete(conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                except Exception as exc:  # noqa: BLE001 - a taker hears it; a failed drop leaves a database
-                    if kind == self.CREATE:
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    if kind == self.CREATE:  # the test that asked hears it; a failed drop leaves a database
                         self._made.put(exc)
+        except BaseException as exc:  # noqa: BLE001 - every taker hears it
+            self._failure = exc
         finally:
-            loop.run_until_complete(conn.close())
+            if conn is not None:
+                loop.run_until_complete(conn.close())
             loop.close()
 
     async def _create(self, conn: asyncpg.Connection) -> str:
