@@ -4,6 +4,7 @@ commands are the ones CI runs, and the site builds."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gm.cli import main
 from gm.http.app import ROUTES
 from tests.http_server import spawn_server
 
@@ -26,7 +28,28 @@ def cli_examples() -> list[str]:
     return [line[2:] for block in blocks for line in block.splitlines() if line.startswith("$ gmem ")]
 
 
-async def test_cli_reference_examples_run(tmp_path: Path) -> None:
+def shell_argv(lines: list[str], env: dict[str, str]) -> list[list[str]]:
+    """The argument lists bash gives ``gmem`` for each line (its quoting and ``$GM_URL``), read
+    from one bash that runs every line with ``gmem`` defined to print its arguments."""
+    script = "gmem() { printf '%s\\0' \"$@\"; printf '\\1\\0'; }\n" + "\n".join(lines)
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    argvs: list[list[str]] = [[]]
+    for arg in done.stdout.split("\0")[:-1]:
+        if arg == "\1":
+            argvs.append([])
+        else:
+            argvs[-1].append(arg)
+    assert argvs.pop() == [] and len(argvs) == len(lines), argvs
+    return argvs
+
+
+def test_cli_reference_examples_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each example, parsed by bash, runs through ``gm.cli.main`` in this process (as test_cli's
+    commands do; test_cli.test_version runs the installed ``gmem`` script): 34 child processes,
+    each importing greatmemory and loading the model, took 19-35 s of the suite."""
     examples = cli_examples()
     assert len(examples) >= 15
     commands = {line.split()[1] for line in examples}
@@ -44,16 +67,19 @@ async def test_cli_reference_examples_run(tmp_path: Path) -> None:
         "keys",
         "version",
     }
-    process, url = await spawn_server(tmp_path / "serve.log", "--db", str(tmp_path / "server.db"))
+    process, url = asyncio.run(spawn_server(tmp_path / "serve.log", "--db", str(tmp_path / "server.db")))
     try:
-        bin_dir = str(Path(sys.executable).parent)
-        env = {**os.environ, "GM_URL": url, "PATH": bin_dir + os.pathsep + os.environ["PATH"]}
-        for line in examples:
-            result = subprocess.run(
-                ["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-            )
-            assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
-            assert result.stdout.strip(), line
+        monkeypatch.setenv("GM_URL", url)
+        monkeypatch.chdir(tmp_path)
+        for line, argv in zip(examples, shell_argv(examples, dict(os.environ)), strict=True):
+            capsys.readouterr()
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's --help
+                code = exc.code if isinstance(exc.code, int) else 1
+            out, err = capsys.readouterr()
+            assert code == 0, f"{line}\n{out}\n{err}"
+            assert out.strip(), line
     finally:
         process.terminate()
         process.wait(30)
