@@ -169,7 +169,10 @@ async def opened(target: Target, label: str, shared: list[SharedEmbedder]) -> As
             await mem.embedder.stop()  # never started; the shared one takes its place
         else:
             shared.append(SharedEmbedder(mem.embedder))
-        mem.embedder = mem.searcher.embedder = shared[0]  # type: ignore[assignment]
+        if hasattr(mem, "models"):  # (since re-embedding, the store's models hold its embedder)
+            mem.models.embedder = shared[0]  # type: ignore[assignment]
+        else:  # an older checkout's store
+            mem.embedder = mem.searcher.embedder = shared[0]
         yield mem
 
 
