@@ -163,8 +163,10 @@ class Reembed:
             embedder = None if self.spec is None else Embedder(self.spec, threads=store.settings.embed_threads)
             try:
                 info, resumed = await self._begin(embedder)
-                next_model = NextModel(info, embedder)
+                next_model, followed = NextModel(info, embedder), store.models.next
                 store.models.next = next_model  # the store's writes are embedded with both from now on
+                if followed is not None and followed.embedder is not None:  # (it followed another's run)
+                    await followed.embedder.stop()
                 if not store.backend.native_vectors:
                     await store.indexer.prepare(info.identity)
                 embedded, total = await self._sweep(next_model)
