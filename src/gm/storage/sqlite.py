@@ -75,6 +75,7 @@ class SQLiteBackend(Backend):
         sqlite_migrations.check_path(self.path)
         self._lock.acquire()
         self.schema_read(await self.migrator.run())
+        conn = None
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
             pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000", f"mmap_size = {MMAP_BYTES}")
@@ -85,12 +86,18 @@ class SQLiteBackend(Backend):
             uri = f"file:{self.path.resolve()}?mode=ro"
             for _ in range(READERS):
                 reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+                self._all_readers.append(reader)  # (closed by close(), whatever happens next)
                 await reader.execute("PRAGMA busy_timeout = 10000")
                 await reader.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
-                self._all_readers.append(reader)
                 self._readers.put_nowait(reader)
-        except sqlite3.Error as exc:
-            raise sqlite_migrations.storage_error(exc, self.path) from None
+        except BaseException as exc:
+            # An open that failed or was cancelled (a server stopped while opening) closes the
+            # write connection it made: its thread would keep the process from exiting.
+            if conn is not None:
+                await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise sqlite_migrations.storage_error(exc, self.path) from None
+            raise
         self.writer = Writer(conn, on_commit, self.schema_version)
         self.writer.start()
 
