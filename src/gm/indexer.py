@@ -92,10 +92,9 @@ class NextLoaded:
 class Promote:
     """The switch to ``model`` committed: its index is the published one from now on; the
     one before stays for the searches under way (their query has the old model's vector).
-    With ``reload``, nothing was prepared here (another instance re-embedded): load it."""
+    If no index of it was prepared here, the switched vectors are loaded."""
 
     model: str
-    reload: bool = False
 
 
 @dataclass(slots=True)
@@ -187,8 +186,8 @@ class Indexer(Actor[IndexMsg, None]):
         if self.next_index is None or self.next_model != model:
             raise StorageUnavailable("the next model's vector index could not be loaded; the re-embed will retry")
 
-    async def promote(self, model: str, *, reload: bool = False) -> None:
-        await self.ask(Promote(model, reload))
+    async def promote(self, model: str) -> None:
+        await self.ask(Promote(model))
 
     async def discard(self) -> None:
         await self.ask(Discard())
@@ -266,8 +265,8 @@ class Indexer(Actor[IndexMsg, None]):
                     self.next_model = None
                 self._next_pending = None
                 self._next_ready.set()
-            case Promote(model, reload):
-                self._promote(model, reload)
+            case Promote(model):
+                self._promote(model)
             case DropRetired(model) if model == self.model:
                 self.retired = None
             case Discard():
@@ -338,7 +337,7 @@ class Indexer(Actor[IndexMsg, None]):
         if not self._closing:
             self.tell(msg)
 
-    def _promote(self, model: str, reload: bool) -> None:
+    def _promote(self, model: str) -> None:
         if model == self.model:
             return
         self.retired = (self.model, self.index)
@@ -347,7 +346,7 @@ class Indexer(Actor[IndexMsg, None]):
         grace = vector_models.OLD_MODEL_GRACE_SECONDS  # (as long as the old model answers the searches under way)
         self._retire = asyncio.get_running_loop().call_later(grace, self._report_next, DropRetired(model))
         self.model = model
-        if not reload and self.next_model == model and self.next_index is not None and self._next_pending is None:
+        if self.next_model == model and self.next_index is not None and self._next_pending is None:
             self.index = self.next_index
         else:  # nothing prepared (another instance re-embedded): load the switched vectors
             self._start_load()

@@ -104,7 +104,7 @@ async def recorded(reads: Reads, *, next_column: bool = True) -> Recorded:
     adds it in the transaction that records the re-embed, so a backend need not look)."""
     raw, old = await reads.meta_value("reembed"), await reads.meta_value("old_vectors")
     info = ReembedInfo.from_json(raw) if raw is not None else None
-    done, total = await reads.count_missing_next() if info is not None and next_column else (0, 0)
+    done, total = await reads.next_progress() if info is not None and next_column else (0, 0)
     old_model = None
     if old is not None:
         try:
@@ -212,7 +212,7 @@ class Reembed:
         from the start: a text changed behind it, or written by an instance that does not
         embed with both models (yet), needs its next vector too."""
         backend = self.store.backend
-        done, total = await backend.count_missing_next()
+        done, total = await backend.next_progress()
         meter = Meter("embedding", total, done)
         embedded = 0
         self._report(meter.at(done))
@@ -244,7 +244,7 @@ class Reembed:
                 finished = meter.at(total, total)
                 self._report(Progress("switched", total, total, finished.rate, 0.0))
                 return embedded, total
-            done, total = await backend.count_missing_next()
+            done, total = await backend.next_progress()
             self._report(meter.at(done, total))
         raise ReembedInProgress(
             f"memories kept arriving without the next model's vector after {MAX_PASSES} passes; run it again"

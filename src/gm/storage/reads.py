@@ -172,8 +172,8 @@ class Reads(abc.ABC):
         )
         return [(r[0], r[1], bytes(r[2])) for r in rows]
 
-    async def count_missing_next(self) -> tuple[int, int]:
-        """How many memories the next model has embedded, and how many in all."""
+    async def next_progress(self) -> tuple[int, int]:
+        """A re-embed's progress: how many memories have the next model's vector, of how many."""
         rows = await self.fetch("SELECT count(embedding_next), count(*) FROM memories", [])
         return int(rows[0][0]), int(rows[0][1])
 
