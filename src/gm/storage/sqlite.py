@@ -17,7 +17,7 @@ import aiosqlite
 
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
 from gm.context import CONTEXT_WEIGHT
-from gm.errors import InvalidInput, StorageUnavailable
+from gm.errors import InvalidInput, StorageUnavailable, StoreClosed
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
@@ -131,6 +131,10 @@ class SQLiteBackend(Backend):
                 if statement_error(exc):  # as on Postgres: a value the query could not take is the caller's
                     raise InvalidInput(f"the database refused the query: {exc}") from None
                 raise StorageUnavailable(f"reading {self.path} failed: {exc}") from None
+            except ValueError as exc:  # aiosqlite's, for a read still under way when the store closed
+                if str(exc) != "Connection closed":
+                    raise
+                raise StoreClosed("the store is closed; open it again with gm.open()") from None
 
     async def keyword_search(
         self, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
