@@ -1,36 +1,80 @@
-"""The in-process vector index: every live memory's unit vector in one float32 matrix,
-with its scope and expiry beside it, scored by cosine (a dot product) off the event loop.
+"""The in-process vector index: every live memory's vector quantised to int8 in one matrix,
+with its scope and expiry beside it, and once it is large an HNSW graph (usearch) over it.
 
-Only the Indexer (gm.indexer) writes it: its loader fills a fresh one that nobody else
-holds yet, then the published one follows each committed batch. Searches run on worker
-threads against a snapshot: the published arrays and the row count they carry. Appends
-fill a row before counting it, and growth or compaction builds new arrays completely
-before publishing them, so a running search never sees a torn or missing row.
+A query is planned (gm.vector_plan): the rows its scope and filter allow are scored exactly
+when they are few, else the graph proposes candidates and the allowed ones are kept. Either
+way the scores are int8 approximations; the Searcher rescores the best with the stored
+float32 vectors (gm.search), so what it returns is exact cosines.
+
+Only the Indexer (gm.indexer) writes it: its loader fills a fresh one that nobody else holds
+yet, then the published one follows each committed batch, and a background task of the
+Indexer adds the new rows to the graph. Searches run on worker threads against a snapshot:
+the published arrays and the row count they carry. Appends fill a row before counting it and
+growth builds new arrays completely before publishing them, so a running search never sees a
+torn or missing row. A row keeps its slot for the index's life (the graph knows rows by
+slot): a changed vector takes a new slot, and an index mostly of dead slots is loaded afresh.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from usearch.index import Index as Graph
 
+from gm import vector_plan
 from gm.memory import Scope
 from gm.storage.base import IndexChange, VectorRow
 
+Vec = npt.NDArray[np.int64]  # slots
 NEVER = np.iinfo(np.int64).max
 _FIELDS = ("namespace", "user_id", "agent_id", "session_id")
+
+GRAPH_MIN_ROWS = vector_plan.EXACT_MAX_ROWS  # below this many live rows exact scoring is as fast: no graph
+CONNECTIVITY = 16  # the graph's links per node (usearch's default)
+EXPANSION_ADD = 128
+EXPANSION_SEARCH = 128  # recall@10 .977 at 100k with 64: .943 (bench/ann_choice.py)
+GRAPH_CHUNK = 256  # rows added to the graph at a time: the lock searches wait on is held that long
+# A unit vector's components rarely pass 6/sqrt(dim) (MiniLM: 0.28 at most, 5.5/sqrt(384)):
+# the int8 scale when no batch of data is there to measure it.
+DEFAULT_SPREAD = 6.0
 
 
 @dataclass
 class _Arrays:
-    vectors: npt.NDArray[np.float32]
+    vectors: npt.NDArray[np.int8]
     rowids: npt.NDArray[np.int64]
     live: npt.NDArray[np.bool_]
     expires: npt.NDArray[np.int64]
     scope: npt.NDArray[np.int32]  # one column per scope field; -1 = not set
     count: int = 0  # rows in use (live or not); rows past it are not yet written
+
+
+class _Slots:
+    """The slots of one scope value (live or not), appended in order; published like _Arrays."""
+
+    __slots__ = ("slots", "count")
+
+    def __init__(self) -> None:
+        self.slots = np.empty(16, dtype=np.int64)
+        self.count = 0
+
+    def extend(self, slots: npt.NDArray[np.int64]) -> None:
+        end = self.count + len(slots)
+        if end > len(self.slots):
+            grown = np.empty(max(end, 2 * len(self.slots)), dtype=np.int64)
+            grown[: self.count] = self.slots[: self.count]
+            self.slots = grown
+        self.slots[self.count : end] = slots
+        self.count = end
+
+    def view(self) -> npt.NDArray[np.int64]:
+        count = self.count  # (read first: a growth meanwhile publishes a copy holding these)
+        return self.slots[:count]
 
 
 class VectorIndex:
@@ -39,13 +83,19 @@ class VectorIndex:
     def __init__(self, dim: int = 384, capacity: int = 1024) -> None:
         self.dim = dim
         self.live_count = 0
+        self.scale: float | None = None  # int8 value = round(component * scale), set by the first vectors
         self._a = self._allocate(capacity)
         self._slot: dict[int, int] = {}
         self._codes: list[dict[str, int]] = [{} for _ in _FIELDS]
+        self._slots: list[dict[int, _Slots]] = [{} for _ in _FIELDS]
+        self._sizes: list[dict[int, int]] = [{} for _ in _FIELDS]  # live rows per scope value
+        self._graph: Graph | None = None
+        self._graphed = 0  # slots below this are in the graph (the live ones, as they were)
+        self._graph_lock = threading.Lock()  # the graph grows while searches read it: one at a time
 
     def _allocate(self, capacity: int) -> _Arrays:
         return _Arrays(
-            np.zeros((capacity, self.dim), dtype=np.float32),
+            np.zeros((capacity, self.dim), dtype=np.int8),
             np.zeros(capacity, dtype=np.int64),
             np.zeros(capacity, dtype=np.bool_),
             np.full(capacity, NEVER, dtype=np.int64),
@@ -60,16 +110,33 @@ class VectorIndex:
         return self._a.count
 
     @property
+    def graphed(self) -> int:
+        """Slots the graph covers (searches score the rest exactly)."""
+        return self._graphed if self._graph is not None else 0
+
+    @property
     def nbytes(self) -> int:
-        """The memory its arrays hold, allocated rows included (for /metrics)."""
+        """The memory its arrays and graph hold, allocated rows included (for /metrics)."""
         a = self._a
-        return a.vectors.nbytes + a.rowids.nbytes + a.live.nbytes + a.expires.nbytes + a.scope.nbytes
+        arrays = a.vectors.nbytes + a.rowids.nbytes + a.live.nbytes + a.expires.nbytes + a.scope.nbytes
+        slots = sum(s.slots.nbytes for field in self._slots for s in field.values())
+        graph = self._graph.memory_usage if self._graph is not None else 0
+        return int(arrays + slots + graph)
+
+    @property
+    def wasted(self) -> bool:
+        """Most slots are dead (removed or replaced rows): a fresh load would be far smaller."""
+        return self._a.count > 2 * max(self.live_count, GRAPH_MIN_ROWS)
+
+    # -- writes (the Indexer's task only) --------------------------------------------
 
     def _intern(self, field: int, value: str) -> int:
         codes = self._codes[field]
         code = codes.get(value)
         if code is None:
             code = codes[value] = len(codes)
+            self._slots[field][code] = _Slots()
+            self._sizes[field][code] = 0
         return code
 
     def _codes_of(self, scope: Scope) -> list[int]:
@@ -77,65 +144,82 @@ class VectorIndex:
         return [-1 if value is None else self._intern(field, value) for field, value in enumerate(values)]
 
     def _reserve(self, extra: int) -> None:
-        """Make room for ``extra`` rows, compacting away removed rows; publishes new arrays
-        only once they are complete."""
+        """Make room for ``extra`` rows; publishes the grown arrays only once complete (every
+        row keeps its slot)."""
         old = self._a
         if old.count + extra <= len(old.rowids):
             return
-        keep = np.flatnonzero(old.live[: old.count])
-        capacity = len(old.rowids)
-        if len(keep) + extra > capacity // 2:  # grow unless removed rows free at least half
-            capacity = max(len(keep) + extra, capacity * 2)
-        new = self._allocate(capacity)
-        n = len(keep)
-        new.vectors[:n] = old.vectors[keep]
-        new.rowids[:n] = old.rowids[keep]
-        new.live[:n] = True
-        new.expires[:n] = old.expires[keep]
-        new.scope[:n] = old.scope[keep]
-        new.count = n
-        self._slot = {int(r): i for i, r in enumerate(new.rowids[:n])}
+        new = self._allocate(max(old.count + extra, 2 * len(old.rowids)))
+        n = new.count = old.count
+        new.vectors[:n] = old.vectors[:n]
+        new.rowids[:n] = old.rowids[:n]
+        new.live[:n] = old.live[:n]
+        new.expires[:n] = old.expires[:n]
+        new.scope[:n] = old.scope[:n]
         self._a = new
 
-    def _fit_dim(self, dim: int) -> None:
+    def _fit(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.int8]:
+        """``vectors`` (one per row) in int8; the first ones set the dimension and scale."""
+        dim = vectors.shape[1]
         if dim != self.dim:
             if self._a.count:
                 raise ValueError(f"vector of {dim} dimensions in an index of {self.dim}")
             self.dim = dim
             self._a = self._allocate(len(self._a.rowids))
+        if self.scale is None:
+            spread = float(np.abs(vectors).max()) * 1.1 if len(vectors) >= 100 else DEFAULT_SPREAD / math.sqrt(dim)
+            self.scale = 127.0 / (spread or 1.0)
+        quantised: npt.NDArray[np.int8] = np.clip(np.rint(vectors * self.scale), -127, 127).astype(np.int8)
+        return quantised
+
+    def _file(self, slots: npt.NDArray[np.int64], codes: npt.NDArray[np.int32]) -> None:
+        """Count new live ``slots`` (of these scope ``codes``) under their scope values."""
+        for field in range(len(_FIELDS)):
+            column = codes[:, field]
+            order = np.argsort(column, kind="stable")
+            values, starts = np.unique(column[order], return_index=True)
+            ends = [*starts[1:], len(order)]
+            for value, start, end in zip(values.tolist(), starts.tolist(), ends, strict=True):
+                if value >= 0:
+                    self._slots[field][value].extend(slots[order[start:end]])
+                    self._sizes[field][value] += end - start
 
     def add(self, rowid: int, vector: bytes | npt.NDArray[np.float32], scope: Scope, expires_at: int | None) -> None:
         """Add (or replace) the vector of ``rowid``."""
         row = np.frombuffer(vector, dtype=np.float32) if isinstance(vector, bytes) else vector
-        self._fit_dim(row.shape[0])
+        quantised = self._fit(row.reshape(1, -1))
         self.remove(rowid)
         self._reserve(1)
         a = self._a
         slot = a.count
-        a.vectors[slot] = row
+        codes = np.array([self._codes_of(scope)], dtype=np.int32)
+        a.vectors[slot] = quantised[0]
         a.rowids[slot] = rowid
         a.expires[slot] = NEVER if expires_at is None else expires_at
-        a.scope[slot] = self._codes_of(scope)
+        a.scope[slot] = codes[0]
         a.live[slot] = True
+        self._file(np.array([slot], dtype=np.int64), codes)
         self._slot[rowid] = slot
         a.count = slot + 1  # counted only once written
         self.live_count += 1
 
     def load(self, rows: list[VectorRow]) -> None:
-        """Add many rows at once (the bulk path of opening a store; blocking, ~1 s per million)."""
+        """Add many rows at once (the bulk path of opening a store; blocking)."""
         if not rows:
             return
-        self._fit_dim(len(rows[0].vector) // 4)
+        quantised = self._fit(np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(len(rows), -1))
         for row in rows:
             self.remove(row.rowid)
         self._reserve(len(rows))
         a = self._a
         start, end = a.count, a.count + len(rows)
-        a.vectors[start:end] = np.frombuffer(b"".join(r.vector for r in rows), dtype=np.float32).reshape(-1, self.dim)
+        codes = np.array([self._codes_of(r.scope) for r in rows], dtype=np.int32).reshape(len(rows), len(_FIELDS))
+        a.vectors[start:end] = quantised
         a.rowids[start:end] = [r.rowid for r in rows]
         a.expires[start:end] = [NEVER if r.expires_at is None else r.expires_at for r in rows]
-        a.scope[start:end] = [self._codes_of(r.scope) for r in rows]
+        a.scope[start:end] = codes
         a.live[start:end] = True
+        self._file(np.arange(start, end, dtype=np.int64), codes)
         self._slot.update((r.rowid, start + i) for i, r in enumerate(rows))
         a.count = end
         self.live_count += len(rows)
@@ -145,6 +229,9 @@ class VectorIndex:
         if slot is not None:
             self._a.live[slot] = False
             self.live_count -= 1
+            for field, code in enumerate(self._a.scope[slot].tolist()):
+                if code >= 0:
+                    self._sizes[field][code] -= 1
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
         """Follow a committed batch of writes."""
@@ -158,14 +245,46 @@ class VectorIndex:
                 if slot is not None:
                     self._a.expires[slot] = NEVER if change.expires_at is None else change.expires_at
 
+    # -- the graph (the Indexer's background task, on a worker thread) -----------------
+
+    def graph_backlog(self) -> int:
+        """Rows still to add to the graph (0 while the index is too small to want one)."""
+        if self._graph is None and self.live_count < GRAPH_MIN_ROWS:
+            return 0
+        return self._a.count - self._graphed
+
+    def grow_graph(self, threads: int = 1) -> int:
+        """Add the next rows (at most GRAPH_CHUNK) to the graph; how many slots it covered."""
+        a = self._a
+        start = self._graphed
+        end = min(a.count, start + GRAPH_CHUNK)
+        if end <= start:
+            return 0
+        if self._graph is None:
+            self._graph = Graph(ndim=self.dim, metric="cos", dtype="i8", connectivity=CONNECTIVITY,
+                                expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+        slots = np.arange(start, end, dtype=np.int64)[a.live[start:end]]
+        if len(slots):
+            with self._graph_lock:
+                self._graph.add(slots, a.vectors[slots], threads=threads)
+        self._graphed = end
+        return end - start
+
+    # -- reads (worker threads) -----------------------------------------------------
+
     def cosines(self, query: npt.NDArray[np.float32], rowids: Iterable[int]) -> dict[int, float]:
-        """The cosine of ``query`` with each of ``rowids`` the index holds."""
+        """The (int8-approximate) cosine of ``query`` with each of ``rowids`` the index holds."""
         a = self._a
         pairs = [(rowid, slot) for rowid in rowids if (slot := self._slot.get(rowid)) is not None]
         if not pairs:
             return {}
-        scores = a.vectors[[slot for _, slot in pairs]] @ query
+        scores = self._scores(a, np.array([slot for _, slot in pairs], dtype=np.int64), query)
         return {rowid: float(score) for (rowid, _), score in zip(pairs, scores, strict=True)}
+
+    def _scores(self, a: _Arrays, slots: Vec, query: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        scale = np.float32(self.scale or 1.0)
+        scores: npt.NDArray[np.float32] = (a.vectors[slots].astype(np.float32) @ query.astype(np.float32)) / scale
+        return scores
 
     def search(
         self,
@@ -176,28 +295,78 @@ class VectorIndex:
         allowed: Iterable[int] | None = None,
     ) -> list[tuple[int, float]]:
         """The ``k`` best (rowid, cosine) pairs among live, unexpired vectors in ``scope``
-        (and among ``allowed`` rowids if given), best first. Blocking: run it off the loop."""
+        (and among ``allowed`` rowids if given), best first, by int8-approximate cosine.
+        Blocking: run it off the loop."""
         a = self._a
-        n = a.count
-        if n == 0:
+        if a.count == 0 or k <= 0:
             return []
-        mask = a.live[:n] & (a.expires[:n] > now)
+        wanted = self._wanted(scope)
+        if wanted is None:
+            return []  # a scope value no row has
+        allowed_rowids = None if allowed is None else np.fromiter(allowed, dtype=np.int64)
+        if allowed_rowids is not None and len(allowed_rowids) == 0:
+            return []
+        graph = self._graph
+        if graph is not None and a.count - self._graphed <= vector_plan.EXACT_MAX_ROWS:
+            sizes = [self._sizes[field][code] for field, code in wanted]
+            estimate = min([*sizes, len(allowed_rowids) if allowed_rowids is not None else self.live_count])
+            plan = vector_plan.plan(estimate, self.live_count, k)
+            if not plan.exact:
+                return self._graph_search(a, graph, query, wanted, allowed_rowids, now, k, plan.fetch)
+        return self._exact(a, query, wanted, allowed_rowids, now, k)
+
+    def _wanted(self, scope: Scope) -> list[tuple[int, int]] | None:
+        """The (field, code) pairs ``scope`` sets; None if a value is unknown here."""
+        wanted = []
         for field, value in enumerate((scope.namespace, scope.user_id, scope.agent_id, scope.session_id)):
-            if value is None:
-                continue
-            code = self._codes[field].get(value)
-            if code is None:
-                return []
-            mask &= a.scope[:n, field] == code
+            if value is not None:
+                code = self._codes[field].get(value)
+                if code is None:
+                    return None
+                wanted.append((field, code))
+        return wanted
+
+    def _keep(self, a: _Arrays, slots: npt.NDArray[np.int64], wanted: list[tuple[int, int]],
+              allowed: npt.NDArray[np.int64] | None, now: int) -> npt.NDArray[np.int64]:
+        """Those of ``slots`` live, unexpired, in the scope and allowed."""
+        mask = a.live[slots] & (a.expires[slots] > now)
+        for field, code in wanted:
+            mask &= a.scope[slots, field] == code
         if allowed is not None:
-            mask &= np.isin(a.rowids[:n], np.fromiter(allowed, dtype=np.int64))
-        slots = np.flatnonzero(mask)
-        if len(slots) == 0:
-            return []
-        if len(slots) * 4 > n:  # gathering rows costs ~4x a row of the full product (measured)
-            scores = (a.vectors[:n] @ query)[slots]
+            mask &= np.isin(a.rowids[slots], allowed)
+        return slots[mask]
+
+    def _exact(self, a: _Arrays, query: npt.NDArray[np.float32], wanted: list[tuple[int, int]],
+               allowed: npt.NDArray[np.int64] | None, now: int, k: int) -> list[tuple[int, float]]:
+        if wanted:  # the slots of the scope's rarest value: a user's rows, not the database's
+            field, code = min(wanted, key=lambda fc: self._sizes[fc[0]][fc[1]])
+            candidates = self._slots[field][code].view()
         else:
-            scores = a.vectors[slots] @ query
+            candidates = np.arange(a.count, dtype=np.int64)
+        slots = self._keep(a, candidates, wanted, allowed, now)
+        return self._best(a, slots, self._scores(a, slots, query), k)
+
+    def _graph_search(self, a: _Arrays, graph: Graph, query: npt.NDArray[np.float32], wanted: list[tuple[int, int]],
+                      allowed: npt.NDArray[np.int64] | None, now: int, k: int, fetch: int) -> list[tuple[int, float]]:
+        """The graph's candidates that are allowed, and the rows it does not hold yet, exactly."""
+        scale = self.scale or 1.0
+        quantised = np.clip(np.rint(query * scale), -127, 127).astype(np.int8)
+        covered = min(self._graphed, a.count)  # (the graph may have grown past this snapshot's rows)
+        while True:
+            with self._graph_lock:
+                graph.expansion_search = max(EXPANSION_SEARCH, fetch)  # type: ignore[misc]  # (it has an untyped setter)
+                found = graph.search(quantised, fetch, threads=1)
+            keys = np.asarray(found.keys, dtype=np.int64)
+            slots = self._keep(a, keys[keys < covered], wanted, allowed, now)
+            if len(slots) >= k or fetch >= len(graph):
+                break
+            fetch = min(4 * fetch, len(graph))  # the allowed rows lay thinner near the query than on average
+        tail = self._keep(a, np.arange(covered, a.count, dtype=np.int64), wanted, allowed, now)
+        slots = np.concatenate([slots, tail])
+        return self._best(a, slots, self._scores(a, slots, query), k)
+
+    @staticmethod
+    def _best(a: _Arrays, slots: Vec, scores: npt.NDArray[np.float32], k: int) -> list[tuple[int, float]]:
         if len(slots) > k:
             top = np.argpartition(-scores, k - 1)[:k]
         else:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from gm import loops, vector_models
+from gm import loops, vector_models, vector_plan
 from gm.actor import Actor, Envelope
 from gm.errors import ModelSwitched, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -152,6 +152,7 @@ class Indexer(Actor[IndexMsg, None]):
         self._loader: asyncio.Task[None] | None = None
         self._loading_stopped = False
         self._loaded = asyncio.Event()
+        self._grower: asyncio.Task[None] | None = None  # adds new rows to the published index's graph
         self._outcome: asyncio.Future[None] | None = None  # what those waiting for readiness hear next
 
     # -- what other tasks call -------------------------------------------------------
@@ -251,6 +252,12 @@ class Indexer(Actor[IndexMsg, None]):
                 envelope.answer(None)
 
     async def _take(self, msg: IndexMsg) -> None:
+        await self._follow(msg)
+        if self.index.wasted and (self._loader is None or self._loader.done()) and self._loaded.is_set():
+            self._start_load(serving=True)  # mostly dead slots: a fresh load, searched only once complete
+        self._grow()
+
+    async def _follow(self, msg: IndexMsg) -> None:
         match msg:
             case Apply(changes):
                 self._apply(changes)
@@ -305,7 +312,7 @@ class Indexer(Actor[IndexMsg, None]):
                 self.on_unknown_model(change.model)  # another instance switched: this one must follow
         if self._pending is not None:
             self._pending.extend(current)
-        else:
+        if self._pending is None or self._loaded.is_set():  # (a load that replaces a served index)
             self.index.apply(current)
         if self._next_pending is not None:
             self._next_pending.extend(following)
@@ -359,8 +366,24 @@ class Indexer(Actor[IndexMsg, None]):
         self.next_model, self.next_index, self._next_pending = None, None, None
         self._next_ready.set()
 
+    def _grow(self) -> None:
+        """Have the graph of the published index catch up with its rows, in the background."""
+        if (self._grower is None or self._grower.done()) and self.index.graph_backlog() > 0 and not self._closing:
+            self._grower = asyncio.get_running_loop().create_task(self._grow_graph(), name="gm-index-graph")
+
+    async def _grow_graph(self) -> None:
+        """Add rows to the graph a chunk at a time, off the loop; searches score the rows it
+        does not hold yet exactly, and use it once few are left (gm.index)."""
+        try:
+            while (backlog := (index := self.index).graph_backlog()) > 0:
+                # A long backlog (a load) takes both cores; after that, one, beside the model.
+                await asyncio.to_thread(index.grow_graph, 2 if backlog > vector_plan.EXACT_MAX_ROWS else 1)
+        except Exception:
+            log.exception("growing the vector index's graph failed; searches score its rows exactly")
+
     async def on_stop(self) -> None:
         self._next_ready.set()  # (whoever waits for the next index hears the store closed)
+        await loops.stop(self._grower)
         if self._retire is not None:
             self._retire.cancel()
         await loops.stop(self._next_loader)
@@ -368,14 +391,17 @@ class Indexer(Actor[IndexMsg, None]):
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_exception(StoreClosed("the store is closed; open it again with gm.open()"))
 
-    def _start_load(self) -> None:
+    def _start_load(self, *, serving: bool = False) -> None:
+        """Load afresh; with ``serving``, the published index answers until the new one is
+        complete (it follows the writes meanwhile too)."""
         if self._loading_stopped:
             return
         if self._loader is not None:
             self._loader.cancel()  # superseded: should its cancellation be lost, its result is stale
         self._load += 1
         self._pending = []
-        self._loaded.clear()
+        if not serving:
+            self._loaded.clear()
         self._loader = asyncio.get_running_loop().create_task(self._fill(self._load), name="gm-index-load")
 
     def _publish(self, index: VectorIndex, started: float) -> None:

@@ -141,6 +141,19 @@ class Reads(abc.ABC):
             yield [vector_row(r) for r in rows]
             last = rows[-1][0]
 
+    async def searched_vectors(self, rowids: builtins.list[int]) -> tuple[str | None, dict[int, bytes]]:
+        """The searched vector of each of ``rowids`` still stored, and the identity of the model
+        that made them, read together (a re-embed's switch may come between two reads)."""
+        if not rowids:
+            return None, {}
+        p = self.params()
+        rows = await self.fetch(
+            f"SELECT rowid, {search_vector(self.context)}, (SELECT value FROM meta WHERE key = 'model_identity') "
+            f"FROM memories WHERE {p.one_of('rowid', rowids, 'bigint')}",
+            p.values,
+        )
+        return (rows[0][2] if rows else None), {r[0]: bytes(r[1]) for r in rows}
+
     async def counts(self, now: int) -> dict[str, int]:
         """Live memories per namespace."""
         p = self.params()
