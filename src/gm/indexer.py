@@ -18,11 +18,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from gm import loops, vector_models, vector_plan
+from gm import index_file, loops, vector_models, vector_plan
 from gm.actor import Actor, Envelope
 from gm.errors import ModelSwitched, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -64,6 +65,7 @@ class Loaded:
     load: int
     index: VectorIndex
     started: float
+    saved: bool = False  # read from the file saved beside the database
 
 
 @dataclass(slots=True)
@@ -131,8 +133,12 @@ class Indexer(Actor[IndexMsg, None]):
     name = "indexer"
 
     def __init__(self, vectors: VectorSource, next_vectors: VectorSource | None = None, model: str = "",
-                 on_unknown_model: Callable[[str], None] = lambda model: None) -> None:
+                 on_unknown_model: Callable[[str], None] = lambda model: None, database: Path | None = None) -> None:
         super().__init__(max_batch=64)
+        self.database = database  # a SQLite file: the index is saved beside it at close and read back at open
+        self._saved = False  # the published index is as the saved file holds it (nothing to save)
+        self._file_tried = False
+        self.loaded_from: str | None = None  # where the published index came from: "file" or "database"
         self.vectors = vectors
         self.next_vectors = next_vectors or _nothing  # a re-embed's next vectors (gm.reembed)
         self.index = VectorIndex()  # published: searches read it; only this actor writes or replaces it
@@ -153,6 +159,7 @@ class Indexer(Actor[IndexMsg, None]):
         self._loading_stopped = False
         self._loaded = asyncio.Event()
         self._grower: asyncio.Task[None] | None = None  # adds new rows to the published index's graph
+        self._growing = True  # until the store closes
         self._outcome: asyncio.Future[None] | None = None  # what those waiting for readiness hear next
 
     # -- what other tasks call -------------------------------------------------------
@@ -278,8 +285,10 @@ class Indexer(Actor[IndexMsg, None]):
                 self.retired = None
             case Discard():
                 await self._drop_next()
-            case Loaded(load, index, started) if load == self._load:
+            case Loaded(load, index, started, saved) if load == self._load:
                 self._publish(index, started)
+                self._saved = saved
+                self.loaded_from = "file" if saved else "database"
             case LoadFailed(load, error) if load == self._load:
                 self.error = error
                 self._settle()
@@ -299,6 +308,11 @@ class Indexer(Actor[IndexMsg, None]):
                 await loops.stop(self._loader)
 
     def _apply(self, changes: list[IndexChange]) -> None:
+        if changes:
+            self._saved = False
+        self._split(changes)
+
+    def _split(self, changes: list[IndexChange]) -> None:
         """Each change to the index of its model's vectors; one of no model's (a removal, a new
         expiry) to both."""
         current: list[IndexChange] = []
@@ -368,14 +382,15 @@ class Indexer(Actor[IndexMsg, None]):
 
     def _grow(self) -> None:
         """Have the graph of the published index catch up with its rows, in the background."""
-        if (self._grower is None or self._grower.done()) and self.index.graph_backlog() > 0 and not self._closing:
+        if (self._grower is None or self._grower.done()) and self.index.graph_backlog() > 0 and self._growing:
             self._grower = asyncio.get_running_loop().create_task(self._grow_graph(), name="gm-index-graph")
 
     async def _grow_graph(self) -> None:
         """Add rows to the graph a chunk at a time, off the loop; searches score the rows it
         does not hold yet exactly, and use it once few are left (gm.index)."""
         try:
-            while (backlog := (index := self.index).graph_backlog()) > 0:
+            while self._growing and (backlog := (index := self.index).graph_backlog()) > 0:
+                self._saved = False
                 # A long backlog (a load) takes both cores; after that, one, beside the model.
                 await asyncio.to_thread(index.grow_graph, 2 if backlog > vector_plan.EXACT_MAX_ROWS else 1)
         except Exception:
@@ -383,6 +398,7 @@ class Indexer(Actor[IndexMsg, None]):
 
     async def on_stop(self) -> None:
         self._next_ready.set()  # (whoever waits for the next index hears the store closed)
+        self._growing = False
         await loops.stop(self._grower)
         if self._retire is not None:
             self._retire.cancel()
@@ -432,6 +448,9 @@ class Indexer(Actor[IndexMsg, None]):
             started = time.perf_counter()
             index = VectorIndex()
             try:
+                if (saved := await self._read_file()) is not None:
+                    self._report(Loaded(load, saved, started, saved=True))
+                    return
                 async for rows in self.vectors():
                     await asyncio.to_thread(index.load, rows)  # nobody else holds this index yet
             except Exception as exc:
@@ -444,6 +463,29 @@ class Indexer(Actor[IndexMsg, None]):
                 continue
             self._report(Loaded(load, index, started))
             return
+
+    async def _read_file(self) -> VectorIndex | None:
+        """The index saved at the last close, at the first load only (a later one reloads
+        because the index went stale or wasted)."""
+        if self.database is None or self._file_tried:
+            return None
+        self._file_tried = True
+        return await asyncio.to_thread(index_file.load, self.database, self.model)
+
+    async def save(self) -> None:
+        """Save the published index beside the database (the store closes: the Writer has
+        stopped), unless it is just as saved; a failure is logged, never raised."""
+        self._growing = False  # (the graph's chunk under way ends first: a save must not race it)
+        if self._grower is not None:
+            await asyncio.gather(self._grower, return_exceptions=True)
+        if self.database is None or self._saved or not self._loaded.is_set() or self._pending is not None:
+            return
+        try:
+            await asyncio.to_thread(index_file.save, self.index, self.database, self.model)
+            self._saved = True
+        except Exception:
+            log.exception("saving the vector index beside %s failed; the next open loads it from the database",
+                          self.database)
 
     def _report(self, msg: Loaded | LoadFailed) -> None:
         if not self._closing:

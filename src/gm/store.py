@@ -84,7 +84,8 @@ class Store:
         self.settings = settings or StoreSettings.load()
         self.models = VectorModels(model, Embedder(model, threads=self.settings.embed_threads))
         self.following = ModelFollower(self)  # a switch another instance made (a shared database)
-        self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self.following.soon)
+        self.indexer = Indexer(backend.vectors, backend.next_vectors, model.identity, self.following.soon,
+                               database=backend.index_beside)
         self.searcher = Searcher(backend, self.models, self.indexer, self.following.wait)
         self.upkeep = Upkeep(backend, self.settings.purge_seconds, self.following.check if backend.shared else None)
         self._opened = False
@@ -116,6 +117,7 @@ class Store:
             await self.models.close()
             await self.indexer.stop_loading()
             await self.backend.close()  # its last batches still send index changes: the Indexer stops after it
+            await self.indexer.save()
         finally:
             await self.indexer.stop()  # (which fails whoever still waits for the index)
 

@@ -8,6 +8,7 @@ import abc
 import builtins
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, overload
 
 from gm.actor import Overdue
@@ -66,6 +67,7 @@ class Backend(Reads):
         return self.migrator.phase
 
     shared = False  # other processes write it too (Postgres): they may switch the vectors' model
+    index_beside: Path | None = None  # a database file the in-process index is saved beside (gm.index_file)
 
     @property
     def native_vectors(self) -> bool:

@@ -51,6 +51,7 @@ class SQLiteBackend(Backend):
         write_timeout: float = DEFAULT_WRITE_TIMEOUT_SECONDS,
     ) -> None:
         self.path = Path(path)
+        self.index_beside = self.path
         self.steps = steps
         self.target_version = target_version
         self.write_timeout = write_timeout

@@ -1,0 +1,207 @@
+"""The vector index saved beside a SQLite database (``<db>.vectors`` and its graph file), so a
+store opens in a time that does not grow with its data: read back, never rebuilt.
+
+The file holds the index's arrays and names the graph file, each with its CRC-32; a header
+records what the database looked like when it was saved (its fingerprint: the last history
+row, the rows, the vectors' model). It is used only when every check passes: a file that is
+truncated, damaged, of another format version or of another database state is logged and
+ignored, and the index is loaded from the database instead (then saved again at close).
+
+A save writes the graph under a new name, then the arrays to a temporary file that is synced
+and renamed over the old one: a save killed at any point leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from gm.index import IndexState, VectorIndex
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"GMVECTS\x00"
+FORMAT = 1
+ALIGN = 64
+CHUNK = 16 << 20  # bytes read or checked at a time
+SAVE_MIN_ROWS = 20_000  # fewer load from the database in a fraction of a second (~0.1 s)
+ARRAYS = ("vectors", "rowids", "live", "expires", "scope")
+
+
+class IndexFileInvalid(Exception):
+    """The file cannot be used (why is the message); the index loads from the database."""
+
+
+def index_path(database: Path) -> Path:
+    return database.with_name(database.name + ".vectors")
+
+
+def fingerprint(database: Path) -> dict[str, Any]:
+    """What the saved index must match: every write leaves a history row, a purge or delete too;
+    session context filled after an upgrade changes no history but the rows without context;
+    a re-embed or reindex changes the vectors' model or generation."""
+    conn = sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True)
+    try:
+        history, rows, last = conn.execute(
+            "SELECT (SELECT max(seq) FROM history), (SELECT count(*) FROM memories), (SELECT max(rowid) FROM memories)"
+        ).fetchone()
+        try:
+            (uncontexted,) = conn.execute("SELECT count(*) FROM memories WHERE context IS NULL").fetchone()
+        except sqlite3.OperationalError:  # a schema before session context
+            uncontexted = None
+        meta = dict(conn.execute(
+            "SELECT key, value FROM meta WHERE key IN ('model_identity', 'vectors_generation', 'old_vectors')"
+        ).fetchall())
+        (schema,) = conn.execute("PRAGMA user_version").fetchone()
+    finally:
+        conn.close()
+    return {"schema": schema, "history": history, "rows": rows, "last_rowid": last, "without_context": uncontexted,
+            "meta": meta}
+
+
+def _crc(data: memoryview | bytes, crc: int = 0) -> int:
+    for start in range(0, len(data), CHUNK):
+        crc = zlib.crc32(data[start : start + CHUNK], crc)
+    return crc
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def save(index: VectorIndex, database: Path, model: str) -> Path | None:
+    """Write ``index`` (quiescent: the Writer has stopped) for the database as it is now; an
+    index small enough to load from the database in no time is not saved (nor an older file kept)."""
+    path = index_path(database)
+    if len(index) < SAVE_MIN_ROWS:
+        for stale in (path, *path.parent.glob(f"{path.name}.*")):
+            stale.unlink(missing_ok=True)
+        return None
+    state = index.state()
+    print_ = fingerprint(database)
+    token = os.urandom(6).hex()
+    graph_name = f"{path.name}.{token}.graph" if state.graph is not None else None
+    temporary = path.with_name(f"{path.name}.{token}.tmp")
+    try:
+        _write(state, path, temporary, graph_name, model, print_)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        if graph_name is not None:
+            path.with_name(graph_name).unlink(missing_ok=True)
+        raise
+    for stale in path.parent.glob(f"{path.name}.*"):  # graphs of earlier saves, a temporary file of a killed one
+        if stale.name != graph_name:
+            stale.unlink(missing_ok=True)
+    log.info("vector index saved: %d rows in %s", len(index), path)
+    return path
+
+
+def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | None, model: str,
+           print_: dict[str, Any]) -> None:
+    if state.graph is not None and graph_name is not None:
+        state.graph.save(str(path.with_name(graph_name)))
+    arrays = {name: np.ascontiguousarray(getattr(state, name)[: state.count]) for name in ARRAYS}
+    entries: list[dict[str, Any]] = []
+    offset = 0
+    for name, array in arrays.items():
+        entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
+                        "bytes": array.nbytes, "crc": _crc(array.data.cast("B"))})
+        offset += -(-array.nbytes // ALIGN) * ALIGN
+    header = {
+        "format": FORMAT, "model": model, "fingerprint": print_, "dim": state.dim, "scale": state.scale,
+        "count": state.count, "graphed": state.graphed, "codes": state.codes, "arrays": entries,
+        "graph": None if graph_name is None else {"file": graph_name, "crc": _file_crc(path.with_name(graph_name)),
+                                                  "size": len(state.graph) if state.graph is not None else 0},
+    }
+    encoded = json.dumps(header).encode()
+    start = -(-(len(MAGIC) + 8 + len(encoded)) // ALIGN) * ALIGN
+    with temporary.open("wb") as f:
+        f.write(MAGIC + len(encoded).to_bytes(4, "little") + zlib.crc32(encoded).to_bytes(4, "little") + encoded)
+        for entry, array in zip(entries, arrays.values(), strict=True):
+            f.seek(start + entry["offset"])
+            f.write(array.data.cast("B"))
+        f.truncate(start + offset)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(database: Path, model: str) -> VectorIndex | None:
+    """The saved index if it is whole and matches the database now; else None (logged)."""
+    path = index_path(database)
+    if not path.exists():
+        return None
+    try:
+        return _load(path, database, model)
+    except (IndexFileInvalid, OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the saved vector index %s is not used (%s): loading from the database", path, exc)
+        return None
+
+
+def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
+    head = f.read(len(MAGIC) + 8)
+    if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+        raise IndexFileInvalid("not a greatmemory vector index file")
+    length = int.from_bytes(head[len(MAGIC) : len(MAGIC) + 4], "little")
+    encoded = f.read(length)
+    if len(encoded) != length or zlib.crc32(encoded) != int.from_bytes(head[len(MAGIC) + 4 :], "little"):
+        raise IndexFileInvalid("its header is damaged")
+    header: dict[str, Any] = json.loads(encoded)
+    if header.get("format") != FORMAT:
+        raise IndexFileInvalid(f"format {header.get('format')}, this release reads {FORMAT}")
+    return header, -(-(len(MAGIC) + 8 + length) // ALIGN) * ALIGN
+
+
+def _load(path: Path, database: Path, model: str) -> VectorIndex:
+    with path.open("rb") as f:
+        header, start = _read_header(f)
+        if header["model"] != model:
+            raise IndexFileInvalid(f"it holds vectors of model {header['model']}, the database {model}")
+        if header["fingerprint"] != fingerprint(database):
+            raise IndexFileInvalid("the database changed since it was saved")
+        size = os.fstat(f.fileno()).st_size
+        arrays: dict[str, np.ndarray] = {}
+        for entry in header["arrays"]:
+            array = np.empty(entry["shape"], dtype=np.dtype(entry["dtype"]))
+            if array.nbytes != entry["bytes"] or start + entry["offset"] + entry["bytes"] > size:
+                raise IndexFileInvalid(f"it is truncated ({entry['name']})")
+            f.seek(start + entry["offset"])
+            view = array.data.cast("B")
+            if f.readinto(view) != entry["bytes"] or _crc(view) != entry["crc"]:
+                raise IndexFileInvalid(f"its {entry['name']} are damaged")
+            arrays[entry["name"]] = array
+    graph = None
+    if header["graph"] is not None:
+        from usearch.index import Index as Graph
+
+        graph_path = path.with_name(header["graph"]["file"])
+        if _file_crc(graph_path) != header["graph"]["crc"]:
+            raise IndexFileInvalid("its graph is damaged")
+        graph = Graph.restore(str(graph_path))
+        if graph is None or len(graph) != header["graph"]["size"]:
+            raise IndexFileInvalid("its graph could not be read")
+    state = IndexState(dim=header["dim"], scale=header["scale"], count=header["count"], graphed=header["graphed"],
+                       codes=header["codes"], graph=graph, **arrays)
+    index = VectorIndex.from_state(state)
+    log.info("vector index read from %s: %d memories", path, len(index))
+    return index

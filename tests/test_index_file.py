@@ -1,0 +1,155 @@
+"""The vector index saved beside a SQLite database: a store reopens from it with the same
+hits, a file the database moved on from (writes after a kill -9, when no save ran) is not
+used, a damaged or truncated file or graph is detected and the index loaded from the
+database, a save that fails midway leaves the previous file whole, and a small index is not
+saved at all."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+import gm
+from gm import index as index_module
+from gm import index_file, vector_plan
+from gm.indexer import Indexer
+
+ROWS = 240
+
+
+@pytest.fixture(autouse=True)
+def small_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Save from 50 rows on and build the graph from 100 (not 20,000), so a test stays quick."""
+    monkeypatch.setattr(index_file, "SAVE_MIN_ROWS", 50)
+    monkeypatch.setattr(index_module, "GRAPH_MIN_ROWS", 100)
+    monkeypatch.setattr(vector_plan, "EXACT_MAX_ROWS", 100)
+
+
+TOPICS = ["window seats on long flights", "green tea in the morning", "the dog is called Biscuit",
+          "allergic to peanuts", "learning the cello", "moved to Lisbon in May"]
+
+
+async def fill(path: Path) -> list[list[str]]:
+    """A store of ROWS memories, closed once its graph is whole; the ids each query finds."""
+    async with gm.open(path) as mem:
+        await mem.add_many([{"text": f"{TOPICS[i % 6]}, note {i}", "user_id": f"u{i % 4}"} for i in range(ROWS)])
+        await mem.indexer.wait_ready()
+        while mem.indexer.index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]  (the background task that grows it)
+        assert mem.indexer.index.graphed > 0
+        return await hits(mem)
+
+
+async def hits(mem: gm.Store) -> list[list[str]]:
+    found = []
+    for query in ("where do I like to sit on a plane", "what is my pet's name", "which city did I move to"):
+        for scope in ({}, {"user_id": "u1"}):
+            page = await mem.search(query, mode="vector", limit=5, **scope)
+            found.append([hit.memory.id for hit in page])
+    return found
+
+
+async def test_a_store_reopens_from_its_saved_index_with_the_same_hits(tmp_path: Path) -> None:
+    path = tmp_path / "mem.db"
+    before = await fill(path)
+    assert index_file.index_path(path).exists()
+    async with gm.open(path) as mem:
+        assert await hits(mem) == before
+        assert mem.indexer.loaded_from == "file"
+        assert mem.indexer.index.graphed >= ROWS  # the graph came back too
+        await mem.add("a new memory about the cello teacher")
+        assert (await mem.search("cello teacher", mode="vector", limit=1))[0].memory.text.startswith("a new")
+    async with gm.open(path) as mem:  # saved again at close, with the new memory
+        await mem.indexer.wait_ready()
+        assert mem.indexer.loaded_from == "file" and len(mem.indexer.index) == ROWS + 1
+
+
+async def test_writes_after_the_save_make_the_file_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mem.db"
+    await fill(path)
+    saved = Indexer.save
+
+    async def killed(self: Indexer) -> None:  # as if the process died before its save at close
+        return None
+
+    monkeypatch.setattr(Indexer, "save", killed)
+    async with gm.open(path) as mem:
+        await mem.add("the locksmith's number is in the drawer")
+        victim = (await mem.search("green tea", mode="vector", limit=1))[0].memory
+        await mem.delete(victim.id)
+    monkeypatch.setattr(Indexer, "save", saved)
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        assert mem.indexer.loaded_from == "database"
+        assert (await mem.search("locksmith", mode="vector", limit=1))[0].memory.text.startswith("the locksmith")
+        assert victim.id not in [h.memory.id for h in await mem.search("green tea", mode="vector", limit=50)]
+
+
+def damage(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["array byte", "header byte", "truncated", "graph byte", "no graph", "garbage"])
+async def test_a_damaged_file_is_detected_logged_and_the_index_loaded_from_the_database(
+    tmp_path: Path, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "mem.db"
+    before = await fill(path)
+    vectors = index_file.index_path(path)
+    (graph,) = vectors.parent.glob(f"{vectors.name}.*.graph")
+    size = vectors.stat().st_size
+    if fault == "array byte":
+        damage(vectors, size - 700)
+    elif fault == "header byte":
+        damage(vectors, 40)
+    elif fault == "truncated":
+        with vectors.open("r+b") as f:
+            f.truncate(size // 2)
+    elif fault == "graph byte":
+        damage(graph, graph.stat().st_size // 2)
+    elif fault == "no graph":
+        graph.unlink()
+    else:
+        vectors.write_bytes(b"not an index at all")
+    with caplog.at_level(logging.WARNING, logger="gm.index_file"):
+        async with gm.open(path) as mem:
+            assert await hits(mem) == before
+            assert mem.indexer.loaded_from == "database"
+    assert any("is not used" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_save_that_fails_midway_leaves_the_previous_file_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "mem.db"
+    before = await fill(path)
+    whole = index_file.index_path(path).read_bytes()
+
+    def crash(fd: int) -> None:
+        raise OSError("disk full")
+
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        mem.indexer._saved = False  # (so the close saves again)
+        monkeypatch.setattr(index_file.os, "fsync", crash)
+    monkeypatch.undo()
+    assert index_file.index_path(path).read_bytes() == whole
+    assert len(list(tmp_path.glob("mem.db.vectors*"))) == 2  # the file and its graph: the failed save's are gone
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        assert mem.indexer.loaded_from == "file"
+        assert await hits(mem) == before
+
+
+async def test_a_small_index_is_not_saved_and_an_older_file_goes(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mem.db"
+    await fill(path)
+    monkeypatch.setattr(index_file, "SAVE_MIN_ROWS", 10_000)
+    async with gm.open(path) as mem:
+        await mem.add("one more")
+    assert not list(tmp_path.glob("mem.db.vectors*"))
