@@ -1,9 +1,9 @@
 """The in-process vector index at scale (gm.index): load, graph build, and search latency and
 recall@10 against exact float32 search, whole namespace and one user, at each size.
 
-Vectors are realistic: real embeddings of the LoCoMo dev memories (the bundled model), mixed
-and perturbed (bench/vectors.py); queries are the dev questions' embeddings, perturbed. The
-searches rescore the index's int8 best in float32 as gm.search does (here from memory, there
+Vectors are the peer benchmark's (bench/peers_data.py): perturbations of real embeddings of
+the LoCoMo dev memories, queries the dev questions' own embeddings. The searches rescore
+the index's int8 best in float32 as gm.search does (here from memory, there
 from the database), so recall is what a user gets.
 
     .venv/bin/python bench/vector_index.py --size 100000 --size 1000000
@@ -23,13 +23,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import percentile  # noqa: E402
-from vectors import realistic  # noqa: E402
-
 from gm import vector_plan  # noqa: E402
 from gm.index import VectorIndex, limit_blas_threads  # noqa: E402
 from gm.memory import Scope  # noqa: E402
 from gm.search import rescore_depth  # noqa: E402
 from gm.storage.base import VectorRow  # noqa: E402
+from peers_data import chunks, embedded, model_spec  # noqa: E402
 
 USERS = 100
 
@@ -38,8 +37,14 @@ def rss_mib() -> float:
     return float(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
 
+DATA = Path("/work/shared/data/locomo/dev")
+CACHE = Path.home() / ".cache" / "greatmemory-bench"
+
+
 def run(size: int, queries: int, seed: int) -> dict[str, object]:
-    data, asks = realistic(size, queries, seed)
+    bases, asked = embedded(DATA, model_spec(), CACHE, queries, 0, USERS, seed)
+    data = np.concatenate([vectors for _, vectors, _ in chunks(bases, size, seed)])
+    asks = asked.vectors
     users = np.arange(size) % USERS
     before = rss_mib()
     index = VectorIndex(data.shape[1])
