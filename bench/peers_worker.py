@@ -48,9 +48,8 @@ class GreatMemory:
         from gm.memory import Scope, now_ms
 
         store = self.store
-        await store.indexer.wait_ready()  # what a search awaits first (at once once loaded)
         now = now_ms()
-        found = await store.indexer.search(vector, Scope(NAMESPACE, user), now, K, None)
+        found = await store.searcher.nearest(vector, Scope(NAMESPACE, user), now, K)  # rescored as searches are
         rows = await store.backend.get_many([rowid for rowid, _ in found], now)
         return [rows[rowid].id for rowid, _ in found if rowid in rows]
 

@@ -13,7 +13,7 @@ import pytest
 
 import gm
 from gm import index as index_module
-from gm import index_file, vector_plan
+from gm import index_file, index_memory, vector_plan
 from gm.indexer import Indexer
 
 ROWS = 240
@@ -153,3 +153,17 @@ async def test_a_small_index_is_not_saved_and_an_older_file_goes(tmp_path: Path,
     async with gm.open(path) as mem:
         await mem.add("one more")
     assert not list(tmp_path.glob("mem.db.vectors*"))
+
+
+async def test_a_database_whose_index_cannot_fit_in_memory_is_refused_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "mem.db"
+    async with gm.open(path) as mem:
+        await mem.add_many([{"text": f"note {i}"} for i in range(30)])
+    monkeypatch.setattr(index_memory, "available_memory", lambda: 4096)  # (a machine short of memory: a fault)
+    with pytest.raises(gm.errors.IndexTooLarge, match="30 memories needs about .* GiB of memory and this machine has"):
+        await gm.open(path)
+    monkeypatch.undo()
+    async with gm.open(path) as mem:  # nothing was harmed
+        assert len(await mem.search("note", limit=50)) == 30

@@ -187,6 +187,14 @@ class ServerUnreachable(StorageUnavailable):
     code = "server_unreachable"
 
 
+class IndexTooLarge(StorageUnavailable):
+    """The in-process vector index of this database would not fit in the memory the machine
+    has available: refused at open rather than killed for memory later."""
+
+    code = "index_too_large"
+    transient = False
+
+
 class BackupInvalid(GMError):
     """A backup file failed verification (not SQLite, corrupt, or counts that do not match)."""
 
@@ -201,7 +209,7 @@ BY_CODE: dict[str, type[GMError]] = {
         GMError, InvalidInput, InvalidSetting, InvalidFilter, Unauthorized, Forbidden, NotFound, Conflict,
         StoreClosed, NotReady, ModelError, ModelNotFound, ModelMismatch, ModelSwitched, ReembedInProgress, SchemaError,
         SchemaTooNew, MigrationFailed, StorageUnavailable, DatabaseUnusable, DatabaseLocked, ServerUnreachable,
-        BackupInvalid,
+        IndexTooLarge, BackupInvalid,
     )
 }
 

@@ -190,6 +190,14 @@ class Searcher:
         if not self.backend.native_vectors:
             await self.indexer.wait_ready()
 
+    async def nearest(self, query: np.ndarray, scope: Scope, now: int, k: int) -> Ranking:
+        """The ``k`` live memories of ``scope`` nearest ``query`` (an embedding) by cosine, as a
+        vector search ranks them (bench/peers.py times this step alone)."""
+        if not self.backend.native_vectors:
+            await self.indexer.wait_ready()
+        request = SearchRequest("", scope, None, k, "vector", now)
+        return await self._vector_ranking(query, request, k, self.models.identity)
+
     async def _vector_ranking(self, query: np.ndarray, r: SearchRequest, depth: int, model: str) -> Ranking:
         backend = self.backend
         if backend.native_vectors:

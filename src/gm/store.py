@@ -18,6 +18,7 @@ from gm.config import StoreSettings
 from gm.embedding import Embedder, ModelSpec
 from gm.errors import InvalidInput, NotReady, StoreClosed
 from gm.index import limit_blas_threads
+from gm.index_memory import check_fits
 from gm.indexer import Indexer
 from gm.memory import MAX_BATCH, HistoryEntry, Memory, NewMemory, Page, SearchHit, Stats, now_ms
 from gm.model_identity import model_of
@@ -100,6 +101,8 @@ class Store:
         limit_blas_threads(self.settings.blas_threads)
         await self.backend.open(self.indexer.apply, self.indexer.reload, self.indexer.native)
         self.models.identity = self.indexer.model = await self.backend.write(RecordModel(self.model.record()))
+        if not self.backend.native_vectors:
+            await check_fits(self.backend)
         await self.indexer.open(load=not self.backend.native_vectors)  # (the database may search vectors itself)
         self._opened = True
         self.upkeep.start()

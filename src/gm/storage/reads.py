@@ -141,6 +141,11 @@ class Reads(abc.ABC):
             yield [vector_row(r) for r in rows]
             last = rows[-1][0]
 
+    async def vector_bytes(self) -> int | None:
+        """The size of a stored vector (None: none is stored yet)."""
+        rows = await self.fetch("SELECT length(embedding) FROM memories WHERE embedding IS NOT NULL LIMIT 1", [])
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     async def searched_vectors(self, rowids: builtins.list[int]) -> tuple[str | None, dict[int, bytes]]:
         """The searched vector of each of ``rowids`` still stored, and the identity of the model
         that made them, read together (a re-embed's switch may come between two reads)."""
