@@ -113,6 +113,7 @@ async def test_requests_are_counted_by_route_template_and_status(server: Running
         assert "greatmemory_index_vectors" not in after  # pgvector searches: no in-process index
     else:
         assert value(after, "greatmemory_index_vectors") == 1 and value(after, "greatmemory_index_bytes") > 0
+        assert value(after, "greatmemory_index_graph_rows") == 0  # (no graph below 20,000 rows)
         assert value(after, "greatmemory_index_state", state="ready") == 1
     assert value(before, "greatmemory_memories") == 0  # counted by the first scrape; paced after it
     assert value(after, "greatmemory_memories") == 0

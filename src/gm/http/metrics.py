@@ -176,10 +176,12 @@ def index_part(store: Store) -> Iterator[Metric]:
     yield one_of("greatmemory_index_state", "The in-process vector index: 1 for its state.", "state",
                  INDEX_STATES, indexer.state)
     yield gauge("greatmemory_index_vectors", "Vectors in the in-process index.", len(indexer.index))
-    yield gauge("greatmemory_index_bytes", "Bytes the in-process index's arrays hold.", indexer.index.nbytes)
+    yield gauge("greatmemory_index_bytes", "Bytes the in-process index's arrays and graph hold.", indexer.index.nbytes)
+    yield gauge("greatmemory_index_graph_rows", "Rows the index's HNSW graph covers (the rest are scored exactly).",
+                indexer.index.graphed)
     if indexer.load_seconds is not None:
-        yield gauge("greatmemory_index_load_duration_seconds", "Seconds the last load of the index from the "
-                    "database took.", indexer.load_seconds)
+        yield gauge("greatmemory_index_load_duration_seconds", "Seconds the last load of the index (from the "
+                    "database, or the file saved beside it) took.", indexer.load_seconds)
 
 
 def store_part(state: ServerState) -> Iterator[Metric]:
