@@ -36,8 +36,13 @@ _FIELDS = ("namespace", "user_id", "agent_id", "session_id")
 
 GRAPH_MIN_ROWS = vector_plan.EXACT_MAX_ROWS  # below this many live rows exact scoring is as fast: no graph
 CONNECTIVITY = 16  # the graph's links per node (usearch's default)
-EXPANSION_ADD = 64  # recall as with 128 after rescoring (.993 at 50k), built 1.6x faster
-EXPANSION_SEARCH = 192  # recall@10 after rescoring at 100k: .9935 (128: .9695), 0.85 ms (0.67)
+EXPANSION_ADD = 128  # 64 builds twice as fast but recall@10 at 100k (ef 192, rescored) falls from .999 to .970
+# How far a search looks, by the graph's size: recall@10 after rescoring on bench/peers_data.py's
+# vectors (2,760 real embeddings, each perturbed into hundreds of near neighbours) at 100k with
+# 192: .9935 (128: .9695); at 1M, 192: .84, 384: .94, 768: .973 (3.6, 3.3, 6.0 ms on a loaded machine).
+EXPANSION_SEARCH = 192
+EXPANSION_SEARCH_MAX = 768
+ROWS_PER_EXPANSION = 1300  # 1M rows: 768
 GRAPH_CHUNK = 256  # rows added to the graph at a time: the lock searches wait on is held that long
 # A unit vector's components rarely pass 6/sqrt(dim) (MiniLM: 0.28 at most, 5.5/sqrt(384)):
 # the int8 scale when no batch of data is there to measure it.
@@ -401,7 +406,7 @@ class VectorIndex:
         covered = min(self._graphed, a.count)  # (the graph may have grown past this snapshot's rows)
         while True:
             with self._graph_lock:
-                graph.expansion_search = max(EXPANSION_SEARCH, fetch)  # type: ignore[misc]  # (it has an untyped setter)
+                graph.expansion_search = max(expansion(len(graph)), fetch)  # type: ignore[misc]  # (it has an untyped setter)
                 found = graph.search(quantised, fetch, threads=1)
             keys = np.asarray(found.keys, dtype=np.int64)
             slots = self._keep(a, keys[keys < covered], wanted, allowed, now)
@@ -420,6 +425,11 @@ class VectorIndex:
             top = np.arange(len(slots))
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(int(a.rowids[slots[i]]), float(scores[i])) for i in top]
+
+
+def expansion(rows: int) -> int:
+    """The search expansion for a graph of ``rows``: a larger graph is walked further."""
+    return min(EXPANSION_SEARCH_MAX, max(EXPANSION_SEARCH, rows // ROWS_PER_EXPANSION))
 
 
 def limit_blas_threads(threads: int) -> None:
