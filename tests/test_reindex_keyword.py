@@ -28,6 +28,7 @@ from gm.storage.ops import IndexChange
 from gm.storage.postgres import PostgresBackend
 from gm.storage.postgres_reindex import LEFTOVERS, SEARCH_TSV
 from gm.storage.sqlite import SQLiteBackend
+from gm.storage.sqlite_keywords import key_sql
 
 SCOPE = Scope("ns", None, None, None)
 ROWS = 300
@@ -144,10 +145,13 @@ async def sqlite_backend(db_path: Path) -> AsyncIterator[SQLiteBackend]:
 
 
 def fts_matches_content(db: Path) -> None:
-    """FTS5's integrity check with its content compared: the index holds exactly the rows."""
+    """FTS5's integrity check, and the index holds exactly one row a memory, under its key (the
+    index has no content of its own to compare: a row's words are checked by searches)."""
     conn = sqlite3.connect(db)
     try:
-        conn.execute("INSERT INTO memories_search (memories_search, rank) VALUES ('integrity-check', 1)")
+        conn.execute("INSERT INTO memories_search (memories_search, rank) VALUES ('integrity-check', 0)")
+        keys = [r[0] for r in conn.execute(f"SELECT {key_sql('m')} FROM memories m ORDER BY 1")]
+        assert [r[0] for r in conn.execute("SELECT id FROM memories_search_docsize ORDER BY id")] == keys
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'memories_search%'")}
         assert not {n for n in names if n.startswith(sqlite_rebuild.NEXT)}, names
         assert {"memories_search_insert", "memories_search_delete", "memories_search_update"} <= names
@@ -172,12 +176,24 @@ def test_meter_counts_the_rate_of_this_run_only() -> None:
 # -- SQLite ----------------------------------------------------------------------------
 
 
-def test_the_rebuild_builds_the_definition_schema_v3_made(db_path: Path) -> None:
-    sqlite_migrations.migrate(db_path)
-    conn = sqlite3.connect(db_path)
-    made = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memories_search'").fetchone()[0]
-    conn.close()
-    assert "".join(made.split()) == "".join(sqlite_rebuild._table_sql("memories_search").split())
+def live_definition(db: Path) -> str:
+    conn = sqlite3.connect(db)
+    try:
+        return str(conn.execute("SELECT sql FROM sqlite_master WHERE name = 'memories_search'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_a_new_database_gets_the_keyed_index_at_open(db_path: Path) -> None:
+    sqlite_migrations.migrate(db_path)  # (schema v3 made the index keyed by memories.rowid)
+    assert not sqlite_rebuild.keyed(live_definition(db_path))
+    backend = SQLiteBackend(db_path)
+    await backend.open(ignore_changes)
+    try:
+        assert backend.keyword_keyed
+    finally:
+        await backend.close()
+    assert sqlite_rebuild.keyed(live_definition(db_path))
 
 
 async def test_sqlite_rebuild_beside_writes_and_searches(sqlite_backend: SQLiteBackend, db_path: Path) -> None:

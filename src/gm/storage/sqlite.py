@@ -1,13 +1,16 @@
 """The SQLite backend: a file in WAL mode, its Writer (gm.storage.sqlite_writer) on the only
-write connection, a pool of read-only connections, and keyword search on FTS5.
+write connection, a pool of read-only connections, and keyword search on FTS5 (keyed by scope:
+gm.storage.sqlite_keywords; an index of an older definition is rebuilt so in the background).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,17 +18,17 @@ from typing import Any
 
 import aiosqlite
 
+from gm import loops
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
-from gm.context import CONTEXT_WEIGHT
 from gm.errors import InvalidInput, StorageUnavailable, StoreClosed
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
-from gm.progress import OnProgress
-from gm.storage import sqlite_migrations, sqlite_rebuild
+from gm.progress import OnProgress, Progress
+from gm.storage import sqlite_keywords, sqlite_migrations, sqlite_rebuild
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
-from gm.storage.sql import Params, QMarks, scope_sql
+from gm.storage.sql import Params, QMarks
 from gm.storage.sqlite_files import DatabaseLock
 from gm.storage.sqlite_writer import Writer, statement_error
 
@@ -35,6 +38,10 @@ READERS = 4
 # dominated it (measured: 9.3 -> 2.9 ms p50). The mapping is the OS page cache, shared by all
 # connections and given back under memory pressure, not memory of the process's own.
 MMAP_BYTES = 256 << 20  # (a larger file is mapped up to this much, read as before beyond it)
+KEYING_RETRY_SECONDS = 5.0  # the background rebuild of an older keyword index, after a failure
+KEYING_LOG_SECONDS = 10.0  # how often it logs its progress
+
+log = logging.getLogger(__name__)
 
 
 class SQLiteBackend(Backend):
@@ -61,6 +68,9 @@ class SQLiteBackend(Backend):
         self._all_readers: list[aiosqlite.Connection] = []
         self._lock = DatabaseLock(self.path)
         self.rebuilding_keywords = False  # a keyword index rebuild is under way (gm.storage.sqlite_rebuild)
+        self.keyword_keyed = False  # the live keyword index is keyed by scope (gm.storage.sqlite_keywords)
+        self._keying: asyncio.Task[None] | None = None  # rebuilding an older one so, after open
+        self.slots = sqlite_keywords.Slots(self.fetch)
 
     async def _migrate(self, on_phase: Callable[[str], None]) -> int:
         return await asyncio.to_thread(
@@ -84,6 +94,8 @@ class SQLiteBackend(Backend):
                 await conn.execute(f"PRAGMA {pragma}")
             if self.context:
                 await sqlite_rebuild.settle_at_open(conn, self.schema_version)
+            if self.schema_version >= sqlite_keywords.KEYED_VERSION:
+                self.keyword_keyed = await sqlite_rebuild.key_at_open(conn, self.schema_version)
             uri = f"file:{self.path.resolve()}?mode=ro"
             for _ in range(READERS):
                 reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
@@ -101,9 +113,31 @@ class SQLiteBackend(Backend):
             raise
         self.writer = Writer(conn, on_commit, self.schema_version)
         self.writer.start()
+        if self.schema_version >= sqlite_keywords.KEYED_VERSION and not self.keyword_keyed:
+            self._keying = asyncio.get_running_loop().create_task(self._key_keywords(), name="gm-keyword-keying")
+
+    async def _key_keywords(self) -> None:
+        """Rebuild a keyword index of an older definition keyed by scope, online (searches read
+        the old one until the switch), logging its progress; tried again after a failure."""
+        logged = [0.0]
+
+        def report(p: Progress) -> None:
+            if p.finished or time.monotonic() - logged[0] >= KEYING_LOG_SECONDS:
+                logged[0] = time.monotonic()
+                log.info("%s", p.line())
+
+        while not self.keyword_keyed:
+            try:
+                log.info("rebuilding the keyword index of %s keyed by scope (searches use the old one meanwhile)",
+                         self.path)
+                await sqlite_rebuild.rebuild(self, report)
+            except Exception as exc:  # (a cancellation at close is not one: it ends the task)
+                log.warning("rebuilding the keyword index: %s; will retry", getattr(exc, "message", exc))
+                await loops.pause(KEYING_RETRY_SECONDS)
 
     async def close(self) -> None:
         await self.migrator.stop()
+        await loops.stop(self._keying)  # (resumed at the next open, from its cursor)
         # Readers first: the writer's connection must be the last one to close, so SQLite
         # checkpoints the WAL into the database file (a read-only connection cannot).
         for reader in self._all_readers:
@@ -143,22 +177,17 @@ class SQLiteBackend(Backend):
     ) -> builtins.list[tuple[int, float]]:
         if not terms:
             return []
-        p = QMarks()
-        match = p(" OR ".join('"' + t.replace('"', '""') + '"' for t in terms))
-        where = scope_sql(scope, filter, now, p, "m.", time_range, self.schema_version)
-        # The context column counts CONTEXT_WEIGHT of the text's own words (gm.context).
-        table, rank = ("memories_search", f"bm25(memories_search, 1.0, {CONTEXT_WEIGHT})") if self.context else (
-            "memories_fts", "bm25(memories_fts)")
-        rows = await self.fetch(
-            f"SELECT m.rowid, {rank} AS rank FROM {table} "
-            f"JOIN memories m ON m.rowid = {table}.rowid "
-            f"WHERE {table} MATCH {match} AND {where} ORDER BY rank LIMIT {p(limit)}",
-            p.values,
-        )
-        return [(r[0], -float(r[1])) for r in rows]
+        args = (terms, scope, filter, limit, now, time_range, self.schema_version)
+        if self.keyword_keyed:
+            return await sqlite_keywords.search(self.slots, *args)
+        if self.context:
+            return await sqlite_keywords.search_unkeyed(self.fetch, *args)
+        return await sqlite_keywords.search_unkeyed(self.fetch, *args, table="memories_fts", rank="bm25(memories_fts)")
 
     async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = sqlite_rebuild.BATCH) -> None:
-        """A new FTS5 table built beside the live one, ``batch`` rows a step (gm.storage.sqlite_rebuild)."""
+        """A new FTS5 table built beside the live one, ``batch`` rows a step (gm.storage.sqlite_rebuild);
+        the background rebuild after open, if one is under way, gives way to it (this one resumes it)."""
+        await loops.stop(self._keying)
         await sqlite_rebuild.rebuild(self, progress, batch=batch)
 
     def size_bytes(self) -> int | None:

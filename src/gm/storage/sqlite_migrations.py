@@ -134,11 +134,23 @@ END;
 INSERT INTO memories_search (memories_search) VALUES ('rebuild')
 """
 
+# The keyword index keyed by scope (gm.storage.sqlite_keywords): the dense ids its keys take a
+# namespace's and a user's slot from, filled as memories are indexed, never deleted (a slot must
+# not move). The index itself is not rebuilt here: FTS5 fills about 7,000 rows/s on this machine
+# (2.5 minutes at 1M memories), so the backend rebuilds it online after open
+# (gm.storage.sqlite_rebuild), and the index of schema v3 answers meanwhile.
+V4_KEYWORD_SCOPES = """
+CREATE TABLE keyword_namespaces (id INTEGER PRIMARY KEY, namespace TEXT NOT NULL UNIQUE);
+CREATE TABLE keyword_users (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL UNIQUE)
+"""
+
 STEPS: tuple[Step, ...] = (
     Step(1, "core tables: memories, history, meta", _script(V1_CORE)),
     Step(2, "keyword index: FTS5 over memories.text", _script(V2_KEYWORDS)),
     Step(3, "event time and session context: occurred_at, context, search_embedding, FTS5 over text and context",
          _script(V3_CONTEXT)),
+    Step(4, "keyword index keyed by scope: the slot tables keyword_namespaces and keyword_users "
+         "(the index is rebuilt online)", _script(V4_KEYWORD_SCOPES)),
 )
 LATEST = STEPS[-1].version
 

@@ -1,5 +1,7 @@
 """The online rebuild of SQLite's keyword index: a new FTS5 table filled beside the live one in
 short steps on the Writer, resumable from a cursor in ``meta``, then switched in one transaction.
+It builds the index as this release defines it, keyed by scope (gm.storage.sqlite_keywords); an
+index of an older definition (schema v3's) is rebuilt so by the backend itself after open.
 
 While it is built, ``memories_search_next`` is kept in step by triggers for the rows already
 copied (rowid <= the cursor); rows past the cursor are copied later as they are then, so each
@@ -22,6 +24,7 @@ import aiosqlite
 from gm.errors import Conflict, DatabaseUnusable, SchemaError, StorageUnavailable
 from gm.progress import Meter, OnProgress
 from gm.storage.ops import RebuildStep
+from gm.storage.sqlite_keywords import BATCH_SLOTS, KEYED_VERSION, key_sql, slots_sql
 from gm.storage.sqlite_writer import SQLiteTransaction
 from gm.storage.transaction import Transaction
 
@@ -38,29 +41,50 @@ PHASE = "keyword index"
 # take 10-12 ms p50 here (2,000: 38 ms, for no faster a rebuild; bench/reindex_keyword.py).
 BATCH = 1000
 STEP_ATTEMPTS = 5  # a write into a damaged index fails its whole batch, a step beside it too
-# The latest definition of the keyword index: what a rebuild builds. (Schema v3 created it;
-# a release that changes it changes it here, and `gmem reindex` builds it online.)
-DEFINITION = (
-    "text, context, content='memories', content_rowid='rowid', tokenize='porter unicode61 remove_diacritics 2'"
-)
+# The latest definition of the keyword index: what a rebuild builds (a release that changes it
+# changes it here, and the index is rebuilt online). Schema v3 created the index with external
+# content keyed by memories.rowid; this one holds the same tokens keyed by scope, and no content
+# of its own (it never reads the texts back: BM25 needs only its own statistics).
+DEFINITION = "text, context, content='', tokenize='porter unicode61 remove_diacritics 2'"
+MAX_ROWID = (1 << 63) - 1
 
 
 def _table_sql(name: str) -> str:
     return f"CREATE VIRTUAL TABLE {name} USING fts5 ({DEFINITION})"
 
 
+def keyed(sql: str | None) -> bool:
+    """Whether a keyword table's CREATE statement (from sqlite_master) is of DEFINITION."""
+    if sql is None or "USING" not in sql:
+        return False
+    return "".join(sql.split("USING", 1)[1].split()) == "".join(f"fts5 ({DEFINITION})".split())
+
+
 def _triggers_sql(table: str, when: str = "") -> list[str]:
     """The triggers that keep ``table`` in step with ``memories``, named after it; ``when``
-    (with ``{row}`` for new/old) limits them to some rows."""
+    (with ``{row}`` for new/old) limits them to some rows. A row's key follows its scope, so
+    an update of the scope moves it too (the write flow never makes one)."""
     new, old = (when.format(row=row) if when else "" for row in ("new", "old"))
-    insert = f"INSERT INTO {table} (rowid, text, context) VALUES (new.rowid, new.text, new.context);"
+    insert = " ".join([*slots_sql("new"), f"INSERT INTO {table} (rowid, text, context) "
+                       f"VALUES ({key_sql('new')}, new.text, new.context);"])
     delete = (f"INSERT INTO {table} ({table}, rowid, text, context) "
-              "VALUES ('delete', old.rowid, old.text, old.context);")
+              f"VALUES ('delete', {key_sql('old')}, old.text, old.context);")
     return [
         f"CREATE TRIGGER {table}_insert AFTER INSERT ON memories {new} BEGIN {insert} END",
         f"CREATE TRIGGER {table}_delete AFTER DELETE ON memories {old} BEGIN {delete} END",
-        f"CREATE TRIGGER {table}_update AFTER UPDATE OF text, context ON memories {old} BEGIN {delete} {insert} END",
+        f"CREATE TRIGGER {table}_update AFTER UPDATE OF text, context, namespace, user_id ON memories {old} "
+        f"BEGIN {delete} {insert} END",
     ]
+
+
+async def _copy_rows(tx: Transaction, after: int, last: int) -> None:
+    """Index the memories with rowid in (``after``, ``last``] in NEXT, giving them their slots first."""
+    for sql in BATCH_SLOTS:
+        await tx.execute(sql, [after, last])
+    await tx.execute(
+        f"INSERT INTO {NEXT} (rowid, text, context) SELECT {key_sql('m')}, text, context FROM memories m "
+        "WHERE rowid > ? AND rowid <= ?", [after, last],
+    )
 
 
 # Only rows at or before the cursor: a row past it is not in NEXT yet (its copy will index it).
@@ -82,10 +106,10 @@ async def rebuild(backend: SQLiteBackend, progress: OnProgress | None = None, *,
     that was interrupted. Every step is a write on the backend's Writer (gm.storage.ops.RebuildStep).
     One at a time: the file is this process's alone (gm.storage.sqlite_files.DatabaseLock), and
     a second call while one runs gets Conflict."""
-    if not backend.context:
+    if backend.schema_version < KEYED_VERSION:
         raise SchemaError(
-            f"{backend.path} is at schema v{backend.schema_version}, before the keyword index over text and "
-            "context; open it with this release (it migrates) and run the rebuild again"
+            f"{backend.path} is at schema v{backend.schema_version}, before the keyword index keyed by scope; "
+            "open it with this release (it migrates) and run the rebuild again"
         )
     if backend.rebuilding_keywords:
         raise Conflict(f"the keyword index of {backend.path} is being rebuilt already; let that rebuild finish")
@@ -104,6 +128,7 @@ async def rebuild(backend: SQLiteBackend, progress: OnProgress | None = None, *,
             if progress is not None:
                 progress(meter.at(done, max(meter.total, done)))
         total: int = await _write(backend, switch)
+        backend.keyword_keyed = True  # (only now: a search that began before reads either index alike)
     finally:
         backend.rebuilding_keywords = False
     log.info("keyword index rebuilt: %d memories", total)
@@ -154,10 +179,7 @@ async def copy(tx: Transaction, size: int) -> int:
     count, last = rows[0][0], rows[0][1]
     if not count:
         return 0
-    await tx.execute(
-        f"INSERT INTO {NEXT} (rowid, text, context) SELECT rowid, text, context FROM memories "
-        "WHERE rowid > ? AND rowid <= ?", [after, last],
-    )
+    await _copy_rows(tx, after, last)
     await tx.execute("UPDATE meta SET value = ? WHERE key = ?", [str(last), CURSOR])
     return int(count)
 
@@ -167,11 +189,7 @@ async def switch(tx: Transaction) -> int:
     old table and its triggers go, NEXT is renamed and the live triggers made for it. One
     transaction, so searches see the old index or the new one, never neither. Returns how many
     memories the index holds."""
-    after = await _current(tx)
-    await tx.execute(
-        f"INSERT INTO {NEXT} (rowid, text, context) SELECT rowid, text, context FROM memories WHERE rowid > ?",
-        [after],
-    )
+    await _copy_rows(tx, await _current(tx), MAX_ROWID)
     for kind in TRIGGER_KINDS:
         await tx.execute(f"DROP TRIGGER IF EXISTS {LIVE}_{kind}", [])
         await tx.execute(f"DROP TRIGGER IF EXISTS {NEXT}_{kind}", [])
@@ -284,3 +302,26 @@ async def settle_at_open(conn: aiosqlite.Connection, version: int) -> None:
     except BaseException:
         await conn.execute("ROLLBACK")
         raise
+
+
+async def key_at_open(conn: aiosqlite.Connection, version: int) -> bool:
+    """At open (schema v4 on), after :func:`settle_at_open`: whether the live index is keyed by
+    scope. One of an older definition over at most ``BATCH`` memories is rebuilt now, in one
+    transaction (a new database's: milliseconds); a larger one is left to the backend's online
+    rebuild, and searched as it is meanwhile."""
+    rows = list(await conn.execute_fetchall("SELECT sql FROM sqlite_master WHERE name = ?", [LIVE]))
+    if rows and keyed(rows[0][0]):
+        return True
+    small = list(await conn.execute_fetchall(f"SELECT count(*) FROM (SELECT 1 FROM memories LIMIT {BATCH + 1})"))
+    if small[0][0] > BATCH:
+        return False
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        tx = SQLiteTransaction(conn, version)
+        await prepare(tx)
+        await switch(tx)
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    return True
