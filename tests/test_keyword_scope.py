@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -22,9 +23,10 @@ import pytest
 from gm.filters import Filter, parse
 from gm.memory import NewMemory, Scope, TimeRange
 from gm.search import keyword_terms
-from gm.storage import sqlite_keywords
+from gm.storage import postgres_keywords, sqlite_keywords
 from gm.storage.base import AddMemories, DeleteMemory, UpdateMemory
 from gm.storage.ops import IndexChange
+from gm.storage.postgres import PostgresBackend
 from gm.storage.sql import QMarks, scope_sql
 from gm.storage.sqlite import SQLiteBackend
 from gm.storage.sqlite_keywords import NAMESPACE_SLOTS, USER_SLOTS
@@ -345,3 +347,92 @@ async def test_a_users_search_reads_that_users_matches_not_the_databases(tmp_pat
         conn.close()
     assert counted["keyed"][1] == counted["unkeyed"][1] and len(counted["keyed"][1]) == 10
     assert counted["keyed"][0] * 10 < counted["unkeyed"][0], counted
+
+
+# -- Postgres ------------------------------------------------------------------------------
+
+
+async def pg_write_mix(backend: PostgresBackend) -> None:
+    items = mix(1500)
+    for start in range(0, len(items), 250):
+        await backend.write(AddMemories(items[start:start + 250], T0))
+    for i in range(0, 1500, 97):
+        await backend.write(UpdateMemory(f"m{i}", T0, text=text(random.Random(i))))
+        await backend.write(DeleteMemory(f"m{i + 1}", T0))
+
+
+async def test_postgres_scoped_index_ranks_every_scope_as_schema_v3s_query_did(pg_url: str) -> None:
+    old = PostgresBackend(pg_url, target_version=3)
+    await old.open(ignore_changes)
+    try:
+        await pg_write_mix(old)
+        await old.fetch("ANALYZE memories", [])
+        expected = [await old.keyword_search(t, s, f, n, NOW, time_range=r) for t, s, f, n, r in _args()]
+    finally:
+        await old.close()
+    new = PostgresBackend(pg_url)
+    await new.open(ignore_changes)  # (schema v4: the scoped index)
+    try:
+        assert new.schema_version == 4
+        await new.fetch("ANALYZE memories", [])
+        nonempty = 0
+        for (terms, scope, filter, limit, time_range), before in zip(_args(), expected, strict=True):
+            after = await new.keyword_search(terms, scope, filter, limit, NOW, time_range=time_range)
+            assert after == before, (terms, scope, filter, time_range, limit)
+            nonempty += bool(after)
+        assert nonempty >= 30
+    finally:
+        await new.close()
+
+
+async def test_postgres_a_users_search_reads_that_users_matches(pg_url: str) -> None:
+    """The scoped index serves a user's search, reading that user's matches only: a user with
+    3,000 of 4,000 memories, a word in 1,020 of them, 20 that user's. Postgres may prefer the
+    user's btree on so small a table, so the plans are taken with only the keyword indexes to
+    choose from (no btree over scopes): the user's search reads 20 rows, schema v3's query the word's 1,020."""
+    backend = PostgresBackend(pg_url)
+    await backend.open(ignore_changes)
+    try:
+        rng = random.Random(5)
+
+        def body(i: int) -> str:
+            return f"{'zucchini' if i % 4 == 0 or i % 200 == 1 else ''} {text(rng)}"
+
+        items = [NewMemory(f"m{i}", True, Scope("ns", f"u{int(i % 4 != 0)}"), body(i), {}, None, vector=VECTOR)
+                 for i in range(4000)]
+        for start in range(0, len(items), 500):
+            await backend.write(AddMemories(items[start:start + 500], T0))
+        await backend.fetch("ANALYZE memories", [])
+        ran: list[tuple[str, list[Any]]] = []
+
+        async def fetch(sql: str, values: list[Any]) -> list[Any]:
+            ran.append((sql, values))
+            return await backend.fetch(sql, values)
+
+        hits = {version: await postgres_keywords.search(fetch, ["zucchini"], Scope("ns", "u1"), None, 50, NOW,
+                                                        None, version, True) for version in (3, 4)}
+        assert hits[3] == hits[4] and len(hits[4]) == 20
+        conn = await backend.connect()
+        plans = conn.transaction()
+        await plans.start()
+        try:  # (rolled back: the indexes stay)
+            await conn.execute("DROP INDEX memories_by_user, memories_by_user_occurrence, memories_by_namespace, "
+                               "memories_by_occurrence")
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            read = [max(_rows_read(json.loads(await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}",
+                                                                  *values))[0]["Plan"])) for sql, values in ran]
+        finally:
+            await plans.rollback()
+            await conn.close()
+        assert read == [1020, 20], read
+    finally:
+        await backend.close()
+
+
+def _rows_read(node: dict[str, Any]) -> list[int]:
+    """The table rows each scan of a plan read: those it produced and those its filter or
+    recheck dropped (a bitmap index scan reads only its index)."""
+    looked = ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck")
+    reads = "Scan" in node["Node Type"] and node["Node Type"] != "Bitmap Index Scan"
+    own = [sum(int(node.get(k, 0)) for k in looked)] if reads else []
+    return own + [n for child in node.get("Plans", []) for n in _rows_read(child)]

@@ -391,7 +391,8 @@ async def test_postgres_rebuild_beside_writes_and_searches(pg_backend: PostgresB
     await workload.check_all()
     reached_total(seen)
     assert {p.phase.split(":")[0] for p in seen} == {
-        "keyword columns", "reindex memories_search_keywords", "reindex memories_keywords"}
+        "keyword columns", "reindex memories_search_keywords", "reindex memories_keywords",
+        "reindex memories_scoped_keywords"}
     assert await invalid_indexes(pg_backend) == []
     names = {r[0] for r in await pg_backend.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'memories'", [])}
     assert {"memories_keywords", "memories_search_keywords"} <= names

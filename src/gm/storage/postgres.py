@@ -15,14 +15,12 @@ import asyncpg
 
 from gm import loops
 from gm.config import DEFAULT_WRITE_TIMEOUT_SECONDS
-from gm.context import CONTEXT_WEIGHT
 from gm.errors import ModelSwitched, ReembedInProgress, StorageUnavailable
 from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
 from gm.progress import OnProgress
-from gm.search import STOPWORDS
-from gm.storage import postgres_migrations, postgres_reindex
+from gm.storage import postgres_keywords, postgres_migrations, postgres_reindex
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.postgres_feed import FEED_LOCK, LAST_SEQ, ChangeFeed
@@ -174,28 +172,8 @@ class PostgresBackend(Backend):
     ) -> builtins.list[tuple[int, float]]:
         if not terms:
             return []
-        params = Numbered()
-        query = " | ".join("'" + t.replace("'", "''") + "'" for t in terms)
-        if all(t in STOPWORDS for t in terms):  # English stemming drops them all: match the words as they are
-            q = f"to_tsquery('simple', {params(query)})"
-            match, rank = f"to_tsvector('simple', m.text) @@ {q}", f"ts_rank(to_tsvector('simple', m.text), {q})"
-        elif self.context:
-            # The text weighs A and its session context B (gm.context). A row the context backfill
-            # has not reached yet has no search_tsv: its text alone (tsv, weight D) is ranked as A.
-            q = f"to_tsquery('english', {params(query)})"
-            match = f"(m.search_tsv @@ {q} OR (m.search_tsv IS NULL AND m.tsv @@ {q}))"
-            rank = (f"CASE WHEN m.search_tsv IS NULL THEN ts_rank('{{1, 1, 1, 1}}', m.tsv, {q}) "
-                    f"ELSE ts_rank('{{0.1, 0.2, {CONTEXT_WEIGHT}, 1}}', m.search_tsv, {q}) END")
-        else:
-            q = f"to_tsquery('english', {params(query)})"
-            match, rank = f"m.tsv @@ {q}", f"ts_rank(m.tsv, {q})"
-        where = scope_sql(scope, filter, now, params, "m.", time_range, self.schema_version)
-        rows = await self.fetch(
-            f"SELECT m.rowid, {rank} AS rank FROM memories m "
-            f"WHERE {match} AND {where} ORDER BY rank DESC, m.rowid DESC LIMIT {params(limit)}",
-            params.values,
-        )
-        return [(r[0], float(r[1])) for r in rows]
+        return await postgres_keywords.search(
+            self.fetch, terms, scope, filter, limit, now, time_range, self.schema_version, self.context)
 
     async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = postgres_reindex.BATCH) -> None:
         """Stale ``search_tsv`` values recomputed ``batch`` rows a step, then the GIN indexes

@@ -179,12 +179,29 @@ V3_CONTEXT = (
     "FOR EACH ROW EXECUTE FUNCTION gm_context_follow_delete()",
 )
 
+# Keyword search within a scope (gm.storage.postgres_keywords): one GIN index over each memory's
+# keyword vector (search_tsv, or tsv until its context is built) and lexemes naming its
+# namespace, user, agent and session ("u <md5>": no word of a query stems to one with a space), so
+# the index intersects a term's matches with a scope's before any row is read: at 1M memories a
+# user's search reads that user's matches (14 vs 184-500 ms p50, bench/keyword_scope.py). An
+# expression index: every release's writes keep it, with no column or trigger. Built while
+# writes wait (65 s at 1M memories here); docs/postgres.md says how to build it beforehand.
+SCOPED_KEYWORDS = (
+    "(coalesce(search_tsv, tsv) || array_to_tsvector(ARRAY['n ' || md5(namespace), "
+    "'u ' || md5(coalesce(user_id, '')), 'a ' || md5(coalesce(agent_id, '')), 's ' || md5(coalesce(session_id, ''))]))"
+)
+V4_SCOPED_KEYWORDS = (
+    f"CREATE INDEX IF NOT EXISTS memories_scoped_keywords ON memories USING gin ({SCOPED_KEYWORDS})",
+)
+
 STEPS: tuple[Step, ...] = (
     Step(1, "core tables: memories (tsvector keywords), history, meta, changes", V1_CORE),
     Step(2, "agent and session indexes; pgvector column when the extension is available",
          V2_SCOPES_AND_VECTORS, optional=V2_PGVECTOR),
     Step(3, "event time and session context: occurred_at, context, search_embedding, weighted search_tsv",
          V3_CONTEXT),
+    Step(4, "keyword index within scopes: memories_scoped_keywords (GIN over the keyword vector and scope lexemes)",
+         V4_SCOPED_KEYWORDS),
 )
 LATEST = STEPS[-1].version
 

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REINDEX_LOCK = 0x676D7265696478  # "gmreidx": one rebuild of a database's indexes at a time
-KEYWORD_INDEXES = ("memories_search_keywords", "memories_keywords")  # GIN over search_tsv (v3 on), tsv
+# GIN over search_tsv (v3 on), tsv, and both with the scope's lexemes (v4 on)
+KEYWORD_INDEXES = ("memories_search_keywords", "memories_keywords", "memories_scoped_keywords")
 VECTOR_INDEXES = ("memories_vec_hnsw",)
 POLL_SECONDS = 0.5  # how often a build's progress is read
 BATCH = 2000  # rows a search_tsv step looks at
