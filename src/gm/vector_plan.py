@@ -28,9 +28,10 @@ class VectorPlan:
     fetch: int = 0
 
 
-def plan(allowed: int, total: int, k: int) -> VectorPlan:
-    """The plan for a page of ``k`` among ``allowed`` rows (an estimate will do) of an index of ``total``."""
-    if allowed <= max(EXACT_MAX_ROWS, k) or total <= EXACT_MAX_ROWS:
+def plan(allowed: int, total: int, k: int, exact_max_rows: int = EXACT_MAX_ROWS) -> VectorPlan:
+    """The plan for a page of ``k`` among ``allowed`` rows (an estimate will do) of an index of
+    ``total``; ``exact_max_rows``: the searcher's own break-even, where it differs (pgvector's)."""
+    if allowed <= max(exact_max_rows, k) or total <= exact_max_rows:
         return VectorPlan(exact=True)
     selectivity = allowed / total
     if selectivity < MIN_SELECTIVITY:

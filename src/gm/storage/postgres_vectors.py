@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
-from gm import loops
+from gm import loops, vector_plan
 from gm.errors import ModelMismatch, ModelSwitched
 from gm.storage.postgres_pool import Pools, connection_lost, once_more
 from gm.storage.sql import Numbered, search_vector
@@ -23,7 +24,11 @@ log = logging.getLogger(__name__)
 
 HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
 BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
-HNSW_EF_SEARCH = 100
+HNSW_EF_SEARCH = 100  # the least ef_search an HNSW search asks for
+HNSW_EF_MAX = 1000  # pgvector's ceiling for hnsw.ef_search
+# pgvector's break-even between scoring a scope's rows exactly and walking HNSW (gm.vector_plan):
+# an exact scan reads each allowed row from the table, not from memory (bench/pgvector_recall.py).
+EXACT_MAX_ROWS = vector_plan.EXACT_MAX_ROWS
 BACKFILL_BATCH = 1000
 BACKFILL_PAUSE = 1.0  # seconds between looks for rows without `vec`
 HAS_VEC = (  # the schema has the pgvector column `vec` (the extension was there to migrate)
@@ -65,6 +70,10 @@ class PgVectors:
         self.dimensions: int | None = None  # of the HNSW index, once known committed
         self.iterative_scan = False  # pgvector >= 0.8 keeps walking the graph until the page fills
         self.context = False
+        self.exact_max_rows = EXACT_MAX_ROWS
+        # Searches by the plan they took: exact, HNSW, and HNSW whose page came short and was
+        # answered exactly (plain counters, for benchmarks and metrics).
+        self.plans = {"exact": 0, "hnsw": 0, "hnsw_short": 0}
 
     @property
     def searchable(self) -> bool:
@@ -123,7 +132,10 @@ class PgVectors:
 
     async def search(self, vector: bytes, where: str, p: Numbered, limit: int) -> builtins.list[tuple[int, float]]:
         """The ``limit`` nearest by cosine distance among the rows ``where`` selects (its values
-        in ``p``): HNSW with iterative scans, so a narrow scope or filter still fills the page."""
+        in ``p``). The planner (gm.vector_plan) picks, from Postgres's estimate of how many rows
+        the scope and filter allow and of the table's size, an exact scan of those rows or HNSW
+        with ``ef_search`` deep enough to fill the page after them; a page HNSW leaves short
+        (it filters after its graph walk) is answered by the exact scan."""
         dim = len(vector) // 4
         if self.dimensions is None or dim != self.dimensions:  # another instance wrote the first ones, or switched
             rows = await self.pools.fetch("SELECT value FROM meta WHERE key = 'hnsw_dimensions'", [])
@@ -132,16 +144,33 @@ class PgVectors:
                 return []  # no vector was ever written
         if dim != self.dimensions:  # (the query comes from our model: the vectors switched to another since)
             raise ModelSwitched(f"the query vector has {dim} dimensions but the stored ones have {self.dimensions}")
-        target = p(vector, f"vector({dim})")
-        distance = f"vec::vector({dim}) <=> {target}"
-        query = (f"SELECT rowid, {distance} AS distance FROM memories WHERE vec IS NOT NULL AND {where} "
-                 f"ORDER BY ORDERING LIMIT {p(limit)}")
-        rows = await self._rows(query.replace("ORDERING", "distance"), p.values, limit)
-        if len(rows) < limit:
-            # HNSW filters after the graph walk: a narrow scope or filter can leave the page short
-            # (pgvector < 0.8 has no iterative scan). An order the index cannot serve makes it exact.
-            rows = await self._rows(query.replace("ORDERING", f"({distance}) + 0"), p.values, limit)
-        return [(r[0], 1.0 - float(r[1])) for r in rows]
+        scoped = f"FROM memories WHERE vec IS NOT NULL AND {where}"
+        estimate, estimate_values = f"EXPLAIN (FORMAT JSON) SELECT 1 {scoped}", list(p.values)
+        distance = f"vec::vector({dim}) <=> {p(vector, f'vector({dim})')}"
+        query = f"SELECT rowid, {distance} AS distance {scoped} ORDER BY ORDERING LIMIT {p(limit)}"
+        hnsw, exact = query.replace("ORDERING", "distance"), query.replace("ORDERING", f"({distance}) + 0")
+
+        async def run(conn: asyncpg.Connection) -> builtins.list[Any]:
+            # (custom plans: the estimate is of these values, not of a cached generic plan's)
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            allowed = json.loads(await conn.fetchval(estimate, *estimate_values))[0]["Plan"]["Plan Rows"]
+            total = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'memories'::regclass")
+            chosen = vector_plan.plan(int(allowed), max(int(total), int(allowed)), limit, self.exact_max_rows)
+            if not chosen.exact:
+                ef = min(max(HNSW_EF_SEARCH, limit, chosen.fetch), HNSW_EF_MAX)
+                await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                if self.iterative_scan:
+                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                found = list(await conn.fetch(hnsw, *p.values))
+                if len(found) >= limit:
+                    self.plans["hnsw"] += 1
+                    return found
+                self.plans["hnsw_short"] += 1
+            else:
+                self.plans["exact"] += 1
+            return list(await conn.fetch(exact, *p.values))  # (an order the index cannot serve: exact)
+
+        return [(r[0], 1.0 - float(r[1])) for r in await self._run(run)]
 
     async def cosines(self, vector: bytes, rowids: builtins.list[int]) -> dict[int, float]:
         dim = len(vector) // 4
@@ -152,14 +181,12 @@ class PgVectors:
         )
         return {r[0]: float(r[1]) for r in rows}
 
-    async def _rows(self, sql: str, values: builtins.list[Any], limit: int) -> builtins.list[Any]:
+    async def _run(self, search: Callable[[asyncpg.Connection], Awaitable[builtins.list[Any]]]) -> builtins.list[Any]:
+        """``search`` on a pooled connection in a transaction of its own (its settings are LOCAL)."""
         async def run() -> builtins.list[Any]:
             async with self.pools.acquire("searching") as conn, conn.transaction():
-                await conn.execute(f"SET LOCAL hnsw.ef_search = {max(HNSW_EF_SEARCH, limit)}")
-                if self.iterative_scan:
-                    await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 try:
-                    return list(await conn.fetch(sql, *values))
+                    return await search(conn)
                 except asyncpg.DataError as exc:
                     if "dimensions" not in str(exc):
                         raise
