@@ -21,8 +21,11 @@ constant is set per run, bench-side) and is compared with a numpy brute-force to
 same scope, at each ``--ef`` (40,100,200); then at limit 50 with gm's own ef_search, the call a
 hybrid search with limit 10 makes. Scopes: the main namespace (99% of the rows), one user of it
 (10%), and a namespace holding 1% of the rows. HNSW filters after its graph walk (pgvector <
-0.8), so a narrow scope can leave the page short, and then the backend runs an exact scan: the
-output says how often that happened and which plans Postgres chose.
+0.8), so a narrow scope can leave the page short, and then the backend runs an exact scan.
+The backend asks the vector planner (gm.vector_plan) which plan a search takes: the output says
+how often each was taken (exact scan, HNSW, HNSW left short and answered exactly), and, with
+each plan forced in turn at limit 10, what each costs at each scope's size: where the exact scan
+stops being the cheaper one (pgvector's break-even, postgres_vectors.EXACT_MAX_ROWS).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import gm.storage.postgres as pg
 import gm.storage.postgres_vectors as pgv
 from cpu import CpuMeter, Quiet
 from figures import load_average, percentile, progress
-from gm import search
+from gm import search, vector_plan
 from gm.embedding import Encoder, ModelSpec
 from gm.memory import Scope
 from locomo import read_jsonl
@@ -118,32 +121,6 @@ def exact_top(vectors: np.ndarray, members: np.ndarray, query: np.ndarray, k: in
     return {int(members[i]) for i in best}, float(sims[best].min())
 
 
-class CountingVectors(pgv.PgVectors):
-    """The real pgvector search; records how many statements each search issued (2 = the
-    exact fallback ran), how many rows the first (HNSW) one returned, and the SQL used."""
-
-    def __init__(self, pools: Any) -> None:
-        super().__init__(pools)
-        self.calls: list[tuple[str, list[Any], int]] = []
-
-    async def _rows(self, sql: str, values: list[Any], limit: int) -> list[Any]:
-        rows = await super()._rows(sql, values, limit)
-        self.calls.append((sql, list(values), len(rows)))
-        return rows
-
-
-class CountingBackend(pg.PostgresBackend):
-    """The real backend, its vector searches counted (see CountingVectors)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.pg_vectors = self.counted = CountingVectors(self.pools)
-
-    @property
-    def calls(self) -> list[tuple[str, list[Any], int]]:
-        return self.counted.calls
-
-
 async def ignore_changes(changes: list[Any]) -> None:
     """A backend opened alone: no index follows its commits."""
 
@@ -202,30 +179,17 @@ async def build_hnsw(url: str, dim: int, maintenance_work_mem: str) -> dict[str,
             "postgres": server}
 
 
-async def explain(backend: CountingBackend, sql: str, params: list[Any], ef: int) -> str:
-    """The scan nodes of Postgres's plan for a statement, under the same settings."""
-    async with backend.pools.acquire("explaining") as conn, conn.transaction():
-        await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
-        lines = [r[0] for r in await conn.fetch("EXPLAIN " + sql, *params)]
-    nodes = [line.strip().removeprefix("->").strip().split("  (cost")[0] for line in lines
-             if line.lstrip().startswith("->") or line is lines[0]]
-    return " <- ".join(nodes)
-
-
-async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np.ndarray, scope: Scope,
+async def run_queries(backend: pg.PostgresBackend, vectors: np.ndarray, queries: np.ndarray, scope: Scope,
                       members: np.ndarray, ef: int, rowid_to_index: dict[int, int], limit: int = 10,
                       ) -> dict[str, Any]:
     """Every query through ``backend.vector_search`` (sequentially), against numpy's exact
-    top-``limit`` of the scope: recall@limit, latency, how often the exact fallback ran."""
-    pgv.HNSW_EF_SEARCH = ef  # read by PgVectors._rows at each call: SET LOCAL hnsw.ef_search = max(this, limit)
+    top-``limit`` of the scope: recall@limit, latency, the plans the planner took."""
+    pgv.HNSW_EF_SEARCH = ef  # the least ef_search PgVectors.search sets (more if the plan's fetch is deeper)
     recalls: list[float] = []
     latencies: list[float] = []
-    first_rows: list[int] = []
-    fallbacks = 0
     now = int(time.time() * 1000) + 1
-    plans: dict[str, str] = {}
+    before = dict(backend.pg_vectors.plans)
     for q in queries:
-        backend.calls.clear()
         began = time.perf_counter()
         hits = await backend.vector_search(q.astype("<f4").tobytes(), scope, None, limit, now)
         latencies.append(time.perf_counter() - began)
@@ -233,18 +197,27 @@ async def run_queries(backend: CountingBackend, vectors: np.ndarray, queries: np
         sims = {rowid_to_index[r]: float(vectors[rowid_to_index[r]] @ q) for r, _ in hits}
         # a returned row as close as the exact last one counts (float ties between pgvector and numpy)
         recalls.append(sum(1 for i, s in sims.items() if i in truth or s >= kth - 1e-5) / len(truth))
-        first_rows.append(backend.calls[0][2])
-        fallbacks += len(backend.calls) > 1
-        for name, (sql, params, _) in zip(("hnsw", "fallback"), backend.calls, strict=False):
-            if name not in plans:
-                plans[name] = await explain(backend, sql, params, max(ef, limit))
     return {
         "ef_search": max(ef, limit), "limit": limit, "recall": round(statistics.mean(recalls), 4),
-        "queries": len(queries), "fallbacks": fallbacks,
-        "first_statement_rows_p50": statistics.median(first_rows),
+        "queries": len(queries), "plans": {k: n - before[k] for k, n in backend.pg_vectors.plans.items()},
         "p50_ms": round(percentile(latencies, 50) * 1000, 2), "p99_ms": round(percentile(latencies, 99) * 1000, 2),
-        "plans": plans,
     }
+
+
+async def forced(backend: pg.PostgresBackend, vectors: np.ndarray, queries: np.ndarray, scope: Scope,
+                 members: np.ndarray, rowid_to_index: dict[int, int]) -> dict[str, Any]:
+    """Limit 10 with each plan forced: exact (break-even above any scope), then HNSW (break-even
+    0 and no selectivity floor: ef_search as the planner sets it for the scope's share)."""
+    saved = backend.pg_vectors.exact_max_rows, vector_plan.MIN_SELECTIVITY
+    out = {}
+    try:
+        for name, rows, selectivity in (("exact", 10**12, 0.0), ("hnsw", 0, 0.0)):
+            backend.pg_vectors.exact_max_rows, vector_plan.MIN_SELECTIVITY = rows, selectivity
+            out[name] = await run_queries(backend, vectors, queries, scope, members, pgv.HNSW_EF_SEARCH,
+                                          rowid_to_index)
+    finally:
+        backend.pg_vectors.exact_max_rows, vector_plan.MIN_SELECTIVITY = saved
+    return out
 
 
 async def backend_pids(backend: pg.PostgresBackend) -> list[int]:
@@ -291,7 +264,7 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
         progress(f"   loaded {cfg.rows:,} rows in {loaded:.1f}s; building the HNSW index")
         index = await build_hnsw(url, vectors.shape[1], cfg.maintenance_work_mem)
         progress(f"   index built in {index['seconds']}s ({index['index_mb']} MB)")
-        backend = CountingBackend(url)
+        backend = pg.PostgresBackend(url)
         await backend.open(ignore_changes)
         try:
             rowid_to_index = {r[0]: int(r[1][1:]) for r in await backend.fetch("SELECT rowid, id FROM memories", [])}
@@ -317,7 +290,13 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
                                                   limit)
                         results.append({"scope": label, "rows": len(members), "cpu": cpu.to_dict()} | r)
                         progress(f"   {label} ef {r['ef_search']} limit {limit}: recall {r['recall']:.3f}, "
-                                 f"p50 {r['p50_ms']} ms, fallbacks {r['fallbacks']}")
+                                 f"p50 {r['p50_ms']} ms, plans {r['plans']}")
+                sweep = []
+                for label, scope, members in scopes:
+                    both = await forced(backend, vectors, queries, scope, members, rowid_to_index)
+                    sweep.append({"scope": label, "rows": len(members)} | both)
+                    progress(f"   {label} forced: exact p50 {both['exact']['p50_ms']} ms, "
+                             f"HNSW p50 {both['hnsw']['p50_ms']} ms recall {both['hnsw']['recall']:.3f}")
             finally:
                 pgv.HNSW_EF_SEARCH = saved
         finally:
@@ -327,7 +306,8 @@ async def bench_recall(cfg: Config, data: Path, tmp: Path, quiet: Quiet) -> dict
     return {"rows": cfg.rows, "base_texts": len(texts), "text_source": text_source,
             "queries": len(questions), "question_source": question_source, "spread": cfg.spread,
             "embed_seconds": round(embed_seconds, 1), "similarity": similarity,
-            "load_seconds": round(loaded, 1), "index": index, "results": results, "load_average": load_average()}
+            "load_seconds": round(loaded, 1), "index": index, "results": results, "forced": sweep,
+            "load_average": load_average()}
 
 
 def report_recall(result: dict[str, Any]) -> str:
@@ -347,24 +327,25 @@ def report_recall(result: dict[str, Any]) -> str:
         f"{ix['server_default_maintenance_work_mem']}; "
         f"max_parallel_maintenance_workers {ix['max_parallel_maintenance_workers']})",
         f"{'scope':<22} {'rows':>7} {'ef_search':>9} {'limit':>5} {'recall':>9} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'exact fallback':>14} {'HNSW rows p50':>13} {'others':>6}",
+        f"{'exact':>6} {'HNSW':>6} {'short':>6} {'others':>6}",
     ]
     for r in result["results"]:
+        plans = r["plans"]
         lines.append(f"{r['scope']:<22} {r['rows']:>7,} {r['ef_search']:>9} {r['limit']:>5} {r['recall']:>9.3f} "
-                     f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['fallbacks']:>7}/{r['queries']:<6} "
-                     f"{r['first_statement_rows_p50']:>13} {r['cpu']['other_cores']:>6.2f}")
+                     f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {plans['exact']:>6} {plans['hnsw']:>6} "
+                     f"{plans['hnsw_short']:>6} {r['cpu']['other_cores']:>6.2f}")
     lines.append("(recall = recall@limit against numpy's exact top-limit of the scope; limit 10 at each ef_search, "
                  f"then limit {HYBRID_DEPTH} at gm's ef_search, the call a hybrid search with limit 10 makes; "
-                 "latency = PostgresBackend.vector_search as called, one at a time; exact fallback = queries where "
-                 "the HNSW statement returned fewer than limit rows and the backend ran the exact one; HNSW rows = "
-                 "what that first statement returned; others = cores used meanwhile by processes other than this "
-                 "one and the Postgres backends of the benchmark database)")
-    seen = set()
-    for r in result["results"]:
-        for name, plan in r["plans"].items():
-            if (r["scope"], name) not in seen:
-                seen.add((r["scope"], name))
-                lines.append(f"plan, {r['scope']}, {name} statement: {plan}")
+                 "ef_search = the least the backend sets (the planner's fetch may ask more); latency = "
+                 "PostgresBackend.vector_search as called, one at a time; exact / HNSW / short = the searches "
+                 "that took each plan (short: HNSW left the page short and the exact scan answered); others = "
+                 "cores used meanwhile by processes other than this one and the Postgres backends of the "
+                 "benchmark database)")
+    lines.append(f"{'each plan forced, limit 10':<28} {'rows':>7} {'exact p50':>10} {'HNSW p50':>9} "
+                 f"{'HNSW recall':>11}")
+    for f in result["forced"]:
+        lines.append(f"{f['scope']:<28} {f['rows']:>7,} {f['exact']['p50_ms']:>10.2f} {f['hnsw']['p50_ms']:>9.2f} "
+                     f"{f['hnsw']['recall']:>11.3f}")
     for notice in ix["notices"]:
         lines.append(f"index build notice: {notice}")
     return "\n".join(lines)

@@ -86,9 +86,11 @@ async def _copy_rows(tx: Transaction, after: int, last: int) -> None:
     """Index the memories with rowid in (``after``, ``last``] in NEXT, giving them their slots first."""
     for sql in BATCH_SLOTS:
         await tx.execute(sql, [after, last])
+    # In key order: FTS5 writes out what it holds whenever a rowid comes lower than the last one, and
+    # a batch in memories' order jumps between users' ranges (22,000 rows/s of CPU; sorted 53,000).
     await tx.execute(
         f"INSERT INTO {NEXT} (rowid, text, context) SELECT {key_sql('m')}, text, context FROM memories m "
-        "WHERE rowid > ? AND rowid <= ?", [after, last],
+        "WHERE rowid > ? AND rowid <= ? ORDER BY 1", [after, last],
     )
 
 
