@@ -27,6 +27,7 @@ from gm.storage import postgres_keywords, sqlite_keywords
 from gm.storage.base import AddMemories, DeleteMemory, UpdateMemory
 from gm.storage.ops import IndexChange
 from gm.storage.postgres import PostgresBackend
+from gm.storage.postgres_migrations import V4_SCOPED_KEYWORDS
 from gm.storage.sql import QMarks, scope_sql
 from gm.storage.sqlite import SQLiteBackend
 from gm.storage.sqlite_keywords import NAMESPACE_SLOTS, USER_SLOTS
@@ -436,3 +437,41 @@ def _rows_read(node: dict[str, Any]) -> list[int]:
     reads = "Scan" in node["Node Type"] and node["Node Type"] != "Bitmap Index Scan"
     own = [sum(int(node.get(k, 0)) for k in looked)] if reads else []
     return own + [n for child in node.get("Plans", []) for n in _rows_read(child)]
+
+
+async def test_the_docs_build_the_scoped_index_the_step_finds(pg_url: str) -> None:
+    """docs/postgres.md's statement, run on a v3 database while it serves, builds the index the v4
+    step makes (same name, same expression), so the step finds it and builds nothing."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "postgres.md").read_text()
+    statement = docs.split("```sql\n", 1)[1].split("```")[0]
+    assert "CREATE INDEX CONCURRENTLY memories_scoped_keywords" in statement
+    old = PostgresBackend(pg_url, target_version=3)
+    await old.open(ignore_changes)
+    try:
+        conn = await old.connect()
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.close()
+    finally:
+        await old.close()
+    new = PostgresBackend(pg_url)
+    await new.open(ignore_changes)
+    try:
+        assert new.schema_version == 4
+        conn = await new.connect()
+        try:
+            check = conn.transaction()
+            await check.start()
+            try:  # (the index the step would have made, rolled back)
+                await conn.execute(V4_SCOPED_KEYWORDS[0].replace("IF NOT EXISTS memories_scoped_keywords", "stepped"))
+                made = await conn.fetch("SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN "
+                                        "('memories_scoped_keywords', 'stepped') ORDER BY indexname")
+            finally:
+                await check.rollback()
+        finally:
+            await conn.close()
+        assert [r[0] for r in made] == ["memories_scoped_keywords", "stepped"]
+        assert made[0][1].replace("memories_scoped_keywords", "stepped") == made[1][1]
+    finally:
+        await new.close()
