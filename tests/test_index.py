@@ -91,11 +91,20 @@ def graph_index(vectors: np.ndarray, users: int) -> VectorIndex:
     return index
 
 
-def test_the_graph_answers_a_whole_namespace_with_the_exact_hits(small_graph: None) -> None:
+def test_the_graph_answers_a_whole_namespace_with_the_exact_hits(small_graph: None,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(4)
     vectors = clustered(rng, 20_000)
     index = graph_index(vectors, users=100)
     assert index.graphed == 20_000
+    walks: list[int] = []
+    graph_search = VectorIndex._graph_search
+
+    def counted(self: VectorIndex, *args: object) -> list[tuple[int, float]]:
+        walks.append(1)
+        return graph_search(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VectorIndex, "_graph_search", counted)
     queries = clustered(rng, 50)
 
     def rescored(q: np.ndarray, scope: Scope = Scope("ns")) -> list[int]:  # as the Searcher does it
@@ -105,10 +114,12 @@ def test_the_graph_answers_a_whole_namespace_with_the_exact_hits(small_graph: No
     exact = [set(exact_top(vectors, np.arange(1, 20_001), q, 10)) for q in queries]
     recall = np.mean([len(set(rescored(q)) & best) / 10 for q, best in zip(queries, exact, strict=True)])
     assert recall >= 0.97
+    assert len(walks) == len(queries)  # the graph answered every one
     # One user (1%): exact over that user's rows, so nothing is missed.
     mine = np.arange(20_000) % 100 == 42
     for q in queries[:10]:
         assert rescored(q, Scope("ns", "u42")) == exact_top(vectors[mine], np.arange(1, 20_001)[mine], q, 10)
+    assert len(walks) == len(queries)  # (not the graph)
 
 
 def test_rows_the_graph_does_not_hold_yet_and_removed_ones(small_graph: None) -> None:
@@ -122,8 +133,10 @@ def test_rows_the_graph_does_not_hold_yet_and_removed_ones(small_graph: None) ->
     best = index.search(vectors[10], Scope("ns"), 0, 1)[0][0]
     index.apply([IndexChange(best, remove=True)])  # still in the graph, never a hit
     assert best not in {r for r, _ in index.search(vectors[10], Scope("ns"), 0, 50)}
-    # A filter that leaves few rows near the query: the graph is asked deeper until the page fills.
-    allowed = list(range(1, 5001, 20))
+    # A filter that allows half the rows, but none near the query: the graph is asked deeper
+    # until the page fills.
+    allowed = [i + 1 for i in range(5_000) if float(vectors[i] @ vectors[10]) < 0]
+    assert len(allowed) > 2_000
     hits = index.search(vectors[10], Scope("ns"), 0, 10, allowed=allowed)
     assert len(hits) == 10 and {r for r, _ in hits} <= set(allowed)
 

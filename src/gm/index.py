@@ -362,7 +362,7 @@ class VectorIndex:
         if graph is not None and a.count - self._graphed <= vector_plan.EXACT_MAX_ROWS:
             sizes = [self._sizes[field][code] for field, code in wanted]
             estimate = min([*sizes, len(allowed_rowids) if allowed_rowids is not None else self.live_count])
-            plan = vector_plan.plan(estimate, self.live_count, k)
+            plan = vector_plan.plan(estimate, self.live_count, k, vector_plan.EXACT_MAX_ROWS)
             if not plan.exact:
                 return self._graph_search(a, graph, query, wanted, allowed_rowids, now, k, plan.fetch)
         return self._exact(a, query, wanted, allowed_rowids, now, k)
