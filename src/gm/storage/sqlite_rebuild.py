@@ -17,12 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
-
 from gm.errors import Conflict, DatabaseUnusable, SchemaError, StorageUnavailable
 from gm.progress import Meter, OnProgress
 from gm.storage.ops import RebuildStep
-from gm.storage.sqlite_writer import SQLiteTransaction
+from gm.storage.sqlite_writer import SQLiteTransaction, WriteConnection, drive
 from gm.storage.transaction import Transaction
 
 if TYPE_CHECKING:
@@ -270,17 +268,11 @@ async def _intact(tx: Transaction) -> bool:
         await tx.execute("RELEASE keyword_check", [])
 
 
-async def settle_at_open(conn: aiosqlite.Connection, version: int) -> None:
+async def settle_at_open(conn: WriteConnection, version: int) -> None:
     """At open, before any write: drop what an interrupted rebuild left that would fail writes
     (triggers into a missing or damaged table); a sound half-built table stays to be resumed.
     Nothing is written, nor the write lock taken, unless a rebuild was under way."""
-    if not await conn.execute_fetchall(UNDER_WAY, [CURSOR]):
+    if not await conn.run(lambda c: c.execute(UNDER_WAY, [CURSOR]).fetchall()):
         return
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        if await discard_if_unsound(SQLiteTransaction(conn, version), thorough=True):
-            log.warning("dropped the damaged half-built keyword index of an interrupted rebuild; run it again")
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
+    if await conn.transaction(lambda c: drive(discard_if_unsound(SQLiteTransaction(c, version), thorough=True))):
+        log.warning("dropped the damaged half-built keyword index of an interrupted rebuild; run it again")
