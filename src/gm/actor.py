@@ -132,6 +132,20 @@ class Actor(Generic[Msg, Reply]):
     async def handle(self, batch: list[Envelope[Msg, Reply]]) -> None:
         raise NotImplementedError
 
+    def take_queued(self) -> list[Envelope[Msg, Reply]]:
+        """For a :meth:`handle` that takes more work in while it runs: the messages queued
+        now (up to ``max_batch``, withdrawn ones left out), which that handle must answer too."""
+        taken: list[Envelope[Msg, Reply]] = []
+        while len(taken) < self.max_batch and not self._mailbox.empty():
+            item = self._mailbox.get_nowait()
+            if item is None:  # stopping: the loop must see it (it is last, nothing is sent after it)
+                self._mailbox.put_nowait(None)
+                break
+            if not item.reply.done():
+                item.taken = True
+                taken.append(item)
+        return taken
+
     async def on_stop(self) -> None:
         """Called in the actor's task after the mailbox is drained."""
 

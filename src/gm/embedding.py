@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -165,20 +166,18 @@ class Encoder:
         Texts are sorted by token length and run in batches of similar length, padded
         only to the longest text of each batch.
         """
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        ids = self.tokenize(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(encodings[order[end]].ids) <= TOKEN_BUDGET:
-                end += 1
-            chunk = order[start:end]
-            out[chunk] = self._run([encodings[i].ids for i in chunk])
-            start = end
+        for chunk in runs([len(x) for x in ids]):
+            out[chunk] = self.run([ids[i] for i in chunk])
         return out
 
-    def _run(self, ids: list[list[int]]) -> Vector:
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, special tokens added, truncated at MAX_TOKENS."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def run(self, ids: list[list[int]]) -> Vector:
+        """One model call: the unit vectors of these token ids, padded to the longest."""
         width = max(len(x) for x in ids)
         input_ids = np.zeros((len(ids), width), dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
@@ -196,6 +195,21 @@ class Encoder:
         return unit
 
 
+def runs(lengths: Sequence[int], budget: int = TOKEN_BUDGET) -> list[list[int]]:
+    """The indexes of texts of these token ``lengths``, sorted by length and cut into model
+    calls padded to their longest, at most ``budget`` padded tokens a call (or one text)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * lengths[order[end]] <= budget:
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Embed:
     """A text to embed; ``urgent`` (a search's query) goes ahead of queued texts being added."""
@@ -204,11 +218,28 @@ class Embed:
     urgent: bool = False
 
 
+@dataclass(slots=True)
+class Pending:
+    """A text taken up by the Embedder, and its token ids once tokenized."""
+
+    envelope: Envelope[Embed, Vector]
+    ids: list[int] | None = None
+
+    @property
+    def text(self) -> str:
+        return self.envelope.msg.text
+
+
 class Embedder(Actor[Embed, Vector]):
     """Embeds texts for every caller of a store; loads the model on first use.
 
-    Concurrent callers' texts are gathered into one batch (up to ``max_batch``), and one
-    ONNX call serves them all. The model runs on a dedicated thread, off the event loop.
+    The model runs on a dedicated thread, off the event loop, one call at a time, and never
+    waits while texts are queued: the texts taken up so far are a pool, sorted by token
+    length and cut into calls of similar length (see :func:`runs`); each call runs the run
+    holding the oldest text (a search's query first), its callers hear back at once, and the
+    texts queued meanwhile join the pool before the next call. So the model embeds the next
+    run while the last one's adds commit, instead of idling until a whole batch is written
+    (adds/ceiling over HTTP: see bench/add_ceiling.py).
     """
 
     name = "embedder"
@@ -248,27 +279,44 @@ class Embedder(Actor[Embed, Vector]):
             log.info("embedding model %s loaded in %.2fs", self.spec.shown, self.load_seconds)
         return self._encoder
 
-    def _encode(self, texts: list[str]) -> Vector:
-        return self._load().encode(texts)
+    def _encode(self, run: list[Pending]) -> Vector:
+        """One model call (tokenized texts of similar length), on the model's thread."""
+        return self._load().run([p.ids or [] for p in run])
+
+    def _next_run(self, pool: list[Pending]) -> tuple[list[Pending], Vector, float]:
+        """On the model's thread: tokenize what is new in ``pool``, embed the run holding its
+        oldest urgent text, else its oldest text; that run, its vectors and the call's seconds."""
+        encoder = self._load()
+        new = [p for p in pool if p.ids is None]
+        for pending, ids in zip(new, encoder.tokenize([p.text for p in new]), strict=True):
+            pending.ids = ids
+        candidates = [p for p in pool if p.envelope.msg.urgent] or pool  # (in the order they were sent)
+        lengths = [len(p.ids or ()) for p in candidates]
+        run = [candidates[i] for i in next(r for r in runs(lengths) if 0 in r)]
+        started = time.perf_counter()
+        vectors = self._encode(run)
+        return run, vectors, time.perf_counter() - started
 
     async def handle(self, batch: list[Envelope[Embed, Vector]]) -> None:
         loop = asyncio.get_running_loop()
-        urgent = [e for e in batch if e.msg.urgent]
-        for group in (urgent, [e for e in batch if not e.msg.urgent]):
-            if group:
-                loading, started = not self.loaded, time.perf_counter()
-                try:
-                    vectors = await loop.run_in_executor(self._thread, self._encode, [e.msg.text for e in group])
-                except ModelError as exc:  # the model's files, not a bug: one line, no traceback
+        pool = [Pending(e) for e in batch]
+        while pool:
+            try:
+                run, vectors, took = await loop.run_in_executor(self._thread, self._next_run, pool)
+            except Exception as exc:  # every text taken up hears it, also those taken after the batch
+                if isinstance(exc, ModelError):  # the model's files, not a bug: one line, no traceback
                     log.error("%s", exc.message)
-                    for envelope in group:
-                        envelope.fail(exc)
-                    continue
-                took = time.perf_counter() - started - ((self.load_seconds or 0.0) if loading else 0.0)
-                self.batch_texts.observe(len(group))
-                self.batch_seconds.observe(took)
-                for envelope, vector in zip(group, vectors, strict=True):
-                    envelope.answer(vector)
+                else:
+                    log.exception("the embedder failed a model call (%d texts waiting)", len(pool))
+                for pending in pool:
+                    pending.envelope.fail(exc)
+                return
+            self.batch_texts.observe(len(run))
+            self.batch_seconds.observe(took)
+            for pending, vector in zip(run, vectors, strict=True):
+                pending.envelope.answer(vector)
+            pool = [p for p in pool if not p.envelope.reply.done()]  # (answered, or withdrawn by its caller)
+            pool += [Pending(e) for e in self.take_queued()]
 
     async def on_stop(self) -> None:
         self._thread.shutdown(wait=False)
