@@ -27,15 +27,16 @@ class Server:
     more flags for it (e.g. ``["--drain-seconds", "5"]``). It can be started again after
     it stopped (a new port, the log file rewritten). Of this process's GM_* settings only
     GM_EMBED_THREADS reaches it, unless ``keep_settings``; ``open_files`` caps its file
-    descriptors (RLIMIT_NOFILE)."""
+    descriptors (RLIMIT_NOFILE); ``gmem``: another build's executable (default: this one's)."""
 
     def __init__(self, db: Path, log_path: Path, args: Sequence[str] = (), *, keep_settings: bool = False,
-                 open_files: int | None = None) -> None:
+                 open_files: int | None = None, gmem: Path | None = None) -> None:
         self.db = db
         self.log_path = log_path
         self.args = list(args)
         self.keep_settings = keep_settings
         self.open_files = open_files
+        self.gmem = gmem
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -45,7 +46,7 @@ class Server:
         return self.proc.pid
 
     def command(self) -> list[str]:
-        gmem = Path(sys.executable).with_name("gmem")
+        gmem = self.gmem or Path(sys.executable).with_name("gmem")
         head = [str(gmem)] if gmem.exists() else [sys.executable, "-m", "gm.cli"]
         return [*head, "serve", "--db", str(self.db), "--host", "127.0.0.1", "--port", "0", *self.args]
 

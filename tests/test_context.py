@@ -10,6 +10,7 @@ import logging
 import sqlite3
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,47 @@ async def test_context_follows_adds_updates_and_deletes(target: str) -> None:
 
         await mem.delete_many(namespace="default", session_id="s1", filter=None)
         assert await stored(target) == {}
+
+
+async def contexts(target: str) -> dict[str, tuple[str | None, bytes | None]]:
+    """Each memory's context column and search embedding."""
+    sql = "SELECT id, context, search_embedding FROM memories"
+    if target.startswith("postgresql://"):
+        rows = [tuple(r) for r in await pg_fetch(target, sql)]
+    else:
+        conn = sqlite3.connect(target)
+        try:
+            rows = conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+    return {r[0]: (r[1], bytes(r[2]) if r[2] is not None else None) for r in rows}
+
+
+async def test_a_batch_of_turns_gets_the_context_they_get_one_by_one(target: str, tmp_path: Path) -> None:
+    # One write starting two sessions (turns out of order, two at the same minute) and
+    # extending a stored one: its new sessions are worked out before the rows go in
+    # (gm.storage.add_flow), the stored one refreshed; both as adding each turn alone gives.
+    stored_turn = {"id": "a0", "text": "Alex: Did the plumber come?", "session_id": "a", "occurred_at": at(0)}
+    batch = [
+        {"id": "b3", "text": "Bea: The train was late again.", "session_id": "b", "occurred_at": at(3)},
+        {"id": "b1", "text": "Bea: I am on my way.", "session_id": "b", "occurred_at": at(1)},
+        {"id": "a1", "text": "Sam: Yes, he fixed the sink.", "session_id": "a", "occurred_at": at(1)},
+        {"id": "b2", "text": "Kim: Where are you now?", "session_id": "b", "occurred_at": at(2)},
+        {"id": "b2b", "text": "Kim: Call me when you arrive.", "session_id": "b", "occurred_at": at(2)},
+        {"id": "c0", "text": "Lee: Lunch on Friday?", "session_id": "c", "occurred_at": at(5)},
+        {"id": "c1", "text": "Ana: Friday works for me.", "session_id": "c", "occurred_at": at(6)},
+        {"id": "n0", "text": "A note in no session.", "occurred_at": at(7)},
+    ]
+    one_by_one = str(tmp_path / "one-by-one.db")
+    async with gm.open(one_by_one) as mem:
+        for turn in [stored_turn, *batch]:
+            await mem.add(**turn)
+    async with gm.open(target) as mem:
+        await mem.add(**stored_turn)
+        await mem.add_many(batch)
+    assert await contexts(target) == await contexts(one_by_one)
+    lines = [date_words(_ms(8)), "Bea: I am on my way.", "Kim: Where are you now?", "Bea: The train was late again."]
+    assert (await contexts(target))["b2b"][0] == "\n".join(lines)
 
 
 async def test_a_memory_without_a_session_is_indexed_with_its_date_alone(target: str) -> None:

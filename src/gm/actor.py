@@ -73,6 +73,7 @@ class Actor(Generic[Msg, Reply]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._oldest_unanswered: float | None = None  # queued_at of the batch under way, if any
+        self._arrived = asyncio.Event()  # a message was sent since the last take_queued
 
     def start(self) -> None:
         if self._task is None:
@@ -84,6 +85,7 @@ class Actor(Generic[Msg, Reply]):
         self.start()
         envelope: Envelope[Msg, Reply] = Envelope(msg, asyncio.get_running_loop().create_future())
         self._mailbox.put_nowait(envelope)
+        self._arrived.set()
         return envelope
 
     def tell(self, msg: Msg) -> None:
@@ -132,6 +134,25 @@ class Actor(Generic[Msg, Reply]):
     async def handle(self, batch: list[Envelope[Msg, Reply]]) -> None:
         raise NotImplementedError
 
+    def take_queued(self) -> list[Envelope[Msg, Reply]]:
+        """For a :meth:`handle` that takes more work in while it runs: the messages queued
+        now (up to ``max_batch``, withdrawn ones left out), which that handle must answer too."""
+        self._arrived.clear()
+        taken: list[Envelope[Msg, Reply]] = []
+        while len(taken) < self.max_batch and not self._mailbox.empty():
+            item = self._mailbox.get_nowait()
+            if item is None:  # stopping: the loop must see it (it is last, nothing is sent after it)
+                self._mailbox.put_nowait(None)
+                break
+            if not item.reply.done():
+                item.taken = True
+                taken.append(item)
+        return taken
+
+    async def arrival(self) -> None:
+        """Until a message is sent (or the actor told to stop) after the last :meth:`take_queued`."""
+        await self._arrived.wait()
+
     async def on_stop(self) -> None:
         """Called in the actor's task after the mailbox is drained."""
 
@@ -145,6 +166,7 @@ class Actor(Generic[Msg, Reply]):
         if self._task is None:
             return
         self._mailbox.put_nowait(None)
+        self._arrived.set()
         await asyncio.shield(self._task)
 
     async def _run(self) -> None:

@@ -15,7 +15,6 @@ from gm.memory import (
     ID_PATTERN,
     INT64_MAX,
     INT64_MIN,
-    LONG_DIGITS,
     MAX_METADATA_BYTES,
     MAX_RECENCY_DAYS,
     MAX_SCOPE_CHARS,
@@ -28,6 +27,7 @@ from gm.memory import (
     NewMemory,
     Scope,
     TimeRange,
+    long_digits,
     new_id,
     parse_time,
 )
@@ -87,7 +87,7 @@ def check_metadata(value: Any, path: str = "metadata") -> dict[str, Any]:
     except TypeError as exc:
         _check_integers(value, path)
         raise InvalidInput(f"{path} must hold only JSON values: {exc}", path=path) from None
-    if LONG_DIGITS.search(encoded):
+    if long_digits(encoded):
         _check_integers(value, path)
     if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidInput(

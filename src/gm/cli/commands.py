@@ -234,6 +234,8 @@ async def restore(args: argparse.Namespace) -> int:
 
 # -- export / import ---------------------------------------------------------------------------
 
+READ_BYTES = 1 << 20  # an import file's read buffer
+
 
 async def export(args: argparse.Namespace) -> int:
     lines = transfer.export_lines_async(database(args), vectors=args.vectors, namespace=args.namespace)
@@ -271,7 +273,9 @@ async def export(args: argparse.Namespace) -> int:
 async def import_(args: argparse.Namespace) -> int:
     if args.path != "-" and not Path(args.path).is_file():
         raise InvalidInput(f"there is no file {args.path}")
-    with tempfile.TemporaryFile() if args.path == "-" else open(args.path, "rb") as source:
+    # (read in blocks of 1 MiB: each read lets the Writer's thread take the GIL, a switch interval a time)
+    with (tempfile.TemporaryFile(buffering=READ_BYTES) if args.path == "-"
+          else open(args.path, "rb", buffering=READ_BYTES)) as source:
         if args.path == "-":  # read twice: once to refuse unknown fields before anything is stored
             shutil.copyfileobj(sys.stdin.buffer, source)
             source.seek(0)

@@ -47,6 +47,10 @@ class Params(abc.ABC):
         """The placeholder of a JSON document (``metadata``)."""
         return self(value, "jsonb")
 
+    def rows(self, rows: Sequence[Sequence[Any]], casts: Sequence[str]) -> str:
+        """The placeholders of a multi-row ``VALUES`` list (``casts``: each column's, "" none)."""
+        return ", ".join("(" + ", ".join(self(v, c) for v, c in zip(row, casts, strict=True)) + ")" for row in rows)
+
     @abc.abstractmethod
     def matches(self, filter: Filter, column: str) -> str:
         """The clause for a metadata filter on the JSON ``column``."""
@@ -72,6 +76,12 @@ class QMarks(Params):
 
     def mark(self, position: int) -> str:
         return "?"
+
+    def rows(self, rows: Sequence[Sequence[Any]], casts: Sequence[str]) -> str:
+        for row in rows:
+            self.values.extend(row)
+        one = "(" + ", ".join("?" * len(casts)) + ")"
+        return ", ".join([one] * len(rows))
 
     def matches(self, filter: Filter, column: str) -> str:
         sql, values = to_sqlite(filter, column)

@@ -30,7 +30,7 @@ from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.sql import Params, QMarks
 from gm.storage.sqlite_files import DatabaseLock
-from gm.storage.sqlite_writer import Writer, statement_error
+from gm.storage.sqlite_writer import WriteConnection, Writer, statement_error
 
 READERS = 4
 # Reads map the file instead of copying pages through SQLite's own 2 MB page cache: a keyword
@@ -88,10 +88,8 @@ class SQLiteBackend(Backend):
         self.schema_read(await self.migrator.run())
         conn = None
         try:
-            conn = await aiosqlite.connect(self.path, isolation_level=None)
             pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000", f"mmap_size = {MMAP_BYTES}")
-            for pragma in pragmas:
-                await conn.execute(f"PRAGMA {pragma}")
+            conn = await WriteConnection.open(self.path, pragmas)
             if self.context:
                 await sqlite_rebuild.settle_at_open(conn, self.schema_version)
             if self.schema_version >= sqlite_keywords.KEYED_VERSION:

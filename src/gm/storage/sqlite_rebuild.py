@@ -19,13 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiosqlite
-
 from gm.errors import Conflict, DatabaseUnusable, SchemaError, StorageUnavailable
 from gm.progress import Meter, OnProgress
 from gm.storage.ops import RebuildStep
 from gm.storage.sqlite_keywords import BATCH_SLOTS, KEYED_VERSION, key_sql, slots_sql
-from gm.storage.sqlite_writer import SQLiteTransaction
+from gm.storage.sqlite_writer import SQLiteTransaction, WriteConnection, drive
 from gm.storage.transaction import Transaction
 
 if TYPE_CHECKING:
@@ -305,40 +303,32 @@ async def _intact(tx: Transaction) -> bool:
         await tx.execute("RELEASE keyword_check", [])
 
 
-async def settle_at_open(conn: aiosqlite.Connection, version: int) -> None:
+async def settle_at_open(conn: WriteConnection, version: int) -> None:
     """At open, before any write: drop what an interrupted rebuild left that would fail writes
     (triggers into a missing or damaged table); a sound half-built table stays to be resumed.
     Nothing is written, nor the write lock taken, unless a rebuild was under way."""
-    if not await conn.execute_fetchall(UNDER_WAY, [CURSOR]):
+    if not await conn.run(lambda c: c.execute(UNDER_WAY, [CURSOR]).fetchall()):
         return
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        if await discard_if_unsound(SQLiteTransaction(conn, version), thorough=True):
-            log.warning("dropped the damaged half-built keyword index of an interrupted rebuild; run it again")
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
+    if await conn.transaction(lambda c: drive(discard_if_unsound(SQLiteTransaction(c, version), thorough=True))):
+        log.warning("dropped the damaged half-built keyword index of an interrupted rebuild; run it again")
 
 
-async def key_at_open(conn: aiosqlite.Connection, version: int) -> bool:
+async def key_at_open(conn: WriteConnection, version: int) -> bool:
     """At open (schema v4 on), after :func:`settle_at_open`: whether the live index is keyed by
     scope. One of an older definition over at most ``BATCH`` memories is rebuilt now, in one
     transaction (a new database's: milliseconds); a larger one is left to the backend's online
     rebuild, and searched as it is meanwhile."""
-    rows = list(await conn.execute_fetchall("SELECT sql FROM sqlite_master WHERE name = ?", [LIVE]))
+    rows = await conn.run(lambda c: c.execute("SELECT sql FROM sqlite_master WHERE name = ?", [LIVE]).fetchall())
     if rows and keyed(rows[0][0]):
         return True
-    small = list(await conn.execute_fetchall(f"SELECT count(*) FROM (SELECT 1 FROM memories LIMIT {BATCH + 1})"))
+    small = await conn.run(lambda c: c.execute(f"SELECT count(*) FROM (SELECT 1 FROM memories LIMIT {BATCH + 1})")
+                           .fetchall())
     if small[0][0] > BATCH:
         return False
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        tx = SQLiteTransaction(conn, version)
+
+    async def rekey(tx: SQLiteTransaction) -> None:
         await prepare(tx)
         await switch(tx)
-        await conn.execute("COMMIT")
-    except BaseException:
-        await conn.execute("ROLLBACK")
-        raise
+
+    await conn.transaction(lambda c: drive(rekey(SQLiteTransaction(c, version))))
     return True

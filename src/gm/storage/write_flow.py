@@ -22,9 +22,10 @@ from gm.context import (
     turn_from_row,
     window_sql,
 )
-from gm.errors import GMError, ModelSwitched, StorageUnavailable
-from gm.memory import Memory, NewMemory, Scope
+from gm.errors import GMError, ModelSwitched
+from gm.memory import Scope
 from gm.model_identity import IDENTITY, IDENTITY_OF, LABEL, META_KEYS, MODEL, recorded_model
+from gm.storage.add_flow import AddFlow
 from gm.storage.ops import (
     AddMemories,
     BeginReembed,
@@ -43,8 +44,6 @@ from gm.storage.ops import (
     UpdateMemory,
     WriteOp,
     WriteResult,
-    added_times,
-    id_conflict,
     model_mismatch,
     unknown_id,
     updated,
@@ -97,7 +96,7 @@ class WriteFlow:
 
     async def apply(self, op: WriteOp) -> WriteResult:
         if isinstance(op, AddMemories):
-            return await self.add(op)
+            return await AddFlow(self).add(op)
         if isinstance(op, UpdateMemory):
             return await self.update(op)
         if isinstance(op, DeleteMemory):
@@ -215,77 +214,6 @@ class WriteFlow:
         if not moved or await self.reembed() is None:
             return []
         return await refresh(TxSessionRows(self.tx, next=True), moved)
-
-    async def add(self, op: AddMemories) -> WriteResult:
-        out: list[tuple[Memory, bool]] = []
-        changes: list[IndexChange] = []
-        moved: list[Position] = []
-        swap = not await self.check_model(op.model, op.next_model, [item.next_vector for item in op.items])
-        info = await self.reembed()
-        with_next = info is not None and not swap and op.next_model == info.identity
-        for item in op.items:
-            if item.client_id:  # an expired memory frees its id: purge it as purge_expired would (history, index)
-                p = self.tx.params()
-                purged = await self.delete_where(f"id = {p(item.id)} AND expires_at <= {p(op.now)}", p)
-                changes.extend(purged.changes)
-            vector = item.next_vector if swap else item.vector
-            next_vector = item.next_vector if with_next and item.next_vector else None
-            added = await self.insert(item, vector, next_vector if info is not None else b"")
-            if added is None:
-                out.append((await self.existing(item), False))
-                continue
-            rowid, memory = added
-            out.append((memory, True))
-            changes.append(IndexChange(rowid, vector=vector, scope=item.scope, expires_at=memory.expires_at))
-            if next_vector:
-                changes.append(IndexChange(rowid, vector=next_vector, scope=item.scope, expires_at=memory.expires_at,
-                                           next=True))
-            if item.scope.session_id is not None:
-                moved.append(Position(item.scope.namespace, item.scope.session_id, memory.occurred_at, rowid))
-        if changes:
-            await self.tx.vectors_added(len(op.items[0].next_vector if swap else op.items[0].vector) // 4)
-        return WriteResult(out, changes + await self.refresh(moved))
-
-    async def insert(self, item: NewMemory, vector: bytes, next_vector: bytes | None) -> tuple[int, Memory] | None:
-        """Insert ``item`` with its ``vector`` (and ``next_vector``, unless b"": no re-embed
-        is under way) and record its history; None if its id is taken."""
-        s = item.scope
-        meta = orjson.dumps(item.metadata).decode()
-        created, updated_at, expires_at, occurred = added_times(item, self.stamp)
-        values: dict[str, Any] = {
-            "id": item.id, "namespace": s.namespace, "user_id": s.user_id, "agent_id": s.agent_id,
-            "session_id": s.session_id, "text": item.text, "metadata": meta, "created_at": created,
-            "updated_at": updated_at, "expires_at": expires_at, **self.tx.embedding_columns(vector),
-        }
-        if next_vector != b"":
-            values |= self.tx.next_vector_columns(next_vector)
-        if await self.has_old_vectors():
-            values["embedding_old"] = b""  # (NOT NULL, as `embedding` was on SQLite: the old model has none)
-        if self.tx.context:
-            values |= {"occurred_at": occurred, "context": date_words(occurred)}
-        p = self.tx.params()
-        marks = ", ".join(_mark(p, name, v) for name, v in values.items())
-        rows = await self.tx.fetch(
-            f"INSERT INTO memories ({', '.join(values)}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING RETURNING rowid",
-            p.values,
-        )
-        if not rows:
-            return None
-        await self.history("add", [(item.id, s.namespace, created, item.text, meta)])
-        memory = Memory(item.id, s.namespace, s.user_id, s.agent_id, s.session_id, item.text,
-                        item.metadata, created, updated_at, expires_at, occurred)
-        return rows[0][0], memory
-
-    async def existing(self, item: NewMemory) -> Memory:
-        """The memory stored under ``item``'s id: a retry of the same add, or a conflict."""
-        p = self.tx.params()
-        rows = await self.tx.fetch(f"SELECT {self.columns} FROM memories WHERE id = {p(item.id)}", p.values)
-        if not rows:  # (Postgres) another instance deleted it in between: its id is free
-            raise StorageUnavailable(f"memory {item.id!r} was deleted while being added; retry")
-        memory = memory_from_row(rows[0])
-        if not item.same_content(memory):
-            raise id_conflict(item.id)
-        return memory
 
     async def update(self, op: UpdateMemory) -> WriteResult:
         p = self.tx.params()
