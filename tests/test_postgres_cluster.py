@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 import pytest
 
-from gm.storage.postgres_migrations import MIGRATION_LOCK
+from gm.storage.postgres_migrations import LATEST, MIGRATION_LOCK
 from tests.http_server import free_port, launch_server, spawn_server
 
 VISIBLE_WITHIN = 1.0  # seconds: the change feed's promise (NOTIFY, and a poll every second)
@@ -421,8 +421,9 @@ async def test_rolling_upgrade_fails_no_request_and_loses_no_write(pg_url: str, 
             new_ready = time.monotonic()
             print(f"\nnew instance's readyz went {' -> '.join(phases)}")
             assert phases[0] in ("starting", "migrating") and "migrating" in phases and phases[-1] == "ready"
-            assert reply.body["schema_version"] == 3
-            assert await schema_rows(pg_url) == [(1, 1), (2, 1), (3, 1)], "additive steps: v1 code may still run"
+            assert reply.body["schema_version"] == LATEST
+            steps = [(version, 1) for version in range(1, LATEST + 1)]
+            assert await schema_rows(pg_url) == steps, "additive steps: v1 code may still run"
 
             balancer.register(new)
             await until(lambda: load.succeeded(new) >= 10, 30, "10 answers from the new instance")
@@ -484,7 +485,7 @@ async def test_rolling_upgrade_fails_no_request_and_loses_no_write(pg_url: str, 
     assert exits == {"old-a": 0, "old-b": 0}, (fleet.log("old-a"), fleet.log("old-b"))
     for name in ("old-a", "old-b"):
         assert "stopped; every acknowledged write is committed" in fleet.log(name)
-    assert await schema_rows(pg_url) == [(1, 1), (2, 1), (3, 1)]
+    assert await schema_rows(pg_url) == [(version, 1) for version in range(1, LATEST + 1)]
 
 
 # -- 3. faults --------------------------------------------------------------------------
