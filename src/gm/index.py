@@ -77,6 +77,15 @@ class IndexState:
     scope: npt.NDArray[np.int32]
 
 
+def _copy_rows(source: _Arrays | IndexState, target: _Arrays, n: int) -> None:
+    """The first ``n`` rows of every array, each keeping its slot."""
+    target.vectors[:n] = source.vectors[:n]
+    target.rowids[:n] = source.rowids[:n]
+    target.live[:n] = source.live[:n]
+    target.expires[:n] = source.expires[:n]
+    target.scope[:n] = source.scope[:n]
+
+
 class _Slots:
     """The slots of one scope value (live or not), appended in order; published like _Arrays."""
 
@@ -129,11 +138,7 @@ class VectorIndex:
         index = cls(state.dim, capacity=n + max(1024, n // 4))
         index.scale = state.scale
         a = index._a
-        a.vectors[:n] = state.vectors[:n]
-        a.rowids[:n] = state.rowids[:n]
-        a.live[:n] = state.live[:n]
-        a.expires[:n] = state.expires[:n]
-        a.scope[:n] = state.scope[:n]
+        _copy_rows(state, a, n)
         a.count = n
         for field, values in enumerate(state.codes):
             for value in values:
@@ -202,12 +207,8 @@ class VectorIndex:
         if old.count + extra <= len(old.rowids):
             return
         new = self._allocate(max(old.count + extra, 2 * len(old.rowids)))
-        n = new.count = old.count
-        new.vectors[:n] = old.vectors[:n]
-        new.rowids[:n] = old.rowids[:n]
-        new.live[:n] = old.live[:n]
-        new.expires[:n] = old.expires[:n]
-        new.scope[:n] = old.scope[:n]
+        new.count = old.count
+        _copy_rows(old, new, old.count)
         self._a = new
 
     def _fit(self, vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.int8]:
