@@ -171,7 +171,7 @@ class PgVectors:
                 found = list(await conn.fetch(hnsw, *p.values))
                 if len(found) >= limit:
                     self.plans["hnsw"] += 1
-                    return found
+                    return sorted(found, key=lambda r: r[1])  # (relaxed_order: pgvector's may be a little off)
                 self.plans["hnsw_short"] += 1
             else:
                 self.plans["exact"] += 1
