@@ -25,11 +25,16 @@ log = logging.getLogger(__name__)
 HNSW_LOCK = 0x676D686E7377  # "gmhnsw": creating the HNSW index once
 BACKFILL_LOCK = 0x676D6266  # "gmbf": one instance at a time fills in missing pgvector values
 HNSW_EF_SEARCH = 100  # the least ef_search an HNSW search asks for
-HNSW_EF_PER_ROW = 4  # and at least this many candidates a row of the page: at limit 50, ef 100 kept recall .962
+# and at least this many candidates a row of the page, and twice the plan's fetch: recall@10 at
+# 100k (bench/pgvector_recall.py) was .962 at limit 50 with ef 100 (.982 with 200), .968 for a
+# 10% scope with ef 200 (.989 with 400)
+HNSW_EF_PER_ROW = 4
+HNSW_EF_PER_FETCH = 2
 HNSW_EF_MAX = 1000  # pgvector's ceiling for hnsw.ef_search
 # pgvector's break-even between scoring a scope's rows exactly and walking HNSW (gm.vector_plan),
-# lower than the in-process index's: the exact scan reads each allowed row from the table, 2.1 us
-# a row (9,900 rows: 20.6 ms p50), where HNSW took 8.7 ms at ef 200 (bench/pgvector_recall.py, 100k).
+# lower than the in-process index's: the exact scan reads each allowed row from the table, 2.3 us
+# a row (9,900 rows: 22.7 ms p50), where HNSW took 6.3 ms for a whole namespace (ef 100) and 17 ms
+# for a 10% scope (ef 400), at 100k on 2 busy cores (bench/pgvector_recall.py).
 EXACT_MAX_ROWS = 4_000
 BACKFILL_BATCH = 1000
 BACKFILL_PAUSE = 1.0  # seconds between looks for rows without `vec`
@@ -159,14 +164,14 @@ class PgVectors:
             total = await conn.fetchval("SELECT reltuples FROM pg_class WHERE oid = 'memories'::regclass")
             chosen = vector_plan.plan(int(allowed), max(int(total), int(allowed)), limit, self.exact_max_rows)
             if not chosen.exact:
-                ef = min(max(HNSW_EF_SEARCH, HNSW_EF_PER_ROW * limit, chosen.fetch), HNSW_EF_MAX)
+                ef = min(max(HNSW_EF_SEARCH, HNSW_EF_PER_ROW * limit, HNSW_EF_PER_FETCH * chosen.fetch), HNSW_EF_MAX)
                 await conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
                 if self.iterative_scan:
                     await conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 found = list(await conn.fetch(hnsw, *p.values))
                 if len(found) >= limit:
                     self.plans["hnsw"] += 1
-                    return found
+                    return sorted(found, key=lambda r: r[1])  # (relaxed_order: pgvector's may be a little off)
                 self.plans["hnsw_short"] += 1
             else:
                 self.plans["exact"] += 1

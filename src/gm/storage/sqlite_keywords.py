@@ -125,25 +125,28 @@ async def search(
     ``filter`` and ``time_range``: from the scope's range of the keyed index, best first, ties
     newest first. A scope the key holds whole (namespace, user) is ranked in the index first
     and only the page's rows read; a narrower one (agent, session, filter, time) joins every
-    match of its range to its row, as does a page the first way left short."""
+    match of its range to its row, as does a page the first way left short (unless the first
+    way saw every match of the range: each statement reads BM25's statistics again)."""
     bounds = await slots.range(scope)
     if bounds is None:
         return []
-    exact = filter is None and time_range is None and scope.agent_id is None and scope.session_id is None
-    if exact:
+    whole = filter is None and time_range is None and scope.agent_id is None and scope.session_id is None
+    if whole:
         p = QMarks()
+        depth = limit + TOP_MARGIN
         ranked = (
             f"SELECT s.rowid AS key, {RANK} AS rank FROM {TABLE} s WHERE {TABLE} MATCH {_match(terms, p)} "
             f"AND s.rowid BETWEEN {p(bounds[0])} AND {p(bounds[1])} "
-            f"ORDER BY rank, (s.rowid & {ROWID_MASK}) DESC LIMIT {p(limit + TOP_MARGIN)}"
+            f"ORDER BY rank, (s.rowid & {ROWID_MASK}) DESC LIMIT {p(depth)}"
         )
         where = scope_sql(scope, None, now, p, "m.", None, version)
         rows = await slots.fetch(
-            f"SELECT m.rowid, c.rank FROM ({ranked}) c JOIN memories m ON m.rowid = (c.key & {ROWID_MASK}) "
-            f"WHERE {where} ORDER BY c.rank, m.rowid DESC LIMIT {p(limit)}",
+            f"SELECT m.rowid, c.rank, c.seen FROM (SELECT key, rank, count(*) OVER () AS seen FROM ({ranked})) c "
+            f"JOIN memories m ON m.rowid = (c.key & {ROWID_MASK}) WHERE {where} "
+            f"ORDER BY c.rank, m.rowid DESC LIMIT {p(limit)}",
             p.values,
         )
-        if len(rows) >= limit:
+        if len(rows) >= limit or (rows and rows[0][2] < depth):
             return [(r[0], -float(r[1])) for r in rows]
     p = QMarks()
     match, low, high = _match(terms, p), p(bounds[0]), p(bounds[1])
