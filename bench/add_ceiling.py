@@ -19,8 +19,8 @@ take turns within every round.
 Beside each phase, from the server's own ``/metrics`` scraped before and after: the share of
 the wall time its embedder was running the model (``embedder busy``), the mean texts per
 model call, the share its Writer spent between BEGIN and COMMIT, and the server's CPU
-milliseconds per add. Then ``--single`` adds from one client, one at a time, the servers
-alternating every 10: the latency of an add alone (p50/p99), model loaded.
+milliseconds per add. Then ``--single`` adds from one client, one at a time, to each server in
+turn (which goes first alternating): the latency of an add alone (p50/p99), model loaded.
 """
 
 from __future__ import annotations
@@ -192,16 +192,16 @@ async def adds_phase(build: Build, cfg: argparse.Namespace, seed: int, before: t
 
 
 async def alone(builds: list[Build], count: int, session: aiohttp.ClientSession) -> None:
-    """``count`` single adds per build, one at a time, the builds alternating every 10."""
+    """``count`` single adds per build, one at a time: one to each build in turn, which goes
+    first alternating (a server's first request after the others' is the slower one)."""
     work = Workload(seed=77, namespace="alone", users=10)
-    for start in range(0, count, 10):
-        for build in builds:
-            for _ in range(min(10, count - start)):
-                began = time.perf_counter()
-                async with session.post(build.server.url + "/v1/memories", json=work.memory()) as resp:
-                    assert resp.status == 201, await resp.text()
-                    await resp.read()
-                build.alone.append((time.perf_counter() - began) * 1000)
+    for i in range(count):
+        for build in builds if i % 2 == 0 else builds[::-1]:
+            began = time.perf_counter()
+            async with session.post(build.server.url + "/v1/memories", json=work.memory()) as resp:
+                assert resp.status == 201, await resp.text()
+                await resp.read()
+            build.alone.append((time.perf_counter() - began) * 1000)
 
 
 def report(builds: list[Build]) -> None:

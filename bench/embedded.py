@@ -6,7 +6,8 @@
 Prints, in one run:
 
 a) the raw embedding ceiling: ``Encoder.encode`` on realistic 10-40-word texts at batch
-   sizes 1, 8, 16, 32 and 64, with the thread count the library uses;
+   sizes 1, 8, 16, 32 and 64 over every core, and one single-threaded call per core at once
+   at batch 32 (the way the library's Embedder runs it); the best counts;
 b) ``Store.add`` throughput with 32 concurrent callers, and its ratio to the ceiling;
 c) search latency (p50/p99) and searches/s, one caller and 8 concurrent callers, per
    mode, over 10,000 and 100,000 memories (their vectors are random unit vectors
@@ -29,6 +30,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,8 +158,20 @@ def bench_ceiling(cfg: Config) -> dict[int, float]:
         results[size] = max(rounds[size])
         print(f"{size:>6} {results[size]:>13.1f} {float(np.median(rounds[size])):>8.1f} "
               f"{size / results[size] * 1000:>16.2f}   " + " ".join(f"{r:.1f}" for r in rounds[size]))
+    # The way the library's Embedder runs the model: one single-threaded call per core at once.
+    single, cores = Encoder(spec, threads=1), os.cpu_count() or 1
+    single.encode(texts[:64])
+    side_by_side = []
+    with ThreadPoolExecutor(cores) as pool:
+        for _ in range(cfg.ceiling_rounds):
+            started = time.perf_counter()
+            list(pool.map(single.encode, [texts[i : i + 32] for i in range(0, len(texts), 32)]))
+            side_by_side.append(len(texts) / (time.perf_counter() - started))
+    results[0] = max(side_by_side)  # (key 0: those calls side by side, batch 32)
+    print(f"{cores} single-threaded calls at once, batch 32: {results[0]:.1f} texts/s best   "
+          + " ".join(f"{r:.1f}" for r in side_by_side))
     best = max(results, key=results.__getitem__)
-    print(f"ceiling (best): {results[best]:.1f} texts/s at batch {best}")
+    print(f"ceiling (best): {results[best]:.1f} texts/s " + ("side by side" if best == 0 else f"at batch {best}"))
     return results
 
 
