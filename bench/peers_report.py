@@ -115,6 +115,9 @@ def size_table(size: int, result: dict[str, Any]) -> str:
     rows.append(Row("   peak RSS of the loading process", f"{gm['load_peak'] / MiB:,.0f} MiB",
                     f"{chroma['load_peak'] / MiB:,.0f} MiB" if chroma else "–",
                     _ratio(gm["load_peak"], chroma.get("load_peak"))))
+    if "graph_s" in gm:
+        rows.append(Row("   then open until its graph is complete, and close (saving the index)",
+                        f"{gm['graph_s']:.1f} s, {gm['settle_s']:.1f} s", "–", "–"))
     mine, theirs = spawn_median(gm, "spawn_s"), spawn_median(chroma, "spawn_s")
     spawn = Row("spawn → first answered vector query (median)", f"{mine:.2f} s",
                 f"{theirs:.2f} s" if theirs is not None else "–", _ratio(mine, theirs))

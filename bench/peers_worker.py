@@ -159,6 +159,20 @@ async def spawn(system: GreatMemory | Chroma, queries: Queries, reply: Any) -> N
     await system.close()
 
 
+async def settle(system: GreatMemory, reply: Any) -> None:
+    """Open the store, wait until its index's graph holds every row, and close it (which saves
+    the index beside the database): the state a server that has run a while leaves."""
+    started = time.perf_counter()
+    await system.open()
+    indexer = system.store.indexer
+    await indexer.wait_ready()
+    while indexer.index.graph_backlog() > 0:
+        await asyncio.sleep(0.5)
+    graphed = time.perf_counter() - started
+    await system.close()
+    send(reply, {"graph_s": graphed, "settle_s": time.perf_counter() - started})
+
+
 def send(reply: Any, message: dict[str, Any]) -> None:
     reply.write(orjson.dumps(message) + b"\n")
     reply.flush()
@@ -172,6 +186,10 @@ def main() -> None:
     if role == "load":
         assert isinstance(system, Chroma)
         send(reply, system.load(Path(data)))
+        return
+    if role == "settle":
+        assert isinstance(system, GreatMemory)
+        asyncio.run(settle(system, reply))
         return
     queries = Queries.read(Path(data))
     asyncio.run((serve if role == "serve" else spawn)(system, queries, reply))

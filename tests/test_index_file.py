@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import gm
@@ -66,6 +67,51 @@ async def test_a_store_reopens_from_its_saved_index_with_the_same_hits(tmp_path:
         assert mem.indexer.loaded_from == "file" and len(mem.indexer.index) == ROWS + 1
 
 
+async def test_a_store_read_back_maps_its_file_and_copies_the_graph_only_to_grow_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read back, the arrays are the file's copy-on-write mappings and the graph a view of its
+    file: nothing is copied at open. Writes land in the mapped arrays (the file is not
+    touched); rows the view lacks are scored exactly until VIEW_BACKLOG wait, then the graph
+    is copied into memory and grows. An unchanged view is saved without rewriting it."""
+    monkeypatch.setattr(index_module, "VIEW_BACKLOG", 20)
+    path = tmp_path / "mem.db"
+    before = await fill(path)
+    vectors = index_file.index_path(path)
+    (graph_file,) = vectors.parent.glob(f"{vectors.name}.*.graph")
+    saved_bytes = vectors.read_bytes()
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        assert isinstance(index._a.vectors, np.memmap) and index._graph_file is not None
+        assert await hits(mem) == before
+        victim = (await mem.search("green tea", mode="vector", limit=1))[0].memory
+        await mem.delete(victim.id)
+        added = await mem.add_many([{"text": f"the cello teacher, lesson {i}"} for i in range(10)])
+        assert index.graph_backlog() == 0 and index._graph_file is not None  # 10 < VIEW_BACKLOG: the view stays
+        page = await mem.search("cello teacher lesson", mode="vector", limit=10)
+        assert {hit.memory.id for hit in page} == {m.id for m in added}  # the rows the view lacks, scored exactly
+        assert victim.id not in [h.memory.id for h in await mem.search("green tea", mode="vector", limit=50)]
+        assert vectors.read_bytes() == saved_bytes  # copy-on-write: the file is as saved
+    (kept,) = vectors.parent.glob(f"{vectors.name}.*.graph")
+    assert kept == graph_file  # the unchanged view: its file kept, not written again
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        assert mem.indexer.loaded_from == "file" and len(index) == ROWS + 10 - 1
+        await mem.add_many([{"text": f"moved to Porto, note {i}"} for i in range(30)])  # past VIEW_BACKLOG
+        while index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]
+        assert index._graph_file is None and index.graphed == index.count  # copied, then grown
+        assert (await mem.search("moved to Porto", mode="vector", limit=1))[0].memory.text.startswith("moved to Porto")
+    (rewritten,) = vectors.parent.glob(f"{vectors.name}.*.graph")
+    assert rewritten != graph_file
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        assert mem.indexer.loaded_from == "file" and mem.indexer.index.graphed == mem.indexer.index.count
+        assert len(mem.indexer.index) == ROWS + 10 - 1 + 30
+
+
 async def test_writes_after_the_save_make_the_file_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "mem.db"
     await fill(path)
@@ -102,8 +148,11 @@ async def test_a_damaged_file_is_detected_logged_and_the_index_loaded_from_the_d
     vectors = index_file.index_path(path)
     (graph,) = vectors.parent.glob(f"{vectors.name}.*.graph")
     size = vectors.stat().st_size
-    if fault == "array byte":
-        damage(vectors, size - 700)
+    if fault == "array byte":  # the middle of the last array's rows (past them is room to grow, unread)
+        with vectors.open("rb") as f:
+            header, start = index_file._read_header(f)
+        last = header["arrays"][-1]
+        damage(vectors, start + last["offset"] + last["bytes"] // 2)
     elif fault == "header byte":
         damage(vectors, 40)
     elif fault == "truncated":

@@ -13,11 +13,14 @@ and renamed over the old one: a save killed at any point leaves the previous fil
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import sqlite3
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,7 +31,7 @@ from gm.index import IndexState, VectorIndex
 log = logging.getLogger(__name__)
 
 MAGIC = b"GMVECTS\x00"
-FORMAT = 1
+FORMAT = 2  # 2: each array has room to grow (mapped copy-on-write)
 ALIGN = 64
 CHUNK = 16 << 20  # bytes read or checked at a time
 SAVE_MIN_ROWS = 20_000  # fewer load from the database in a fraction of a second (~0.1 s)
@@ -73,16 +76,14 @@ def _crc(data: memoryview | bytes, crc: int = 0) -> int:
 
 
 def _file_crc(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    with path.open("rb", buffering=0) as f:
+        return _stream_crc(f, os.fstat(f.fileno()).st_size, bytearray(CHUNK))
 
 
 def save(index: VectorIndex, database: Path, model: str) -> Path | None:
     """Write ``index`` (quiescent: the Writer has stopped) for the database as it is now; an
-    index small enough to load from the database in no time is not saved (nor an older file kept)."""
+    index small enough to load from the database in no time is not saved (nor an older file kept).
+    A graph still a view of the file it was read from is kept as that file, not written again."""
     path = index_path(database)
     if len(index) < SAVE_MIN_ROWS:
         for stale in (path, *path.parent.glob(f"{path.name}.*")):
@@ -91,13 +92,14 @@ def save(index: VectorIndex, database: Path, model: str) -> Path | None:
     state = index.state()
     print_ = fingerprint(database)
     token = os.urandom(6).hex()
-    graph_name = f"{path.name}.{token}.graph" if state.graph is not None else None
+    kept = state.graph_file if state.graph_file is not None and path.with_name(state.graph_file[0]).exists() else None
+    graph_name = None if state.graph is None else kept[0] if kept is not None else f"{path.name}.{token}.graph"
     temporary = path.with_name(f"{path.name}.{token}.tmp")
     try:
-        _write(state, path, temporary, graph_name, model, print_)
+        _write(state, path, temporary, graph_name, kept, model, print_)
     except BaseException:
         temporary.unlink(missing_ok=True)
-        if graph_name is not None:
+        if graph_name is not None and kept is None:
             path.with_name(graph_name).unlink(missing_ok=True)
         raise
     for stale in path.parent.glob(f"{path.name}.*"):  # graphs of earlier saves, a temporary file of a killed one
@@ -107,21 +109,27 @@ def save(index: VectorIndex, database: Path, model: str) -> Path | None:
     return path
 
 
-def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | None, model: str,
-           print_: dict[str, Any]) -> None:
-    if state.graph is not None and graph_name is not None:
+def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | None, kept: tuple[str, int] | None,
+           model: str, print_: dict[str, Any]) -> None:
+    graph_crc = kept[1] if kept is not None else None
+    if state.graph is not None and graph_name is not None and kept is None:
         state.graph.save(str(path.with_name(graph_name)))
+        graph_crc = _file_crc(path.with_name(graph_name))
+    # Each array is laid out with room for a quarter more rows (a sparse hole in the file): it is
+    # mapped copy-on-write when read back, and the rows added after fill that room.
+    rows = state.count + max(1024, state.count // 4)
     arrays = {name: np.ascontiguousarray(getattr(state, name)[: state.count]) for name in ARRAYS}
     entries: list[dict[str, Any]] = []
     offset = 0
     for name, array in arrays.items():
+        room = array.nbytes // max(state.count, 1) * rows
         entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
-                        "bytes": array.nbytes, "crc": _crc(array.data.cast("B"))})
-        offset += -(-array.nbytes // ALIGN) * ALIGN
+                        "bytes": array.nbytes, "room": room, "crc": _crc(array.data.cast("B"))})
+        offset += -(-room // ALIGN) * ALIGN
     header = {
         "format": FORMAT, "model": model, "fingerprint": print_, "dim": state.dim, "scale": state.scale,
         "count": state.count, "graphed": state.graphed, "codes": state.codes, "arrays": entries,
-        "graph": None if graph_name is None else {"file": graph_name, "crc": _file_crc(path.with_name(graph_name)),
+        "graph": None if graph_name is None else {"file": graph_name, "crc": graph_crc,
                                                   "size": len(state.graph) if state.graph is not None else 0},
     }
     encoded = json.dumps(header).encode()
@@ -175,33 +183,72 @@ def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
 def _load(path: Path, database: Path, model: str) -> VectorIndex:
     with path.open("rb") as f:
         header, start = _read_header(f)
-        if header["model"] != model:
-            raise IndexFileInvalid(f"it holds vectors of model {header['model']}, the database {model}")
-        if header["fingerprint"] != fingerprint(database):
-            raise IndexFileInvalid("the database changed since it was saved")
         size = os.fstat(f.fileno()).st_size
-        arrays: dict[str, np.ndarray] = {}
-        for entry in header["arrays"]:
-            array = np.empty(entry["shape"], dtype=np.dtype(entry["dtype"]))
-            if array.nbytes != entry["bytes"] or start + entry["offset"] + entry["bytes"] > size:
-                raise IndexFileInvalid(f"it is truncated ({entry['name']})")
-            f.seek(start + entry["offset"])
-            view = array.data.cast("B")
-            if f.readinto(view) != entry["bytes"] or _crc(view) != entry["crc"]:
-                raise IndexFileInvalid(f"its {entry['name']} are damaged")
-            arrays[entry["name"]] = array
+    if header["model"] != model:
+        raise IndexFileInvalid(f"it holds vectors of model {header['model']}, the database {model}")
+    if header["fingerprint"] != fingerprint(database):
+        raise IndexFileInvalid("the database changed since it was saved")
+    count = header["count"]
+    if not isinstance(count, int) or count < 1:
+        raise IndexFileInvalid(f"it holds {count!r} rows")
+    for entry in header["arrays"]:
+        row = math.prod(entry["shape"][1:]) * np.dtype(entry["dtype"]).itemsize
+        if entry["shape"][0] != count or count * row != entry["bytes"] or entry["room"] < entry["bytes"] \
+                or entry["room"] % row:
+            raise IndexFileInvalid(f"its {entry['name']} do not match its header")
+        if start + entry["offset"] + entry["room"] > size:
+            raise IndexFileInvalid(f"it is truncated ({entry['name']})")
+    graph_path = path.with_name(header["graph"]["file"]) if header["graph"] is not None else None
+    # Both checksums at once (zlib lets other threads run), read through a buffer of their own
+    # rather than the mappings below: the pages stay the OS's cache, not this process's memory.
+    with ThreadPoolExecutor(2, thread_name_prefix="gm-index-check") as pool:
+        checks = [pool.submit(_check_arrays, path, start, header["arrays"])]
+        if graph_path is not None:
+            checks.append(pool.submit(_check_graph, graph_path, header["graph"]["crc"]))
+        for check in checks:
+            check.result()
+    arrays: dict[str, np.ndarray] = {}
+    for entry in header["arrays"]:
+        rows = entry["room"] // (entry["bytes"] // count)
+        arrays[entry["name"]] = np.memmap(path, dtype=np.dtype(entry["dtype"]), mode="c",
+                                          offset=start + entry["offset"], shape=(rows, *entry["shape"][1:]))
     graph = None
-    if header["graph"] is not None:
+    if graph_path is not None:
         from usearch.index import Index as Graph
 
-        graph_path = path.with_name(header["graph"]["file"])
-        if _file_crc(graph_path) != header["graph"]["crc"]:
-            raise IndexFileInvalid("its graph is damaged")
-        graph = Graph.restore(str(graph_path))
+        graph = Graph.restore(str(graph_path), view=True)
         if graph is None or len(graph) != header["graph"]["size"]:
             raise IndexFileInvalid("its graph could not be read")
-    state = IndexState(dim=header["dim"], scale=header["scale"], count=header["count"], graphed=header["graphed"],
-                       codes=header["codes"], graph=graph, **arrays)
+    state = IndexState(dim=header["dim"], scale=header["scale"], count=count, graphed=header["graphed"],
+                       codes=header["codes"], graph=graph, **arrays,
+                       graph_file=None if graph is None else (header["graph"]["file"], header["graph"]["crc"]))
     index = VectorIndex.from_state(state)
     log.info("vector index read from %s: %d memories", path, len(index))
     return index
+
+
+def _check_arrays(path: Path, start: int, entries: list[dict[str, Any]]) -> None:
+    buffer = bytearray(CHUNK)
+    with path.open("rb", buffering=0) as f:
+        for entry in entries:
+            f.seek(start + entry["offset"])
+            if _stream_crc(f, entry["bytes"], buffer) != entry["crc"]:
+                raise IndexFileInvalid(f"its {entry['name']} are damaged")
+
+
+def _check_graph(path: Path, crc: int) -> None:
+    with path.open("rb", buffering=0) as f:
+        if _stream_crc(f, os.fstat(f.fileno()).st_size, bytearray(CHUNK)) != crc:
+            raise IndexFileInvalid("its graph is damaged")
+
+
+def _stream_crc(f: io.RawIOBase, length: int, buffer: bytearray) -> int:
+    """The CRC-32 of the next ``length`` bytes of ``f`` (IndexFileInvalid if fewer are there)."""
+    crc, view = 0, memoryview(buffer)
+    while length > 0:
+        got = f.readinto(view[: min(length, len(buffer))])
+        if not got:
+            raise IndexFileInvalid("it is truncated")
+        crc = zlib.crc32(view[:got], crc)
+        length -= got
+    return crc
