@@ -10,11 +10,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 import gm
 from gm import index as index_module
-from gm import index_file, index_memory, vector_plan
+from gm import index_file, index_memory, transfer, vector_plan
 from gm.indexer import Indexer
 
 ROWS = 240
@@ -216,3 +217,28 @@ async def test_a_database_whose_index_cannot_fit_in_memory_is_refused_at_open(
     monkeypatch.undo()
     async with gm.open(path) as mem:  # nothing was harmed
         assert len(await mem.search("note", limit=50)) == 30
+
+
+async def test_an_import_holds_the_graph_back_until_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both cores go to an import's writes: the graph grows only once the import ended (and
+    searches meanwhile score the rows it lacks exactly)."""
+    grown_during: list[int] = []
+    grow = index_module.VectorIndex.grow_graph
+    async with gm.open(tmp_path / "mem.db") as mem:
+
+        def watched(self: index_module.VectorIndex, threads: int = 1) -> int:
+            grown_during.append(mem.indexer._graph_holds)
+            return grow(self, threads)
+
+        monkeypatch.setattr(index_module.VectorIndex, "grow_graph", watched)
+        with mem.indexer.hold_graph():
+            await mem.add_many([{"text": f"{TOPICS[i % 6]}, note {i}"} for i in range(ROWS)])
+            assert mem.indexer.index.graph_backlog() == ROWS and mem.indexer.index.graphed == 0
+            assert (await mem.search("my pet's name", mode="vector", limit=1))[0].memory.text.startswith("the dog")
+        assert not grown_during
+        lines = [orjson.dumps({"text": f"{TOPICS[i % 6]}, imported {i}"}) for i in range(ROWS)]
+        report = await transfer.import_lines(mem, lines)
+        assert report.imported == ROWS
+        while mem.indexer.index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]
+        assert grown_during and set(grown_during) == {0} and mem.indexer.index.graphed == 2 * ROWS

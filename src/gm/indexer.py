@@ -14,9 +14,10 @@ mailbox: VectorIndex publishes its arrays only once complete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,9 +161,22 @@ class Indexer(Actor[IndexMsg, None]):
         self._loaded = asyncio.Event()
         self._grower: asyncio.Task[None] | None = None  # adds new rows to the published index's graph
         self._growing = True  # until the store closes
+        self._graph_holds = 0  # bulk writes under way that asked the graph to wait (hold_graph)
         self._outcome: asyncio.Future[None] | None = None  # what those waiting for readiness hear next
 
     # -- what other tasks call -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def hold_graph(self) -> Iterator[None]:
+        """While a bulk write runs (an import), the graph does not grow: both cores go to the
+        writes (measured: bench/import_speed.py), the rows it lacks are scored exactly, and it
+        catches up in the background once the last hold ends."""
+        self._graph_holds += 1
+        try:
+            yield
+        finally:
+            self._graph_holds -= 1
+            self._grow()
 
     async def open(self, *, load: bool) -> None:
         await self.ask(Open(load))
@@ -382,14 +396,15 @@ class Indexer(Actor[IndexMsg, None]):
 
     def _grow(self) -> None:
         """Have the graph of the published index catch up with its rows, in the background."""
-        if (self._grower is None or self._grower.done()) and self.index.graph_backlog() > 0 and self._growing:
+        if (self._grower is None or self._grower.done()) and self.index.graph_backlog() > 0 and self._growing \
+                and not self._graph_holds:
             self._grower = asyncio.get_running_loop().create_task(self._grow_graph(), name="gm-index-graph")
 
     async def _grow_graph(self) -> None:
         """Add rows to the graph a chunk at a time, off the loop; searches score the rows it
         does not hold yet exactly, and use it once few are left (gm.index)."""
         try:
-            while self._growing and (backlog := (index := self.index).graph_backlog()) > 0:
+            while self._growing and not self._graph_holds and (backlog := (index := self.index).graph_backlog()) > 0:
                 self._saved = False
                 # A long backlog (a load) takes both cores; after that, one, beside the model.
                 await asyncio.to_thread(index.grow_graph, 2 if backlog > vector_plan.EXACT_MAX_ROWS else 1)

@@ -214,7 +214,13 @@ async def import_lines(
     with an unknown field raises :class:`UnknownField` there, after the batches before it
     were stored: run :func:`check_fields` over the lines first to refuse it up front.
 
-    One batch is written while the next one is parsed (the Writer works on its own thread)."""
+    One batch is written while the next one is parsed (the Writer works on its own thread); the
+    vector index's graph waits until the import ends."""
+    with store.indexer.hold_graph():  # (both cores go to the writes; the graph catches up after)
+        return await _import(store, lines, total, progress)
+
+
+async def _import(store: Store, lines: Iterable[bytes], total: int | None, progress: Progress | None) -> ImportReport:
     importer = Importer(store)
     model = asyncio.ensure_future(store.embedder.dimensions())  # (loaded meanwhile: vectors are checked against it)
     model.add_done_callback(_heard)  # (a model that fails to load fails the first batch's write, which says so)
