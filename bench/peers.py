@@ -39,7 +39,7 @@ import gm
 import peers_report
 from cpu import CpuMeter
 from figures import load_average, progress
-from peers_data import Exact, Queries, embedded, model_spec, row_of, write_dataset
+from peers_data import Exact, Queries, chunks, embedded, model_spec, row_of, write_dataset
 from recall import describe_commit, git_state
 
 BENCH = Path(__file__).resolve().parent
@@ -210,27 +210,36 @@ def run_size(size: int, args: argparse.Namespace, queries: Queries, queries_path
              work: Path) -> dict[str, Any]:
     systems = [s for s in SYSTEMS if s != "chroma" or args.chroma_max is None or size <= args.chroma_max]
     free = shutil.disk_usage(work).free
-    if free < size * BYTES_PER_ROW:
+    if free < size * BYTES_PER_ROW and not args.reuse:
         raise SystemExit(f"peers.py: {size:,} memories need about {size * BYTES_PER_ROW / 1e9:.1f} GB under {work}, "
                          f"{free / 1e9:.1f} GB are free; pass --work-dir on a larger disk")
-    folder = work / f"n{size}"
-    folder.mkdir()
+    folder = (args.reuse or work) / f"n{size}"
+    if args.reuse:
+        systems = [s for s in systems if (folder / s).is_dir()]
+    else:
+        folder.mkdir()
     log = (folder / "workers.log").open("ab")
     result: dict[str, Any] = {s: {} for s in systems}
     workers: dict[str, Worker] = {}
     try:
         exact = Exact(queries, args.users)
-        dataset = folder / "memories.jsonl"
-        started = time.perf_counter()
-        model = model_spec().identity
-        result["dataset_bytes"] = write_dataset(bases, size, args.users, args.seed, dataset, exact, model)
-        progress(f"{size:,}: wrote the memories and their exact top-10 in {time.perf_counter() - started:.0f}s")
         stores = {s: folder / s for s in systems}
-        for system in systems:
-            result[system] |= load(system, dataset, stores[system], log)
-            result[system]["disk_after_load"] = disk_bytes(stores[system])
-            progress(f"   {system}: loaded in {result[system]['load_s']:.1f}s")
-        dataset.unlink()
+        started = time.perf_counter()
+        if args.reuse:  # the stores of an earlier --keep run: the same memories (same --seed), not loaded again
+            for start, vectors, _ in chunks(bases, size, args.seed):
+                exact.add(start, vectors)
+            progress(f"{size:,}: the stores of {folder} reused; their exact top-10 in "
+                     f"{time.perf_counter() - started:.0f}s")
+        else:
+            dataset = folder / "memories.jsonl"
+            model = model_spec().identity
+            result["dataset_bytes"] = write_dataset(bases, size, args.users, args.seed, dataset, exact, model)
+            progress(f"{size:,}: wrote the memories and their exact top-10 in {time.perf_counter() - started:.0f}s")
+            for system in systems:
+                result[system] |= load(system, dataset, stores[system], log)
+                result[system]["disk_after_load"] = disk_bytes(stores[system])
+                progress(f"   {system}: loaded in {result[system]['load_s']:.1f}s")
+            dataset.unlink()
         result["greatmemory"] |= settle(stores["greatmemory"], log)
         progress(f"   greatmemory: its graph complete {result['greatmemory']['graph_s']:.0f}s after opening, saved")
         for trial in range(args.spawns):
@@ -259,7 +268,7 @@ def run_size(size: int, args: argparse.Namespace, queries: Queries, queries_path
                 worker.proc.kill()
                 worker.proc.wait()
         log.close()
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(folder, ignore_errors=True)
     return result
 
@@ -297,6 +306,8 @@ def parse_args() -> argparse.Namespace:
                         help="where the embedded base texts and queries are kept between runs")
     parser.add_argument("--work-dir", type=Path, help="where the files of a run go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the stores (and the log) of each size")
+    parser.add_argument("--reuse", type=Path, help="measure the stores an earlier --keep run left in this folder "
+                        "(the gm-peers-* one; same --seed and --users), without loading them again")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--json", type=Path, help="also write every figure and sample to this file")
     args = parser.parse_args()

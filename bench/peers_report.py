@@ -106,15 +106,15 @@ def _latency_target(row: Row, size: int, key: str, mine: tuple[float, float] | N
 def size_table(size: int, result: dict[str, Any]) -> str:
     gm, chroma = result["greatmemory"], result.get("chroma", {})
     rows: list[Row] = []
-    load = Row("load: `gmem import` with vectors / Chroma add in batches of "
-               f"{chroma.get('report', {}).get('batch', '-')}",
-               f"{gm['load_s']:,.1f} s ({gm['rate']:,.0f}/s)",
-               f"{chroma['load_s']:,.1f} s ({chroma['rate']:,.0f}/s)" if chroma else "–",
-               _ratio(gm["load_s"], chroma.get("load_s")), "≥ 10,000/s", gm["rate"] >= 10_000)
-    rows.append(load)
-    rows.append(Row("   peak RSS of the loading process", f"{gm['load_peak'] / MiB:,.0f} MiB",
-                    f"{chroma['load_peak'] / MiB:,.0f} MiB" if chroma else "–",
-                    _ratio(gm["load_peak"], chroma.get("load_peak"))))
+    if "load_s" in gm:  # (not with --reuse: the stores were loaded by an earlier run)
+        rows.append(Row("load: `gmem import` with vectors / Chroma add in batches of "
+                        f"{chroma.get('report', {}).get('batch', '-')}",
+                        f"{gm['load_s']:,.1f} s ({gm['rate']:,.0f}/s)",
+                        f"{chroma['load_s']:,.1f} s ({chroma['rate']:,.0f}/s)" if chroma else "–",
+                        _ratio(gm["load_s"], chroma.get("load_s")), "≥ 10,000/s", gm["rate"] >= 10_000))
+        rows.append(Row("   peak RSS of the loading process", f"{gm['load_peak'] / MiB:,.0f} MiB",
+                        f"{chroma['load_peak'] / MiB:,.0f} MiB" if chroma else "–",
+                        _ratio(gm["load_peak"], chroma.get("load_peak"))))
     if "graph_s" in gm:
         rows.append(Row("   then open until its graph is complete, and close (saving the index)",
                         f"{gm['graph_s']:.1f} s, {gm['settle_s']:.1f} s", "–", "–"))
@@ -138,9 +138,11 @@ def size_table(size: int, result: dict[str, Any]) -> str:
     if size == 1_000_000:
         rss.target, rss.met = "≤ 1.5 GB (so every RSS too)", gm["peak"] <= RSS_LIMIT
     rows.append(rss)
-    rows.append(Row("disk after the load / at the end",
-                    f"{gm['disk_after_load'] / MiB:,.0f} / {gm['disk'] / MiB:,.0f} MiB",
-                    f"{chroma['disk_after_load'] / MiB:,.0f} / {chroma['disk'] / MiB:,.0f} MiB" if chroma else "–",
+    def disk(result: dict[str, Any]) -> str:
+        after = f"{result['disk_after_load'] / MiB:,.0f}" if "disk_after_load" in result else "–"
+        return f"{after} / {result['disk'] / MiB:,.0f} MiB"
+
+    rows.append(Row("disk after the load / at the end", disk(gm), disk(chroma) if chroma else "–",
                     _ratio(gm["disk"], chroma.get("disk"))))
     cpu = result["cpu"]
     title = (f"### {size:,} memories\n\nQuery phase: {cpu['wall_s']:.0f} s; other processes kept "
