@@ -141,6 +141,34 @@ def test_rows_the_graph_does_not_hold_yet_and_removed_ones(small_graph: None) ->
     assert len(hits) == 10 and {r for r, _ in hits} <= set(allowed)
 
 
+def test_a_long_backlog_is_scored_beside_the_graph_not_instead_of_it(small_graph: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import holds the graph back: past EXACT_MAX_ROWS waiting rows, a search still walks the
+    graph (while it covers most rows) and scores the rows it lacks exactly beside."""
+    rng = np.random.default_rng(6)
+    vectors = clustered(rng, 5_000)
+    index = graph_index(vectors, users=1)
+    walks: list[int] = []
+    graph_search = VectorIndex._graph_search
+
+    def counted(self: VectorIndex, *args: object) -> list[tuple[int, float]]:
+        walks.append(1)
+        return graph_search(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VectorIndex, "_graph_search", counted)
+    later = clustered(rng, 3_000)  # 3,000 waiting > EXACT_MAX_ROWS (2,000), fewer than the graph's 5,000
+    index.load([VectorRow(10_001 + i, Scope("ns", "u0"), None, v.tobytes()) for i, v in enumerate(later)])
+    assert index.graph_backlog() == 3_000
+    for i in (0, 1_500, 2_999):
+        assert index.search(later[i], Scope("ns"), 0, 10)[0][0] == 10_001 + i
+    assert index.search(vectors[7], Scope("ns"), 0, 10)[0][0] == 8
+    assert len(walks) == 4
+    more = clustered(rng, 3_000)
+    index.load([VectorRow(20_001 + i, Scope("ns", "u0"), None, v.tobytes()) for i, v in enumerate(more)])
+    index.search(vectors[7], Scope("ns"), 0, 10)  # 6,000 waiting, more than the graph holds: exact
+    assert len(walks) == 4
+
+
 def test_search_never_misses_rows_while_the_index_and_its_graph_grow(small_graph: None) -> None:
     rng = np.random.default_rng(2)
     index = VectorIndex(DIM, capacity=64)

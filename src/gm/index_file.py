@@ -7,8 +7,10 @@ row, the rows, the vectors' model). It is used only when every check passes: a f
 truncated, damaged, of another format version or of another database state is logged and
 ignored, and the index is loaded from the database instead (then saved again at close).
 
-A save writes the graph under a new name, then the arrays to a temporary file that is synced
-and renamed over the old one: a save killed at any point leaves the previous file whole.
+A save writes the graph under a new name (or keeps the file a still unchanged graph is a view
+of), then the arrays to a temporary file that is synced and renamed over the old one: a save
+killed at any point leaves the previous file whole. Read back, the arrays are copy-on-write
+mappings of the file and the graph a view of its file: nothing is copied at open.
 """
 
 from __future__ import annotations
@@ -35,7 +37,12 @@ FORMAT = 2  # 2: each array has room to grow (mapped copy-on-write)
 ALIGN = 64
 CHUNK = 16 << 20  # bytes read or checked at a time
 SAVE_MIN_ROWS = 20_000  # fewer load from the database in a fraction of a second (~0.1 s)
-ARRAYS = ("vectors", "rowids", "live", "expires", "scope")
+# Each array's dtype and the shape of a row ("dim": the vectors' dimensions; scope: one column a scope field).
+LAYOUT: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "vectors": ("|i1", ("dim",)), "rowids": ("<i8", ()), "live": ("|b1", ()), "expires": ("<i8", ()),
+    "scope": ("<i4", (4,)),
+}
+ARRAYS = tuple(LAYOUT)
 
 
 class IndexFileInvalid(Exception):
@@ -161,7 +168,7 @@ def load(database: Path, model: str) -> VectorIndex | None:
         return None
     try:
         return _load(path, database, model)
-    except (IndexFileInvalid, OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # (a header written by hand can fail in ways no check names: never served)
         log.warning("the saved vector index %s is not used (%s): loading from the database", path, exc)
         return None
 
@@ -188,30 +195,41 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
         raise IndexFileInvalid(f"it holds vectors of model {header['model']}, the database {model}")
     if header["fingerprint"] != fingerprint(database):
         raise IndexFileInvalid("the database changed since it was saved")
-    count = header["count"]
-    if not isinstance(count, int) or count < 1:
-        raise IndexFileInvalid(f"it holds {count!r} rows")
-    for entry in header["arrays"]:
-        row = math.prod(entry["shape"][1:]) * np.dtype(entry["dtype"]).itemsize
-        if entry["shape"][0] != count or count * row != entry["bytes"] or entry["room"] < entry["bytes"] \
-                or entry["room"] % row:
+    count, dim = header["count"], header["dim"]
+    if not isinstance(count, int) or count < 1 or not isinstance(dim, int) or dim < 1:
+        raise IndexFileInvalid(f"it holds {count!r} rows of {dim!r} dimensions")
+    if not isinstance(header["graphed"], int) or not 0 <= header["graphed"] <= count:
+        raise IndexFileInvalid(f"its graph covers {header['graphed']!r} of {count} rows")
+    if header["graph"] is not None and not 0 <= header["graph"]["size"] <= header["graphed"]:
+        raise IndexFileInvalid(f"its graph holds {header['graph']['size']!r} of {header['graphed']} rows")
+    entries = header["arrays"]
+    if [entry["name"] for entry in entries] != list(ARRAYS):
+        raise IndexFileInvalid("its arrays are not the ones this release reads")
+    rooms = set()
+    for entry in entries:
+        dtype, shape = LAYOUT[entry["name"]]
+        want = [count, *(dim if isinstance(extent, str) else extent for extent in shape)]
+        row = math.prod(want[1:]) * np.dtype(dtype).itemsize
+        if entry["dtype"] != dtype or entry["shape"] != want or entry["bytes"] != count * row \
+                or entry["room"] < entry["bytes"] or entry["room"] % row:
             raise IndexFileInvalid(f"its {entry['name']} do not match its header")
         if start + entry["offset"] + entry["room"] > size:
             raise IndexFileInvalid(f"it is truncated ({entry['name']})")
+        rooms.add(entry["room"] // row)
+    if len(rooms) != 1:
+        raise IndexFileInvalid("its arrays have room for different numbers of rows")
     graph_path = path.with_name(header["graph"]["file"]) if header["graph"] is not None else None
     # Both checksums at once (zlib lets other threads run), read through a buffer of their own
     # rather than the mappings below: the pages stay the OS's cache, not this process's memory.
     with ThreadPoolExecutor(2, thread_name_prefix="gm-index-check") as pool:
-        checks = [pool.submit(_check_arrays, path, start, header["arrays"])]
+        checks = [pool.submit(_check_arrays, path, start, entries)]
         if graph_path is not None:
             checks.append(pool.submit(_check_graph, graph_path, header["graph"]["crc"]))
         for check in checks:
             check.result()
-    arrays: dict[str, np.ndarray] = {}
-    for entry in header["arrays"]:
-        rows = entry["room"] // (entry["bytes"] // count)
-        arrays[entry["name"]] = np.memmap(path, dtype=np.dtype(entry["dtype"]), mode="c",
-                                          offset=start + entry["offset"], shape=(rows, *entry["shape"][1:]))
+    (rows,) = rooms
+    arrays = {entry["name"]: np.memmap(path, dtype=np.dtype(entry["dtype"]), mode="c", offset=start + entry["offset"],
+                                       shape=(rows, *entry["shape"][1:])) for entry in entries}
     graph = None
     if graph_path is not None:
         from usearch.index import Index as Graph
