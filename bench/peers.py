@@ -240,6 +240,8 @@ def run_size(size: int, args: argparse.Namespace, queries: Queries, queries_path
                 result[system]["disk_after_load"] = disk_bytes(stores[system])
                 progress(f"   {system}: loaded in {result[system]['load_s']:.1f}s")
             dataset.unlink()
+        if "greatmemory" not in stores:
+            raise SystemExit(f"peers.py: {folder} holds no greatmemory store to measure")
         result["greatmemory"] |= settle(stores["greatmemory"], log)
         progress(f"   greatmemory: its graph complete {result['greatmemory']['graph_s']:.0f}s after opening, saved")
         for trial in range(args.spawns):
