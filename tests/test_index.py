@@ -83,6 +83,20 @@ def small_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vector_plan, "EXACT_MAX_ROWS", 2_000)
 
 
+@pytest.fixture
+def walks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry for every search the graph answered."""
+    walked: list[int] = []
+    graph_search = VectorIndex._graph_search
+
+    def counted(self: VectorIndex, *args: object) -> list[tuple[int, float]]:
+        walked.append(1)
+        return graph_search(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(VectorIndex, "_graph_search", counted)
+    return walked
+
+
 def graph_index(vectors: np.ndarray, users: int) -> VectorIndex:
     index = VectorIndex(DIM)
     index.load([VectorRow(i + 1, Scope("ns", f"u{i % users}"), None, v.tobytes()) for i, v in enumerate(vectors)])
@@ -91,20 +105,11 @@ def graph_index(vectors: np.ndarray, users: int) -> VectorIndex:
     return index
 
 
-def test_the_graph_answers_a_whole_namespace_with_the_exact_hits(small_graph: None,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_graph_answers_a_whole_namespace_with_the_exact_hits(small_graph: None, walks: list[int]) -> None:
     rng = np.random.default_rng(4)
     vectors = clustered(rng, 20_000)
     index = graph_index(vectors, users=100)
     assert index.graphed == 20_000
-    walks: list[int] = []
-    graph_search = VectorIndex._graph_search
-
-    def counted(self: VectorIndex, *args: object) -> list[tuple[int, float]]:
-        walks.append(1)
-        return graph_search(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(VectorIndex, "_graph_search", counted)
     queries = clustered(rng, 50)
 
     def rescored(q: np.ndarray, scope: Scope = Scope("ns")) -> list[int]:  # as the Searcher does it
@@ -141,21 +146,12 @@ def test_rows_the_graph_does_not_hold_yet_and_removed_ones(small_graph: None) ->
     assert len(hits) == 10 and {r for r, _ in hits} <= set(allowed)
 
 
-def test_a_long_backlog_is_scored_beside_the_graph_not_instead_of_it(small_graph: None,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_long_backlog_is_scored_beside_the_graph_not_instead_of_it(small_graph: None, walks: list[int]) -> None:
     """An import holds the graph back: past EXACT_MAX_ROWS waiting rows, a search still walks the
     graph (while it covers most rows) and scores the rows it lacks exactly beside."""
     rng = np.random.default_rng(6)
     vectors = clustered(rng, 5_000)
     index = graph_index(vectors, users=1)
-    walks: list[int] = []
-    graph_search = VectorIndex._graph_search
-
-    def counted(self: VectorIndex, *args: object) -> list[tuple[int, float]]:
-        walks.append(1)
-        return graph_search(self, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(VectorIndex, "_graph_search", counted)
     later = clustered(rng, 3_000)  # 3,000 waiting > EXACT_MAX_ROWS (2,000), fewer than the graph's 5,000
     index.load([VectorRow(10_001 + i, Scope("ns", "u0"), None, v.tobytes()) for i, v in enumerate(later)])
     assert index.graph_backlog() == 3_000
