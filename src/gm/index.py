@@ -188,11 +188,13 @@ class VectorIndex:
 
     @property
     def nbytes(self) -> int:
-        """The memory its arrays and graph hold, allocated rows included (for /metrics)."""
+        """The memory its arrays and graph hold, allocated rows included (for /metrics); mapped
+        from the saved file or not (a view's whole file)."""
         a = self._a
         arrays = a.vectors.nbytes + a.rowids.nbytes + a.live.nbytes + a.expires.nbytes + a.scope.nbytes
         slots = sum(s.slots.nbytes for field in self._slots for s in field.values())
-        graph = self._graph.memory_usage if self._graph is not None else 0
+        graph = 0 if self._graph is None else \
+            self._graph.serialized_length if self._graph_file is not None else self._graph.memory_usage
         return int(arrays + slots + graph)
 
     @property
