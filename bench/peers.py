@@ -216,6 +216,8 @@ def run_size(size: int, args: argparse.Namespace, queries: Queries, queries_path
     folder = (args.reuse or work) / f"n{size}"
     if args.reuse:
         systems = [s for s in systems if (folder / s).is_dir()]
+        if "greatmemory" not in systems:
+            raise SystemExit(f"peers.py: {folder} holds no greatmemory store to measure")
     else:
         folder.mkdir()
     log = (folder / "workers.log").open("ab")
@@ -240,8 +242,6 @@ def run_size(size: int, args: argparse.Namespace, queries: Queries, queries_path
                 result[system]["disk_after_load"] = disk_bytes(stores[system])
                 progress(f"   {system}: loaded in {result[system]['load_s']:.1f}s")
             dataset.unlink()
-        if "greatmemory" not in stores:
-            raise SystemExit(f"peers.py: {folder} holds no greatmemory store to measure")
         result["greatmemory"] |= settle(stores["greatmemory"], log)
         progress(f"   greatmemory: its graph complete {result['greatmemory']['graph_s']:.0f}s after opening, saved")
         for trial in range(args.spawns):

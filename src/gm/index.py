@@ -149,7 +149,7 @@ class VectorIndex:
             index = cls(state.dim, capacity=0)
             index._a = _Arrays(state.vectors, state.rowids, state.live, state.expires, state.scope, n)
         else:
-            index = cls(state.dim, capacity=n + max(1024, n // 4))
+            index = cls(state.dim, capacity=with_room(n))
             _copy_rows(state, index._a, n)
             index._a.count = n
         index.scale = state.scale
@@ -487,6 +487,12 @@ class VectorIndex:
             top = np.arange(len(slots))
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(int(a.rowids[slots[i]]), float(scores[i])) for i in top]
+
+
+def with_room(rows: int) -> int:
+    """Rows to hold ``rows`` and the ones added next: a quarter more, at least 1,024 (an index
+    read back, and the arrays gm.index_file saves)."""
+    return rows + max(1024, rows // 4)
 
 
 def expansion(rows: int) -> int:

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from gm.index import IndexState, VectorIndex
+from gm.index import IndexState, VectorIndex, with_room
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | Non
         graph_crc = _file_crc(path.with_name(graph_name))
     # Each array is laid out with room for a quarter more rows (a sparse hole in the file): it is
     # mapped copy-on-write when read back, and the rows added after fill that room.
-    rows = state.count + max(1024, state.count // 4)
+    rows = with_room(state.count)
     arrays = {name: np.ascontiguousarray(getattr(state, name)[: state.count]) for name in ARRAYS}
     entries: list[dict[str, Any]] = []
     offset = 0
@@ -222,11 +222,11 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
     # Both checksums at once (zlib lets other threads run), read through a buffer of their own
     # rather than the mappings below: the pages stay the OS's cache, not this process's memory.
     with ThreadPoolExecutor(2, thread_name_prefix="gm-index-check") as pool:
-        checks = [pool.submit(_check_arrays, path, start, entries)]
-        if graph_path is not None:
-            checks.append(pool.submit(_check_graph, graph_path, header["graph"]["crc"]))
-        for check in checks:
-            check.result()
+        arrays_checked = pool.submit(_check_arrays, path, start, entries)
+        graph_crc = pool.submit(_file_crc, graph_path) if graph_path is not None else None
+        arrays_checked.result()
+        if graph_crc is not None and graph_crc.result() != header["graph"]["crc"]:
+            raise IndexFileInvalid("its graph is damaged")
     (rows,) = rooms
     arrays = {entry["name"]: np.memmap(path, dtype=np.dtype(entry["dtype"]), mode="c", offset=start + entry["offset"],
                                        shape=(rows, *entry["shape"][1:])) for entry in entries}
@@ -252,12 +252,6 @@ def _check_arrays(path: Path, start: int, entries: list[dict[str, Any]]) -> None
             f.seek(start + entry["offset"])
             if _stream_crc(f, entry["bytes"], buffer) != entry["crc"]:
                 raise IndexFileInvalid(f"its {entry['name']} are damaged")
-
-
-def _check_graph(path: Path, crc: int) -> None:
-    with path.open("rb", buffering=0) as f:
-        if _stream_crc(f, os.fstat(f.fileno()).st_size, bytearray(CHUNK)) != crc:
-            raise IndexFileInvalid("its graph is damaged")
 
 
 def _stream_crc(f: io.RawIOBase, length: int, buffer: bytearray) -> int:
