@@ -215,3 +215,37 @@ def test_an_index_of_mostly_dead_slots_says_so() -> None:
         index.add(rowid, v, Scope("ns"), None)
         index.add(rowid, v, Scope("ns"), None)
     assert index.wasted and len(index) == index_module.GRAPH_MIN_ROWS // 2
+
+
+def test_every_row_keeps_its_one_current_vector_through_loads_replacements_removals_and_a_reopen() -> None:
+    """The rowid -> slot map: rows in rowid order (loads, new adds) and rows added again out of
+    order (a new vector for an old rowid) resolve to their newest vector, removed ones to none,
+    and so does an index made from the state of one (its rowids no longer in slot order)."""
+    rng = np.random.default_rng(7)
+    vectors = clustered(rng, 400)
+    index = VectorIndex(DIM)
+    index.load([VectorRow(r, Scope("ns"), None, vectors[r].tobytes()) for r in range(0, 200, 2)])
+    for r in range(1, 200, 2):  # older rowids than the last: not in rowid order after the load
+        index.add(r, vectors[r], Scope("ns"), None)
+    index.load([VectorRow(r, Scope("ns"), None, vectors[r].tobytes()) for r in range(200, 300)])
+    newest = {r: vectors[r] for r in range(300)}
+    for r in range(0, 300, 7):  # replaced: each takes a new slot
+        newest[r] = vectors[300 + r // 7]
+        index.add(r, newest[r], Scope("ns"), None)
+    index.apply([IndexChange(r, remove=True) for r in range(5, 300, 11)])
+    for r in range(5, 300, 11):
+        del newest[r]
+    index.add(5, vectors[399], Scope("ns"), None)  # a removed row comes back
+    newest[5] = vectors[399]
+    query = unit(rng)
+    for candidate in (index, VectorIndex.from_state(index.state())):  # (the second shares the first's arrays)
+        assert len(candidate) == len(newest)
+        cosines = candidate.cosines(query, [*range(-3, 310), 5, 5])
+        assert set(cosines) == set(newest)
+        for r, vector in newest.items():
+            assert abs(cosines[r] - float(vector @ query)) < 0.01
+        assert {rowid for rowid, _ in candidate.search(query, Scope("ns"), 0, 1000)} == set(newest)
+    reopened = VectorIndex.from_state(index.state())
+    reopened.remove(0)
+    reopened.remove(5)
+    assert reopened.cosines(query, [0, 5]) == {} and len(reopened) == len(newest) - 2
