@@ -255,3 +255,33 @@ async def test_closing_the_store_while_a_resumed_run_loads_its_next_index_ends_t
     await mem.close()
     with pytest.raises(gm.errors.GMError):  # (StoreClosed), not a wait for ever
         await asyncio.wait_for(resumed, 5)
+
+
+@pytest.mark.parametrize("failure", ["closed", "broken"])
+async def test_a_look_at_another_instances_switch_that_fails_is_logged_not_left_for_the_loop(
+    failure: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ModelFollower.soon's look runs in a task nobody awaits: a store closing under it ends it
+    quietly, another failure is logged, and neither is left for the loop to report ("Task
+    exception was never retrieved", once seen at interpreter exit)."""
+    from types import SimpleNamespace
+
+    from gm.errors import StoreClosed
+    from gm.reembed import ModelFollower
+
+    class Backend:
+        shared = True
+
+        async def meta_value(self, key: str) -> str:
+            raise StoreClosed("the store is closed") if failure == "closed" else RuntimeError("the disk went away")
+
+    follower = ModelFollower(SimpleNamespace(models=SimpleNamespace(next=None), backend=Backend()))  # type: ignore[arg-type]
+    follower.soon("another-model")
+    task = follower._task
+    assert task is not None
+    await asyncio.wait_for(asyncio.shield(task), 10)
+    assert task.exception() is None
+    logged = [r for r in caplog.records if r.name == "gm.reembed" and r.levelname == "ERROR"]
+    assert (len(logged), failure) in ((0, "closed"), (1, "broken"))
+    if logged:
+        assert logged[0].exc_info is not None and "the disk went away" in str(logged[0].exc_info[1])

@@ -312,7 +312,19 @@ class ModelFollower:
     def soon(self, identity: str) -> None:
         """The index saw a change of another model's vectors: look now."""
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self.check(), name="gm-follow-model")
+            self._task = asyncio.get_running_loop().create_task(self._look(), name="gm-follow-model")
+
+    async def _look(self) -> None:
+        """:meth:`check` for :meth:`soon`, which nobody awaits: what it raises is logged here (a
+        store closing meanwhile: nothing to follow), not left for the loop to report at exit.
+        A write or search that meets the switch follows it again (:meth:`wait`)."""
+        try:
+            await self.check()
+        except StoreClosed:
+            pass
+        except Exception:
+            log.exception("following another instance's change of the vectors failed; the next write or search "
+                          "that meets it tries again")
 
     async def wait(self) -> None:
         """A write or search found the vectors switched: follow before it runs again (this
