@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import os
 import sqlite3
@@ -25,7 +26,7 @@ from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
 from gm.progress import OnProgress, Progress
-from gm.storage import sqlite_keywords, sqlite_migrations, sqlite_rebuild
+from gm.storage import sqlite_keywords, sqlite_migrations, sqlite_postings, sqlite_rebuild
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.sql import Params, QMarks
@@ -71,6 +72,9 @@ class SQLiteBackend(Backend):
         self.keyword_keyed = False  # the live keyword index is keyed by scope (gm.storage.sqlite_keywords)
         self._keying: asyncio.Task[None] | None = None  # rebuilding an older one so, after open
         self.slots = sqlite_keywords.Slots(self.fetch)
+        self.postings: sqlite_postings.PostingsFollower | None = None  # keyword postings in process, once built
+        self._postings_wanted = asyncio.Event()  # (set: build them, when the keyword index is keyed)
+        self._keeping: asyncio.Task[None] | None = None
 
     async def _migrate(self, on_phase: Callable[[str], None]) -> int:
         return await asyncio.to_thread(
@@ -109,10 +113,29 @@ class SQLiteBackend(Backend):
             if isinstance(exc, sqlite3.Error):
                 raise sqlite_migrations.storage_error(exc, self.path) from None
             raise
+        loop = asyncio.get_running_loop()
+        if self.schema_version >= sqlite_keywords.KEYED_VERSION:
+            def stale() -> None:  # (on the writer's thread)
+                with contextlib.suppress(RuntimeError):  # (the loop closed: so did the store)
+                    loop.call_soon_threadsafe(self._postings_wanted.set)
+
+            follower = sqlite_postings.PostingsFollower(self.path, on_stale=stale)
+            try:
+                await conn.run(follower.install)
+            except BaseException:
+                await conn.close()
+                raise
+            conn.watch, self.postings = follower, follower
+            self._postings_wanted.set()
+            self._keeping = loop.create_task(
+                sqlite_postings.keep(follower, self._postings_wanted, self._postings_ready), name="gm-keyword-postings")
         self.writer = Writer(conn, on_commit, self.schema_version)
         self.writer.start()
         if self.schema_version >= sqlite_keywords.KEYED_VERSION and not self.keyword_keyed:
-            self._keying = asyncio.get_running_loop().create_task(self._key_keywords(), name="gm-keyword-keying")
+            self._keying = loop.create_task(self._key_keywords(), name="gm-keyword-keying")
+
+    def _postings_ready(self) -> bool:
+        return self.keyword_keyed and not self.rebuilding_keywords
 
     async def _key_keywords(self) -> None:
         """Rebuild a keyword index of an older definition keyed by scope, online (searches read
@@ -129,6 +152,7 @@ class SQLiteBackend(Backend):
                 log.info("rebuilding the keyword index of %s keyed by scope (searches use the old one meanwhile)",
                          self.path)
                 await sqlite_rebuild.rebuild(self, report)
+                self._postings_wanted.set()
             except Exception as exc:  # (a cancellation at close is not one: it ends the task)
                 log.warning("rebuilding the keyword index: %s; will retry", getattr(exc, "message", exc))
                 await loops.pause(KEYING_RETRY_SECONDS)
@@ -136,6 +160,9 @@ class SQLiteBackend(Backend):
     async def close(self) -> None:
         await self.migrator.stop()
         await loops.stop(self._keying)  # (resumed at the next open, from its cursor)
+        if self.postings is not None:
+            self.postings.close()  # (a build under way stops at once)
+        await loops.stop(self._keeping)
         # Readers first: the writer's connection must be the last one to close, so SQLite
         # checkpoints the WAL into the database file (a read-only connection cannot).
         for reader in self._all_readers:
@@ -177,16 +204,29 @@ class SQLiteBackend(Backend):
             return []
         args = (terms, scope, filter, limit, now, time_range, self.schema_version)
         if self.keyword_keyed:
-            return await sqlite_keywords.search(self.slots, *args)
+            rank = self._rank if self.postings is not None and self.postings.postings is not None else None
+            return await sqlite_keywords.search(self.slots, *args, rank=rank)
         if self.context:
             return await sqlite_keywords.search_unkeyed(self.fetch, *args)
         return await sqlite_keywords.search_unkeyed(self.fetch, *args, table="memories_fts", rank="bm25(memories_fts)")
 
+    async def _rank(
+        self, terms: builtins.list[str], low: int, high: int, depth: int,
+    ) -> tuple[builtins.list[tuple[int, float]], bool] | None:
+        postings = self.postings
+        if postings is None:
+            return None
+        return await asyncio.to_thread(postings.top, terms, low, high, depth)
+
     async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = sqlite_rebuild.BATCH) -> None:
         """A new FTS5 table built beside the live one, ``batch`` rows a step (gm.storage.sqlite_rebuild);
-        the background rebuild after open, if one is under way, gives way to it (this one resumes it)."""
+        the background rebuild after open, if one is under way, gives way to it (this one resumes it).
+        The keyword postings are built again from the new table."""
         await loops.stop(self._keying)
-        await sqlite_rebuild.rebuild(self, progress, batch=batch)
+        try:
+            await sqlite_rebuild.rebuild(self, progress, batch=batch)
+        finally:
+            self._postings_wanted.set()
 
     def size_bytes(self) -> int | None:
         total = 0

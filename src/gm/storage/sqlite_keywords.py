@@ -37,6 +37,10 @@ RANK = f"bm25({TABLE}, 1.0, {CONTEXT_WEIGHT})"  # the context column counts CONT
 TOP_MARGIN = 20
 
 Fetch = Callable[[str, builtins.list[Any]], Awaitable[builtins.list[Any]]]
+# The in-process postings' ranking of a key range (gm.storage.sqlite_postings): (terms, low, high,
+# depth) -> the best (key, score) and whether they are every match of the range; None: ask FTS5.
+Rank = Callable[[builtins.list[str], int, int, int], Awaitable[tuple[builtins.list[tuple[int, float]], bool] | None]]
+DEEPER = 10  # a page the postings' first ranking left short (rows expired) is ranked this much deeper once
 
 
 def _namespace_id(value: str) -> str:
@@ -119,18 +123,29 @@ class Slots:
 
 async def search(
     slots: Slots, terms: builtins.list[str], scope: Scope, filter: Filter | None, limit: int, now: int,
-    time_range: TimeRange | None, version: int,
+    time_range: TimeRange | None, version: int, rank: Rank | None = None,
 ) -> builtins.list[tuple[int, float]]:
     """The ``limit`` best (rowid, BM25 score) of the live memories in ``scope`` matching
     ``filter`` and ``time_range``: from the scope's range of the keyed index, best first, ties
-    newest first. A scope the key holds whole (namespace, user) is ranked in the index first
-    and only the page's rows read; a narrower one (agent, session, filter, time) joins every
-    match of its range to its row, as does a page the first way left short (unless the first
-    way saw every match of the range: each statement reads BM25's statistics again)."""
+    newest first. A scope the key holds whole (namespace, user) is ranked first, by ``rank``
+    (the postings in process) or else in the index, and only the page's rows read; a narrower
+    one (agent, session, filter, time) joins every match of its range to its row, as does a
+    page the first way left short (unless the first way saw every match of the range: each
+    statement reads BM25's statistics again)."""
     bounds = await slots.range(scope)
     if bounds is None:
         return []
     whole = filter is None and time_range is None and scope.agent_id is None and scope.session_id is None
+    if whole and rank is not None:
+        for depth in (limit + TOP_MARGIN, DEEPER * (limit + TOP_MARGIN)):
+            best = await rank(terms, bounds[0], bounds[1], depth)
+            if best is None:
+                break
+            page = await _checked(slots, best[0], scope, limit, now, version)
+            if len(page) >= limit or best[1]:
+                return page
+        else:
+            whole = False  # (short twice: rows of other namespaces share the slot, or many expired)
     if whole:
         p = QMarks()
         depth = limit + TOP_MARGIN
@@ -158,6 +173,20 @@ async def search(
         p.values,
     )
     return [(r[0], -float(r[1])) for r in rows]
+
+
+async def _checked(
+    slots: Slots, ranked: builtins.list[tuple[int, float]], scope: Scope, limit: int, now: int, version: int,
+) -> builtins.list[tuple[int, float]]:
+    """The first ``limit`` of ``ranked`` (key, score) whose memories are live and in ``scope``, as (rowid, score)."""
+    if not ranked:
+        return []
+    p = QMarks()
+    where = scope_sql(scope, None, now, p, "m.", None, version)
+    ids = ",".join(str(key & ROWID_MASK) for key, _ in ranked)
+    kept = {r[0] for r in await slots.fetch(f"SELECT m.rowid FROM memories m WHERE m.rowid IN ({ids}) AND {where}",
+                                            p.values)}
+    return [(key & ROWID_MASK, score) for key, score in ranked if key & ROWID_MASK in kept][:limit]
 
 
 async def search_unkeyed(

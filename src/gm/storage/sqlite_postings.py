@@ -1,0 +1,597 @@
+"""Keyword search at scale on SQLite: the keyword index's postings held in process, ranked
+exactly as FTS5's ``bm25()`` ranks them, at a cost that follows the scope, not the database.
+
+FTS5's ``bm25()`` counts every row each query word matches before it scores one (its idf):
+at 1M memories a speaker's name is in 150,000-290,000 rows, 10-40 ms a word in every query,
+even one scoped to a user (bench/keyword_maxscore.py). Here each word's rows are an array
+sorted by the index's key (gm.storage.sqlite_keywords: a namespace's rows, and a user's, are
+one range of it), its count a number kept current, and a ranking scores only the rows holding
+the scope's rarer words (term-level MaxScore): the common words' parts are looked up for
+those rows, and a row holding common words only is skipped once their bounds cannot reach
+the page's last. The scores are FTS5's to the bit: the same tokens (FTS5's tokenizer on an
+in-memory table of the index's definition), lengths, statistics and formula, summed in the
+query's phrase order; tests/test_sqlite_postings.py compares them.
+
+:class:`Postings` is the index: a base read from the FTS5 table in one snapshot (the
+``fts5vocab`` instance rows), and a tail of the rows written since, each with its tokens.
+:class:`PostingsFollower` keeps it in step with the one write connection: temp triggers note
+each memory a transaction touches (its state before, once), and after the transaction the
+rows are read back and applied, before the Writer replies. It builds the base in a thread,
+and builds it again once the tail grows past :data:`TAIL_ROWS` (the old one serves meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from gm import loops
+from gm.context import CONTEXT_WEIGHT
+from gm.errors import StoreClosed
+from gm.storage.sqlite_keywords import ROWID_MASK, TABLE, key_sql
+
+log = logging.getLogger(__name__)
+
+K1, B = 1.2, 0.75  # FTS5's bm25 constants (fts5_aux.c)
+TOKENIZER = "porter unicode61 remove_diacritics 2"  # the index's (gm.storage.sqlite_rebuild.DEFINITION)
+# Frequencies are kept in half counts (uint16): a word of the text counts 2, of the context 1,
+# so FTS5's weighted frequency (text 1.0, context CONTEXT_WEIGHT) is half2 * 0.5, exactly.
+assert CONTEXT_WEIGHT == 0.5, "the postings keep frequencies in half counts: CONTEXT_WEIGHT must be 0.5"
+TAIL_ROWS = 20_000  # rows written since the base past which it is built again (and at least TAIL_SHARE of it)
+TAIL_SHARE = 0.05
+RARE = 20_000  # a word in at most this many rows of a scope is scored first (MaxScore's "essential")
+TERMS_CACHED = 10_000  # query words whose tokens are remembered
+# A transaction touching this many memories is a bulk write (an import): the postings are set
+# aside rather than follow it (tokenizing runs ~10,000 rows/s here), and built again once no bulk
+# write came for QUIET_SECONDS; FTS5 ranks meanwhile.
+BULK = 1000
+QUIET_SECONDS = 2.0
+CATCH_UP = 500  # rows written during a build it applies while holding up the writer; more, it applies first
+
+Doc = tuple[int, dict[str, int]]  # a row's length in tokens, and each token's half count
+State = tuple[int, Doc] | None  # (key, doc) of a memory, or None: no such memory
+Vector = npt.NDArray[np.float64]
+
+
+class Tokenizer:
+    """FTS5's own tokenizer: an in-memory FTS5 table of the index's columns and tokenizer,
+    read back through ``fts5vocab``. One connection, shared under a lock."""
+
+    def __init__(self) -> None:
+        self.conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self.conn.execute(f"CREATE VIRTUAL TABLE t USING fts5 (text, context, tokenize='{TOKENIZER}')")
+        self.conn.execute("CREATE VIRTUAL TABLE v USING fts5vocab (t, instance)")
+        self.lock = threading.Lock()
+        self.terms: dict[str, list[str]] = {}
+
+    def docs(self, rows: list[tuple[str | None, str | None]]) -> list[Doc]:
+        """Each (text, context)'s length and half counts, as the index counts them."""
+        out: list[tuple[list[int], dict[str, int]]] = [([0], {}) for _ in rows]
+        if not rows:
+            return []
+        with self.lock:
+            self.conn.execute("BEGIN")
+            try:
+                self.conn.executemany("INSERT INTO t (rowid, text, context) VALUES (?, ?, ?)",
+                                      [(i, text, context) for i, (text, context) in enumerate(rows)])
+                for token, doc, column in self.conn.execute("SELECT term, doc, col FROM v"):
+                    length, counts = out[doc]
+                    length[0] += 1
+                    counts[token] = counts.get(token, 0) + (2 if column == "text" else 1)
+            finally:
+                self.conn.execute("ROLLBACK")
+        return [(length[0], counts) for length, counts in out]
+
+    def tokens(self, terms: list[str]) -> list[list[str]]:
+        """Each query term's tokens, in order (a quoted term is a phrase of them)."""
+        missing = [t for t in dict.fromkeys(terms) if t not in self.terms]
+        if missing:
+            with self.lock:
+                self.conn.execute("BEGIN")
+                try:
+                    self.conn.executemany("INSERT INTO t (rowid, text) VALUES (?, ?)", list(enumerate(missing)))
+                    found: dict[int, list[tuple[int, str]]] = {}
+                    for token, doc, offset in self.conn.execute("SELECT term, doc, offset FROM v"):
+                        found.setdefault(doc, []).append((offset, token))
+                finally:
+                    self.conn.execute("ROLLBACK")
+                if len(self.terms) + len(missing) > TERMS_CACHED:
+                    self.terms.clear()
+                for i, term in enumerate(missing):
+                    self.terms[term] = [token for _, token in sorted(found.get(i, []))]
+        return [self.terms[t] for t in terms]
+
+
+@dataclass(slots=True)
+class Base:
+    """Every row of the FTS5 table at one snapshot: keys sorted, lengths, and each token's
+    rows (positions in ``keys``, sorted) with half counts, one CSR block."""
+
+    keys: npt.NDArray[np.int64]
+    lengths: npt.NDArray[np.int32]
+    vocabulary: dict[str, int]  # token -> its number
+    starts: npt.NDArray[np.int64]  # token number -> its postings: rows[starts[i]:starts[i + 1]]
+    rows: npt.NDArray[np.int32]
+    halves: npt.NDArray[np.uint16]
+    top_half: npt.NDArray[np.uint16]  # each token's largest half count
+    shortest: npt.NDArray[np.int32]  # the length of each token's shortest row
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.keys, self.lengths, self.starts, self.rows, self.halves, self.top_half, self.shortest)
+        return sum(a.nbytes for a in arrays)
+
+
+def read_base(conn: sqlite3.Connection, table: str = TABLE) -> Base:
+    """The base of the FTS5 table ``table`` as ``conn``'s open read transaction sees it: one
+    statement, a row a token (``fts5vocab`` instance rows in token order, no sort), its rows and
+    columns as text (a row an instance read into Python costs ~3x). At 1M memories of the peer
+    benchmark (27.6M postings, 2,851 tokens): 35 s, 169 MiB held."""
+    keys = np.array([r[0] for r in conn.execute(f"SELECT id FROM {table}_docsize ORDER BY id")], dtype=np.int64)
+    conn.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS temp.gm_postings USING fts5vocab (main, {table}, instance)")
+    vocabulary: dict[str, int] = {}
+    row_parts: list[npt.NDArray[np.int32]] = []
+    half_parts: list[npt.NDArray[np.uint16]] = []
+    lengths = np.zeros(len(keys), dtype=np.int32)  # a row's count of token instances, every column (FTS5's docsize)
+    for token, docs, columns in conn.execute(
+        "SELECT term, group_concat(doc), group_concat(col = 'text', '') FROM temp.gm_postings GROUP BY term"
+    ):
+        at = np.searchsorted(keys, np.fromstring(docs, dtype=np.int64, sep=",")).astype(np.int32)
+        weight = np.frombuffer(columns.encode(), dtype=np.uint8) - np.uint8(47)  # '1' (text) -> 2, '0' (context) -> 1
+        first = np.flatnonzero(np.r_[True, at[1:] != at[:-1]])
+        rows = at[first]
+        vocabulary[token] = len(row_parts)
+        row_parts.append(rows)
+        half_parts.append(np.add.reduceat(weight.astype(np.uint16), first).astype(np.uint16))
+        lengths[rows] += np.diff(np.r_[first, len(at)]).astype(np.int32)  # (a token's rows are distinct)
+    counts = np.array([len(r) for r in row_parts], dtype=np.int64)
+    starts = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    rows = np.concatenate(row_parts) if row_parts else np.empty(0, np.int32)
+    del row_parts
+    halves = np.concatenate(half_parts) if half_parts else np.empty(0, np.uint16)
+    del half_parts
+    top_half = np.zeros(len(counts), dtype=np.uint16)
+    shortest = np.zeros(len(counts), dtype=np.int32)
+    if len(rows):  # (every token of the vocabulary has a row)
+        top_half[:] = np.maximum.reduceat(halves, starts[:-1])
+        shortest[:] = np.minimum.reduceat(lengths[rows], starts[:-1])
+    return Base(keys, lengths, vocabulary, starts, rows, halves, top_half, shortest)
+
+
+@dataclass(slots=True)
+class _Side:
+    """One token's rows in a key range: base positions and tail keys, with half counts."""
+
+    base: npt.NDArray[np.int32]
+    base_halves: npt.NDArray[np.uint16]
+    tail: npt.NDArray[np.int64]
+    tail_halves: npt.NDArray[np.uint16]
+    hits: int  # rows of the whole table holding it (its idf)
+    bound: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.tail)
+
+
+@dataclass(slots=True)
+class _Tail:
+    """A token's tail rows as sorted arrays, made when a search first needs them after a change."""
+
+    keys: npt.NDArray[np.int64]
+    halves: npt.NDArray[np.uint16]
+    shortest: int  # the length of its shortest tail row
+
+
+@dataclass
+class Postings:
+    """The keyword index in process: a :class:`Base` and the rows written since (the tail).
+    Changes and rankings take ``lock``: a ranking reads one consistent state."""
+
+    base: Base
+    rows: int = 0  # FTS5's row count (every memory)
+    tokens: int = 0  # FTS5's token count (every column of every row)
+    live: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, np.bool_))  # base rows still current
+    dead: int = 0
+    hits: dict[str, int] = field(default_factory=dict)  # token -> rows holding it, less the base's count
+    tail: dict[int, Doc] = field(default_factory=dict)  # key -> the row written since the base
+    tail_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # token -> key -> half count
+    _arrays: dict[str, _Tail] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, base: Base) -> Postings:
+        return cls(base, rows=len(base.keys), tokens=int(base.lengths.sum()), live=np.ones(len(base.keys), np.bool_))
+
+    @property
+    def stale(self) -> bool:
+        """Enough written since the base that building it again pays."""
+        return len(self.tail) + self.dead > max(TAIL_ROWS, TAIL_SHARE * len(self.base.keys))
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.live.nbytes
+
+    def apply(self, changes: Iterable[tuple[State, State]]) -> None:
+        """Each (state held, current state) of a memory written: the first is what the index
+        holds for it (its base row, unless the tail holds it), the second replaces it."""
+        with self.lock:
+            for before, after in changes:
+                if before is not None:
+                    self._remove(*before)
+                if after is not None:
+                    self._add(*after)
+
+    def held(self, key: int, before: Doc | None) -> State:
+        """What the index holds for ``key``: its tail row, else ``before`` if its base row is current."""
+        if key in self.tail:
+            return key, self.tail[key]
+        at = int(np.searchsorted(self.base.keys, key))
+        if at < len(self.base.keys) and self.base.keys[at] == key and self.live[at]:
+            if before is None:
+                raise ValueError(f"the keyword postings hold row {key} that the database says was absent")
+            return key, before
+        return None
+
+    def _remove(self, key: int, doc: Doc) -> None:
+        if self.tail.pop(key, None) is None:
+            at = int(np.searchsorted(self.base.keys, key))
+            self.live[at] = False
+            self.dead += 1
+        self.rows -= 1
+        self.tokens -= doc[0]
+        for token in doc[1]:
+            self.hits[token] = self.hits.get(token, 0) - 1
+            rows = self.tail_tokens.get(token)
+            if rows is not None and rows.pop(key, None) is not None:
+                self._arrays.pop(token, None)
+
+    def _add(self, key: int, doc: Doc) -> None:
+        self.tail[key] = doc
+        self.rows += 1
+        self.tokens += doc[0]
+        for token, half in doc[1].items():
+            self.hits[token] = self.hits.get(token, 0) + 1
+            self.tail_tokens.setdefault(token, {})[key] = half
+            self._arrays.pop(token, None)
+
+    def _tail_of(self, token: str) -> _Tail:
+        made = self._arrays.get(token)
+        if made is None:
+            rows = self.tail_tokens.get(token, {})
+            keys = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
+            halves = np.fromiter(rows.values(), dtype=np.uint16, count=len(rows))
+            order = np.argsort(keys)
+            shortest = min((self.tail[key][0] for key in rows), default=1 << 30)
+            made = self._arrays[token] = _Tail(keys[order], halves[order], shortest)
+        return made
+
+    def top(self, tokens: list[str], low: int, high: int, k: int) -> tuple[list[tuple[int, float]], bool]:
+        """The ``k`` best (key, score) of the rows keyed in [``low``, ``high``] holding any of
+        ``tokens`` (one a query phrase, in order), best first, ties highest key first (newest:
+        the key ends in the memory's rowid, and a range holds one namespace's, or user's);
+        and whether they are every such row."""
+        with self.lock:
+            return self._top(tokens, low, high, k)
+
+    def _top(self, tokens: list[str], low: int, high: int, k: int) -> tuple[list[tuple[int, float]], bool]:
+        base = self.base
+        first, last = np.searchsorted(base.keys, [low, high + 1])
+        avgdl = self.tokens / self.rows if self.rows else 1.0  # (FTS5: nToken / nRow)
+        sides: dict[str, _Side] = {}
+        for token in dict.fromkeys(tokens):
+            number = base.vocabulary.get(token)
+            hits = self.hits.get(token, 0)
+            if number is None:
+                rows, halves = np.empty(0, np.int32), np.empty(0, np.uint16)
+                top_half, shortest = 0, 1 << 30
+            else:
+                s, e = int(base.starts[number]), int(base.starts[number + 1])
+                hits += e - s
+                a, b = np.searchsorted(base.rows[s:e], [first, last]) + s
+                rows, halves = base.rows[a:b], base.halves[a:b]
+                top_half, shortest = int(base.top_half[number]), int(base.shortest[number])
+            tail = self._tail_of(token) if token in self.tail_tokens else None
+            if tail is not None and len(tail.keys):
+                a, b = np.searchsorted(tail.keys, [low, high + 1])
+                tail_keys, tail_halves = tail.keys[a:b], tail.halves[a:b]
+                top_half, shortest = max(top_half, int(tail.halves.max())), min(shortest, tail.shortest)
+            else:
+                tail_keys, tail_halves = np.empty(0, np.int64), np.empty(0, np.uint16)
+            side = _Side(rows, halves, tail_keys, tail_halves, hits)
+            # No row scores more for it than its largest count in its shortest row would.
+            bound = _part(self._idf(hits), np.array([top_half * 0.5]), np.array([float(shortest)]), avgdl)
+            side.bound = float(bound[0]) * (1 + 1e-9)
+            sides[token] = side
+        return self._best(tokens, sides, int(first), int(last), avgdl, k)
+
+    def _best(self, tokens: list[str], sides: dict[str, _Side], first: int, last: int, avgdl: float,
+              k: int) -> tuple[list[tuple[int, float]], bool]:
+        """MaxScore over the range's base rows ``first:last`` (their partial scores dense, one
+        slot a row: scattering a word's rows costs less than merging lists) and its tail rows."""
+        base = self.base
+        times = {t: tokens.count(t) for t in sides}
+        ordered = sorted(sides, key=lambda t: len(sides[t]))
+        essential = [t for t in ordered if 0 < len(sides[t]) <= RARE] or ordered[:1]
+        partial, touched = np.zeros(last - first), np.zeros(last - first, np.bool_)
+        tail = np.unique(np.concatenate([np.empty(0, np.int64), *(side.tail for side in sides.values())]))
+        tail_lengths = np.array([self.tail[int(key)][0] for key in tail], dtype=np.float64)
+        tail_partial = np.zeros(len(tail))
+        no_rows = np.empty(0, np.int32)
+
+        def scatter(token: str) -> None:
+            side = sides[token]
+            at = side.base - first
+            lengths = base.lengths[side.base].astype(np.float64)
+            halves = side.base_halves.astype(np.float64) * 0.5
+            partial[at] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
+            touched[at] = True
+            tail_partial[:] += self._parts(side, no_rows, tail, tail_lengths, avgdl) * times[token]
+
+        for token in essential:
+            scatter(token)
+        while True:
+            others = [t for t in ordered if t not in essential]
+            live = touched & self.live[first:last]
+            scores = np.concatenate([partial[live], tail_partial[tail_partial > 0]])
+            tenth = float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) >= k else 0.0
+            rest = sum(sides[t].bound * times[t] for t in others)
+            if not others or rest < tenth:
+                break
+            essential.append(max(others, key=lambda t: sides[t].bound))
+            scatter(essential[-1])
+        complete = not others and len(scores) <= k
+        tenth *= 1 - 1e-9  # (sums in another order differ by a few ulps: FTS5's order is taken below)
+        rows = (np.flatnonzero(live & (partial + rest >= tenth)) + first).astype(np.int32)
+        keys = tail[(tail_partial > 0) & (tail_partial + rest >= tenth)]
+        so_far = np.concatenate([partial[rows - first], tail_partial[np.isin(tail, keys)]])
+        lengths = self._lengths(rows, keys)
+        # The other words' parts, looked up for the candidates, the largest bound first: each
+        # tightens both the tenth best (a partial score never exceeds the score) and what the
+        # words left could add, so the candidates thin out before the next lookup.
+        for token in sorted(others, key=lambda t: -sides[t].bound):
+            rest -= sides[token].bound * times[token]
+            so_far += self._parts(sides[token], rows, keys, lengths, avgdl) * times[token]
+            if len(so_far) >= k:
+                tenth = max(tenth, float(np.partition(so_far, len(so_far) - k)[len(so_far) - k]) * (1 - 1e-9))
+            keep = so_far + rest >= tenth
+            rows, keys, lengths, so_far = rows[keep[: len(rows)]], keys[keep[len(rows):]], lengths[keep], so_far[keep]
+        exact = np.zeros(len(rows) + len(keys))
+        for token in tokens:  # phrase order, as FTS5 sums
+            exact += self._parts(sides[token], rows, keys, lengths, avgdl)
+        if len(exact) > k:  # (the k best and their ties first: ordering every candidate costs more)
+            kth = np.partition(exact, len(exact) - k)[len(exact) - k]
+            keep = exact >= kth
+            rows, keys, exact = rows[keep[: len(rows)]], keys[keep[len(rows):]], exact[keep]
+        every = np.concatenate([base.keys[rows], keys])
+        order = np.lexsort((-(every & ROWID_MASK), -exact))[:k]  # (ties: newest memory first, as FTS5's order)
+        return [(int(every[i]), float(exact[i])) for i in order], complete
+
+    def _idf(self, hits: int) -> float:
+        value = math.log((self.rows - hits + 0.5) / (hits + 0.5))
+        return value if value > 0.0 else 1e-6
+
+    def _lengths(self, rows: npt.NDArray[np.int32], keys: npt.NDArray[np.int64]) -> Vector:
+        """The lengths of the base rows ``rows``, then of the tail rows ``keys``."""
+        return np.concatenate([self.base.lengths[rows].astype(np.float64),
+                               np.array([self.tail[int(key)][0] for key in keys], dtype=np.float64)])
+
+    def _parts(self, side: _Side, rows: npt.NDArray[np.int32], keys: npt.NDArray[np.int64], lengths: Vector,
+               avgdl: float) -> Vector:
+        """``side``'s token's part of the score of each base row ``rows``, then each tail row
+        ``keys`` (of ``lengths``)."""
+        f = np.concatenate([_lookup(side.base, side.base_halves, rows), _lookup(side.tail, side.tail_halves, keys)])
+        present = f > 0
+        return np.where(present, _part(self._idf(side.hits), f * 0.5, lengths, avgdl), 0.0)
+
+
+def _lookup(have: npt.NDArray[np.int64] | npt.NDArray[np.int32], halves: npt.NDArray[np.uint16],
+            want: npt.NDArray[np.int64] | npt.NDArray[np.int32]) -> Vector:
+    """The half count of each of ``want`` in the sorted ``have`` (0 where absent)."""
+    if not len(have) or not len(want):
+        return np.zeros(len(want))
+    at = np.minimum(np.searchsorted(have, want), len(have) - 1)
+    return np.where(have[at] == want, halves[at], 0).astype(np.float64)
+
+
+def _part(idf: float, f: Vector, lengths: Vector, avgdl: float) -> Vector:
+    """FTS5's bm25 term, operation for operation (fts5Bm25Function)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return idf * ((f * (K1 + 1.0)) / (f + K1 * (1 - B + B * lengths / avgdl)))
+
+
+TOUCH = "gm_postings_touch"  # the temp triggers' function: (rowid, key before, text before, context before)
+TRIGGERS = [
+    f"CREATE TEMP TRIGGER gm_postings_insert AFTER INSERT ON main.memories "
+    f"BEGIN SELECT {TOUCH}(new.rowid, NULL, NULL, NULL); END",
+    f"CREATE TEMP TRIGGER gm_postings_delete AFTER DELETE ON main.memories "
+    f"BEGIN SELECT {TOUCH}(old.rowid, {key_sql('old')}, old.text, old.context); END",
+    f"CREATE TEMP TRIGGER gm_postings_update AFTER UPDATE OF text, context, namespace, user_id ON main.memories "
+    f"BEGIN SELECT {TOUCH}(old.rowid, {key_sql('old')}, old.text, old.context); END",
+]
+STATES = (f"SELECT m.rowid, {key_sql('m')}, m.text, m.context FROM memories m "
+          "WHERE m.rowid IN (SELECT value FROM json_each(?))")
+Row = tuple[int, str | None, str | None]  # a memory's key, text and context
+
+
+def _rows(conn: sqlite3.Connection, rowids: Iterable[int]) -> dict[int, Row]:
+    """The key, text and context of each memory of ``rowids`` that exists, as ``conn`` sees them."""
+    ids = list(rowids)
+    found: dict[int, Row] = {}
+    for at in range(0, len(ids), 10_000):
+        chunk = "[" + ",".join(map(str, ids[at: at + 10_000])) + "]"
+        for rowid, key, text, context in conn.execute(STATES, [chunk]):
+            found[rowid] = (key, text, context)
+    return found
+
+
+class PostingsFollower:
+    """Keeps :class:`Postings` in step with the database's one write connection, and builds
+    them. ``frame`` is held by the write connection from BEGIN until the transaction's changes
+    are applied (:meth:`after`), and by a build while it takes its snapshot and while it
+    switches: so a build's snapshot falls between transactions, and every transaction after it
+    is applied to the new postings, either by the build (the rows it touched, read then) or
+    after it."""
+
+    def __init__(self, path: Path, on_stale: Callable[[], None]) -> None:
+        self.path = path
+        self.on_stale = on_stale  # (called on the writer's thread: the postings should be built again)
+        self.postings: Postings | None = None
+        self.tokenizer = Tokenizer()
+        self.frame = threading.Lock()
+        self._touched: dict[int, Row | None] = {}  # this transaction's memories, as they were before it
+        self._pending: set[int] | None = None  # while a build runs: the memories written since its snapshot
+        self._building: list[sqlite3.Connection] = []
+        self._closed = False
+        self._bulk_at = -QUIET_SECONDS  # (time.monotonic) the last bulk write
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        """Note the memories each transaction of ``conn`` (the write connection) touches."""
+        conn.create_function(TOUCH, 4, self._touch)
+        for sql in TRIGGERS:
+            conn.execute(sql)
+
+    def _touch(self, rowid: int, key: int | None, text: str | None, context: str | None) -> None:
+        if rowid not in self._touched:  # (the first: the state before the transaction)
+            self._touched[rowid] = None if key is None else (key, text, context)
+
+    def after(self, conn: sqlite3.Connection) -> None:
+        """After a transaction of the write connection (committed or rolled back): apply what
+        it changed. Never raises: postings that fail to follow are dropped and built again."""
+        touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        if self._pending is not None:
+            self._pending.update(touched)
+        postings = self.postings
+        if postings is None:
+            return
+        if len(touched) >= BULK:  # (an import: tokenizing its rows here would slow it by half)
+            log.info("keyword postings set aside during a bulk write; FTS5 serves until they are built again")
+            self.postings, self._bulk_at = None, time.monotonic()
+            self.on_stale()
+            return
+        try:
+            self._follow(postings, touched, _rows(conn, touched))
+        except Exception:
+            log.exception("the keyword postings failed to follow a write; building them again (FTS5 serves meanwhile)")
+            self.postings = None
+            self.on_stale()
+            return
+        if postings.stale:
+            self.on_stale()
+
+    def _follow(self, postings: Postings, before: dict[int, Row | None], now: dict[int, Row]) -> None:
+        """Make ``postings`` hold each memory of ``before`` (its state before, which the postings
+        hold unless their tail does) as it is ``now``."""
+        def key_of(rowid: int) -> int | None:
+            row = before[rowid] or now.get(rowid)
+            return row[0] if row is not None else None
+
+        changed = [r for r in before if before[r] != now.get(r) or key_of(r) in postings.tail]
+        docs = iter(self.tokenizer.docs(
+            [(b[1], b[2]) for r in changed if (b := before[r]) is not None]
+            + [(n[1], n[2]) for r in changed if (n := now.get(r)) is not None]))
+        old = {r: next(docs) for r in changed if before[r] is not None}
+        changes: list[tuple[State, State]] = []
+        for rowid in changed:
+            current = now.get(rowid)
+            key = key_of(rowid)
+            new: State = (current[0], next(docs)) if current is not None else None
+            held = postings.held(key, old.get(rowid)) if key is not None else None
+            if held != new:
+                changes.append((held, new))
+        postings.apply(changes)
+
+    def build(self) -> Postings:
+        """Read the postings from the FTS5 table and publish them (on a thread of its own). The
+        rows written meanwhile are applied in rounds, outside ``frame``, until few are left:
+        those are applied under it, and the postings published."""
+        started = time.perf_counter()
+        snapshot, current = (sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None,
+                                             check_same_thread=False) for _ in range(2))
+        self._building = [snapshot, current]
+        try:
+            if self._closed:
+                raise StoreClosed("the store closed")
+            with self.frame:
+                snapshot.execute("BEGIN")
+                snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
+                self._pending = set()
+            postings = Postings.of(read_base(snapshot))
+            while True:
+                with self.frame:
+                    pending, self._pending = self._pending, set()
+                    if len(pending) <= CATCH_UP:
+                        self._catch_up(postings, snapshot, current, pending)
+                        self.postings = postings
+                        break
+                self._catch_up(postings, snapshot, current, pending)
+        finally:
+            with self.frame:
+                self._pending = None
+            self._building = []
+            snapshot.close()
+            current.close()
+        log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path,
+                 postings.rows, len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
+        return postings
+
+    def _catch_up(self, postings: Postings, snapshot: sqlite3.Connection, current: sqlite3.Connection,
+                  rows: set[int]) -> None:
+        """Apply the memories ``rows`` as they are now: their base rows are as ``snapshot`` sees them."""
+        then = _rows(snapshot, rows)
+        self._follow(postings, {r: then.get(r) for r in rows}, _rows(current, rows))
+
+    def close(self) -> None:
+        """The store closes: a build under way stops at its next statement (any thread)."""
+        self._closed = True
+        for conn in self._building:
+            conn.interrupt()
+
+    def quiet(self) -> bool:
+        """No bulk write lately: a build now will not be chasing one."""
+        return time.monotonic() - self._bulk_at >= QUIET_SECONDS
+
+    def top(self, terms: list[str], low: int, high: int, k: int) -> tuple[list[tuple[int, float]], bool] | None:
+        """The postings' ranking of a scope's range (:meth:`Postings.top`); None if there are
+        none yet, or a term is not one token (FTS5 ranks a phrase)."""
+        postings = self.postings
+        if postings is None:
+            return None
+        tokens = self.tokenizer.tokens(terms)
+        if any(len(t) != 1 for t in tokens):
+            return None
+        return postings.top([t[0] for t in tokens], low, high, k)
+
+
+async def keep(follower: PostingsFollower, wanted: asyncio.Event, ready: Callable[[], bool],
+               retry_seconds: float = 5.0) -> None:
+    """Build ``follower``'s postings whenever ``wanted`` is set and ``ready()`` (the FTS5
+    table is keyed and not being rebuilt); a failed build is tried again after a pause."""
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        while not follower.quiet():
+            await loops.pause(QUIET_SECONDS)
+        if not ready():
+            continue
+        try:
+            await asyncio.to_thread(follower.build)
+        except StoreClosed:
+            return
+        except Exception as exc:
+            log.warning("building the keyword postings of %s: %s; will retry (FTS5 serves meanwhile)",
+                        follower.path, exc)
+            await loops.pause(retry_seconds)
+            wanted.set()

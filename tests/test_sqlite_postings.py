@@ -1,0 +1,202 @@
+"""The keyword postings in process (gm.storage.sqlite_postings) rank every namespace and user
+exactly as FTS5's bm25() does, to the bit and in the same order, once built, as they follow
+adds, rewrites, deletes and refused writes, when writes race their build, after they are
+built again for a long tail, and with MaxScore pruning on; terms FTS5 reads as phrases fall
+back to FTS5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gm.errors import GMError
+from gm.memory import NewMemory, Scope
+from gm.search import keyword_terms
+from gm.storage import sqlite_keywords, sqlite_postings
+from gm.storage.base import AddMemories, DeleteMemory, UpdateMemory
+from gm.storage.sqlite import SQLiteBackend
+from tests.test_keyword_scope import NOW, T0, VECTOR, WEIGHTS, WORDS, ignore_changes, mix, text
+
+SCOPES = [Scope("main"), Scope("team"), Scope("tiny"), Scope("main", "u3"), Scope("team", "u7"),
+          Scope("main", "nobody"), Scope("nowhere")]
+
+
+def queries(seed: int, n: int = 60) -> list[tuple[list[str], Scope, int]]:
+    rng = random.Random(seed)
+    out = [(keyword_terms(" ".join(rng.choices(WORDS, WEIGHTS, k=rng.randint(1, 4)))), rng.choice(SCOPES),
+            rng.choice([1, 5, 10, 50, 500])) for _ in range(n)]
+    out.append((["running", "runs", "garden"], Scope("main"), 20))  # two words, one token: two phrases
+    out.append((["coffee_tea", "garden"], Scope("main"), 20))  # a phrase of two tokens: FTS5 ranks it
+    return out
+
+
+async def fts5(backend: SQLiteBackend, terms: list[str], scope: Scope, limit: int) -> list[tuple[int, float]]:
+    """FTS5's own ranking of the scope (the keyed index alone, no postings)."""
+    return await sqlite_keywords.search(backend.slots, terms, scope, None, limit, NOW, None, backend.schema_version)
+
+
+async def built(backend: SQLiteBackend) -> sqlite_postings.Postings:
+    async with asyncio.timeout(30):
+        while backend.postings is None or backend.postings.postings is None:
+            await asyncio.sleep(0.01)
+    return backend.postings.postings
+
+
+async def same_as_fts5(backend: SQLiteBackend, seed: int) -> int:
+    """Every query's page from the backend (its postings) is FTS5's, to the bit; returns how many were nonempty."""
+    nonempty, ranked = 0, []
+    follower = backend.postings
+    assert follower is not None
+    top = follower.top
+
+    def spy(*args: object) -> object:
+        answer = top(*args)  # type: ignore[arg-type]
+        ranked.append(answer is not None)
+        return answer
+
+    follower.top = spy  # type: ignore[method-assign]
+    try:
+        for terms, scope, limit in queries(seed):
+            expected = await fts5(backend, terms, scope, limit)
+            assert await backend.keyword_search(terms, scope, None, limit, NOW) == expected, (terms, scope, limit)
+            nonempty += bool(expected)
+    finally:
+        del follower.top
+    assert sum(ranked) >= 30 and not all(ranked)  # the postings ranked them, but the phrase of two tokens
+    return nonempty
+
+
+def statistics(db: Path) -> tuple[int, int]:
+    """FTS5's row and token counts (its docsize table)."""
+    conn = sqlite3.connect(db)
+    try:
+        rows = tokens = 0
+        for (blob,) in conn.execute("SELECT sz FROM memories_search_docsize"):
+            rows += 1
+            value = shift = 0
+            for byte in blob:
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    tokens, value, shift = tokens + value, 0, 0
+        return rows, tokens
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[SQLiteBackend]:
+    b = SQLiteBackend(tmp_path / "m.db")
+    await b.open(ignore_changes)
+    try:
+        items = mix(1500)
+        for start in range(0, len(items), 300):
+            await b.write(AddMemories(items[start:start + 300], T0))
+        await built(b)  # (at open, of the empty file: these rows went into its tail)
+        assert b.postings is not None
+        await asyncio.to_thread(b.postings.build)  # (these rows in its base)
+        yield b
+    finally:
+        await b.close()
+
+
+async def writes(backend: SQLiteBackend, rng: random.Random, n: int, keys: list[str]) -> None:
+    """``n`` adds, rewrites and deletes, and adds refused part way."""
+    for _ in range(n):
+        kind = rng.randrange(4)
+        key = rng.choice(keys)
+        if kind == 0:
+            fresh = f"w{rng.randrange(10**9)}"
+            scope = Scope(rng.choice(["main", "team"]), rng.choice([None, "u3", "u7"]))
+            await backend.write(AddMemories([NewMemory(fresh, True, scope, text(rng), {}, None, vector=VECTOR)], T0))
+            keys.append(fresh)
+        elif kind == 1:
+            await backend.write(UpdateMemory(key, T0, text=text(rng)))
+        elif kind == 2:
+            await backend.write(DeleteMemory(key, T0))
+            keys.remove(key)
+        else:
+            # An id taken, with other content: the add is refused after its first memory went in
+            # (and the savepoint rolled it back; the triggers saw it come and go).
+            fresh = NewMemory(f"w{rng.randrange(10**9)}", True, Scope("main"), text(rng), {}, None, vector=VECTOR)
+            taken = NewMemory(key, True, Scope("main"), "an id taken already", {}, None, vector=VECTOR)
+            with pytest.raises(GMError):
+                await backend.write(AddMemories([fresh, taken], T0))
+
+
+@pytest.mark.parametrize("rare", [sqlite_postings.RARE, 3], ids=["every-word-scored", "maxscore-pruning"])
+async def test_the_postings_rank_as_fts5_through_writes(
+    backend: SQLiteBackend, rare: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sqlite_postings, "RARE", rare)
+    postings = await built(backend)
+    assert (postings.rows, postings.tokens) == statistics(backend.path)
+    assert await same_as_fts5(backend, 1) >= 40
+    keys = [f"m{i}" for i in range(1500)]
+    await writes(backend, random.Random(5), 120, keys)
+    assert backend.postings is not None and backend.postings.postings is postings  # (followed, not rebuilt)
+    assert len(postings.tail) > 20 and postings.dead > 20
+    assert (postings.rows, postings.tokens) == statistics(backend.path)
+    assert await same_as_fts5(backend, 2) >= 40
+
+
+async def test_writes_racing_the_build_are_all_applied(backend: SQLiteBackend) -> None:
+    first = await built(backend)
+    assert backend.postings is not None
+    keys = [f"m{i}" for i in range(1500)]
+    done = asyncio.Event()
+
+    async def keep_writing() -> None:
+        rng = random.Random(9)
+        while not done.is_set():
+            await writes(backend, rng, 5, keys)
+
+    writer = asyncio.create_task(keep_writing())
+    try:
+        for _ in range(3):  # builds, each with writes before, during and after its snapshot
+            await asyncio.to_thread(backend.postings.build)
+            await asyncio.sleep(0.05)
+    finally:
+        done.set()
+        await writer
+    latest = await built(backend)
+    assert latest is not first
+    assert (latest.rows, latest.tokens) == statistics(backend.path)
+    assert await same_as_fts5(backend, 3) >= 40
+
+
+async def test_a_long_tail_builds_them_again(backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = await built(backend)
+    monkeypatch.setattr(sqlite_postings, "TAIL_ROWS", 30)
+    await writes(backend, random.Random(11), 120, [f"m{i}" for i in range(1500)])
+    async with asyncio.timeout(30):
+        while (latest := await built(backend)) is first:
+            await asyncio.sleep(0.01)
+    assert len(latest.tail) < len(first.tail) or not latest.stale
+    assert (latest.rows, latest.tokens) == statistics(backend.path)
+    assert await same_as_fts5(backend, 4) >= 40
+
+
+async def test_expired_rows_at_the_top_are_passed_over(tmp_path: Path) -> None:
+    """The best rows expired: the page is ranked deeper, then by FTS5, never short."""
+    b = SQLiteBackend(tmp_path / "e.db")
+    await b.open(ignore_changes)
+    try:
+        gone = [NewMemory(f"x{i}", True, Scope("main"), "piano piano piano", {}, T0 + 1, vector=VECTOR)
+                for i in range(300)]
+        kept = [NewMemory(f"k{i}", True, Scope("main"), f"piano lesson {i} on a long afternoon", {}, None,
+                          vector=VECTOR) for i in range(30)]
+        await b.write(AddMemories(gone + kept, T0))
+        await built(b)
+        for limit in (5, 30):
+            page = await b.keyword_search(["piano"], Scope("main"), None, limit, NOW)
+            assert page == await fts5(b, ["piano"], Scope("main"), limit)
+            assert len(page) == limit
+    finally:
+        await b.close()
