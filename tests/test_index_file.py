@@ -158,7 +158,7 @@ async def test_a_damaged_file_is_detected_logged_and_the_index_loaded_from_the_d
     size = vectors.stat().st_size
     if fault == "array byte":  # the middle of the last array's rows (past them is room to grow, unread)
         with vectors.open("rb") as f:
-            header, start = index_file._read_header(f)
+            header, start = index_file.read_header(f)
         last = header["arrays"][-1]
         damage(vectors, start + last["offset"] + last["bytes"] // 2)
     elif fault == "header byte":

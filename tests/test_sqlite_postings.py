@@ -2,12 +2,15 @@
 exactly as FTS5's bm25() does, to the bit and in the same order, once built, as they follow
 adds, rewrites, deletes and refused writes, when writes race their build, after they are
 built again for a long tail, and with MaxScore pruning on; terms FTS5 reads as phrases fall
-back to FTS5.
+back to FTS5. Saved beside the database at close, they are read back at open, and a file that
+is damaged, truncated, of an earlier state or left by a killed save is never served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -18,8 +21,9 @@ import pytest
 from gm.errors import GMError
 from gm.memory import NewMemory, Scope
 from gm.search import keyword_terms
-from gm.storage import sqlite_keywords, sqlite_postings
+from gm.storage import postings_file, sqlite_keywords, sqlite_postings
 from gm.storage.base import AddMemories, DeleteMemory, UpdateMemory
+from gm.storage.postings_file import postings_path
 from gm.storage.sqlite import SQLiteBackend
 from tests.test_keyword_scope import NOW, T0, VECTOR, WEIGHTS, WORDS, ignore_changes, mix, text
 
@@ -200,3 +204,79 @@ async def test_expired_rows_at_the_top_are_passed_over(tmp_path: Path) -> None:
             assert len(page) == limit
     finally:
         await b.close()
+
+
+# -- saved beside the database ------------------------------------------------------------
+
+
+async def reopened(path: Path) -> SQLiteBackend:
+    b = SQLiteBackend(path)
+    await b.open(ignore_changes)
+    return b
+
+
+@pytest.fixture
+def saving(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(postings_file, "SAVE_MIN_ROWS", 100)
+
+
+async def test_saved_postings_are_read_back_at_open(backend: SQLiteBackend, saving: None) -> None:
+    path = backend.path
+    await writes(backend, random.Random(21), 60, [f"m{i}" for i in range(1500)])  # (a tail too)
+    expected = [await fts5(backend, t, s, n) for t, s, n in queries(6)]
+    await backend.close()
+    assert postings_path(path).exists()
+    again = await reopened(path)
+    try:
+        postings = await built(again)
+        assert not postings.changed  # read from the file, not built
+        assert len(postings.tail) > 10 and (postings.rows, postings.tokens) == statistics(path)
+        assert [await again.keyword_search(t, s, None, n, NOW) for t, s, n in queries(6)] == expected
+        await writes(again, random.Random(22), 40, [f"m{i}" for i in range(1500) if i % 7])
+        assert postings.changed
+        expected = [await fts5(again, t, s, n) for t, s, n in queries(7)]
+    finally:
+        await again.close()
+    third = await reopened(path)
+    try:
+        assert not (await built(third)).changed  # saved again at close, with those writes
+        assert [await third.keyword_search(t, s, None, n, NOW) for t, s, n in queries(7)] == expected
+    finally:
+        await third.close()
+    backend.postings = None  # (closed already)
+
+
+@pytest.mark.parametrize("fault", ["damaged", "truncated", "stale", "killed save"])
+async def test_a_saved_file_that_does_not_match_is_never_served(
+    backend: SQLiteBackend, saving: None, fault: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "gm")
+    path = backend.path
+    await backend.close()
+    backend.postings = None
+    saved = postings_path(path)
+    size = saved.stat().st_size
+    if fault == "damaged":
+        with saved.open("r+b") as f:
+            f.seek(size - 100)
+            f.write(b"\xff" * 8)
+    elif fault == "truncated":
+        os.truncate(saved, size // 2)
+    elif fault == "stale":  # written to while closed, by another program
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM memories WHERE rowid IN (SELECT rowid FROM memories LIMIT 50)")
+        conn.commit()
+        conn.close()
+    else:  # a save killed before its rename leaves its temporary file, and the old file whole
+        saved.with_name(f"{saved.name}.0123456789ab.tmp").write_bytes(saved.read_bytes()[: size // 3])
+    again = await reopened(path)
+    try:
+        postings = await built(again)
+        assert postings.changed is (fault != "killed save")  # built from FTS5, but for the whole file
+        assert (postings.rows, postings.tokens) == statistics(path)
+        assert await same_as_fts5(again, 8) >= 40
+    finally:
+        await again.close()
+    if fault != "killed save":
+        assert "not used" in caplog.text or "earlier state" in caplog.text
+    assert not list(path.parent.glob("*.tmp"))  # (the next open cleared it)

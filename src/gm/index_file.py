@@ -84,7 +84,7 @@ def _crc(data: memoryview | bytes, crc: int = 0) -> int:
 
 def _file_crc(path: Path) -> int:
     with path.open("rb", buffering=0) as f:
-        return _stream_crc(f, os.fstat(f.fileno()).st_size, bytearray(CHUNK))
+        return stream_crc(f, os.fstat(f.fileno()).st_size, bytearray(CHUNK))
 
 
 def save(index: VectorIndex, database: Path, model: str) -> Path | None:
@@ -150,10 +150,10 @@ def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | Non
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -173,23 +173,26 @@ def load(database: Path, model: str) -> VectorIndex | None:
         return None
 
 
-def _read_header(f: BinaryIO) -> tuple[dict[str, Any], int]:
-    head = f.read(len(MAGIC) + 8)
-    if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
-        raise IndexFileInvalid("not a greatmemory vector index file")
-    length = int.from_bytes(head[len(MAGIC) : len(MAGIC) + 4], "little")
+def read_header(f: BinaryIO, magic: bytes = MAGIC, version: int = FORMAT, what: str = "vector index") -> tuple[
+        dict[str, Any], int]:
+    """A saved file's JSON header, checked (its magic, CRC-32 and format ``version``), and
+    where its arrays start."""
+    head = f.read(len(magic) + 8)
+    if len(head) < len(magic) + 8 or head[: len(magic)] != magic:
+        raise IndexFileInvalid(f"not a greatmemory {what} file")
+    length = int.from_bytes(head[len(magic) : len(magic) + 4], "little")
     encoded = f.read(length)
-    if len(encoded) != length or zlib.crc32(encoded) != int.from_bytes(head[len(MAGIC) + 4 :], "little"):
+    if len(encoded) != length or zlib.crc32(encoded) != int.from_bytes(head[len(magic) + 4 :], "little"):
         raise IndexFileInvalid("its header is damaged")
     header: dict[str, Any] = json.loads(encoded)
-    if header.get("format") != FORMAT:
-        raise IndexFileInvalid(f"format {header.get('format')}, this release reads {FORMAT}")
-    return header, -(-(len(MAGIC) + 8 + length) // ALIGN) * ALIGN
+    if header.get("format") != version:
+        raise IndexFileInvalid(f"format {header.get('format')}, this release reads {version}")
+    return header, -(-(len(magic) + 8 + length) // ALIGN) * ALIGN
 
 
 def _load(path: Path, database: Path, model: str) -> VectorIndex:
     with path.open("rb") as f:
-        header, start = _read_header(f)
+        header, start = read_header(f)
         size = os.fstat(f.fileno()).st_size
     if header["model"] != model:
         raise IndexFileInvalid(f"it holds vectors of model {header['model']}, the database {model}")
@@ -250,11 +253,11 @@ def _check_arrays(path: Path, start: int, entries: list[dict[str, Any]]) -> None
     with path.open("rb", buffering=0) as f:
         for entry in entries:
             f.seek(start + entry["offset"])
-            if _stream_crc(f, entry["bytes"], buffer) != entry["crc"]:
+            if stream_crc(f, entry["bytes"], buffer) != entry["crc"]:
                 raise IndexFileInvalid(f"its {entry['name']} are damaged")
 
 
-def _stream_crc(f: io.RawIOBase, length: int, buffer: bytearray) -> int:
+def stream_crc(f: io.RawIOBase, length: int, buffer: bytearray) -> int:
     """The CRC-32 of the next ``length`` bytes of ``f`` (IndexFileInvalid if fewer are there)."""
     crc, view = 0, memoryview(buffer)
     while length > 0:

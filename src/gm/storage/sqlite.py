@@ -26,7 +26,7 @@ from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
 from gm.progress import OnProgress, Progress
-from gm.storage import sqlite_keywords, sqlite_migrations, sqlite_postings, sqlite_rebuild
+from gm.storage import postings_file, sqlite_keywords, sqlite_migrations, sqlite_postings, sqlite_rebuild
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.sql import Params, QMarks
@@ -119,7 +119,7 @@ class SQLiteBackend(Backend):
                 with contextlib.suppress(RuntimeError):  # (the loop closed: so did the store)
                     loop.call_soon_threadsafe(self._postings_wanted.set)
 
-            follower = sqlite_postings.PostingsFollower(self.path, on_stale=stale)
+            follower = sqlite_postings.PostingsFollower(self.path, stale, postings_file.SavedPostings(self.path))
             try:
                 await conn.run(follower.install)
             except BaseException:
@@ -170,7 +170,19 @@ class SQLiteBackend(Backend):
         self._all_readers.clear()
         if self.writer is not None:
             await self.writer.stop()
+        await self._save_postings()
         self._lock.release()
+
+    async def _save_postings(self) -> None:
+        """Save the keyword postings beside the database (the Writer has stopped), unless unchanged."""
+        postings = self.postings.postings if self.postings is not None else None
+        if postings is None or not postings.changed:
+            return
+        try:
+            await asyncio.to_thread(postings_file.save, postings, self.path)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("saving the keyword postings of %s failed (%s): they are built again at the next open",
+                        self.path, exc)
 
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[aiosqlite.Connection]:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -207,7 +208,10 @@ class Postings:
     tail: dict[int, Doc] = field(default_factory=dict)  # key -> the row written since the base
     tail_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # token -> key -> half count
     _arrays: dict[str, _Tail] = field(default_factory=dict)
+    _partial: Vector | None = None  # a ranking's scratch (under the lock): partial scores, a slot a base row
+    _touched: npt.NDArray[np.bool_] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    changed: bool = True  # since they were read from or saved to their file (gm.storage.postings_file)
 
     @classmethod
     def of(cls, base: Base) -> Postings:
@@ -227,6 +231,7 @@ class Postings:
         holds for it (its base row, unless the tail holds it), the second replaces it."""
         with self.lock:
             for before, after in changes:
+                self.changed = True
                 if before is not None:
                     self._remove(*before)
                 if after is not None:
@@ -313,17 +318,32 @@ class Postings:
             bound = _part(self._idf(hits), np.array([top_half * 0.5]), np.array([float(shortest)]), avgdl)
             side.bound = float(bound[0]) * (1 + 1e-9)
             sides[token] = side
-        return self._best(tokens, sides, int(first), int(last), avgdl, k)
+        return self._best(tokens, sides, avgdl, k)
 
-    def _best(self, tokens: list[str], sides: dict[str, _Side], first: int, last: int, avgdl: float,
+    def _best(self, tokens: list[str], sides: dict[str, _Side], avgdl: float,
               k: int) -> tuple[list[tuple[int, float]], bool]:
-        """MaxScore over the range's base rows ``first:last`` (their partial scores dense, one
-        slot a row: scattering a word's rows costs less than merging lists) and its tail rows."""
+        """MaxScore over the range's base rows (their partial scores in a dense scratch array,
+        one slot a base row: scattering a word's rows costs less than merging lists, and only
+        the slots touched are read and reset) and its tail rows."""
+        if self._partial is None or len(self._partial) != len(self.base.keys):
+            self._partial, self._touched = np.zeros(len(self.base.keys)), np.zeros(len(self.base.keys), np.bool_)
+        partial, touched = self._partial, self._touched
+        assert touched is not None
+        found: list[npt.NDArray[np.int32]] = []  # the base rows the essential words hold, each once
+        try:
+            return self._rank(tokens, sides, avgdl, k, partial, touched, found)
+        finally:
+            for rows in found:
+                partial[rows] = 0.0
+                touched[rows] = False
+
+    def _rank(self, tokens: list[str], sides: dict[str, _Side], avgdl: float, k: int, partial: Vector,
+              touched: npt.NDArray[np.bool_], found: list[npt.NDArray[np.int32]],
+              ) -> tuple[list[tuple[int, float]], bool]:
         base = self.base
         times = {t: tokens.count(t) for t in sides}
         ordered = sorted(sides, key=lambda t: len(sides[t]))
         essential = [t for t in ordered if 0 < len(sides[t]) <= RARE] or ordered[:1]
-        partial, touched = np.zeros(last - first), np.zeros(last - first, np.bool_)
         tail = np.unique(np.concatenate([np.empty(0, np.int64), *(side.tail for side in sides.values())]))
         tail_lengths = np.array([self.tail[int(key)][0] for key in tail], dtype=np.float64)
         tail_partial = np.zeros(len(tail))
@@ -331,18 +351,19 @@ class Postings:
 
         def scatter(token: str) -> None:
             side = sides[token]
-            at = side.base - first
             lengths = base.lengths[side.base].astype(np.float64)
             halves = side.base_halves.astype(np.float64) * 0.5
-            partial[at] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
-            touched[at] = True
+            partial[side.base] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
+            fresh = side.base[~touched[side.base]]
+            touched[fresh] = True
+            found.append(fresh[self.live[fresh]])
             tail_partial[:] += self._parts(side, no_rows, tail, tail_lengths, avgdl) * times[token]
 
         for token in essential:
             scatter(token)
         while True:
             others = [t for t in ordered if t not in essential]
-            live = touched & self.live[first:last]
+            live = np.concatenate(found)
             scores = np.concatenate([partial[live], tail_partial[tail_partial > 0]])
             tenth = float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) >= k else 0.0
             rest = sum(sides[t].bound * times[t] for t in others)
@@ -352,9 +373,9 @@ class Postings:
             scatter(essential[-1])
         complete = not others and len(scores) <= k
         tenth *= 1 - 1e-9  # (sums in another order differ by a few ulps: FTS5's order is taken below)
-        rows = (np.flatnonzero(live & (partial + rest >= tenth)) + first).astype(np.int32)
+        rows = live[partial[live] + rest >= tenth]
         keys = tail[(tail_partial > 0) & (tail_partial + rest >= tenth)]
-        so_far = np.concatenate([partial[rows - first], tail_partial[np.isin(tail, keys)]])
+        so_far = np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
         lengths = self._lengths(rows, keys)
         # The other words' parts, looked up for the candidates, the largest bound first: each
         # tightens both the tenth best (a partial score never exceeds the score) and what the
@@ -435,6 +456,16 @@ def _rows(conn: sqlite3.Connection, rowids: Iterable[int]) -> dict[int, Row]:
     return found
 
 
+class Saved(Protocol):
+    """The postings saved beside the database (gm.storage.postings_file)."""
+
+    def load(self) -> tuple[Postings, dict[str, Any]] | None:
+        """The saved postings and the database state they are of; None if there are none whole."""
+
+    def state(self) -> dict[str, Any]:
+        """The database's state now."""
+
+
 class PostingsFollower:
     """Keeps :class:`Postings` in step with the database's one write connection, and builds
     them. ``frame`` is held by the write connection from BEGIN until the transaction's changes
@@ -443,9 +474,10 @@ class PostingsFollower:
     is applied to the new postings, either by the build (the rows it touched, read then) or
     after it."""
 
-    def __init__(self, path: Path, on_stale: Callable[[], None]) -> None:
+    def __init__(self, path: Path, on_stale: Callable[[], None], saved: Saved | None = None) -> None:
         self.path = path
         self.on_stale = on_stale  # (called on the writer's thread: the postings should be built again)
+        self.saved = saved
         self.postings: Postings | None = None
         self.tokenizer = Tokenizer()
         self.frame = threading.Lock()
@@ -524,6 +556,8 @@ class PostingsFollower:
         try:
             if self._closed:
                 raise StoreClosed("the store closed")
+            if self._read_file():
+                return self.postings  # type: ignore[return-value]
             with self.frame:
                 snapshot.execute("BEGIN")
                 snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
@@ -546,6 +580,21 @@ class PostingsFollower:
         log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path,
                  postings.rows, len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
         return postings
+
+    def _read_file(self) -> bool:
+        """Publish the postings saved beside the database, if they are whole and of the
+        database as it is (checked between two transactions): True if so."""
+        if self.postings is not None or self.saved is None:  # (built again for a long tail: the file is older)
+            return False
+        found = self.saved.load()
+        if found is None:
+            return False
+        with self.frame:
+            if found[1] != self.saved.state():
+                log.info("the saved keyword postings are of an earlier state of %s: building them", self.path)
+                return False
+            self.postings = found[0]
+        return True
 
     def _catch_up(self, postings: Postings, snapshot: sqlite3.Connection, current: sqlite3.Connection,
                   rows: set[int]) -> None:
