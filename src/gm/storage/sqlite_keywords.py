@@ -184,8 +184,10 @@ async def _checked(
     p = QMarks()
     where = scope_sql(scope, None, now, p, "m.", None, version)
     ids = ",".join(str(key & ROWID_MASK) for key, _ in ranked)
-    kept = {r[0] for r in await slots.fetch(f"SELECT m.rowid FROM memories m WHERE m.rowid IN ({ids}) AND {where}",
-                                            p.values)}
+    # NOT INDEXED: by rowid, always. Left to itself SQLite read the rows by the index on the
+    # namespace, a million of them (212 ms, against 0.3 ms by rowid, at 1M).
+    kept = {r[0] for r in await slots.fetch(
+        f"SELECT m.rowid FROM memories m NOT INDEXED WHERE m.rowid IN ({ids}) AND {where}", p.values)}
     return [(key & ROWID_MASK, score) for key, score in ranked if key & ROWID_MASK in kept][:limit]
 
 
