@@ -37,7 +37,7 @@ ARRAYS = {  # each array's dtype
 
 
 class SavedPostings:
-    """The postings saved beside ``database``, as the follower reads them (sqlite_postings.Saved)."""
+    """The postings saved beside ``database``, as the follower reads them (postings_follower.Saved)."""
 
     def __init__(self, database: Path) -> None:
         self.database = database

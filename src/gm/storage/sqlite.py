@@ -26,7 +26,7 @@ from gm.filters import Filter
 from gm.memory import Scope, TimeRange
 from gm.migrator import Migrator
 from gm.progress import OnProgress, Progress
-from gm.storage import postings_file, sqlite_keywords, sqlite_migrations, sqlite_postings, sqlite_rebuild
+from gm.storage import postings_file, postings_follower, sqlite_keywords, sqlite_migrations, sqlite_rebuild
 from gm.storage.base import Backend
 from gm.storage.ops import IndexChange
 from gm.storage.sql import Params, QMarks
@@ -72,7 +72,7 @@ class SQLiteBackend(Backend):
         self.keyword_keyed = False  # the live keyword index is keyed by scope (gm.storage.sqlite_keywords)
         self._keying: asyncio.Task[None] | None = None  # rebuilding an older one so, after open
         self.slots = sqlite_keywords.Slots(self.fetch)
-        self.postings: sqlite_postings.PostingsFollower | None = None  # keyword postings in process, once built
+        self.postings: postings_follower.PostingsFollower | None = None  # keyword postings in process, once built
         self._postings_wanted = asyncio.Event()  # (set: build them, when the keyword index is keyed)
         self._keeping: asyncio.Task[None] | None = None
 
@@ -119,7 +119,7 @@ class SQLiteBackend(Backend):
                 with contextlib.suppress(RuntimeError):  # (the loop closed: so did the store)
                     loop.call_soon_threadsafe(self._postings_wanted.set)
 
-            follower = sqlite_postings.PostingsFollower(self.path, stale, postings_file.SavedPostings(self.path))
+            follower = postings_follower.PostingsFollower(self.path, stale, postings_file.SavedPostings(self.path))
             try:
                 await conn.run(follower.install)
             except BaseException:
@@ -127,8 +127,8 @@ class SQLiteBackend(Backend):
                 raise
             conn.watch, self.postings = follower, follower
             self._postings_wanted.set()
-            self._keeping = loop.create_task(
-                sqlite_postings.keep(follower, self._postings_wanted, self._postings_ready), name="gm-keyword-postings")
+            keeping = postings_follower.keep(follower, self._postings_wanted, self._postings_ready)
+            self._keeping = loop.create_task(keeping, name="gm-keyword-postings")
         self.writer = Writer(conn, on_commit, self.schema_version)
         self.writer.start()
         if self.schema_version >= sqlite_keywords.KEYED_VERSION and not self.keyword_keyed:

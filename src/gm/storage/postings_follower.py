@@ -1,0 +1,250 @@
+"""Keeping the keyword postings (gm.storage.sqlite_postings) in step with SQLite's one write
+connection, and building them: from the file saved beside the database, else from FTS5.
+
+Temp triggers on the write connection note each memory a transaction touches, with its key,
+text and context as they were before it (once). After the transaction, committed or rolled
+back, those rows are read back and what changed applied, on the writer's thread, before the
+Writer replies: a search after a write sees it. What the postings hold for a row is their tail's
+row if they have one, else the state before the transaction (their base row, if current), so
+applying a row twice changes nothing. A build takes its snapshot between two transactions, and
+applies the rows written since (they are noted meanwhile) before it publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from gm import loops
+from gm.errors import StoreClosed
+from gm.storage.sqlite_keywords import TABLE, key_sql
+from gm.storage.sqlite_postings import Postings, State, Tokenizer, read_base
+
+log = logging.getLogger(__name__)
+
+# A transaction touching this many memories is a bulk write (an import): the postings are set
+# aside rather than follow it (tokenizing runs ~10,000 rows/s here), and built again once no bulk
+# write came for QUIET_SECONDS; FTS5 ranks meanwhile.
+BULK = 1000
+QUIET_SECONDS = 2.0
+CATCH_UP = 500  # rows written during a build it applies while holding up the writer; more, it applies first
+
+TOUCH = "gm_postings_touch"  # the temp triggers' function: (rowid, key before, text before, context before)
+TRIGGERS = [
+    f"CREATE TEMP TRIGGER gm_postings_insert AFTER INSERT ON main.memories "
+    f"BEGIN SELECT {TOUCH}(new.rowid, NULL, NULL, NULL); END",
+    f"CREATE TEMP TRIGGER gm_postings_delete AFTER DELETE ON main.memories "
+    f"BEGIN SELECT {TOUCH}(old.rowid, {key_sql('old')}, old.text, old.context); END",
+    f"CREATE TEMP TRIGGER gm_postings_update AFTER UPDATE OF text, context, namespace, user_id ON main.memories "
+    f"BEGIN SELECT {TOUCH}(old.rowid, {key_sql('old')}, old.text, old.context); END",
+]
+STATES = (f"SELECT m.rowid, {key_sql('m')}, m.text, m.context FROM memories m "
+          "WHERE m.rowid IN (SELECT value FROM json_each(?))")
+Row = tuple[int, str | None, str | None]  # a memory's key, text and context
+
+
+def _rows(conn: sqlite3.Connection, rowids: Iterable[int]) -> dict[int, Row]:
+    """The key, text and context of each memory of ``rowids`` that exists, as ``conn`` sees them."""
+    ids = list(rowids)
+    found: dict[int, Row] = {}
+    for at in range(0, len(ids), 10_000):
+        chunk = "[" + ",".join(map(str, ids[at: at + 10_000])) + "]"
+        for rowid, key, text, context in conn.execute(STATES, [chunk]):
+            found[rowid] = (key, text, context)
+    return found
+
+
+class Saved(Protocol):
+    """The postings saved beside the database (gm.storage.postings_file)."""
+
+    def load(self) -> tuple[Postings, dict[str, Any]] | None:
+        """The saved postings and the database state they are of; None if there are none whole."""
+
+    def state(self) -> dict[str, Any]:
+        """The database's state now."""
+
+
+class PostingsFollower:
+    """Keeps :class:`Postings` in step with the database's one write connection, and builds
+    them. ``frame`` is held by the write connection from BEGIN until the transaction's changes
+    are applied (:meth:`after`), and by a build while it takes its snapshot and while it
+    switches: so a build's snapshot falls between transactions, and every transaction after it
+    is applied to the new postings, either by the build (the rows it touched, read then) or
+    after it."""
+
+    def __init__(self, path: Path, on_stale: Callable[[], None], saved: Saved | None = None) -> None:
+        self.path = path
+        self.on_stale = on_stale  # (called on the writer's thread: the postings should be built again)
+        self.saved = saved
+        self.postings: Postings | None = None
+        self.tokenizer = Tokenizer()
+        self.frame = threading.Lock()
+        self._touched: dict[int, Row | None] = {}  # this transaction's memories, as they were before it
+        self._pending: set[int] | None = None  # while a build runs: the memories written since its snapshot
+        self._building: list[sqlite3.Connection] = []
+        self._closed = False
+        self._bulk_at = -QUIET_SECONDS  # (time.monotonic) the last bulk write
+
+    def install(self, conn: sqlite3.Connection) -> None:
+        """Note the memories each transaction of ``conn`` (the write connection) touches."""
+        conn.create_function(TOUCH, 4, self._touch)
+        for sql in TRIGGERS:
+            conn.execute(sql)
+
+    def _touch(self, rowid: int, key: int | None, text: str | None, context: str | None) -> None:
+        if rowid not in self._touched:  # (the first: the state before the transaction)
+            self._touched[rowid] = None if key is None else (key, text, context)
+
+    def after(self, conn: sqlite3.Connection) -> None:
+        """After a transaction of the write connection (committed or rolled back): apply what
+        it changed. Never raises: postings that fail to follow are dropped and built again."""
+        touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        if self._pending is not None:
+            self._pending.update(touched)
+        postings = self.postings
+        if postings is None:
+            return
+        if len(touched) >= BULK:  # (an import: tokenizing its rows here would slow it by half)
+            log.info("keyword postings set aside during a bulk write; FTS5 serves until they are built again")
+            self.postings, self._bulk_at = None, time.monotonic()
+            self.on_stale()
+            return
+        try:
+            self._follow(postings, touched, _rows(conn, touched))
+        except Exception:
+            log.exception("the keyword postings failed to follow a write; building them again (FTS5 serves meanwhile)")
+            self.postings = None
+            self.on_stale()
+            return
+        if postings.stale:
+            self.on_stale()
+
+    def _follow(self, postings: Postings, before: dict[int, Row | None], now: dict[int, Row]) -> None:
+        """Make ``postings`` hold each memory of ``before`` (its state before, which the postings
+        hold unless their tail does) as it is ``now``."""
+        def key_of(rowid: int) -> int | None:
+            row = before[rowid] or now.get(rowid)
+            return row[0] if row is not None else None
+
+        changed = [r for r in before if before[r] != now.get(r) or key_of(r) in postings.tail]
+        docs = iter(self.tokenizer.docs(
+            [(b[1], b[2]) for r in changed if (b := before[r]) is not None]
+            + [(n[1], n[2]) for r in changed if (n := now.get(r)) is not None]))
+        old = {r: next(docs) for r in changed if before[r] is not None}
+        changes: list[tuple[State, State]] = []
+        for rowid in changed:
+            current = now.get(rowid)
+            key = key_of(rowid)
+            new: State = (current[0], next(docs)) if current is not None else None
+            held = postings.held(key, old.get(rowid)) if key is not None else None
+            if held != new:
+                changes.append((held, new))
+        postings.apply(changes)
+
+    def build(self) -> Postings:
+        """Read the postings from the FTS5 table and publish them (on a thread of its own). The
+        rows written meanwhile are applied in rounds, outside ``frame``, until few are left:
+        those are applied under it, and the postings published."""
+        started = time.perf_counter()
+        snapshot, current = (sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None,
+                                             check_same_thread=False) for _ in range(2))
+        self._building = [snapshot, current]
+        try:
+            if self._closed:
+                raise StoreClosed("the store closed")
+            if self._read_file():
+                return self.postings  # type: ignore[return-value]
+            with self.frame:
+                snapshot.execute("BEGIN")
+                snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
+                self._pending = set()
+            postings = Postings.of(read_base(snapshot))
+            while True:
+                with self.frame:
+                    pending, self._pending = self._pending, set()
+                    if len(pending) <= CATCH_UP:
+                        self._catch_up(postings, snapshot, current, pending)
+                        self.postings = postings
+                        break
+                self._catch_up(postings, snapshot, current, pending)
+        finally:
+            with self.frame:
+                self._pending = None
+            self._building = []
+            snapshot.close()
+            current.close()
+        log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path,
+                 postings.rows, len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
+        return postings
+
+    def _read_file(self) -> bool:
+        """Publish the postings saved beside the database, if they are whole and of the
+        database as it is (checked between two transactions): True if so."""
+        if self.postings is not None or self.saved is None:  # (built again for a long tail: the file is older)
+            return False
+        found = self.saved.load()
+        if found is None:
+            return False
+        with self.frame:
+            if found[1] != self.saved.state():
+                log.info("the saved keyword postings are of an earlier state of %s: building them", self.path)
+                return False
+            self.postings = found[0]
+        return True
+
+    def _catch_up(self, postings: Postings, snapshot: sqlite3.Connection, current: sqlite3.Connection,
+                  rows: set[int]) -> None:
+        """Apply the memories ``rows`` as they are now: their base rows are as ``snapshot`` sees them."""
+        then = _rows(snapshot, rows)
+        self._follow(postings, {r: then.get(r) for r in rows}, _rows(current, rows))
+
+    def close(self) -> None:
+        """The store closes: a build under way stops at its next statement (any thread)."""
+        self._closed = True
+        for conn in self._building:
+            conn.interrupt()
+
+    def quiet(self) -> bool:
+        """No bulk write lately: a build now will not be chasing one."""
+        return time.monotonic() - self._bulk_at >= QUIET_SECONDS
+
+    def top(self, terms: list[str], low: int, high: int, k: int) -> tuple[list[tuple[int, float]], bool] | None:
+        """The postings' ranking of a scope's range (:meth:`Postings.top`); None if there are
+        none yet, or a term is not one token (FTS5 ranks a phrase)."""
+        postings = self.postings
+        if postings is None:
+            return None
+        tokens = self.tokenizer.tokens(terms)
+        if any(len(t) != 1 for t in tokens):
+            return None
+        return postings.top([t[0] for t in tokens], low, high, k)
+
+
+async def keep(follower: PostingsFollower, wanted: asyncio.Event, ready: Callable[[], bool],
+               retry_seconds: float = 5.0) -> None:
+    """Build ``follower``'s postings whenever ``wanted`` is set and ``ready()`` (the FTS5
+    table is keyed and not being rebuilt); a failed build is tried again after a pause."""
+    while True:
+        await wanted.wait()
+        wanted.clear()
+        while not follower.quiet():
+            await loops.pause(QUIET_SECONDS)
+        if not ready():
+            continue
+        try:
+            await asyncio.to_thread(follower.build)
+        except StoreClosed:
+            return
+        except Exception as exc:
+            log.warning("building the keyword postings of %s: %s; will retry (FTS5 serves meanwhile)",
+                        follower.path, exc)
+            await loops.pause(retry_seconds)
+            wanted.set()
