@@ -8,6 +8,7 @@ its total. Real SQLite files and the real Postgres; small data and small batches
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import sqlite3
 import sys
@@ -19,7 +20,7 @@ import asyncpg
 import numpy as np
 import pytest
 
-from gm.errors import Conflict
+from gm.errors import Conflict, StorageUnavailable
 from gm.memory import NewMemory, Scope
 from gm.progress import Meter, Progress
 from gm.storage import sqlite_migrations, sqlite_rebuild
@@ -361,7 +362,10 @@ async def test_sqlite_rebuild_replaces_a_damaged_live_index(sqlite_backend: SQLi
     damage(db_path, ["UPDATE memories_search_data SET block = randomblob(40) WHERE id > 10"])
     with pytest.raises(sqlite3.DatabaseError):  # FTS5 itself cannot read it...
         fts_matches_content(db_path)
-    await workload.check_all()  # ...and the postings read before the damage still answer rightly
+    with pytest.raises(StorageUnavailable):  # ...nor a search FTS5 ranks (a narrower scope)...
+        for word in list(workload.words.values())[:20]:
+            await sqlite_backend.keyword_search([word], dataclasses.replace(SCOPE, agent_id="a"), None, 10, 1)
+    await workload.check_all()  # ...while the postings read before the damage still answer rightly
     await sqlite_backend.rebuild_keyword(batch=50)
     await workload.check_all()
     for _ in range(6):

@@ -246,7 +246,7 @@ async def test_saved_postings_are_read_back_at_open(backend: SQLiteBackend, savi
     backend.postings = None  # (closed already)
 
 
-@pytest.mark.parametrize("fault", ["damaged", "truncated", "stale", "killed save"])
+@pytest.mark.parametrize("fault", ["damaged", "truncated", "stale", "rewritten", "killed save"])
 async def test_a_saved_file_that_does_not_match_is_never_served(
     backend: SQLiteBackend, saving: None, fault: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -262,9 +262,12 @@ async def test_a_saved_file_that_does_not_match_is_never_served(
             f.write(b"\xff" * 8)
     elif fault == "truncated":
         os.truncate(saved, size // 2)
-    elif fault == "stale":  # written to while closed, by another program
+    elif fault in ("stale", "rewritten"):  # written to while closed, by another program
         conn = sqlite3.connect(path)
-        conn.execute("DELETE FROM memories WHERE rowid IN (SELECT rowid FROM memories LIMIT 50)")
+        if fault == "stale":
+            conn.execute("DELETE FROM memories WHERE rowid IN (SELECT rowid FROM memories LIMIT 50)")
+        else:  # (as many rows and words as before: only the index's own records tell)
+            conn.execute("UPDATE memories SET text = 'zebra ' || substr(text, 7) WHERE rowid <= 3")
         conn.commit()
         conn.close()
     else:  # a save killed before its rename leaves its temporary file, and the old file whole
@@ -280,3 +283,63 @@ async def test_a_saved_file_that_does_not_match_is_never_served(
     if fault != "killed save":
         assert "not used" in caplog.text or "earlier state" in caplog.text
     assert not list(path.parent.glob("*.tmp"))  # (the next open cleared it)
+
+
+async def moves(backend: SQLiteBackend, rng: random.Random, n: int) -> None:
+    """``n`` memories moved to another namespace or user (their keys change), through the write
+    connection's own transactions (the write flow never moves one; the triggers allow it)."""
+    assert backend.writer is not None
+    for _ in range(n):
+        values = [rng.choice(["main", "team"]), rng.choice([None, "u3", "u7"]), rng.randrange(1, 1500)]
+        await backend.writer.conn.transaction(
+            lambda c, v=values: c.execute("UPDATE memories SET namespace = ?, user_id = ? WHERE rowid = ?", v))
+
+
+async def test_memories_moved_to_another_scope_are_followed_also_during_a_build(backend: SQLiteBackend) -> None:
+    await built(backend)
+    await moves(backend, random.Random(31), 40)
+    assert (await built(backend)).rows == statistics(backend.path)[0]
+    assert await same_as_fts5(backend, 9) >= 40
+    assert backend.postings is not None
+    building = asyncio.create_task(asyncio.to_thread(backend.postings.build))
+    keys, rng = [f"m{i}" for i in range(1500)], random.Random(33)
+    for _ in range(10):  # before, during and after its snapshot; the same rows moved again and back
+        await moves(backend, random.Random(32), 8)
+        await writes(backend, rng, 3, keys)
+    await building
+    postings = await built(backend)
+    assert (postings.rows, postings.tokens) == statistics(backend.path)
+    assert await same_as_fts5(backend, 10) >= 40
+
+
+async def test_metadata_changes_leave_the_saved_file_usable(backend: SQLiteBackend, saving: None) -> None:
+    path = backend.path
+    await backend.close()
+    again = await reopened(path)
+    try:
+        await built(again)
+        for i in range(0, 200, 10):
+            await again.write(UpdateMemory(f"m{i}", T0, metadata={"topic": "moved"}))
+    finally:
+        await again.close()
+    third = await reopened(path)
+    try:
+        assert not (await built(third)).changed  # read from its file: the keyword index did not change
+        assert await same_as_fts5(third, 11) >= 40
+    finally:
+        await third.close()
+    backend.postings = None
+
+
+def test_a_count_past_what_the_postings_hold_is_left_to_fts5() -> None:
+    postings = sqlite_postings.Postings.of(sqlite_postings.read_base(_empty_index()))
+    postings.apply([(None, (7, (3, {"word": sqlite_postings.MAX_HALVES + 1, "other": 2})))])
+    assert not postings.ranks(["word"]) and postings.ranks(["other"])
+    assert postings.tail_tokens["word"][7] == sqlite_postings.MAX_HALVES  # (kept, clamped)
+
+
+def _empty_index() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:")
+    tokenizer = sqlite_postings.TOKENIZER
+    conn.execute(f"CREATE VIRTUAL TABLE memories_search USING fts5 (text, context, tokenize='{tokenizer}')")
+    return conn

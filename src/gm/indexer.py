@@ -300,8 +300,9 @@ class Indexer(Actor[IndexMsg, None]):
             case Discard():
                 await self._drop_next()
             case Loaded(load, index, started, saved) if load == self._load:
+                replayed = bool(self._pending)  # (changes committed while it loaded: the file lacks them)
                 self._publish(index, started)
-                self._saved = saved
+                self._saved = saved and not replayed
                 self.loaded_from = "file" if saved else "database"
             case LoadFailed(load, error) if load == self._load:
                 self.error = error

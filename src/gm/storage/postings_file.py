@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from gm.index_file import ALIGN, IndexFileInvalid, fingerprint, read_header, sync_dir
-from gm.storage.sqlite_keywords import TABLE
+from gm.index_file import ALIGN, IndexFileInvalid, read_header, sync_dir
+from gm.storage.sqlite_keywords import ROWID_MASK, TABLE
 from gm.storage.sqlite_postings import Base, Postings
 
 log = logging.getLogger(__name__)
@@ -54,31 +54,40 @@ def postings_path(database: Path) -> Path:
 
 
 def database_state(database: Path) -> dict[str, Any]:
-    """What saved postings must match: the vector index's fingerprint (every write, purge and
-    context fill shows in it) and the keyword table's definition."""
+    """What saved postings must match: the keyword table's definition and FTS5's own records of
+    its state, the averages (rows and tokens) and the structure (its segments, and a cookie
+    every change to them moves), so any write to the index shows, and a write that leaves it
+    alone (metadata, vectors) leaves the file usable."""
     conn = sqlite3.connect(f"file:{database.resolve()}?mode=ro", uri=True)
     try:
         rows = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", [TABLE]).fetchall()
+        records = dict(conn.execute(f"SELECT id, hex(block) FROM {TABLE}_data WHERE id IN (1, 10)").fetchall())
     finally:
         conn.close()
-    return {**fingerprint(database), "keywords": rows[0][0] if rows else None}
+    return {"keywords": rows[0][0] if rows else None, "averages": records.get(1), "structure": records.get(10)}
 
 
 def save(postings: Postings, database: Path) -> Path | None:
-    """Write ``postings`` (quiescent: the Writer has stopped) for the database as it is now;
-    postings small enough to build in no time are not saved (nor an older file kept)."""
+    """Write ``postings`` (quiescent: the Writer has stopped) for the database as it is now,
+    unless their file holds them so already (a write the postings did not need, metadata, still
+    rewrote the index's rows); postings small enough to build in no time are not saved (nor an
+    older file kept)."""
     path = postings_path(database)
     if postings.rows < SAVE_MIN_ROWS:
         path.unlink(missing_ok=True)
         return None
+    state = database_state(database)
+    if not postings.changed and postings.saved_at == state:
+        return path  # (the file holds them already)
     with postings.lock:
         base = postings.base
         arrays = {name: np.ascontiguousarray(postings.live if name == "live" else getattr(base, name))
                   for name in ARRAYS}
         header: dict[str, Any] = {
-            "format": FORMAT, "database": database_state(database), "rows": postings.rows,
+            "format": FORMAT, "database": state, "rows": postings.rows,
             "tokens": postings.tokens, "dead": postings.dead, "hits": postings.hits,
             "vocabulary": sorted(base.vocabulary, key=base.vocabulary.__getitem__),
+            "overflow": sorted(base.overflow | postings.overflow),
             "tail": [[key, length, counts] for key, (length, counts) in postings.tail.items()],
         }
     entries: list[dict[str, Any]] = []
@@ -107,7 +116,7 @@ def save(postings: Postings, database: Path) -> Path | None:
         raise
     for stale in path.parent.glob(f"{path.name}.*.tmp"):  # (a killed save's)
         stale.unlink(missing_ok=True)
-    postings.changed = False
+    postings.changed, postings.saved_at = False, state
     log.info("keyword postings saved: %d rows in %s", postings.rows, path)
     return path
 
@@ -149,17 +158,21 @@ def _load(path: Path) -> tuple[Postings, dict[str, Any]]:
             arrays[entry["name"]] = np.frombuffer(buffer, dtype=dtype)
     live = arrays.pop("live")
     vocabulary = {token: number for number, token in enumerate(header["vocabulary"])}
-    base = Base(vocabulary=vocabulary, **arrays)
+    base = Base(vocabulary=vocabulary, overflow=frozenset(header["overflow"]), **arrays)
     n = len(base.keys)
     if (len(base.lengths) != n or len(live) != n or len(base.starts) != len(vocabulary) + 1
             or len(base.top_half) != len(vocabulary) or len(base.shortest) != len(vocabulary)
             or len(base.halves) != len(base.rows) or int(base.starts[-1]) != len(base.rows)):
         raise IndexFileInvalid("its arrays do not match its header")
+    if header["rows"] < len(base.keys) - int(np.count_nonzero(~live)) or header["dead"] != int(np.count_nonzero(~live)):
+        raise IndexFileInvalid("its counts do not match its arrays")
     postings = Postings(base, rows=header["rows"], tokens=header["tokens"], live=live.copy(), dead=header["dead"],
                         hits={str(t): int(c) for t, c in header["hits"].items()}, changed=False)
     for key, length, counts in header["tail"]:
         postings.tail[int(key)] = (int(length), {str(t): int(c) for t, c in counts.items()})
+        postings.tail_keys[int(key) & ROWID_MASK] = int(key)
         for token, half in counts.items():
             postings.tail_tokens.setdefault(token, {})[int(key)] = int(half)
+    postings.saved_at = header["database"]
     log.info("keyword postings read from %s: %d rows", path, postings.rows)
     return postings, header["database"]

@@ -13,6 +13,7 @@ applies the rows written since (they are noted meanwhile) before it publishes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 BULK = 1000
 QUIET_SECONDS = 2.0
 CATCH_UP = 500  # rows written during a build it applies while holding up the writer; more, it applies first
+ROUNDS = 5  # rounds of applying those first, after which the rest is applied holding it up (a writer outrunning it)
+FIRST_RETRY_SECONDS = 5.0  # after a failed build; doubled after each failure, up to MAX_RETRY_SECONDS
+MAX_RETRY_SECONDS = 300.0
 
 TOUCH = "gm_postings_touch"  # the temp triggers' function: (rowid, key before, text before, context before)
 TRIGGERS = [
@@ -88,7 +92,10 @@ class PostingsFollower:
         self._touched: dict[int, Row | None] = {}  # this transaction's memories, as they were before it
         self._pending: set[int] | None = None  # while a build runs: the memories written since its snapshot
         self._building: list[sqlite3.Connection] = []
+        self._one_build = threading.Lock()  # (builds one at a time: each resets the pending rows)
+        self._file_tried = False
         self._closed = False
+        self.refresh = False  # build again though the postings are current (the FTS5 table was rebuilt)
         self._bulk_at = -QUIET_SECONDS  # (time.monotonic) the last bulk write
 
     def install(self, conn: sqlite3.Connection) -> None:
@@ -130,66 +137,65 @@ class PostingsFollower:
     def _follow(self, postings: Postings, before: dict[int, Row | None], now: dict[int, Row]) -> None:
         """Make ``postings`` hold each memory of ``before`` (its state before, which the postings
         hold unless their tail does) as it is ``now``."""
-        def key_of(rowid: int) -> int | None:
-            row = before[rowid] or now.get(rowid)
-            return row[0] if row is not None else None
-
-        changed = [r for r in before if before[r] != now.get(r) or key_of(r) in postings.tail]
+        changed = [r for r in before if before[r] != now.get(r) or r in postings.tail_keys]
         docs = iter(self.tokenizer.docs(
             [(b[1], b[2]) for r in changed if (b := before[r]) is not None]
             + [(n[1], n[2]) for r in changed if (n := now.get(r)) is not None]))
         old = {r: next(docs) for r in changed if before[r] is not None}
         changes: list[tuple[State, State]] = []
         for rowid in changed:
-            current = now.get(rowid)
-            key = key_of(rowid)
+            was, current = before[rowid], now.get(rowid)
             new: State = (current[0], next(docs)) if current is not None else None
-            held = postings.held(key, old.get(rowid)) if key is not None else None
+            # (its base row is under the key it had before; its tail row, if any, is found by rowid)
+            held = postings.held(rowid, was[0] if was is not None else None, old.get(rowid))
             if held != new:
                 changes.append((held, new))
         postings.apply(changes)
 
-    def build(self) -> Postings:
-        """Read the postings from the FTS5 table and publish them (on a thread of its own). The
-        rows written meanwhile are applied in rounds, outside ``frame``, until few are left:
-        those are applied under it, and the postings published."""
-        started = time.perf_counter()
-        snapshot, current = (sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, isolation_level=None,
-                                             check_same_thread=False) for _ in range(2))
-        self._building = [snapshot, current]
-        try:
-            if self._closed:
-                raise StoreClosed("the store closed")
+    def build(self) -> Postings | None:
+        """Publish the postings: read from their file (once an open), else from the FTS5
+        table, on a thread of its own. The rows written while they are read from FTS5 are
+        applied in rounds, outside ``frame``, until few are left (or ROUNDS went by): those are
+        applied under it, and the postings published. None if the store closed meanwhile."""
+        with self._one_build:
+            started = time.perf_counter()
             if self._read_file():
-                return self.postings  # type: ignore[return-value]
-            with self.frame:
-                snapshot.execute("BEGIN")
-                snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
-                self._pending = set()
-            postings = Postings.of(read_base(snapshot))
-            while True:
+                return self.postings
+            snapshot, current = (sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True,
+                                                 isolation_level=None, check_same_thread=False) for _ in range(2))
+            self._building = [snapshot, current]
+            try:
                 with self.frame:
-                    pending, self._pending = self._pending, set()
-                    if len(pending) <= CATCH_UP:
-                        self._catch_up(postings, snapshot, current, pending)
-                        self.postings = postings
-                        break
-                self._catch_up(postings, snapshot, current, pending)
-        finally:
-            with self.frame:
-                self._pending = None
-            self._building = []
-            snapshot.close()
-            current.close()
-        log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path,
-                 postings.rows, len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
-        return postings
+                    snapshot.execute("BEGIN")
+                    snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
+                    self._pending = set()
+                postings = Postings.of(read_base(snapshot, stopped=lambda: self._closed))
+                for round_ in range(ROUNDS + 1):
+                    with self.frame:
+                        pending, self._pending = self._pending, set()
+                        if len(pending) <= CATCH_UP or round_ == ROUNDS:
+                            self._catch_up(postings, snapshot, current, pending)
+                            if self._closed:
+                                return None
+                            self.postings = postings
+                            break
+                    self._catch_up(postings, snapshot, current, pending)
+            finally:
+                with self.frame:
+                    self._pending = None
+                self._building = []
+                snapshot.close()
+                current.close()
+            log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path, postings.rows,
+                     len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
+            return postings
 
     def _read_file(self) -> bool:
         """Publish the postings saved beside the database, if they are whole and of the
-        database as it is (checked between two transactions): True if so."""
-        if self.postings is not None or self.saved is None:  # (built again for a long tail: the file is older)
+        database as it is (checked between two transactions): True if so. Tried once an open."""
+        if self._file_tried or self.saved is None:
             return False
+        self._file_tried = True
         found = self.saved.load()
         if found is None:
             return False
@@ -197,7 +203,8 @@ class PostingsFollower:
             if found[1] != self.saved.state():
                 log.info("the saved keyword postings are of an earlier state of %s: building them", self.path)
                 return False
-            self.postings = found[0]
+            if not self._closed:
+                self.postings = found[0]
         return True
 
     def _catch_up(self, postings: Postings, snapshot: sqlite3.Connection, current: sqlite3.Connection,
@@ -207,10 +214,16 @@ class PostingsFollower:
         self._follow(postings, {r: then.get(r) for r in rows}, _rows(current, rows))
 
     def close(self) -> None:
-        """The store closes: a build under way stops at its next statement (any thread)."""
+        """The store closes: a build under way stops at its next statement or token (any thread)."""
         self._closed = True
-        for conn in self._building:
-            conn.interrupt()
+        for conn in list(self._building):
+            with contextlib.suppress(sqlite3.ProgrammingError):  # (closed by the build meanwhile)
+                conn.interrupt()
+
+    def wanted(self) -> bool:
+        """Whether a build is called for: none yet, a long tail, or asked (``refresh``)."""
+        postings = self.postings
+        return postings is None or postings.stale or self.refresh
 
     def quiet(self) -> bool:
         """No bulk write lately: a build now will not be chasing one."""
@@ -218,33 +231,37 @@ class PostingsFollower:
 
     def top(self, terms: list[str], low: int, high: int, k: int) -> tuple[list[tuple[int, float]], bool] | None:
         """The postings' ranking of a scope's range (:meth:`Postings.top`); None if there are
-        none yet, or a term is not one token (FTS5 ranks a phrase)."""
+        none yet, a term is not one token (FTS5 ranks a phrase) or a count is past them."""
         postings = self.postings
         if postings is None:
             return None
         tokens = self.tokenizer.tokens(terms)
-        if any(len(t) != 1 for t in tokens):
+        if any(len(t) != 1 for t in tokens) or not postings.ranks([t[0] for t in tokens]):
             return None
         return postings.top([t[0] for t in tokens], low, high, k)
 
 
-async def keep(follower: PostingsFollower, wanted: asyncio.Event, ready: Callable[[], bool],
-               retry_seconds: float = 5.0) -> None:
-    """Build ``follower``'s postings whenever ``wanted`` is set and ``ready()`` (the FTS5
-    table is keyed and not being rebuilt); a failed build is tried again after a pause."""
+async def keep(follower: PostingsFollower, wanted: asyncio.Event, ready: Callable[[], bool]) -> None:
+    """Build ``follower``'s postings whenever ``wanted`` is set, one is called for and
+    ``ready()`` (the FTS5 table is keyed and not being rebuilt); a failed build is tried again
+    after a pause, doubled each time."""
+    pause = FIRST_RETRY_SECONDS
     while True:
         await wanted.wait()
         wanted.clear()
         while not follower.quiet():
             await loops.pause(QUIET_SECONDS)
-        if not ready():
+        if not ready() or not follower.wanted():
             continue
+        follower.refresh = False
         try:
             await asyncio.to_thread(follower.build)
+            pause = FIRST_RETRY_SECONDS
         except StoreClosed:
             return
         except Exception as exc:
-            log.warning("building the keyword postings of %s: %s; will retry (FTS5 serves meanwhile)",
-                        follower.path, exc)
-            await loops.pause(retry_seconds)
+            log.warning("building the keyword postings of %s: %s; will retry in %.0f s (FTS5 serves meanwhile)",
+                        follower.path, exc, pause)
+            await loops.pause(pause)
+            pause = min(2 * pause, MAX_RETRY_SECONDS)
             wanted.set()

@@ -119,8 +119,8 @@ class SQLiteBackend(Backend):
                 with contextlib.suppress(RuntimeError):  # (the loop closed: so did the store)
                     loop.call_soon_threadsafe(self._postings_wanted.set)
 
-            follower = postings_follower.PostingsFollower(self.path, stale, postings_file.SavedPostings(self.path))
             try:
+                follower = postings_follower.PostingsFollower(self.path, stale, postings_file.SavedPostings(self.path))
                 await conn.run(follower.install)
             except BaseException:
                 await conn.close()
@@ -174,9 +174,9 @@ class SQLiteBackend(Backend):
         self._lock.release()
 
     async def _save_postings(self) -> None:
-        """Save the keyword postings beside the database (the Writer has stopped), unless unchanged."""
+        """Save the keyword postings beside the database (the Writer has stopped)."""
         postings = self.postings.postings if self.postings is not None else None
-        if postings is None or not postings.changed:
+        if postings is None:
             return
         try:
             await asyncio.to_thread(postings_file.save, postings, self.path)
@@ -238,6 +238,8 @@ class SQLiteBackend(Backend):
         try:
             await sqlite_rebuild.rebuild(self, progress, batch=batch)
         finally:
+            if self.postings is not None:
+                self.postings.refresh = True
             self._postings_wanted.set()
 
     def size_bytes(self) -> int | None:

@@ -24,13 +24,15 @@ import logging
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from gm.context import CONTEXT_WEIGHT
+from gm.errors import StoreClosed
 from gm.storage.sqlite_keywords import ROWID_MASK, TABLE
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ TAIL_ROWS = 20_000  # rows written since the base past which it is built again (
 TAIL_SHARE = 0.05
 RARE = 20_000  # a word in at most this many rows of a scope is scored first (MaxScore's "essential")
 TERMS_CACHED = 10_000  # query words whose tokens are remembered
+# A word's half counts in one row past this (a long text and context repeating it 20,000 times)
+# are kept clamped, and queries holding it ranked by FTS5.
+MAX_HALVES = 0xFFFF
 
 Doc = tuple[int, dict[str, int]]  # a row's length in tokens, and each token's half count
 State = tuple[int, Doc] | None  # (key, doc) of a memory, or None: no such memory
@@ -81,22 +86,24 @@ class Tokenizer:
 
     def tokens(self, terms: list[str]) -> list[list[str]]:
         """Each query term's tokens, in order (a quoted term is a phrase of them)."""
-        missing = [t for t in dict.fromkeys(terms) if t not in self.terms]
-        if missing:
-            with self.lock:
+        with self.lock:
+            known = {t: self.terms[t] for t in terms if t in self.terms}
+            missing = [t for t in dict.fromkeys(terms) if t not in known]
+            if missing:
+                found: dict[int, list[tuple[int, str]]] = {}
                 self.conn.execute("BEGIN")
                 try:
                     self.conn.executemany("INSERT INTO t (rowid, text) VALUES (?, ?)", list(enumerate(missing)))
-                    found: dict[int, list[tuple[int, str]]] = {}
                     for token, doc, offset in self.conn.execute("SELECT term, doc, offset FROM v"):
                         found.setdefault(doc, []).append((offset, token))
                 finally:
                     self.conn.execute("ROLLBACK")
+                for i, term in enumerate(missing):
+                    known[term] = [token for _, token in sorted(found.get(i, []))]
                 if len(self.terms) + len(missing) > TERMS_CACHED:
                     self.terms.clear()
-                for i, term in enumerate(missing):
-                    self.terms[term] = [token for _, token in sorted(found.get(i, []))]
-        return [self.terms[t] for t in terms]
+                self.terms.update(known)
+            return [known[t] for t in terms]
 
 
 @dataclass(slots=True)
@@ -112,6 +119,7 @@ class Base:
     halves: npt.NDArray[np.uint16]
     top_half: npt.NDArray[np.uint16]  # each token's largest half count
     shortest: npt.NDArray[np.int32]  # the length of each token's shortest row
+    overflow: frozenset[str] = frozenset()  # tokens with a count past MAX_HALVES in a row (clamped)
 
     @property
     def nbytes(self) -> int:
@@ -119,7 +127,7 @@ class Base:
         return sum(a.nbytes for a in arrays)
 
 
-def read_base(conn: sqlite3.Connection, table: str = TABLE) -> Base:
+def read_base(conn: sqlite3.Connection, table: str = TABLE, stopped: Callable[[], bool] = lambda: False) -> Base:
     """The base of the FTS5 table ``table`` as ``conn``'s open read transaction sees it: one
     statement, a row a token (``fts5vocab`` instance rows in token order, no sort), its rows and
     columns as text (a row an instance read into Python costs ~3x). At 1M memories of the peer
@@ -130,16 +138,22 @@ def read_base(conn: sqlite3.Connection, table: str = TABLE) -> Base:
     row_parts: list[npt.NDArray[np.int32]] = []
     half_parts: list[npt.NDArray[np.uint16]] = []
     lengths = np.zeros(len(keys), dtype=np.int32)  # a row's count of token instances, every column (FTS5's docsize)
+    overflow: set[str] = set()
     for token, docs, columns in conn.execute(
         "SELECT term, group_concat(doc), group_concat(col = 'text', '') FROM temp.gm_postings GROUP BY term"
     ):
+        if stopped():
+            raise StoreClosed("the store closed while its keyword postings were read")
         at = np.searchsorted(keys, np.fromstring(docs, dtype=np.int64, sep=",")).astype(np.int32)
         weight = np.frombuffer(columns.encode(), dtype=np.uint8) - np.uint8(47)  # '1' (text) -> 2, '0' (context) -> 1
         first = np.flatnonzero(np.r_[True, at[1:] != at[:-1]])
         rows = at[first]
         vocabulary[token] = len(row_parts)
         row_parts.append(rows)
-        half_parts.append(np.add.reduceat(weight.astype(np.uint16), first).astype(np.uint16))
+        halves = np.add.reduceat(weight.astype(np.uint32), first)
+        if int(halves.max()) > MAX_HALVES:
+            overflow.add(token)
+        half_parts.append(np.minimum(halves, MAX_HALVES).astype(np.uint16))
         lengths[rows] += np.diff(np.r_[first, len(at)]).astype(np.int32)  # (a token's rows are distinct)
     counts = np.array([len(r) for r in row_parts], dtype=np.int64)
     starts = np.zeros(len(counts) + 1, dtype=np.int64)
@@ -153,7 +167,7 @@ def read_base(conn: sqlite3.Connection, table: str = TABLE) -> Base:
     if len(rows):  # (every token of the vocabulary has a row)
         top_half[:] = np.maximum.reduceat(halves, starts[:-1])
         shortest[:] = np.minimum.reduceat(lengths[rows], starts[:-1])
-    return Base(keys, lengths, vocabulary, starts, rows, halves, top_half, shortest)
+    return Base(keys, lengths, vocabulary, starts, rows, halves, top_half, shortest, frozenset(overflow))
 
 
 @dataclass(slots=True)
@@ -193,11 +207,14 @@ class Postings:
     hits: dict[str, int] = field(default_factory=dict)  # token -> rows holding it, less the base's count
     tail: dict[int, Doc] = field(default_factory=dict)  # key -> the row written since the base
     tail_tokens: dict[str, dict[int, int]] = field(default_factory=dict)  # token -> key -> half count
+    tail_keys: dict[int, int] = field(default_factory=dict)  # rowid -> its key in the tail
+    overflow: set[str] = field(default_factory=set)  # tail tokens with a count past MAX_HALVES in a row
     _arrays: dict[str, _Tail] = field(default_factory=dict)
     _partial: Vector | None = None  # a ranking's scratch (under the lock): partial scores, a slot a base row
     _touched: npt.NDArray[np.bool_] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: bool = True  # since they were read from or saved to their file (gm.storage.postings_file)
+    saved_at: dict[str, Any] | None = None  # the database state that file is of
 
     @classmethod
     def of(cls, base: Base) -> Postings:
@@ -223,10 +240,14 @@ class Postings:
                 if after is not None:
                     self._add(*after)
 
-    def held(self, key: int, before: Doc | None) -> State:
-        """What the index holds for ``key``: its tail row, else ``before`` if its base row is current."""
-        if key in self.tail:
-            return key, self.tail[key]
+    def held(self, rowid: int, key: int | None, before: Doc | None) -> State:
+        """What the index holds for memory ``rowid``: its tail row (under whatever key), else
+        ``before`` if its base row under ``key`` (its key before) is current."""
+        tail_key = self.tail_keys.get(rowid)
+        if tail_key is not None:
+            return tail_key, self.tail[tail_key]
+        if key is None:
+            return None
         at = int(np.searchsorted(self.base.keys, key))
         if at < len(self.base.keys) and self.base.keys[at] == key and self.live[at]:
             if before is None:
@@ -235,7 +256,9 @@ class Postings:
         return None
 
     def _remove(self, key: int, doc: Doc) -> None:
-        if self.tail.pop(key, None) is None:
+        if self.tail.pop(key, None) is not None:
+            del self.tail_keys[key & ROWID_MASK]
+        else:
             at = int(np.searchsorted(self.base.keys, key))
             self.live[at] = False
             self.dead += 1
@@ -249,12 +272,19 @@ class Postings:
 
     def _add(self, key: int, doc: Doc) -> None:
         self.tail[key] = doc
+        self.tail_keys[key & ROWID_MASK] = key
         self.rows += 1
         self.tokens += doc[0]
         for token, half in doc[1].items():
             self.hits[token] = self.hits.get(token, 0) + 1
-            self.tail_tokens.setdefault(token, {})[key] = half
+            if half > MAX_HALVES:
+                self.overflow.add(token)
+            self.tail_tokens.setdefault(token, {})[key] = min(half, MAX_HALVES)
             self._arrays.pop(token, None)
+
+    def ranks(self, tokens: list[str]) -> bool:
+        """Whether these tokens' counts all fit the postings (FTS5 ranks a word past MAX_HALVES in a row)."""
+        return not any(t in self.overflow or t in self.base.overflow for t in tokens)
 
     def _tail_of(self, token: str) -> _Tail:
         made = self._arrays.get(token)
@@ -339,10 +369,10 @@ class Postings:
             side = sides[token]
             lengths = base.lengths[side.base].astype(np.float64)
             halves = side.base_halves.astype(np.float64) * 0.5
-            partial[side.base] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
             fresh = side.base[~touched[side.base]]
+            found.append(fresh)  # (before the slots change: reset whatever happens next)
             touched[fresh] = True
-            found.append(fresh[self.live[fresh]])
+            partial[side.base] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
             tail_partial[:] += self._parts(side, no_rows, tail, tail_lengths, avgdl) * times[token]
 
         for token in essential:
@@ -350,6 +380,7 @@ class Postings:
         while True:
             others = [t for t in ordered if t not in essential]
             live = np.concatenate(found)
+            live = live[self.live[live]]
             scores = np.concatenate([partial[live], tail_partial[tail_partial > 0]])
             tenth = float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) >= k else 0.0
             rest = sum(sides[t].bound * times[t] for t in others)

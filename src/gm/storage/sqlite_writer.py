@@ -62,7 +62,7 @@ def drive(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class Watch(Protocol):
-    """What follows the write connection's transactions (gm.storage.sqlite_postings): ``frame``
+    """What follows the write connection's transactions (gm.storage.postings_follower): ``frame``
     is held from BEGIN until ``after`` has run, committed or rolled back."""
 
     frame: threading.Lock
