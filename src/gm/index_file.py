@@ -132,21 +132,35 @@ def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | Non
         room = array.nbytes // max(state.count, 1) * rows
         entries.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
                         "bytes": array.nbytes, "room": room, "crc": _crc(array.data.cast("B"))})
-        offset += -(-room // ALIGN) * ALIGN
+        offset += aligned(room)
     header = {
         "format": FORMAT, "model": model, "fingerprint": print_, "dim": state.dim, "scale": state.scale,
         "count": state.count, "graphed": state.graphed, "codes": state.codes, "arrays": entries,
         "graph": None if graph_name is None else {"file": graph_name, "crc": graph_crc,
                                                   "size": len(state.graph) if state.graph is not None else 0},
     }
+    blocks = [(entry["offset"], array.data.cast("B")) for entry, array in zip(entries, arrays.values(), strict=True)]
+    write_saved(path, temporary, MAGIC, header, blocks, offset)
+
+
+def aligned(size: int) -> int:
+    """``size`` rounded up to ALIGN bytes."""
+    return -(-size // ALIGN) * ALIGN
+
+
+def write_saved(path: Path, temporary: Path, magic: bytes, header: dict[str, Any],
+                blocks: list[tuple[int, memoryview]], size: int) -> None:
+    """Write a saved file to ``temporary``, synced, then rename it over ``path``: ``magic``,
+    the JSON header's length and CRC-32, the header, then each (offset, bytes) block at its
+    offset from the first aligned byte after the header; ``size`` bytes of blocks in all."""
     encoded = json.dumps(header).encode()
-    start = -(-(len(MAGIC) + 8 + len(encoded)) // ALIGN) * ALIGN
+    start = aligned(len(magic) + 8 + len(encoded))
     with temporary.open("wb") as f:
-        f.write(MAGIC + len(encoded).to_bytes(4, "little") + zlib.crc32(encoded).to_bytes(4, "little") + encoded)
-        for entry, array in zip(entries, arrays.values(), strict=True):
-            f.seek(start + entry["offset"])
-            f.write(array.data.cast("B"))
-        f.truncate(start + offset)
+        f.write(magic + len(encoded).to_bytes(4, "little") + zlib.crc32(encoded).to_bytes(4, "little") + encoded)
+        for offset, data in blocks:
+            f.seek(start + offset)
+            f.write(data)
+        f.truncate(start + size)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -187,7 +201,7 @@ def read_header(f: BinaryIO, magic: bytes = MAGIC, version: int = FORMAT, what: 
     header: dict[str, Any] = json.loads(encoded)
     if header.get("format") != version:
         raise IndexFileInvalid(f"format {header.get('format')}, this release reads {version}")
-    return header, -(-(len(magic) + 8 + length) // ALIGN) * ALIGN
+    return header, aligned(len(magic) + 8 + length)
 
 
 def _load(path: Path, database: Path, model: str) -> VectorIndex:

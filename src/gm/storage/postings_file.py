@@ -11,7 +11,6 @@ of another format or of another database state is logged and the postings built 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gm.index_file import ALIGN, IndexFileInvalid, read_header, sync_dir
+from gm.index_file import IndexFileInvalid, aligned, read_header, write_saved
 from gm.storage.sqlite_keywords import ROWID_MASK, TABLE
 from gm.storage.sqlite_postings import Base, Postings
 
@@ -95,22 +94,12 @@ def save(postings: Postings, database: Path) -> Path | None:
     for name, array in arrays.items():
         entries.append({"name": name, "dtype": array.dtype.str, "length": len(array), "offset": offset,
                         "crc": zlib.crc32(array.data.cast("B"))})
-        offset += -(-array.nbytes // ALIGN) * ALIGN
+        offset += aligned(array.nbytes)
     header["arrays"] = entries
-    encoded = json.dumps(header).encode()
-    start = -(-(len(MAGIC) + 8 + len(encoded)) // ALIGN) * ALIGN
     temporary = path.with_name(f"{path.name}.{os.urandom(6).hex()}.tmp")
     try:
-        with temporary.open("wb") as f:
-            f.write(MAGIC + len(encoded).to_bytes(4, "little") + zlib.crc32(encoded).to_bytes(4, "little") + encoded)
-            for entry, array in zip(entries, arrays.values(), strict=True):
-                f.seek(start + entry["offset"])
-                f.write(array.data.cast("B"))
-            f.truncate(start + offset)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-        sync_dir(path.parent)
+        blocks = [(e["offset"], a.data.cast("B")) for e, a in zip(entries, arrays.values(), strict=True)]
+        write_saved(path, temporary, MAGIC, header, blocks, offset)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
