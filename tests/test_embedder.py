@@ -22,17 +22,15 @@ class RecordingEmbedder(Embedder):
     def __init__(self, threads: int = 1) -> None:
         super().__init__(ModelSpec.default(), threads=threads)
         self.calls: list[list[str]] = []  # in the order they began
-        self.wide: list[bool] = []  # whether each ran on every core
         self.gate: threading.Semaphore | None = None
         self.started = threading.Event()  # set when a call begins
 
-    def _encode(self, run: list[Pending], wide: bool = False) -> Vector:
+    def _encode(self, run: list[Pending]) -> Vector:
         self.calls.append([p.text for p in run])
-        self.wide.append(wide)
         self.started.set()
         if self.gate is not None:
             assert self.gate.acquire(timeout=10)
-        return super()._encode(run, wide)
+        return super()._encode(run)
 
     def hold(self) -> None:
         self.started.clear()
@@ -150,24 +148,8 @@ async def test_two_model_calls_run_at_once_with_two_threads() -> None:
         embedder.admit()
         await embedder.stop()
     assert embedder.calls[1:] == [[f"a {LONG}"], ["short one", "short two"], [f"b {LONG}"]]
-    # A text alone runs on both cores; what comes while it runs starts on a core of its own.
-    assert embedder.wide == [True, True, False, False]
     direct = Encoder(ModelSpec.default()).encode([f"a {LONG}", "short one", f"b {LONG}", "short two"])
     assert np.allclose(np.stack(vectors), direct, atol=1e-5)
-
-
-async def test_a_text_alone_runs_on_every_core_with_the_same_vector() -> None:
-    one, two = RecordingEmbedder(threads=1), RecordingEmbedder(threads=2)
-    try:
-        texts = ["where did melanie go camping last summer", "a memory about the piano lessons"]
-        alone = [await two.embed(t, urgent=True) for t in texts]
-        assert two.wide == [True, True]
-        narrow = [await one.embed(t, urgent=True) for t in texts]
-        assert one.wide == [True, True] and one._wide is None  # (one core: there is no wider call)
-        assert all(np.array_equal(a, b) for a, b in zip(alone, narrow, strict=True))  # to the bit
-    finally:
-        await one.stop()
-        await two.stop()
 
 
 def test_the_token_embeddings_output_is_found_by_name_or_shape(tmp_path: Path) -> None:

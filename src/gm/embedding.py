@@ -272,7 +272,6 @@ class Embedder(Actor[Embed, Vector]):
         # model calls at once, one core each: 0 one per core, None GM_EMBED_THREADS
         self.threads = (EMBED_THREADS.read() if threads is None else threads) or os.cpu_count() or 1
         self._encoder: Encoder | None = None
-        self._wide: Encoder | None = None  # on every core, for a text alone (None: one core only)
         self._loading = threading.Lock()
         self._calls = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="gm-embed")
         self.load_seconds: float | None = None
@@ -300,10 +299,6 @@ class Embedder(Actor[Embed, Vector]):
         with self._loading:
             if self._encoder is None:
                 started = time.perf_counter()
-                # A text with nothing else to embed beside it (a search's query, mostly) runs on
-                # every core: 6.9 against 10.2 ms p50 for a LoCoMo question here, the same vector
-                # to the bit. The session costs the model's weights again (~25 MB).
-                self._wide = Encoder(self.spec, threads=self.threads) if self.threads > 1 else None
                 self._encoder = Encoder(self.spec, threads=1)
                 self.load_seconds = time.perf_counter() - started
                 log.info("embedding model %s loaded in %.2fs", self.spec.shown, self.load_seconds)
@@ -317,15 +312,13 @@ class Embedder(Actor[Embed, Vector]):
         for p in pending:
             p.ids = tokenizer.encode(p.text, add_special_tokens=True).ids
 
-    def _encode(self, run: list[Pending], wide: bool = False) -> Vector:
-        """One model call (tokenized texts of similar length), on a thread of its own; ``wide``
-        on every core (nothing else to embed)."""
-        encoder = self._load()
-        return (self._wide if wide and self._wide is not None else encoder).run([p.ids or [] for p in run])
+    def _encode(self, run: list[Pending]) -> Vector:
+        """One model call (tokenized texts of similar length), on a thread of its own."""
+        return self._load().run([p.ids or [] for p in run])
 
-    def _timed(self, run: list[Pending], wide: bool) -> tuple[Vector, float]:
+    def _timed(self, run: list[Pending]) -> tuple[Vector, float]:
         started = time.perf_counter()
-        vectors = self._encode(run, wide)
+        vectors = self._encode(run)
         return vectors, time.perf_counter() - started
 
     async def handle(self, batch: list[Envelope[Embed, Vector]]) -> None:
@@ -344,8 +337,7 @@ class Embedder(Actor[Embed, Vector]):
                 while waiting and len(running) < self.threads:
                     run = _next_run(waiting)
                     waiting = [p for p in waiting if p not in run]
-                    alone = not running and not waiting  # (texts arriving meanwhile still start on a core)
-                    running[loop.run_in_executor(self._calls, self._timed, run, alone)] = run
+                    running[loop.run_in_executor(self._calls, self._timed, run)] = run
                 if running:  # until a call ends or more texts come (an idle core takes them at once)
                     arrival = loop.create_task(self.arrival())
                     either: list[asyncio.Future[Any]] = [*running, arrival]
