@@ -225,10 +225,8 @@ class SQLiteBackend(Backend):
     async def _rank(
         self, terms: builtins.list[str], low: int, high: int, depth: int,
     ) -> tuple[builtins.list[tuple[int, float]], bool] | None:
-        postings = self.postings
-        if postings is None:
-            return None
-        return await asyncio.to_thread(postings.top, terms, low, high, depth)
+        assert self.postings is not None  # (given as the rank only with postings)
+        return await asyncio.to_thread(self.postings.top, terms, low, high, depth)
 
     async def rebuild_keyword(self, progress: OnProgress | None = None, *, batch: int = sqlite_rebuild.BATCH) -> None:
         """A new FTS5 table built beside the live one, ``batch`` rows a step (gm.storage.sqlite_rebuild);

@@ -66,22 +66,28 @@ class Tokenizer:
         self.lock = threading.Lock()
         self.terms: dict[str, list[str]] = {}
 
+    def _instances(self, rows: list[tuple[str | None, str | None]]) -> list[tuple[str, int, str, int]]:
+        """Every (token, row, column, offset) of ``rows`` (text, context), in the table's order;
+        the caller holds ``lock``. Nothing stays in the table (its transaction is rolled back)."""
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.executemany("INSERT INTO t (rowid, text, context) VALUES (?, ?, ?)",
+                                  [(i, text, context) for i, (text, context) in enumerate(rows)])
+            return self.conn.execute("SELECT term, doc, col, offset FROM v").fetchall()
+        finally:
+            self.conn.execute("ROLLBACK")
+
     def docs(self, rows: list[tuple[str | None, str | None]]) -> list[Doc]:
         """Each (text, context)'s length and half counts, as the index counts them."""
         out: list[tuple[list[int], dict[str, int]]] = [([0], {}) for _ in rows]
         if not rows:
             return []
         with self.lock:
-            self.conn.execute("BEGIN")
-            try:
-                self.conn.executemany("INSERT INTO t (rowid, text, context) VALUES (?, ?, ?)",
-                                      [(i, text, context) for i, (text, context) in enumerate(rows)])
-                for token, doc, column in self.conn.execute("SELECT term, doc, col FROM v"):
-                    length, counts = out[doc]
-                    length[0] += 1
-                    counts[token] = counts.get(token, 0) + (2 if column == "text" else 1)
-            finally:
-                self.conn.execute("ROLLBACK")
+            instances = self._instances(rows)
+        for token, doc, column, _ in instances:
+            length, counts = out[doc]
+            length[0] += 1
+            counts[token] = counts.get(token, 0) + (2 if column == "text" else 1)
         return [(length[0], counts) for length, counts in out]
 
     def tokens(self, terms: list[str]) -> list[list[str]]:
@@ -91,13 +97,8 @@ class Tokenizer:
             missing = [t for t in dict.fromkeys(terms) if t not in known]
             if missing:
                 found: dict[int, list[tuple[int, str]]] = {}
-                self.conn.execute("BEGIN")
-                try:
-                    self.conn.executemany("INSERT INTO t (rowid, text) VALUES (?, ?)", list(enumerate(missing)))
-                    for token, doc, offset in self.conn.execute("SELECT term, doc, offset FROM v"):
-                        found.setdefault(doc, []).append((offset, token))
-                finally:
-                    self.conn.execute("ROLLBACK")
+                for token, doc, _, offset in self._instances([(term, None) for term in missing]):
+                    found.setdefault(doc, []).append((offset, token))
                 for i, term in enumerate(missing):
                     known[term] = [token for _, token in sorted(found.get(i, []))]
                 if len(self.terms) + len(missing) > TERMS_CACHED:
