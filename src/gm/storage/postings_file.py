@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from gm.index_file import IndexFileInvalid, aligned, read_header, write_saved
+from gm.index_file import CHUNK, IndexFileInvalid, aligned, read_header, stream_crc, write_saved
 from gm.storage.sqlite_keywords import ROWID_MASK, TABLE
 from gm.storage.sqlite_postings import Base, Postings
 
@@ -132,19 +132,16 @@ def _load(path: Path) -> tuple[Postings, dict[str, Any]]:
         if [e["name"] for e in entries] != list(ARRAYS) or any(e["dtype"] != ARRAYS[e["name"]] for e in entries):
             raise IndexFileInvalid("its arrays are not the ones this release reads")
         arrays: dict[str, np.ndarray[Any, Any]] = {}
+        buffer = bytearray(CHUNK)
         for entry in entries:
             dtype = np.dtype(entry["dtype"])
-            buffer = bytearray(entry["length"] * dtype.itemsize)
             f.seek(start + entry["offset"])
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
-                got = f.readinto(view[done:])
-                if not got:
-                    raise IndexFileInvalid("it is truncated")
-                done += got
-            if zlib.crc32(buffer) != entry["crc"]:
+            if stream_crc(f, entry["length"] * dtype.itemsize, buffer) != entry["crc"]:
                 raise IndexFileInvalid(f"its {entry['name']} are damaged")
-            arrays[entry["name"]] = np.frombuffer(buffer, dtype=dtype)
+            # Mapped, not copied: a query touches its own words' postings only, and a page read
+            # (above, for its check) stays in the OS's cache, not in this process's memory.
+            arrays[entry["name"]] = np.memmap(path, dtype=dtype, mode="r", offset=start + entry["offset"],
+                                              shape=(entry["length"],)) if entry["length"] else np.empty(0, dtype)
     live = arrays.pop("live")
     vocabulary = {token: number for number, token in enumerate(header["vocabulary"])}
     base = Base(vocabulary=vocabulary, overflow=frozenset(header["overflow"]), **arrays)

@@ -34,11 +34,12 @@ from gm.storage.sqlite_files import DatabaseLock
 from gm.storage.sqlite_writer import WriteConnection, Writer, statement_error
 
 READERS = 4
-# Reads map the file instead of copying pages through SQLite's own 2 MB page cache: a keyword
-# search at 10k memories joins a few thousand FTS matches to their rows, and those page reads
-# dominated it (measured: 9.3 -> 2.9 ms p50). The mapping is the OS page cache, shared by all
-# connections and given back under memory pressure, not memory of the process's own.
-MMAP_BYTES = 256 << 20  # (a larger file is mapped up to this much, read as before beyond it)
+# No connection maps the file (mmap_size 0): reads copy pages through SQLite's own 2 MB cache
+# a connection. Each mapping of a page counts in the process's resident memory again, so five
+# connections mapping 256 MiB each held 713 MiB of it at 1M memories (bench/peers.py: 2,479 ->
+# 1,499 MiB) for no measurable speed now that keyword ranking is in process (searches within 2%
+# either way; gm.storage.sqlite_postings). Mapping once paid at 10k memories, when FTS5 ranked
+# every keyword search (9.3 -> 2.9 ms p50).
 KEYING_RETRY_SECONDS = 5.0  # the background rebuild of an older keyword index, after a failure
 KEYING_LOG_SECONDS = 10.0  # how often it logs its progress
 
@@ -92,7 +93,7 @@ class SQLiteBackend(Backend):
         self.schema_read(await self.migrator.run())
         conn = None
         try:
-            pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000", f"mmap_size = {MMAP_BYTES}")
+            pragmas = ("journal_mode = WAL", "synchronous = FULL", "busy_timeout = 10000")
             conn = await WriteConnection.open(self.path, pragmas)
             if self.context:
                 await sqlite_rebuild.settle_at_open(conn, self.schema_version)
@@ -103,7 +104,6 @@ class SQLiteBackend(Backend):
                 reader = await aiosqlite.connect(uri, uri=True, isolation_level=None)
                 self._all_readers.append(reader)  # (closed by close(), whatever happens next)
                 await reader.execute("PRAGMA busy_timeout = 10000")
-                await reader.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
                 self._readers.put_nowait(reader)
         except BaseException as exc:
             # An open that failed or was cancelled (a server stopped while opening) closes the
