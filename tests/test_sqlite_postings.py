@@ -13,7 +13,8 @@ import logging
 import os
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -361,6 +362,61 @@ async def test_a_bulk_write_sets_them_aside_until_writes_are_quiet(
     assert latest is not first and not latest.tail
     assert (latest.rows, latest.tokens) == statistics(backend.path)
     assert await same_as_fts5(backend, 12) >= 40
+
+
+def _bulk(rng: random.Random, prefix: str) -> AddMemories:
+    return AddMemories([NewMemory(f"{prefix}{i}", True, Scope("main", "u3"), text(rng), {}, None, vector=VECTOR)
+                        for i in range(postings_follower.BULK)], T0)
+
+
+async def test_they_wait_for_quiet_after_the_last_bulk_write_not_the_first(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An import's batches come one after another: each one counts, also those written while
+    the postings are set aside, so no build runs (and chases the import) until they stop."""
+    monkeypatch.setattr(postings_follower, "QUIET_SECONDS", 1.0)
+    await built(backend)
+    rng = random.Random(43)
+    for batch in range(3):
+        await backend.write(_bulk(rng, f"b{batch}-"))
+        await asyncio.sleep(0.3)
+        assert backend.postings is not None and backend.postings.postings is None  # (0.3-0.9 s after the first)
+    latest = await built(backend)
+    assert (latest.rows, latest.tokens) == statistics(backend.path) and not latest.tail
+    assert await same_as_fts5(backend, 14) >= 40
+
+
+async def test_a_bulk_write_during_a_build_stops_it_unpublished(
+    backend: SQLiteBackend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A build that a bulk write overtakes would tokenize every row of it in Python: it stops,
+    and the postings are built once writes are quiet, with the bulk rows in their base."""
+    monkeypatch.setattr(postings_follower, "QUIET_SECONDS", 0.2)
+    await built(backend)
+    follower = backend.postings
+    assert follower is not None
+    reading, written = threading.Event(), threading.Event()
+    read_base, reads = postings_follower.read_base, []
+
+    def held_up(conn: sqlite3.Connection, stopped: Callable[[], bool]) -> sqlite_postings.Base:
+        reads.append(conn)
+        if len(reads) == 1:  # (the first build reads its snapshot once the bulk write is in)
+            reading.set()
+            written.wait(10)
+        return read_base(conn, stopped=stopped)
+
+    monkeypatch.setattr(postings_follower, "read_base", held_up)
+    follower.refresh = True
+    backend._postings_wanted.set()
+    assert await asyncio.to_thread(reading.wait, 10)
+    with caplog.at_level(logging.INFO, logger="gm.storage.postings_follower"):
+        await backend.write(_bulk(random.Random(44), "c"))
+        written.set()
+        assert follower.postings is None  # set aside, and the build under way will not publish
+        latest = await built(backend)
+    assert len(reads) == 2 and "stopped for a bulk write" in caplog.text
+    assert (latest.rows, latest.tokens) == statistics(backend.path) and not latest.tail
+    assert await same_as_fts5(backend, 15) >= 40
 
 
 async def same_as_fts5_without_postings(backend: SQLiteBackend, seed: int) -> None:

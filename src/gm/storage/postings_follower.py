@@ -97,6 +97,7 @@ class PostingsFollower:
         self._closed = False
         self.refresh = False  # build again though the postings are current (the FTS5 table was rebuilt)
         self._bulk_at = -QUIET_SECONDS  # (time.monotonic) the last bulk write
+        self._chased = False  # a bulk write came during the build under way: it stops, unpublished
 
     def install(self, conn: sqlite3.Connection) -> None:
         """Note the memories each transaction of ``conn`` (the write connection) touches."""
@@ -114,15 +115,21 @@ class PostingsFollower:
         touched, self._touched = self._touched, {}
         if not touched:
             return
+        if len(touched) >= BULK:  # (an import: tokenizing its rows here would slow it by half)
+            # Every bulk write counts, also one while the postings are set aside or being built: a
+            # build chasing an import tokenized each of its rows (gmem import of 100k: 13.9 -> 10.0 s).
+            self._bulk_at = time.monotonic()
+            if self._pending is not None:
+                self._chased = True  # (the build under way stops; built again once writes are quiet)
+            if self.postings is not None:
+                log.info("keyword postings set aside during a bulk write; FTS5 serves until they are built again")
+                self.postings = None
+            self.on_stale()
+            return
         if self._pending is not None:
             self._pending.update(touched)
         postings = self.postings
         if postings is None:
-            return
-        if len(touched) >= BULK:  # (an import: tokenizing its rows here would slow it by half)
-            log.info("keyword postings set aside during a bulk write; FTS5 serves until they are built again")
-            self.postings, self._bulk_at = None, time.monotonic()
-            self.on_stale()
             return
         try:
             self._follow(postings, touched, _rows(conn, touched))
@@ -156,7 +163,8 @@ class PostingsFollower:
         """Publish the postings: read from their file (once an open), else from the FTS5
         table, on a thread of its own. The rows written while they are read from FTS5 are
         applied in rounds, outside ``frame``, until few are left (or ROUNDS went by): those are
-        applied under it, and the postings published. None if the store closed meanwhile."""
+        applied under it, and the postings published. None if the store closed meanwhile, or a bulk
+        write came (it is built again once writes are quiet)."""
         with self._one_build:
             started = time.perf_counter()
             if self._read_file():
@@ -168,10 +176,19 @@ class PostingsFollower:
                 with self.frame:
                     snapshot.execute("BEGIN")
                     snapshot.execute(f"SELECT 1 FROM {TABLE}_docsize LIMIT 1").fetchall()  # (the snapshot)
-                    self._pending = set()
-                postings = Postings.of(read_base(snapshot, stopped=lambda: self._closed))
+                    self._pending, self._chased = set(), False
+                try:
+                    postings = Postings.of(read_base(snapshot, stopped=lambda: self._closed or self._chased))
+                except StoreClosed:
+                    if self._closed:
+                        raise
+                    self._stopped_by_bulk()
+                    return None
                 for round_ in range(ROUNDS + 1):
                     with self.frame:
+                        if self._chased:
+                            self._stopped_by_bulk()
+                            return None
                         pending, self._pending = self._pending, set()
                         if len(pending) <= CATCH_UP or round_ == ROUNDS:
                             self._catch_up(postings, snapshot, current, pending)
@@ -189,6 +206,9 @@ class PostingsFollower:
             log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path, postings.rows,
                      len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
             return postings
+
+    def _stopped_by_bulk(self) -> None:
+        log.info("the keyword postings build of %s stopped for a bulk write: built once writes are quiet", self.path)
 
     def _read_file(self) -> bool:
         """Publish the postings saved beside the database, if they are whole and of the
