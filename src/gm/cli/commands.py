@@ -6,11 +6,14 @@ errors are raised as typed exceptions and turned into one line on stderr by ``ma
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, TextIO
@@ -270,6 +273,20 @@ async def export(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _fewer_collections() -> Iterator[None]:
+    """Python's cycle collector less often while an import runs in this process: each line
+    makes a few dozen objects, none of them cyclic, and at the default thresholds collections
+    took 11% of the importing thread's samples and 3% of the Writer's (py-spy). 100k more
+    memories into a 1M file: 20.1 -> 18.0 s."""
+    before = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 async def import_(args: argparse.Namespace) -> int:
     if args.path != "-" and not Path(args.path).is_file():
         raise InvalidInput(f"there is no file {args.path}")
@@ -284,7 +301,8 @@ async def import_(args: argparse.Namespace) -> int:
         bar = ProgressBar("lines")
         async with gm.open(database(args)) as store:
             try:
-                report = await transfer.import_lines(store, source, total=total, progress=bar)
+                with _fewer_collections():
+                    report = await transfer.import_lines(store, source, total=total, progress=bar)
             finally:
                 bar.finish()
     reasons: dict[str, int] = {}
