@@ -17,6 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gm.errors import GMError
@@ -231,6 +232,8 @@ async def test_saved_postings_are_read_back_at_open(backend: SQLiteBackend, savi
     try:
         postings = await built(again)
         assert not postings.changed  # read from the file, not built
+        base = postings.base  # mapped from it, not copied into the process's memory
+        assert all(isinstance(a, np.memmap) for a in (base.keys, base.lengths, base.rows, base.halves))
         assert len(postings.tail) > 10 and (postings.rows, postings.tokens) == statistics(path)
         assert [await again.keyword_search(t, s, None, n, NOW) for t, s, n in queries(6)] == expected
         await writes(again, random.Random(22), 40, [f"m{i}" for i in range(1500) if i % 7])
@@ -352,10 +355,7 @@ async def test_a_bulk_write_sets_them_aside_until_writes_are_quiet(
     monkeypatch.setattr(postings_follower, "QUIET_SECONDS", 0.2)
     first = await built(backend)
     assert backend.postings is not None
-    rng = random.Random(41)
-    bulk = [NewMemory(f"b{i}", True, Scope("main", "u3"), text(rng), {}, None, vector=VECTOR)
-            for i in range(postings_follower.BULK)]
-    await backend.write(AddMemories(bulk, T0))  # (an import's batch: not tokenized on the writer's thread)
+    await backend.write(_bulk(random.Random(41), "b"))  # (an import's batch: not tokenized on the writer's thread)
     assert backend.postings.postings is None  # set aside: FTS5 ranks meanwhile
     await same_as_fts5_without_postings(backend, 12)
     latest = await built(backend)  # built again once quiet, with the bulk rows in its base

@@ -40,6 +40,7 @@ READERS = 4
 # 1,499 MiB) for no measurable speed now that keyword ranking is in process (searches within 2%
 # either way; gm.storage.sqlite_postings). Mapping once paid at 10k memories, when FTS5 ranked
 # every keyword search (9.3 -> 2.9 ms p50).
+
 # The write connection's page cache: a batch of 1,000 memories dirties more pages than the
 # default 2 MB holds, and SQLite then spills them to the WAL before the commit writes them again
 # (py-spy: 20% of the Writer's samples in sqlite3PcacheFetchStress). 100k more memories with
