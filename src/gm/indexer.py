@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gm import index_file, loops, vector_models, vector_plan
+from gm import heap, index_file, loops, vector_models, vector_plan
 from gm.actor import Actor, Envelope
 from gm.errors import ModelSwitched, StorageUnavailable, StoreClosed
 from gm.index import VectorIndex
@@ -469,6 +469,7 @@ class Indexer(Actor[IndexMsg, None]):
                     return
                 async for rows in self.vectors():
                     await asyncio.to_thread(index.load, rows)  # nobody else holds this index yet
+                await asyncio.to_thread(heap.trim)  # (the rows read from the database, freed)
             except Exception as exc:
                 log.exception("loading the vector index failed; retrying in %.0fs", delay)
                 self._report(LoadFailed(load, StorageUnavailable(f"the vector index could not be loaded: {exc}")))

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from gm import loops
+from gm import heap, loops
 from gm.errors import StoreClosed
 from gm.storage.sqlite_keywords import TABLE, key_sql
 from gm.storage.sqlite_postings import Postings, State, Tokenizer, read_base
@@ -205,6 +205,7 @@ class PostingsFollower:
                 current.close()
             log.info("keyword postings of %s built: %d rows, %d tokens, %.0f MiB, in %.1f s", self.path, postings.rows,
                      len(postings.base.vocabulary), postings.nbytes / 2**20, time.perf_counter() - started)
+            heap.trim()  # (the rows read and tokenized to build them, freed)
             return postings
 
     def _stopped_by_bulk(self) -> None:
