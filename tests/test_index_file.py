@@ -126,6 +126,62 @@ async def test_a_store_read_back_maps_its_file_and_copies_the_graph_only_to_grow
         assert len(mem.indexer.index) == ROWS + 10 - 1 + 30
 
 
+def resident_bytes(path: Path, offset: int, length: int) -> int:
+    """How much of ``path``'s bytes [offset, offset + length) this process's mappings of it hold
+    resident (/proc/self/smaps: each mapping's Rss, counted for the mappings that overlap)."""
+    total, overlaps = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's first line
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            file_offset = int(fields[2], 16)
+            overlaps = fields[-1] == str(path) and file_offset < offset + length and file_offset + end - start > offset
+        elif overlaps and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+async def test_read_back_exact_scoring_reads_the_graph_files_vectors_not_a_second_copy(tmp_path: Path) -> None:
+    """The graph file holds each vector it links (usearch's copy); read back, exact scoring reads
+    a row's there too, through the one mapping the graph's walk reads, so the arrays file's own
+    copy of the vectors is never touched and none of it is resident."""
+    path = tmp_path / "mem.db"
+    before = await fill(path)
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        vectors = index._graph_vectors
+        assert vectors is not None and index._graph_file is not None
+        assert await hits(mem) == before  # (one user, 60 rows: scored exactly)
+        for user in ("u0", "u1", "u2", "u3"):
+            assert await mem.search("green tea", user_id=user, mode="vector", limit=5)
+        with index_file.index_path(path).open("rb") as f:
+            header, start = index_file.read_header(f)
+        own = header["arrays"][0]
+        assert own["name"] == "vectors"
+        assert resident_bytes(index_file.index_path(path), start + own["offset"], own["bytes"]) == 0
+        live = np.flatnonzero(index._a.live[: index.count])
+        at = vectors.rows_of(live)  # every live row's vector is there, the same
+        assert (at >= 0).all() and np.array_equal(vectors.block[at], index._a.vectors[live])
+
+
+async def test_a_file_that_does_not_say_which_graph_row_is_whose_is_still_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file saved without the graph rows (an earlier release's, or a graph file this release
+    cannot read the vectors of) is read back whole: exact scoring reads the arrays' vectors."""
+    path = tmp_path / "mem.db"
+    monkeypatch.setattr(index_file, "_graph_rows", lambda graph_path, state: None)
+    before = await fill(path)
+    with index_file.index_path(path).open("rb") as f:
+        header, _ = index_file.read_header(f)
+    assert "rows" not in header["graph"]
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        assert mem.indexer.loaded_from == "file" and mem.indexer.index._graph_vectors is None
+        assert await hits(mem) == before
+
+
 async def test_writes_after_the_save_make_the_file_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "mem.db"
     await fill(path)
@@ -154,7 +210,7 @@ def damage(path: Path, at: int) -> None:
 
 
 @pytest.mark.parametrize("fault", ["array byte", "header byte", "crafted header", "truncated", "graph byte", "no graph",
-                                   "garbage"])
+                                   "graph rows byte", "garbage"])
 async def test_a_damaged_file_is_detected_logged_and_the_index_loaded_from_the_database(
     tmp_path: Path, fault: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,6 +243,10 @@ async def test_a_damaged_file_is_detected_logged_and_the_index_loaded_from_the_d
             f.truncate(size // 2)
     elif fault == "graph byte":
         damage(graph, graph.stat().st_size // 2)
+    elif fault == "graph rows byte":  # which row of the graph's vectors is each slot's
+        with vectors.open("rb") as f:
+            header, start = index_file.read_header(f)
+        damage(vectors, start + header["graph"]["rows"]["offset"] + 4 * ROWS // 2)
     elif fault == "no graph":
         graph.unlink()
     else:
