@@ -81,13 +81,15 @@ async def test_a_store_reopens_from_its_saved_index_with_the_same_hits(tmp_path:
         assert mem.indexer.loaded_from == "file" and len(mem.indexer.index) == ROWS + 1
 
 
-async def test_a_store_read_back_maps_its_file_and_copies_the_graph_only_to_grow_it(
+async def test_a_store_read_back_maps_its_file_and_grows_a_second_graph_beside_the_view(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Read back, the arrays are the file's copy-on-write mappings and the graph a view of its
     file: nothing is copied at open. Writes land in the mapped arrays (the file is not
-    touched); rows the view lacks are scored exactly until VIEW_BACKLOG wait, then the graph
-    is copied into memory and grows. An unchanged view is saved without rewriting it."""
+    touched); rows the view lacks are scored exactly until VIEW_BACKLOG wait, then they go
+    into a delta graph in memory that grows, the view left as it is. An unchanged view is
+    saved without rewriting it, the delta beside it; read back, both are views, and the delta
+    (never the graph) is copied into memory once VIEW_BACKLOG more rows wait."""
     monkeypatch.setattr(index_module, "VIEW_BACKLOG", 20)
     path = tmp_path / "mem.db"
     before = await fill(path)
@@ -116,14 +118,53 @@ async def test_a_store_read_back_maps_its_file_and_copies_the_graph_only_to_grow
         await mem.add_many([{"text": f"moved to Porto, note {i}"} for i in range(30)])  # past VIEW_BACKLOG
         while index.graph_backlog():
             await mem.indexer._grower  # type: ignore[misc]
-        assert index._graph_file is None and index.graphed == index.count  # copied, then grown
+        assert index._graph_file is not None and index._delta is not None and index._delta_file is None
+        assert index.graphed == index.count and len(index._delta[0]) == 40  # the rows since the save, in the delta
         assert (await mem.search("moved to Porto", mode="vector", limit=1))[0].memory.text.startswith("moved to Porto")
-    (rewritten,) = vectors.parent.glob(f"{vectors.name}.*.graph")
-    assert rewritten != graph_file
+        porto = await mem.search("moved to Porto", mode="vector", limit=30)
+    assert kept.exists() and len(list(vectors.parent.glob(f"{vectors.name}.*.delta"))) == 1
     async with gm.open(path) as mem:
         await mem.indexer.wait_ready()
-        assert mem.indexer.loaded_from == "file" and mem.indexer.index.graphed == mem.indexer.index.count
-        assert len(mem.indexer.index) == ROWS + 10 - 1 + 30
+        index = mem.indexer.index
+        assert index._graph_file is not None and index._delta is not None and index._delta_file is not None
+        assert index.graph_backlog() == 0  # nothing waits: both are views
+        assert [h.memory.id for h in await mem.search("moved to Porto", mode="vector", limit=30)] == \
+            [h.memory.id for h in porto]
+        await mem.add_many([{"text": f"learning the violin, lesson {i}"} for i in range(25)])
+        while index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]
+        assert index._graph_file is not None and index._delta_file is None and len(index._delta[0]) == 40 + 25
+        assert (await mem.search("violin lesson", mode="vector", limit=1))[0].memory.text.startswith("learning the vio")
+    assert list(vectors.parent.glob(f"{vectors.name}.*.graph")) == [graph_file]  # the view's file, never rewritten
+    (delta,) = vectors.parent.glob(f"{vectors.name}.*.delta")  # the grown delta, saved anew (the old one gone)
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        assert mem.indexer.loaded_from == "file" and index.graphed == index.count
+        assert len(index) == ROWS + 10 - 1 + 30 + 25 and len(index._delta[0]) == 40 + 25
+
+
+async def test_a_damaged_delta_graph_is_detected_and_the_index_loaded_from_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(index_module, "VIEW_BACKLOG", 20)
+    path = tmp_path / "mem.db"
+    await fill(path)
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        await mem.add_many([{"text": f"moved to Porto, note {i}"} for i in range(30)])
+        while mem.indexer.index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]
+        assert mem.indexer.index._delta is not None
+    vectors = index_file.index_path(path)
+    (delta,) = vectors.parent.glob(f"{vectors.name}.*.delta")
+    damage(delta, delta.stat().st_size // 2)
+    with caplog.at_level(logging.WARNING, logger="gm.index_file"):
+        async with gm.open(path) as mem:
+            await mem.indexer.wait_ready()
+            assert mem.indexer.loaded_from == "database" and len(mem.indexer.index) == ROWS + 30
+            assert (await mem.search("moved to Porto", mode="vector", limit=1))[0].memory.text.startswith("moved to")
+    assert any("its delta graph is damaged" in r.getMessage() for r in caplog.records)
 
 
 def resident_bytes(path: Path, offset: int, length: int) -> int:
@@ -171,7 +212,7 @@ async def test_a_file_that_does_not_say_which_graph_row_is_whose_is_still_used(
     """A file saved without the graph rows (an earlier release's, or a graph file this release
     cannot read the vectors of) is read back whole: exact scoring reads the arrays' vectors."""
     path = tmp_path / "mem.db"
-    monkeypatch.setattr(index_file, "_graph_rows", lambda graph_path, state: None)
+    monkeypatch.setattr(index_file, "_graph_rows", lambda graph_path, state, graphed: None)
     before = await fill(path)
     with index_file.index_path(path).open("rb") as f:
         header, _ = index_file.read_header(f)

@@ -13,6 +13,10 @@ the published arrays and the row count they carry. Appends fill a row before cou
 growth builds new arrays completely before publishing them, so a running search never sees a
 torn or missing row. A row keeps its slot for the index's life (the graph knows rows by
 slot): a changed vector takes a new slot, and an index mostly of dead slots is loaded afresh.
+
+A graph read back from its file stays a read-only view of it (no memory of the process's own):
+the rows added since go into a second, smaller graph, the delta, and a search walks both.
+Copying the view into memory to grow it instead cost a 1M-memory server taking writes 532 MiB.
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ EXPANSION_ADD = 128  # 64 builds twice as fast but recall@10 at 100k (ef 192, re
 EXPANSION_SEARCH = 192
 EXPANSION_SEARCH_MAX = 1024
 ROWS_PER_EXPANSION = 976  # 1M rows: 1024
-# Rows a graph read back as a view of its file lets wait before it is copied into memory to
-# grow: scored exactly beside its candidates meanwhile (4,096 rows: ~0.3 ms a search).
+# Rows a graph read back as a view of its file lets wait before they go into a delta graph in
+# memory: scored exactly beside its candidates meanwhile (4,096 rows: ~0.3 ms a search).
 VIEW_BACKLOG = 4096
 SCORE_BLOCK = 512  # rows scored exactly at a time (192 KiB of float32)
 GRAPH_CHUNK = 256  # rows added to the graph at a time: the lock searches wait on is held that long
@@ -82,6 +86,9 @@ class IndexState:
     scope: npt.NDArray[np.int32]
     graph_file: tuple[str, int] | None = None  # (name, CRC) of the file ``graph`` is a read-only view of
     graph_vectors: GraphVectors | None = None  # that file's copy of the vectors, and which row is each slot's
+    delta: Graph | None = None  # the graph of the rows from ``delta_start`` on, while ``graph`` is a view
+    delta_start: int = 0
+    delta_file: tuple[str, int] | None = None  # (name, CRC) of the file ``delta`` is a read-only view of
 
 
 @dataclass(frozen=True)
@@ -234,13 +241,19 @@ class VectorIndex:
         self._graphed = 0  # slots below this are in the graph (the live ones, as they were)
         self._graph_file: tuple[str, int] | None = None  # while the graph is a view of a saved file
         self._graph_vectors: GraphVectors | None = None  # a saved graph file's vectors (it stays mapped)
-        self._graph_lock = threading.Lock()  # the graph grows while searches read it: one at a time
+        # The rows added after a view was read back go into a second graph of their own (the
+        # slots from its start on): the view, most of the index, is never copied into memory.
+        self._delta: tuple[Graph, int] | None = None  # (graph, first slot)
+        self._delta_file: tuple[str, int] | None = None  # while the delta is a view of a saved file too
+        self._graph_lock = threading.Lock()  # the graphs grow while searches read them: one at a time
 
     def state(self) -> IndexState:
         """Its contents, for a save (of a quiescent index: nothing writes it meanwhile)."""
         a = self._a
+        delta, delta_start = self._delta if self._delta is not None else (None, 0)
         return IndexState(self.dim, self.scale, a.count, self.graphed, [list(codes) for codes in self._codes],
-                          self._graph, a.vectors, a.rowids, a.live, a.expires, a.scope, self._graph_file)
+                          self._graph, a.vectors, a.rowids, a.live, a.expires, a.scope, self._graph_file,
+                          delta=delta, delta_start=delta_start, delta_file=self._delta_file)
 
     @classmethod
     def from_state(cls, state: IndexState) -> VectorIndex:
@@ -268,6 +281,8 @@ class VectorIndex:
         index._graph, index._graphed = state.graph, state.graphed if state.graph is not None else 0
         index._graph_file = state.graph_file if state.graph is not None else None
         index._graph_vectors = state.graph_vectors if state.graph is not None else None
+        if state.graph is not None and state.delta is not None:
+            index._delta, index._delta_file = (state.delta, state.delta_start), state.delta_file
         return index
 
     def _allocate(self, capacity: int) -> _Arrays:
@@ -300,6 +315,9 @@ class VectorIndex:
         slots = sum(s.slots.nbytes for field in self._slots for s in field.values())
         graph = 0 if self._graph is None else \
             self._graph.serialized_length if self._graph_file is not None else self._graph.memory_usage
+        if self._delta is not None:
+            delta = self._delta[0]
+            graph += delta.serialized_length if self._delta_file is not None else delta.memory_usage
         return int(arrays + slots + graph)
 
     @property
@@ -435,35 +453,43 @@ class VectorIndex:
 
     def graph_backlog(self) -> int:
         """Rows still to add to the graph: 0 while the index is too small to want one, and while
-        fewer than VIEW_BACKLOG wait for a graph that is a view of its saved file (searches
-        score them exactly; the view costs no memory of the process's own)."""
+        fewer than VIEW_BACKLOG wait for graphs that are views of saved files (searches score
+        them exactly; a view costs no memory of the process's own)."""
         if self._graph is None and self.live_count < GRAPH_MIN_ROWS:
             return 0
         backlog = self._a.count - self._graphed
-        return 0 if self._graph_file is not None and backlog < VIEW_BACKLOG else backlog
+        viewed = self._graph_file is not None and (self._delta is None or self._delta_file is not None)
+        return 0 if viewed and backlog < VIEW_BACKLOG else backlog
 
     def grow_graph(self, threads: int = 1) -> int:
         """Add the next rows (at most GRAPH_CHUNK) to the graph; how many slots it covered.
-        A graph that is a view of its file is first copied into memory (usearch's copy lets
-        other threads run: searches use the view meanwhile)."""
+        While the graph is a view of its file, they go to the delta graph instead, which is
+        first copied into memory if it is a view too (it holds only the rows added since the
+        graph was saved: usearch's copy lets other threads run, searches use the view meanwhile)."""
         a = self._a
         start = self._graphed
         end = min(a.count, start + GRAPH_CHUNK)
         if end <= start:
             return 0
-        if self._graph is not None and self._graph_file is not None:
-            writable = self._graph.copy()
+        if self._delta is not None and self._delta_file is not None:
+            writable = self._delta[0].copy()
             with self._graph_lock:
-                self._graph, self._graph_file = writable, None
+                self._delta, self._delta_file = (writable, self._delta[1]), None
         if self._graph is None:
-            self._graph = Graph(ndim=self.dim, metric="cos", dtype="i8", connectivity=CONNECTIVITY,
-                                expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+            self._graph = self._new_graph()
+        elif self._graph_file is not None and self._delta is None:
+            self._delta = (self._new_graph(), start)  # (published with its start: searches read both at once)
+        target = self._graph if self._delta is None else self._delta[0]
         slots = np.arange(start, end, dtype=np.int64)[a.live[start:end]]
         if len(slots):
             with self._graph_lock:
-                self._graph.add(slots, a.vectors[slots], threads=threads)
+                target.add(slots, a.vectors[slots], threads=threads)
         self._graphed = end
         return end - start
+
+    def _new_graph(self) -> Graph:
+        return Graph(ndim=self.dim, metric="cos", dtype="i8", connectivity=CONNECTIVITY,
+                     expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
 
     # -- reads (worker threads) -----------------------------------------------------
 
@@ -529,10 +555,10 @@ class VectorIndex:
         allowed_rowids = None if allowed is None else np.fromiter(allowed, dtype=np.int64)
         if allowed_rowids is not None and len(allowed_rowids) == 0:
             return []
-        # Read before the graph: whichever graph is read next holds these slots (the grower swaps a
-        # view for its copy, then adds, then moves _graphed on).
+        # Read before the graphs: whichever graphs are read next hold these slots (the grower swaps a
+        # view for its copy, or publishes a delta, then adds, then moves _graphed on).
         covered = min(self._graphed, a.count)
-        graph = self._graph
+        graph, delta = self._graph, self._delta
         # The rows the graph lacks (an import held it back, a load it catches up with) are scored
         # exactly beside its candidates: cheaper than scoring every row while it covers most.
         if graph is not None and a.count - covered <= max(covered, vector_plan.EXACT_MAX_ROWS):
@@ -540,7 +566,10 @@ class VectorIndex:
             estimate = min([*sizes, len(allowed_rowids) if allowed_rowids is not None else self.live_count])
             plan = vector_plan.plan(estimate, self.live_count, k, vector_plan.EXACT_MAX_ROWS)
             if not plan.exact:
-                return self._graph_search(a, graph, covered, query, wanted, allowed_rowids, now, k, plan.fetch)
+                graphs = [(graph, 0, covered if delta is None else min(covered, delta[1]))]
+                if delta is not None:
+                    graphs.append((delta[0], delta[1], covered))
+                return self._graph_search(a, graphs, covered, query, wanted, allowed_rowids, now, k, plan.fetch)
         return self._exact(a, query, wanted, allowed_rowids, now, k)
 
     def _wanted(self, scope: Scope) -> list[tuple[int, int]] | None:
@@ -574,21 +603,27 @@ class VectorIndex:
         slots = self._keep(a, candidates, wanted, allowed, now)
         return self._best(a, slots, self._scores(a, slots, query), k)
 
-    def _graph_search(self, a: _Arrays, graph: Graph, covered: int, query: npt.NDArray[np.float32],
-                      wanted: list[tuple[int, int]], allowed: npt.NDArray[np.int64] | None, now: int, k: int,
-                      fetch: int) -> list[tuple[int, float]]:
-        """The graph's candidates below ``covered`` that are allowed, and the rows from there on
-        exactly (the graph may have grown past them since)."""
+    def _graph_search(self, a: _Arrays, graphs: list[tuple[Graph, int, int]], covered: int,
+                      query: npt.NDArray[np.float32], wanted: list[tuple[int, int]],
+                      allowed: npt.NDArray[np.int64] | None, now: int, k: int, fetch: int) -> list[tuple[int, float]]:
+        """Each graph's candidates among the slots it covers (from, to) that are allowed, and the
+        rows from ``covered`` on exactly (the graphs may have grown past them since)."""
         quantised = self._quantise(query)
-        while True:
-            with self._graph_lock:
-                graph.expansion_search = max(expansion(len(graph)), fetch)  # type: ignore[misc]  # (it has an untyped setter)
-                found = graph.search(quantised, fetch, threads=1)
-            keys = np.asarray(found.keys, dtype=np.int64)
-            slots = self._keep(a, keys[keys < covered], wanted, allowed, now)
-            if len(slots) >= k or fetch >= len(graph):
-                break
-            fetch = min(4 * fetch, len(graph))  # the allowed rows lay thinner near the query than on average
+        found = []
+        for graph, low, high in graphs:
+            if not len(graph) or low >= high:
+                continue
+            wants = fetch
+            while True:
+                with self._graph_lock:
+                    graph.expansion_search = max(expansion(len(graph)), wants)  # type: ignore[misc]  # (it has an untyped setter)
+                    keys = np.asarray(graph.search(quantised, min(wants, len(graph)), threads=1).keys, dtype=np.int64)
+                slots = self._keep(a, keys[(keys >= low) & (keys < high)], wanted, allowed, now)
+                if len(slots) >= k or wants >= len(graph):
+                    break
+                wants = min(4 * wants, len(graph))  # the allowed rows lay thinner near the query than on average
+            found.append(slots)
+        slots = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
         tail = self._keep(a, np.arange(covered, a.count, dtype=np.int64), wanted, allowed, now)
         slots = np.concatenate([slots, tail])
         return self._best(a, slots, self._scores(a, slots, query), k)

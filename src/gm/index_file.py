@@ -111,32 +111,45 @@ def save(index: VectorIndex, database: Path, model: str) -> Path | None:
     state = index.state()
     print_ = fingerprint(database)
     token = os.urandom(6).hex()
-    kept = state.graph_file if state.graph_file is not None and path.with_name(state.graph_file[0]).exists() else None
-    graph_name = None if state.graph is None else kept[0] if kept is not None else f"{path.name}.{token}.graph"
+    kept, kept_delta = (file if file is not None and path.with_name(file[0]).exists() else None
+                        for file in (state.graph_file, state.delta_file))
+    names = {kind: None if graph is None else file[0] if file is not None else f"{path.name}.{token}.{kind}"
+             for kind, graph, file in (("graph", state.graph, kept), ("delta", state.delta, kept_delta))}
+    graph_name, delta_name = names["graph"], names["delta"]
     temporary = path.with_name(f"{path.name}.{token}.tmp")
     try:
-        _write(state, path, temporary, graph_name, kept, model, print_)
+        _write(state, path, temporary, (graph_name, kept), (delta_name, kept_delta), model, print_)
     except BaseException:
         temporary.unlink(missing_ok=True)
-        if graph_name is not None and kept is None:
-            path.with_name(graph_name).unlink(missing_ok=True)
+        for name, was_kept in ((graph_name, kept), (delta_name, kept_delta)):
+            if name is not None and was_kept is None:
+                path.with_name(name).unlink(missing_ok=True)
         raise
     for stale in path.parent.glob(f"{path.name}.*"):  # graphs of earlier saves, a temporary file of a killed one
-        if stale.name != graph_name:
+        if stale.name not in (graph_name, delta_name):
             stale.unlink(missing_ok=True)
     log.info("vector index saved: %d rows in %s", len(index), path)
     return path
 
 
-def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | None, kept: tuple[str, int] | None,
-           model: str, print_: dict[str, Any]) -> None:
+Named = tuple[str | None, tuple[str, int] | None]  # a graph's file name, and (name, CRC) if that file is kept
+
+
+def _write(state: IndexState, path: Path, temporary: Path, graph_file: Named, delta_file: Named, model: str,
+           print_: dict[str, Any]) -> None:
+    (graph_name, kept), (delta_name, kept_delta) = graph_file, delta_file
     graph_crc = kept[1] if kept is not None else None
     if state.graph is not None and graph_name is not None and kept is None:
         state.graph.save(str(path.with_name(graph_name)))
         graph_crc = _file_crc(path.with_name(graph_name))
+    delta_crc = kept_delta[1] if kept_delta is not None else None
+    if state.delta is not None and delta_name is not None and kept_delta is None:
+        state.delta.save(str(path.with_name(delta_name)))
+        delta_crc = _file_crc(path.with_name(delta_name))
     graph_rows = None
     if state.graph is not None and graph_name is not None:
-        graph_rows = _graph_rows(path.with_name(graph_name), state)
+        graph_rows = _graph_rows(path.with_name(graph_name), state,
+                                 state.delta_start if state.delta is not None else state.graphed)
     # Each array is laid out with room for a quarter more rows (a sparse hole in the file): it is
     # mapped copy-on-write when read back, and the rows added after fill that room.
     rows = with_room(state.count)
@@ -156,6 +169,9 @@ def _write(state: IndexState, path: Path, temporary: Path, graph_name: str | Non
             graph["rows"] = {"offset": offset, "count": len(graph_rows), "crc": _crc(graph_rows.data.cast("B"))}
             blocks.append((offset, graph_rows.data.cast("B")))
             offset += aligned(graph_rows.nbytes)
+        if state.delta is not None and delta_name is not None:
+            graph["delta"] = {"file": delta_name, "crc": delta_crc, "size": len(state.delta),
+                              "start": state.delta_start}
     header = {
         "format": FORMAT, "model": model, "fingerprint": print_, "dim": state.dim, "scale": state.scale,
         "count": state.count, "graphed": state.graphed, "codes": state.codes, "arrays": entries, "graph": graph,
@@ -181,13 +197,13 @@ def _row_hashes(rows: npt.NDArray[np.int8], seeds: npt.NDArray[np.uint64]) -> np
         return np.stack([(as_words * seed[:words]).sum(axis=1, dtype=np.uint64) for seed in seeds], axis=1)
 
 
-def _graph_rows(graph_path: Path, state: IndexState) -> npt.NDArray[np.int32] | None:
+def _graph_rows(graph_path: Path, state: IndexState, graphed: int) -> npt.NDArray[np.int32] | None:
     """Each slot's row in the vectors of the graph file (-1: not there), for the slots below
-    ``graphed``: the graph holds each vector in the order it was added, and adds on two
+    ``graphed`` (those it covers): the graph holds each vector in the order it was added, and adds on two
     threads interleave, so the rows are matched by content (two 64-bit hashes of each; equal
     vectors are interchangeable). Read through a buffer: the pages stay the OS's cache. None
     if the file does not start as this release reads (the index's own vectors serve then)."""
-    size, dim, graphed = len(state.graph) if state.graph is not None else 0, state.dim, state.graphed
+    size, dim = len(state.graph) if state.graph is not None else 0, state.dim
     seeds = np.random.default_rng(0x9E3779B9).integers(1, 2**63, size=(2, -(-dim // 8)), dtype=np.uint64) | np.uint64(1)
     with graph_path.open("rb", buffering=0) as f:
         if not _graph_block(f.read(8), size, dim):
@@ -293,6 +309,10 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
         raise IndexFileInvalid(f"its graph covers {header['graphed']!r} of {count} rows")
     if header["graph"] is not None and not 0 <= header["graph"]["size"] <= header["graphed"]:
         raise IndexFileInvalid(f"its graph holds {header['graph']['size']!r} of {header['graphed']} rows")
+    delta = header["graph"].get("delta") if header["graph"] is not None else None
+    if delta is not None and not (isinstance(delta["start"], int) and 0 <= delta["start"] <= header["graphed"]
+                                  and 0 <= delta["size"] <= header["graphed"] - delta["start"]):
+        raise IndexFileInvalid(f"its delta graph holds {delta['size']!r} rows from {delta['start']!r}")
     entries = header["arrays"]
     if [entry["name"] for entry in entries] != list(ARRAYS):
         raise IndexFileInvalid("its arrays are not the ones this release reads")
@@ -310,24 +330,34 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
     if len(rooms) != 1:
         raise IndexFileInvalid("its arrays have room for different numbers of rows")
     graph_path = path.with_name(header["graph"]["file"]) if header["graph"] is not None else None
-    # Both checksums at once (zlib lets other threads run), read through a buffer of their own
-    # rather than the mappings below: the pages stay the OS's cache, not this process's memory.
+    delta_path = path.with_name(delta["file"]) if delta is not None else None
+    # The checksums two at a time (zlib lets other threads run), read through a buffer of their
+    # own rather than the mappings below: the pages stay the OS's cache, not this process's memory.
     with ThreadPoolExecutor(2, thread_name_prefix="gm-index-check") as pool:
         arrays_checked = pool.submit(_check_arrays, path, start, entries)
         graph_crc = pool.submit(_file_crc, graph_path) if graph_path is not None else None
+        delta_crc = pool.submit(_file_crc, delta_path) if delta_path is not None else None
         arrays_checked.result()
         if graph_crc is not None and graph_crc.result() != header["graph"]["crc"]:
             raise IndexFileInvalid("its graph is damaged")
+        if delta_crc is not None and delta is not None and delta_crc.result() != delta["crc"]:
+            raise IndexFileInvalid("its delta graph is damaged")
     (rows,) = rooms
     arrays = {entry["name"]: np.memmap(path, dtype=np.dtype(entry["dtype"]), mode="c", offset=start + entry["offset"],
                                        shape=(rows, *entry["shape"][1:])) for entry in entries}
-    graph, vectors = None, None
+    graph, vectors, delta_graph = None, None, None
     if graph_path is not None:
         graph, vectors = _view_graph(graph_path, path, start, header)
+    if delta_path is not None and delta is not None:
+        delta_graph = _view(delta_path)
+        if len(delta_graph) != delta["size"]:
+            raise IndexFileInvalid("its delta graph could not be read")
     state = IndexState(dim=header["dim"], scale=header["scale"], count=count, graphed=header["graphed"],
-                       codes=header["codes"], graph=graph, **arrays,
+                       codes=header["codes"], graph=graph, vectors=arrays["vectors"], rowids=arrays["rowids"],
+                       live=arrays["live"], expires=arrays["expires"], scope=arrays["scope"],
                        graph_file=None if graph is None else (header["graph"]["file"], header["graph"]["crc"]),
-                       graph_vectors=vectors)
+                       graph_vectors=vectors, delta=delta_graph, delta_start=delta["start"] if delta else 0,
+                       delta_file=(delta["file"], delta["crc"]) if delta is not None else None)
     index = VectorIndex.from_state(state)
     log.info("vector index read from %s: %d memories", path, len(index))
     return index
@@ -336,21 +366,18 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
 def _view_graph(graph_path: Path, path: Path, start: int, header: dict[str, Any]) -> tuple[Graph, GraphVectors | None]:
     """The graph as a view of its file, mapped here once, and (if the file records which row is
     each slot's) its vectors for exact scoring from the same mapping."""
-    from usearch.index import Index as Graph
-
-    with graph_path.open("rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    graph = Graph.restore(memoryview(mapped), view=True)
+    graph = _view(graph_path)
     size, dim = header["graph"]["size"], header["dim"]
-    if graph is None or len(graph) != size:
+    if len(graph) != size:
         raise IndexFileInvalid("its graph could not be read")
-    graph.gm_mapping = mapped  # type: ignore[attr-defined]  # (the view reads this memory: it lives as long as the graph)
+    mapped = graph.gm_mapping  # type: ignore[attr-defined]
     rows = header["graph"].get("rows")
     if rows is None or not _graph_block(mapped[:8], size, dim):
         return graph, None
-    count = rows.get("count")
-    if count != header["graphed"]:
-        raise IndexFileInvalid(f"its graph's rows are {count!r} for {header['graphed']} slots")
+    count, delta = rows.get("count"), header["graph"].get("delta")
+    covered = delta["start"] if delta is not None else header["graphed"]
+    if count != covered:
+        raise IndexFileInvalid(f"its graph's rows are {count!r} for {covered} slots")
     with path.open("rb") as f:
         f.seek(start + rows["offset"])
         data = f.read(4 * count)
@@ -361,6 +388,20 @@ def _view_graph(graph_path: Path, path: Path, start: int, header: dict[str, Any]
         raise IndexFileInvalid("its graph's rows point past its vectors")
     block = np.frombuffer(mapped, dtype=np.int8, count=size * dim, offset=8).reshape(size, dim)
     return graph, GraphVectors(block, slot_rows)
+
+
+def _view(graph_path: Path) -> Graph:
+    """A usearch view of a graph file, of a mapping made here (kept as ``gm_mapping``: the view
+    reads that memory, so it lives as long as the graph)."""
+    from usearch.index import Index as Graph
+
+    with graph_path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    graph = Graph.restore(memoryview(mapped), view=True)
+    if graph is None:
+        raise IndexFileInvalid(f"{graph_path.name} could not be read")
+    graph.gm_mapping = mapped  # type: ignore[attr-defined]
+    return graph
 
 
 def _check_arrays(path: Path, start: int, entries: list[dict[str, Any]]) -> None:
