@@ -16,7 +16,9 @@ The graph file holds its own copy of every vector it links. The arrays file reco
 those rows is each slot's (``graph.rows``), so a read-back index scores exactly from the graph
 file's mapping, which the graph's walk reads anyway: the arrays' copy of the vectors stays on
 disk (at 1M memories, resident memory after the peer benchmark's queries 1,371 -> 1,014 MiB).
-A file without that record (an earlier release's) is read back as before.
+A file without that record (an earlier release's) is read back as before. The rows added
+after a graph was read back have a graph of their own, the delta (gm.index): it is saved
+beside the kept graph file (``<db>.vectors.<token>.delta``) and read back as a view too.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def _file_crc(path: Path) -> int:
 def save(index: VectorIndex, database: Path, model: str) -> Path | None:
     """Write ``index`` (quiescent: the Writer has stopped) for the database as it is now; an
     index small enough to load from the database in no time is not saved (nor an older file kept).
-    A graph still a view of the file it was read from is kept as that file, not written again."""
+    A graph (or delta) still a view of the file it was read from is kept as that file, not
+    written again."""
     path = index_path(database)
     if len(index) < SAVE_MIN_ROWS:
         for stale in (path, *path.parent.glob(f"{path.name}.*")):
