@@ -144,6 +144,32 @@ async def test_a_store_read_back_maps_its_file_and_grows_a_second_graph_beside_t
         assert len(index) == ROWS + 10 - 1 + 30 + 25 and len(index._delta[0]) == 40 + 25
 
 
+async def test_a_read_back_graph_smaller_than_what_waits_is_copied_and_grown_not_given_a_delta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A graph saved with few rows (an import saves the graph it held back) and many waiting:
+    a delta would hold most of the index, so the view is copied and grows, and the next save
+    is one graph again, whose file exact scoring reads the vectors of."""
+    monkeypatch.setattr(index_module, "VIEW_BACKLOG", 20)
+    path = tmp_path / "mem.db"
+    await fill(path)
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        await mem.add_many([{"text": f"moved to Porto, note {i}"} for i in range(ROWS + 60)])
+        while index.graph_backlog():
+            await mem.indexer._grower  # type: ignore[misc]
+        assert index._graph_file is None and index._delta is None and index.graphed == index.count
+        assert (await mem.search("moved to Porto", mode="vector", limit=1))[0].memory.text.startswith("moved to")
+    vectors = index_file.index_path(path)
+    assert not list(vectors.parent.glob(f"{vectors.name}.*.delta"))
+    async with gm.open(path) as mem:
+        await mem.indexer.wait_ready()
+        index = mem.indexer.index
+        assert mem.indexer.loaded_from == "file" and index._delta is None and index._graph_vectors is not None
+        assert len(index._graph_vectors.rows) == index.graphed == index.count == 2 * ROWS + 60
+
+
 async def test_a_damaged_delta_graph_is_detected_and_the_index_loaded_from_the_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -465,7 +465,10 @@ class VectorIndex:
         """Add the next rows (at most GRAPH_CHUNK) to the graph; how many slots it covered.
         While the graph is a view of its file, they go to the delta graph instead, which is
         first copied into memory if it is a view too (it holds only the rows added since the
-        graph was saved: usearch's copy lets other threads run, searches use the view meanwhile)."""
+        graph was saved: usearch's copy lets other threads run, searches use the view meanwhile);
+        unless more rows wait than the view holds: then the view is copied and grows, as the
+        delta would hold most of the index and exact scoring of its rows could not read the
+        graph file's vectors."""
         a = self._a
         start = self._graphed
         end = min(a.count, start + GRAPH_CHUNK)
@@ -478,7 +481,12 @@ class VectorIndex:
         if self._graph is None:
             self._graph = self._new_graph()
         elif self._graph_file is not None and self._delta is None:
-            self._delta = (self._new_graph(), start)  # (published with its start: searches read both at once)
+            if a.count - start > len(self._graph):  # the delta would outgrow the view (a graph saved mid-import):
+                writable = self._graph.copy()  # grow the view's copy instead (the next save is one graph again)
+                with self._graph_lock:
+                    self._graph, self._graph_file, self._graph_vectors = writable, None, None
+            else:
+                self._delta = (self._new_graph(), start)  # (published with its start: searches read both at once)
         target = self._graph if self._delta is None else self._delta[0]
         slots = np.arange(start, end, dtype=np.int64)[a.live[start:end]]
         if len(slots):
