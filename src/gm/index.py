@@ -523,11 +523,11 @@ class VectorIndex:
         scores = np.empty(len(slots), dtype=np.float32)
         block = np.empty((min(SCORE_BLOCK, len(slots)), a.vectors.shape[1]), dtype=np.float32)
         vectors = self._graph_vectors
-        at = None if vectors is None else vectors.rows_of(slots)
-        held = at is not None and bool((at >= 0).all())
+        at = vectors.rows_of(slots) if vectors is not None else None
+        held = at is not None and bool((at >= 0).all())  # (every row from the block: no mixing)
         for start in range(0, len(slots), SCORE_BLOCK):
             end = start + SCORE_BLOCK
-            if vectors is None or at is None:
+            if vectors is None or at is None:  # (one is None only with the other)
                 rows = a.vectors[slots[start:end]]
             elif held:
                 rows = vectors.block[at[start:end]]

@@ -352,7 +352,7 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
     if graph_path is not None:
         graph, vectors = _view_graph(graph_path, path, start, header)
     if delta_path is not None and delta is not None:
-        delta_graph = _view(delta_path)
+        delta_graph, _ = _view(delta_path)
         if len(delta_graph) != delta["size"]:
             raise IndexFileInvalid("its delta graph could not be read")
     state = IndexState(dim=header["dim"], scale=header["scale"], count=count, graphed=header["graphed"],
@@ -369,11 +369,10 @@ def _load(path: Path, database: Path, model: str) -> VectorIndex:
 def _view_graph(graph_path: Path, path: Path, start: int, header: dict[str, Any]) -> tuple[Graph, GraphVectors | None]:
     """The graph as a view of its file, mapped here once, and (if the file records which row is
     each slot's) its vectors for exact scoring from the same mapping."""
-    graph = _view(graph_path)
+    graph, mapped = _view(graph_path)
     size, dim = header["graph"]["size"], header["dim"]
     if len(graph) != size:
         raise IndexFileInvalid("its graph could not be read")
-    mapped = graph.gm_mapping  # type: ignore[attr-defined]
     rows = header["graph"].get("rows")
     if rows is None or not _graph_block(mapped[:8], size, dim):
         return graph, None
@@ -393,9 +392,9 @@ def _view_graph(graph_path: Path, path: Path, start: int, header: dict[str, Any]
     return graph, GraphVectors(block, slot_rows)
 
 
-def _view(graph_path: Path) -> Graph:
-    """A usearch view of a graph file, of a mapping made here (kept as ``gm_mapping``: the view
-    reads that memory, so it lives as long as the graph)."""
+def _view(graph_path: Path) -> tuple[Graph, mmap.mmap]:
+    """A usearch view of a graph file, and the mapping made here that it reads (kept on the
+    graph as ``gm_mapping``, so it lives as long as the graph)."""
     from usearch.index import Index as Graph
 
     with graph_path.open("rb") as f:
@@ -404,7 +403,7 @@ def _view(graph_path: Path) -> Graph:
     if graph is None:
         raise IndexFileInvalid(f"{graph_path.name} could not be read")
     graph.gm_mapping = mapped  # type: ignore[attr-defined]
-    return graph
+    return graph, mapped
 
 
 def _check_arrays(path: Path, start: int, entries: list[dict[str, Any]]) -> None:
