@@ -136,11 +136,14 @@ async def writes(backend: SQLiteBackend, rng: random.Random, n: int, keys: list[
                 await backend.write(AddMemories([fresh, taken], T0))
 
 
-@pytest.mark.parametrize("rare", [sqlite_postings.RARE, 3], ids=["every-word-scored", "maxscore-pruning"])
+@pytest.mark.parametrize(("rare", "lookup_cost"), [
+    (sqlite_postings.RARE, sqlite_postings.LOOKUP_COST), (3, sqlite_postings.LOOKUP_COST), (3, 10**9), (3, 0),
+], ids=["every-word-scored", "maxscore-pruning", "maxscore-scoring-the-rest", "maxscore-looking-up-the-rest"])
 async def test_the_postings_rank_as_fts5_through_writes(
-    backend: SQLiteBackend, rare: int, monkeypatch: pytest.MonkeyPatch,
+    backend: SQLiteBackend, rare: int, lookup_cost: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(sqlite_postings, "RARE", rare)
+    monkeypatch.setattr(sqlite_postings, "LOOKUP_COST", lookup_cost)  # (the words left: scored, or looked up)
     postings = await built(backend)
     assert (postings.rows, postings.tokens) == statistics(backend.path)
     assert await same_as_fts5(backend, 1) >= 40
@@ -232,8 +235,9 @@ async def test_saved_postings_are_read_back_at_open(backend: SQLiteBackend, savi
     try:
         postings = await built(again)
         assert not postings.changed  # read from the file, not built
-        base = postings.base  # mapped from it, not copied into the process's memory
-        assert all(isinstance(a, np.memmap) for a in (base.keys, base.lengths, base.rows, base.halves))
+        base = postings.base  # mapped from it, not copied into the process's memory (plain arrays over the mapping)
+        assert all(type(a) is np.ndarray and isinstance(a.base, np.memmap) for a in (base.keys, base.lengths, base.rows,
+                                                                                    base.halves))
         assert len(postings.tail) > 10 and (postings.rows, postings.tokens) == statistics(path)
         assert [await again.keyword_search(t, s, None, n, NOW) for t, s, n in queries(6)] == expected
         await writes(again, random.Random(22), 40, [f"m{i}" for i in range(1500) if i % 7])

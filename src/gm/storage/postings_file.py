@@ -139,9 +139,12 @@ def _load(path: Path) -> tuple[Postings, dict[str, Any]]:
             if stream_crc(f, entry["length"] * dtype.itemsize, buffer) != entry["crc"]:
                 raise IndexFileInvalid(f"its {entry['name']} are damaged")
             # Mapped, not copied: a query touches its own words' postings only, and a page read
-            # (above, for its check) stays in the OS's cache, not in this process's memory.
+            # (above, for its check) stays in the OS's cache, not in this process's memory. A plain
+            # array over the mapping: np.memmap's own indexing costs ~20 us a slice in Python, and a
+            # ranking slices its words' arrays ~60 times (1.4 ms of a 1M whole-namespace query).
             arrays[entry["name"]] = np.memmap(path, dtype=dtype, mode="r", offset=start + entry["offset"],
-                                              shape=(entry["length"],)) if entry["length"] else np.empty(0, dtype)
+                                              shape=(entry["length"],)).view(np.ndarray) if entry["length"] \
+                else np.empty(0, dtype)
     live = arrays.pop("live")
     vocabulary = {token: number for number, token in enumerate(header["vocabulary"])}
     base = Base(vocabulary=vocabulary, overflow=frozenset(header["overflow"]), **arrays)

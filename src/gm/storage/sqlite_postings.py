@@ -45,6 +45,9 @@ assert CONTEXT_WEIGHT == 0.5, "the postings keep frequencies in half counts: CON
 TAIL_ROWS = 20_000  # rows written since the base past which it is built again (and at least TAIL_SHARE of it)
 TAIL_SHARE = 0.05
 RARE = 20_000  # a word in at most this many rows of a scope is scored first (MaxScore's "essential")
+# A word is looked up for the candidates (a binary search of its rows each) once they are fewer
+# than its rows over this; until then scoring all its rows into the scratch costs less.
+LOOKUP_COST = 4
 TERMS_CACHED = 10_000  # query words whose tokens are remembered
 # A word's half counts in one row past this (a long text and context repeating it 20,000 times)
 # are kept clamped, and queries holding it ranked by FTS5.
@@ -212,7 +215,6 @@ class Postings:
     overflow: set[str] = field(default_factory=set)  # tail tokens with a count past MAX_HALVES in a row
     _arrays: dict[str, _Tail] = field(default_factory=dict)
     _partial: Vector | None = None  # a ranking's scratch (under the lock): partial scores, a slot a base row
-    _touched: npt.NDArray[np.bool_] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     changed: bool = True  # since they were read from or saved to their file (gm.storage.postings_file)
     saved_at: dict[str, Any] | None = None  # the database state that file is of
@@ -341,76 +343,105 @@ class Postings:
               k: int) -> tuple[list[tuple[int, float]], bool]:
         """MaxScore over the range's base rows (their partial scores in a dense scratch array,
         one slot a base row: scattering a word's rows costs less than merging lists, and only
-        the slots touched are read and reset) and its tail rows."""
+        the slots touched are read and reset; a slot above 0 is a row touched, as every part is)
+        and its tail rows."""
         if self._partial is None or len(self._partial) != len(self.base.keys):
-            self._partial, self._touched = np.zeros(len(self.base.keys)), np.zeros(len(self.base.keys), np.bool_)
-        partial, touched = self._partial, self._touched
-        assert touched is not None
-        found: list[npt.NDArray[np.int32]] = []  # the base rows the essential words hold, each once
+            self._partial = np.zeros(len(self.base.keys))
+        partial = self._partial
+        found: list[npt.NDArray[np.int32]] = []  # the base rows the scored words hold, each once
         try:
-            return self._rank(tokens, sides, avgdl, k, partial, touched, found)
+            return self._rank(tokens, sides, avgdl, k, partial, found)
         finally:
             for rows in found:
                 partial[rows] = 0.0
-                touched[rows] = False
 
     def _rank(self, tokens: list[str], sides: dict[str, _Side], avgdl: float, k: int, partial: Vector,
-              touched: npt.NDArray[np.bool_], found: list[npt.NDArray[np.int32]],
+              found: list[npt.NDArray[np.int32]],
               ) -> tuple[list[tuple[int, float]], bool]:
         base = self.base
         times = {t: tokens.count(t) for t in sides}
         ordered = sorted(sides, key=lambda t: len(sides[t]))
         essential = [t for t in ordered if 0 < len(sides[t]) <= RARE] or ordered[:1]
+        others = [t for t in ordered if t not in essential]
         tail = np.unique(np.concatenate([np.empty(0, np.int64), *(side.tail for side in sides.values())]))
         tail_lengths = np.array([self.tail[int(key)][0] for key in tail], dtype=np.float64)
         tail_partial = np.zeros(len(tail))
         no_rows = np.empty(0, np.int32)
 
-        def scatter(token: str) -> None:
+        def scatter(token: str) -> npt.NDArray[np.int32]:
+            """Add ``token``'s parts to its rows' partial scores; its rows that held a word scored before."""
             side = sides[token]
             lengths = base.lengths[side.base].astype(np.float64)
             halves = side.base_halves.astype(np.float64) * 0.5
-            fresh = side.base[~touched[side.base]]
-            found.append(fresh)  # (before the slots change: reset whatever happens next)
-            touched[fresh] = True
-            partial[side.base] += _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
+            before = partial[side.base]
+            held = before > 0.0
+            found.append(side.base[~held])  # (before the slots change: reset whatever happens next)
+            partial[side.base] = before + _part(self._idf(side.hits), halves, lengths, avgdl) * times[token]
             tail_partial[:] += self._parts(side, no_rows, tail, tail_lengths, avgdl) * times[token]
+            return side.base[held]
+
+        def kth(rows: npt.NDArray[np.int32]) -> float:
+            """The k-th best partial score among base ``rows`` (live) and the tail's rows (0: fewer)."""
+            scores = np.concatenate([partial[rows], tail_partial[tail_partial > 0]])
+            return float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) >= k else 0.0
+
+        def bound(token: str) -> float:
+            return sides[token].bound * times[token]
 
         for token in essential:
             scatter(token)
-        while True:
-            others = [t for t in ordered if t not in essential]
-            live = np.concatenate(found)
-            live = live[self.live[live]]
-            scores = np.concatenate([partial[live], tail_partial[tail_partial > 0]])
-            tenth = float(np.partition(scores, len(scores) - k)[len(scores) - k]) if len(scores) >= k else 0.0
-            rest = sum(sides[t].bound * times[t] for t in others)
-            if not others or rest < tenth:
-                break
-            essential.append(max(others, key=lambda t: sides[t].bound))
-            scatter(essential[-1])
-        complete = not others and len(scores) <= k
+        live = np.concatenate(found)
+        tenth = kth(live[self.live[live]])
+        rest = sum(bound(t) for t in others)
+        # MaxScore: a word joins the scored ones while the words left could lift a row holding none
+        # of the scored ones to the tenth best. Past the first, the tenth is bounded below by the
+        # k-th best among the rows holding two scored words or more, those of the word just scored
+        # that held one before (the best rows are among them): ordering every row touched after
+        # each word cost a whole-namespace query of common words alone (1M memories, 45k-150k rows
+        # a word) a quarter of its time.
+        while others and rest >= tenth:
+            token = max(others, key=bound)
+            others.remove(token)
+            rest -= bound(token)
+            rows = scatter(token)
+            tenth = max(tenth, kth(rows[self.live[rows]]))
+        live = np.concatenate(found)
+        live = live[self.live[live]]
+        complete = not others and len(live) + int(np.count_nonzero(tail_partial > 0)) <= k
         tenth *= 1 - 1e-9  # (sums in another order differ by a few ulps: FTS5's order is taken below)
         rows = live[partial[live] + rest >= tenth]
         keys = tail[(tail_partial > 0) & (tail_partial + rest >= tenth)]
         so_far = np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
-        lengths = self._lengths(rows, keys)
-        # The other words' parts, looked up for the candidates, the largest bound first: each
-        # tightens both the tenth best (a partial score never exceeds the score) and what the
-        # words left could add, so the candidates thin out before the next lookup.
-        for token in sorted(others, key=lambda t: -sides[t].bound):
-            rest -= sides[token].bound * times[token]
-            so_far += self._parts(sides[token], rows, keys, lengths, avgdl) * times[token]
+        # The other words' parts for the candidates, the largest bound first: each tightens both
+        # the tenth best (a partial score never exceeds the score) and what the words left could
+        # add, so the candidates thin out before the next word. A word is scored into the scratch
+        # while that costs less than looking it up for each candidate (a binary search of its rows
+        # each), then looked up.
+        lengths: Vector | None = None  # the candidates' (once a word is looked up)
+        for token in sorted(others, key=lambda t: -bound(t)):
+            rest -= bound(token)
+            side = sides[token]
+            if lengths is None and len(rows) * LOOKUP_COST >= len(side.base):
+                scatter(token)
+                so_far = np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
+            else:
+                if lengths is None:
+                    lengths = self._lengths(rows, keys)
+                so_far += self._parts(side, rows, keys, lengths, avgdl) * times[token]
             if len(so_far) >= k:
                 tenth = max(tenth, float(np.partition(so_far, len(so_far) - k)[len(so_far) - k]) * (1 - 1e-9))
             keep = so_far + rest >= tenth
-            rows, keys, lengths, so_far = rows[keep[: len(rows)]], keys[keep[len(rows):]], lengths[keep], so_far[keep]
+            rows, keys, so_far = rows[keep[: len(rows)]], keys[keep[len(rows):]], so_far[keep]
+            if lengths is not None:
+                lengths = lengths[keep]
+        if lengths is None:
+            lengths = self._lengths(rows, keys)
         exact = np.zeros(len(rows) + len(keys))
         for token in tokens:  # phrase order, as FTS5 sums
             exact += self._parts(sides[token], rows, keys, lengths, avgdl)
         if len(exact) > k:  # (the k best and their ties first: ordering every candidate costs more)
-            kth = np.partition(exact, len(exact) - k)[len(exact) - k]
-            keep = exact >= kth
+            kth_exact = np.partition(exact, len(exact) - k)[len(exact) - k]
+            keep = exact >= kth_exact
             rows, keys, exact = rows[keep[: len(rows)]], keys[keep[len(rows):]], exact[keep]
         every = np.concatenate([base.keys[rows], keys])
         order = np.lexsort((-(every & ROWID_MASK), -exact))[:k]  # (ties: newest memory first, as FTS5's order)
