@@ -49,9 +49,8 @@ class GreatMemory:
 
         store = self.store
         now = now_ms()
-        found = await store.searcher.nearest(vector, Scope(NAMESPACE, user), now, K)  # rescored as searches are
-        rows = await store.backend.get_many([rowid for rowid, _ in found], now)
-        return [rows[rowid].id for rowid, _ in found if rowid in rows]
+        found = await store.searcher.nearest(vector, Scope(NAMESPACE, user), now, K)  # rescored, read as searches are
+        return [memory.id for memory, _ in found]
 
     async def search(self, text: str, mode: str, user: str | None) -> list[str]:
         hits = await self.store.search(text, namespace=NAMESPACE, user_id=user, mode=mode, limit=K)

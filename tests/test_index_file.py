@@ -61,8 +61,7 @@ async def hits(mem: gm.Store) -> list[list[str]]:
         for user in (None, "u1"):
             now = now_ms()
             ranked = await mem.searcher.nearest(_embedded[query], Scope(DEFAULT_NAMESPACE, user), now, 5)
-            rows = await mem.backend.get_many([rowid for rowid, _ in ranked], now)
-            found.append([rows[rowid].id for rowid, _ in ranked])
+            found.append([memory.id for memory, _ in ranked])
     return found
 
 

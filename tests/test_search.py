@@ -150,9 +150,12 @@ async def test_search_sees_only_its_namespace_and_user(mem: gm.Store, mode: str)
     assert await mem.search("violin", user_id="nobody", mode=mode) == []
 
 
-async def test_hits_carry_the_whole_memory(mem: gm.Store) -> None:
-    [hit] = await mem.search("golden retriever", user_id="u1", mode="keyword")
-    assert hit.memory == await mem.get("dog")
+@pytest.mark.parametrize("mode", ["keyword", "vector", "hybrid"])
+async def test_hits_carry_the_whole_memory(mem: gm.Store, mode: str) -> None:
+    # (a vector ranking reads its page's memories with the vectors it rescores: the same memory)
+    hits = await mem.search("golden retriever", user_id="u1", mode=mode)
+    assert hits and all([hit.memory == await mem.get(hit.memory.id) for hit in hits])
+    [hit] = [hit for hit in hits if hit.memory.id == "dog"]
     assert hit.to_dict()["memory"]["metadata"] == {"topic": "pets", "priority": 4}
 
 

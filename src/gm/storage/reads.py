@@ -159,6 +159,24 @@ class Reads(abc.ABC):
         )
         return (rows[0][2] if rows else None), {r[0]: bytes(r[1]) for r in rows}
 
+    async def searched_rows(
+        self, rowids: builtins.list[int], now: int,
+    ) -> tuple[str | None, dict[int, tuple[bytes, Any]]]:
+        """:meth:`searched_vectors` of those of ``rowids`` live at ``now``, each with its row of
+        the memory columns (for :func:`memory_from_row`): a vector search rescores its candidates
+        and reads the memories of its page in one statement."""
+        if not rowids:
+            return None, {}
+        p = self.params()
+        rows = await self.fetch(
+            f"SELECT {self.columns}, {search_vector(self.context)}, "
+            f"(SELECT value FROM meta WHERE key = 'model_identity') "
+            f"FROM memories WHERE {p.one_of('rowid', rowids, 'bigint')} AND {live(p, now)}",
+            p.values,
+        )
+        width = len(rows[0]) - 2 if rows else 0  # (the memory columns, then the vector and the identity)
+        return (rows[0][width + 1] if rows else None), {r[0]: (bytes(r[width]), r) for r in rows}
+
     async def counts(self, now: int) -> dict[str, int]:
         """Live memories per namespace."""
         p = self.params()
