@@ -175,7 +175,7 @@ class Searcher:
 
     async def _memories(self, rowids: list[int], now: int, rows: Rows) -> dict[int, Memory]:
         """The live memories among ``rowids``: those the vector ranking read with their vectors
-        (a vector search's page: one read fewer, 0.3-0.4 ms at 1M memories), the rest read now."""
+        (a vector search's page), the rest read now."""
         found = {rowid: memory_from_row(rows[rowid]) for rowid in rowids if rowid in rows}
         missing = [rowid for rowid in rowids if rowid not in found]
         if missing:
@@ -225,7 +225,11 @@ class Searcher:
         if r.filter is not None or r.time_range is not None:  # the index knows scopes and expiry, not the rest
             allowed = await backend.matching_rowids(r.scope, r.filter, r.now, time_range=r.time_range)
         approximate = await self.indexer.search(query, r.scope, r.now, rescore_depth(depth), allowed, model)
-        rescored = await self._stored_cosines(query, [rowid for rowid, _ in approximate], model, (r.now, rows))
+        # A vector search's page is among the rows rescored: their memories are read with their
+        # vectors (30 rows for a page of 10 at 1M memories: 0.32 ms against 0.28, and no 0.2 ms
+        # read of the page after). A hybrid page holds keyword hits too: it is read after.
+        reading = (r.now, rows) if r.mode == "vector" else None
+        rescored = await self._stored_cosines(query, [rowid for rowid, _ in approximate], model, reading)
         if rescored is None:  # (the index before a switch, for a query embedded before it)
             return approximate[:depth]
         return sorted(rescored.items(), key=lambda pair: -pair[1])[:depth]
