@@ -297,7 +297,9 @@ class Embedder(Actor[Embed, Vector]):
 
     async def dimensions(self) -> int:
         """The model's vector size (loading the model, on a thread, if it is not loaded yet)."""
-        encoder = await asyncio.get_running_loop().run_in_executor(self._calls, self._load)
+        encoder = self._encoder
+        if encoder is None:  # (once loaded, no hop to a thread: an import asks before each batch)
+            encoder = await asyncio.get_running_loop().run_in_executor(self._calls, self._load)
         return encoder.dim
 
     def _load(self) -> Encoder:
