@@ -12,6 +12,8 @@ import pytest_asyncio
 
 import gm
 from gm.errors import InvalidInput
+from gm.memory import DEFAULT_NAMESPACE, Scope, now_ms
+from gm.storage.sql import memory_from_row
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -173,3 +175,23 @@ async def test_a_query_of_only_stopwords_still_matches_those_words(target: str) 
         await store.add("Peanut allergy.")
         assert [h.memory for h in await store.search("it", mode="keyword")] == [question]
         assert [h.memory.text for h in await store.search("peanuts", mode="keyword")] == ["Peanut allergy."]
+
+
+async def test_the_rescoring_read_leaves_an_expired_memory_out_yet_names_the_model(target: str) -> None:
+    """A vector search reads the memories of its page with the vectors it rescores: one expired
+    since the index ranked it is not on the page, and the read still tells which model made the
+    vectors (a re-embed's switch in between is caught)."""
+    async with gm.open(target) as store:
+        kept = await store.add("Keeps bees on the roof.", user_id="u1")
+        brief = await store.add("Keeps a spare key under the mat.", user_id="u1", ttl_seconds=60)
+        now = now_ms()
+        rowids = await store.backend.matching_rowids(Scope(DEFAULT_NAMESPACE, "u1"), None, now)
+        identity, rows = await store.backend.searched_rows(rowids, now)
+        assert identity == store.vectors_model
+        assert sorted(memory_from_row(row).id for _, row in rows.values()) == sorted([kept.id, brief.id])
+        identity, rows = await store.backend.searched_rows(rowids, now + 61_000)
+        assert identity == store.vectors_model
+        assert [memory_from_row(row) for _, row in rows.values()] == [kept]
+        identity, rows = await store.backend.searched_rows([max(rowids)], now + 61_000)  # (the brief one alone)
+        assert identity == store.vectors_model and rows == {}
+        assert [h.memory for h in await store.search("bees on the roof", user_id="u1", mode="vector")][0] == kept

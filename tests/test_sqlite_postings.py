@@ -75,6 +75,8 @@ async def same_as_fts5(backend: SQLiteBackend, seed: int) -> int:
     finally:
         del follower.top
     assert sum(ranked) >= 30 and not all(ranked)  # the postings ranked them, but the phrase of two tokens
+    scratch = follower.postings._partial if follower.postings is not None else None
+    assert scratch is None or not scratch.any()  # (every slot a ranking touched is reset)
     return nonempty
 
 

@@ -14,6 +14,7 @@ from gm.memory import HistoryEntry, Memory, Page, Scope, TimeRange
 from gm.storage.ops import VectorRow
 from gm.storage.sql import (
     CONTEXT_VERSION,
+    EXPIRES_COLUMN,
     LEGACY_COLUMNS,
     VECTOR_COLUMNS,
     Params,
@@ -171,11 +172,13 @@ class Reads(abc.ABC):
         rows = await self.fetch(
             f"SELECT {self.columns}, {search_vector(self.context)}, "
             f"(SELECT value FROM meta WHERE key = 'model_identity') "
-            f"FROM memories WHERE {p.one_of('rowid', rowids, 'bigint')} AND {live(p, now)}",
+            f"FROM memories WHERE {p.one_of('rowid', rowids, 'bigint')}",
             p.values,
         )
+        # (expired ones are left out here, not in the query: their identity still tells a switch)
         width = len(rows[0]) - 2 if rows else 0  # (the memory columns, then the vector and the identity)
-        return (rows[0][width + 1] if rows else None), {r[0]: (bytes(r[width]), r) for r in rows}
+        live_rows = {r[0]: (bytes(r[width]), r) for r in rows if r[EXPIRES_COLUMN] is None or r[EXPIRES_COLUMN] > now}
+        return (rows[0][width + 1] if rows else None), live_rows
 
     async def counts(self, now: int) -> dict[str, int]:
         """Live memories per namespace."""

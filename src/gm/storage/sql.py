@@ -23,6 +23,7 @@ _BASE = "rowid, id, namespace, user_id, agent_id, session_id, text, metadata, cr
 COLUMNS = f"{_BASE}, {OCCURRED}"
 LEGACY_COLUMNS = f"{_BASE}, created_at"  # a database capped below CONTEXT_VERSION (tests stand in for old releases)
 VECTOR_COLUMNS = "rowid, namespace, user_id, agent_id, session_id, expires_at"  # then the searched vector
+EXPIRES_COLUMN = 10  # expires_at's place in a row of COLUMNS (memory_from_row)
 
 
 class Params(abc.ABC):
@@ -188,7 +189,7 @@ def memory_from_row(row: Any) -> Memory:
         metadata=orjson.loads(row[7]),
         created_at=row[8],
         updated_at=row[9],
-        expires_at=row[10],
+        expires_at=row[EXPIRES_COLUMN],
         occurred_at=row[11],
     )
 

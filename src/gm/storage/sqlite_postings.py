@@ -5,12 +5,13 @@ FTS5's ``bm25()`` counts every row each query word matches before it scores one 
 at 1M memories a speaker's name is in 150,000-290,000 rows, 10-40 ms a word in every query,
 even one scoped to a user (bench/keyword_maxscore.py). Here each word's rows are an array
 sorted by the index's key (gm.storage.sqlite_keywords: a namespace's rows, and a user's, are
-one range of it), its count a number kept current, and a ranking scores only the rows holding
-the scope's rarer words (term-level MaxScore): the common words' parts are looked up for
-those rows, and a row holding common words only is skipped once their bounds cannot reach
-the page's last. The scores are FTS5's to the bit: the same tokens (FTS5's tokenizer on an
-in-memory table of the index's definition), lengths, statistics and formula, summed in the
-query's phrase order; tests/test_sqlite_postings.py compares them.
+one range of it), its count a number kept current, and a ranking scores the rows holding the
+scope's rarer words first (term-level MaxScore): the common words' parts are added for those
+rows (scored into the scratch, or looked up, whichever costs less), and a row holding common
+words only is skipped once their bounds cannot reach the page's last. The scores are FTS5's
+to the bit: the same tokens (FTS5's tokenizer on an in-memory table of the index's
+definition), lengths, statistics and formula, summed in the query's phrase order;
+tests/test_sqlite_postings.py compares them.
 
 :class:`Postings` is the index: a base read from the FTS5 table in one snapshot (the
 ``fts5vocab`` instance rows), and a tail of the rows written since, each with its tokens.
@@ -395,16 +396,18 @@ class Postings:
         rest = sum(bound(t) for t in others)
         # MaxScore: a word joins the scored ones while the words left could lift a row holding none
         # of the scored ones to the tenth best. Past the first, the tenth is bounded below by the
-        # k-th best among the rows holding two scored words or more, those of the word just scored
-        # that held one before (the best rows are among them): ordering every row touched after
-        # each word cost a whole-namespace query of common words alone (1M memories, 45k-150k rows
-        # a word) a quarter of its time.
+        # k-th best of a part of the rows touched: those holding two scored words or more (the word
+        # just scored's rows that held one before, where the best rows usually are), or that word's
+        # rows if fewer than k held one. Ordering every row touched after each word cost a
+        # whole-namespace query of common words alone (1M memories, 45k-150k rows a word) a
+        # quarter of its time.
         while others and rest >= tenth:
             token = max(others, key=bound)
             others.remove(token)
             rest -= bound(token)
-            rows = scatter(token)
-            tenth = max(tenth, kth(rows[self.live[rows]]))
+            held = scatter(token)
+            part = held if len(held) >= k else sides[token].base
+            tenth = max(tenth, kth(part[self.live[part]]))
         live = np.concatenate(found)
         live = live[self.live[live]]
         complete = not others and len(live) + int(np.count_nonzero(tail_partial > 0)) <= k
