@@ -414,7 +414,11 @@ class Postings:
         tenth *= 1 - 1e-9  # (sums in another order differ by a few ulps: FTS5's order is taken below)
         rows = live[partial[live] + rest >= tenth]
         keys = tail[(tail_partial > 0) & (tail_partial + rest >= tenth)]
-        so_far = np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
+        def scored(rows: npt.NDArray[np.int32], keys: npt.NDArray[np.int64]) -> Vector:
+            """The partial scores of the base ``rows``, then of the tail rows ``keys``."""
+            return np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
+
+        so_far = scored(rows, keys)
         # The other words' parts for the candidates, the largest bound first: each tightens both
         # the tenth best (a partial score never exceeds the score) and what the words left could
         # add, so the candidates thin out before the next word. A word is scored into the scratch
@@ -426,7 +430,7 @@ class Postings:
             side = sides[token]
             if lengths is None and len(rows) * LOOKUP_COST >= len(side.base):
                 scatter(token)
-                so_far = np.concatenate([partial[rows], tail_partial[np.isin(tail, keys)]])
+                so_far = scored(rows, keys)
             else:
                 if lengths is None:
                     lengths = self._lengths(rows, keys)
